@@ -1,0 +1,1 @@
+"""sessionmig: migrate a SQLite session store to PostgreSQL, provably."""

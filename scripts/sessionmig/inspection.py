@@ -1,0 +1,223 @@
+"""Profile a backup before migrating it: integrity, schema, counts, spellings, anomalies.
+
+:class:`Census` is a pure accumulator over raw rows (one pass, bounded memory: counters keyed by
+day, spelling or reason, and a few examples each); :func:`inspect_backup` runs it over a backup
+and turns what it saw into a findings table with severities.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, tzinfo
+from pathlib import Path
+from typing import Any
+
+from .errors import SourceError
+from .mask import mask_id
+from .source import EXPECTED_SCHEMA, FileHash, open_backup
+from .transform import COLUMNS, TIMESTAMP_COLUMNS, Reject, Rules, normalise, spelling, wall_clock_kind
+
+EXAMPLES = 3
+TIMESTAMP_INDEX = {c: 1 + COLUMNS.index(c) for c in TIMESTAMP_COLUMNS}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One line of the findings table: ``error`` blocks migration, ``warning`` needs a look."""
+
+    severity: str
+    code: str
+    count: int
+    message: str
+    examples: tuple[str, ...] = ()
+
+
+@dataclass
+class Census:
+    """One pass over raw rows; every counter is bounded by days, spellings or reasons."""
+
+    rules: Rules
+    as_of: datetime
+    rows: int = 0
+    active: int = 0
+    expired: int = 0
+    spellings: dict[str, Counter] = field(
+        default_factory=lambda: {c: Counter() for c in TIMESTAMP_COLUMNS}
+    )
+    dst: Counter = field(default_factory=Counter)
+    dst_examples: dict[str, list[str]] = field(default_factory=dict)
+    nulls: Counter = field(default_factory=Counter)
+    empties: Counter = field(default_factory=Counter)
+    metadata: Counter = field(default_factory=Counter)
+    rejects: Counter = field(default_factory=Counter)
+    reject_examples: dict[str, list[str]] = field(default_factory=dict)
+    anomalies: Counter = field(default_factory=Counter)
+    anomaly_examples: dict[str, list[str]] = field(default_factory=dict)
+    created_per_day: Counter = field(default_factory=Counter)
+    remaining_ttl_hours: Counter = field(default_factory=Counter)
+
+    def _example(self, book: dict[str, list[str]], key: str, text: str) -> None:
+        kept = book.setdefault(key, [])
+        if len(kept) < EXAMPLES:
+            kept.append(text)
+
+    def add(self, raw: tuple) -> None:
+        """Account for one raw row (``source`` layout)."""
+        self.rows += 1
+        n = len(COLUMNS)
+        for i, column in enumerate(COLUMNS):
+            storage = raw[1 + n + i]
+            if storage == "null":
+                self.nulls[column] += 1
+            elif storage == "text" and raw[1 + i] == b"":
+                self.empties[column] += 1
+        for column, index in TIMESTAMP_INDEX.items():
+            self._timestamp(column, raw[index], raw[index + n])
+        self.metadata[raw[8 + 2]] += 1  # storage class of metadata
+        result = normalise(raw, self.rules)
+        if isinstance(result, Reject):
+            self.rejects[result.reason] += 1
+            self._example(self.reject_examples, result.reason,
+                          f"rowid {result.rowid} ({mask_id(result.session_id)}): {result.message}")  # fmt: skip
+            return
+        session_id, _, _, created, expires, last, count = result
+        label = f"rowid {raw[0]} ({mask_id(session_id)})"
+        if expires > self.as_of:
+            self.active += 1
+            hours = int((expires - self.as_of) / timedelta(hours=1))
+            self.remaining_ttl_hours[min(hours, 48)] += 1
+        else:
+            self.expired += 1
+        self.created_per_day[created.astimezone(self.rules.zone).date().isoformat()] += 1
+        if expires < created:
+            self.anomalies["expires_before_created"] += 1
+            self._example(self.anomaly_examples, "expires_before_created", label)
+        if not created <= last <= expires:
+            self.anomalies["last_activity_outside_lifetime"] += 1
+            self._example(self.anomaly_examples, "last_activity_outside_lifetime", label)
+        if count < 0:
+            self.anomalies["negative_request_count"] += 1
+            self._example(self.anomaly_examples, "negative_request_count", label)
+        if created > self.as_of:
+            self.anomalies["created_after_as_of"] += 1
+            self._example(self.anomaly_examples, "created_after_as_of", label)
+
+    def _timestamp(self, column: str, value: Any, storage: str) -> None:
+        if storage != "text":
+            self.spellings[column][f"<{storage}>"] += 1
+            return
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            self.spellings[column]["<not utf-8>"] += 1
+            return
+        self.spellings[column][spelling(text)[:40]] += 1
+        try:
+            naive = datetime.fromisoformat(text.strip())
+        except ValueError:
+            return
+        if naive.tzinfo is None:
+            kind = wall_clock_kind(naive, self.rules.zone)
+            if kind != "ok":
+                self.dst[kind] += 1
+                self._example(self.dst_examples, kind, f"{column}={text}")
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    """Everything the inspect report shows; ``ok`` is False when migrating would be unsafe."""
+
+    path: str
+    files: tuple[FileHash, ...]
+    integrity: tuple[str, ...]
+    columns: dict[str, str]
+    census: Census | None
+    findings: tuple[Finding, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.severity == "error" for f in self.findings)
+
+
+def findings_from(census: Census, zone_name: str) -> list[Finding]:
+    """Turn a census into findings, worst first."""
+    out: list[Finding] = []
+    for reason, count in sorted(census.rejects.items()):
+        out.append(Finding("warning", f"reject:{reason}", count,
+                           f"{count} rows cannot land ({reason}); migrate keeps them in "
+                           "session_migration_rejects", tuple(census.reject_examples[reason])))  # fmt: skip
+    for name, count in sorted(census.anomalies.items()):
+        out.append(Finding("warning", f"anomaly:{name}", count,
+                           f"{count} rows: {name.replace('_', ' ')} (migrated as they are)",
+                           tuple(census.anomaly_examples[name])))  # fmt: skip
+    for kind, count in sorted(census.dst.items()):
+        rule = ("first occurrence" if kind == "ambiguous" else "offset before the gap")
+        out.append(Finding("warning", f"dst:{kind}", count,
+                           f"{count} naive timestamps are {kind} in {zone_name}; read by the rule: "
+                           f"{rule}", tuple(census.dst_examples[kind])))  # fmt: skip
+    for column, spellings in census.spellings.items():
+        if len(spellings) > 1:
+            top = ", ".join(f"{s!r}×{c}" for s, c in spellings.most_common(4))
+            out.append(Finding("info", f"spellings:{column}", len(spellings),
+                               f"{column} is written {len(spellings)} ways: {top}"))  # fmt: skip
+    if census.nulls.get("request_count"):
+        out.append(Finding("info", "null:request_count", census.nulls["request_count"],
+                           "request_count NULL becomes 0 (the legacy column default)"))  # fmt: skip
+    return out
+
+
+def inspect_backup(path: str | Path, rules: Rules, as_of: datetime, zone_name: str,
+                   batch_rows: int = 10_000) -> InspectResult:  # fmt: skip
+    """Inspect the backup at ``path`` without changing it; never raises for a bad file."""
+    try:
+        backup = open_backup(path)
+    except SourceError as exc:
+        return InspectResult(str(path), (), (), {}, None,
+                             (Finding("error", "unreadable", 1, str(exc)),))  # fmt: skip
+    findings: list[Finding] = []
+    try:
+        if backup.side_files:
+            findings.append(Finding("info", "side_files", len(backup.side_files),
+                                    f"{', '.join(backup.side_files)} beside the backup: their "
+                                    "committed rows are included (read from a private copy)"))  # fmt: skip
+        integrity = tuple(backup.integrity_check())
+        if integrity != ("ok",):
+            findings.append(Finding("error", "integrity", len(integrity),
+                                    "PRAGMA integrity_check failed: " + "; ".join(integrity[:3]) +
+                                    " — take a fresh backup; do not migrate this file"))  # fmt: skip
+        for column in backup.missing_columns:
+            findings.append(Finding("error", "missing_column", 1,
+                                    f"column {column} is missing from sessions; this is not the "
+                                    "schema the runbook migrates"))  # fmt: skip
+        for column in backup.extra_columns:
+            findings.append(Finding("error", "extra_column", 1,
+                                    f"column {column} is not in the expected schema; its values "
+                                    "would not be migrated — decide what it holds first"))  # fmt: skip
+        for column, declared in EXPECTED_SCHEMA.items():
+            found = backup.columns.get(column)
+            if found and found != declared:
+                findings.append(Finding("warning", "column_type", 1,
+                                        f"{column} is declared {found}, expected {declared}"))  # fmt: skip
+        census = None
+        if not backup.missing_columns:
+            census = Census(rules, as_of.astimezone(UTC))
+            try:
+                for batch in backup.rows(batch_rows):
+                    for raw in batch:
+                        census.add(raw)
+            except SourceError as exc:
+                findings.append(Finding("error", "unreadable_rows", 1, str(exc)))
+            findings[:0] = findings_from(census, zone_name)
+        backup.verify_unchanged()
+        files = backup.hashes_before
+    finally:
+        backup.close()
+    order = {"error": 0, "warning": 1, "info": 2}
+    findings.sort(key=lambda f: order[f.severity])
+    return InspectResult(str(path), files, integrity, dict(backup.columns), census,
+                         tuple(findings))  # fmt: skip
+
+
+def zone_label(zone: tzinfo) -> str:
+    return getattr(zone, "key", str(zone))

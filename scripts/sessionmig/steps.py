@@ -1,0 +1,260 @@
+"""The engine of each runbook step, shared by the notebooks and the ``sessionmig`` verbs.
+
+Each function takes validated :class:`Settings` and returns a frozen result; notebooks render
+the result, the CLI prints it. Nothing here renders or writes reports.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from tqdm import tqdm
+
+from . import params as P
+from .errors import SourceError, TargetError
+from .inspection import InspectResult, inspect_backup
+from .load import AuditInfo, LoadOutcome, load
+from .reconcile import ReconcileResult, reconcile
+from .schema import TABLES, upgrade
+from .source import FileHash, open_backup
+from .transform import Rules
+
+DEFAULTS: dict[str, Any] = {
+    "database_url_env": "DATABASE_URL",
+    "as_of": "",
+    "target_schema": "public",
+    "batch_rows": 10_000,
+    "on_conflict": "fail",
+    "on_invalid_metadata": "reject",
+    "dry_run": False,
+    "expected_sha256": "",
+    "run_id": "",
+    "operator": "",
+}
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    """A sortable, unique run id such as ``20261126T121500Z-3f9a``."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{os.urandom(2).hex()}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated parameters of one step, with derived values (zone, instant, rules)."""
+
+    sqlite_path: str
+    database_url_env: str | None
+    source_timezone: str
+    as_of: datetime
+    target_schema: str
+    batch_rows: int
+    on_conflict: str
+    on_invalid_metadata: str
+    dry_run: bool
+    expected_sha256: str
+    run_id: str
+    operator: str
+
+    @property
+    def rules(self) -> Rules:
+        return Rules(P.zone(self.source_timezone), self.on_invalid_metadata)
+
+    def dsn(self) -> str:
+        return P.database_url(self.database_url_env)
+
+    def public(self) -> dict[str, Any]:
+        """Parameters as recorded in the audit row and manifest (no secrets exist here)."""
+        out = asdict(self)
+        out["as_of"] = self.as_of.isoformat()
+        return out
+
+
+def settings(**given: Any) -> Settings:
+    """Validate the notebook's or CLI's parameters and fill defaults; raises ParameterError."""
+    merged = {**DEFAULTS, **{k: v for k, v in given.items() if k in Settings.__dataclass_fields__}}
+    merged.setdefault("source_timezone", "")
+    merged.setdefault("sqlite_path", "")
+    P.validate(merged)
+    P.zone(merged["source_timezone"])
+    return Settings(
+        sqlite_path=str(Path(merged["sqlite_path"]).resolve()),
+        database_url_env=merged["database_url_env"],
+        source_timezone=str(merged["source_timezone"]),
+        as_of=P.resolve_as_of(merged["as_of"]),
+        target_schema=merged["target_schema"],
+        batch_rows=int(merged["batch_rows"]),
+        on_conflict=merged["on_conflict"],
+        on_invalid_metadata=merged["on_invalid_metadata"],
+        dry_run=bool(merged["dry_run"]),
+        expected_sha256=str(merged["expected_sha256"] or "").lower(),
+        run_id=merged["run_id"] or new_run_id(),
+        operator=merged["operator"] or os.environ.get("USER") or getpass.getuser(),
+    )
+
+
+# --- preflight -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """One go/no-go check of preflight."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class PreflightResult:
+    checks: tuple[Check, ...]
+    source_sha256: str | None
+    server_version: str | None
+    existing_rows: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def go(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+def preflight(s: Settings) -> PreflightResult:
+    """Source readable and hashed, target reachable and writable: go or no-go."""
+    checks: list[Check] = []
+    sha = version = None
+    existing: dict[str, int] = {}
+    try:
+        backup = open_backup(s.sqlite_path)
+        try:
+            sha = backup.sha256
+            checks.append(Check("source readable", True,
+                                f"{Path(s.sqlite_path).name}: {backup.count()} rows, sha256 {sha}"))  # fmt: skip
+            if backup.side_files:
+                checks.append(Check("side files", True, ", ".join(backup.side_files) +
+                                    " found beside the backup; their rows will be included"))  # fmt: skip
+            backup.verify_unchanged()
+        finally:
+            backup.close()
+    except SourceError as exc:
+        checks.append(Check("source readable", False, str(exc)))
+    if s.expected_sha256 and sha and sha != s.expected_sha256:
+        checks.append(Check("expected sha256", False,
+                            f"the backup's sha256 is {sha}, expected {s.expected_sha256}"))  # fmt: skip
+    try:
+        dsn = s.dsn()
+        with psycopg.connect(dsn, connect_timeout=10) as conn:
+            version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+            checks.append(Check("target reachable", True, f"PostgreSQL {version}"))
+            can_create = conn.execute(
+                """SELECT CASE WHEN to_regnamespace(%(s)s) IS NULL
+                               THEN has_database_privilege(current_database(), 'CREATE')
+                               ELSE has_schema_privilege(%(s)s, 'CREATE') END""",
+                {"s": s.target_schema},
+            ).fetchone()[0]  # type: ignore[index]
+            checks.append(Check("privileges", bool(can_create),
+                                f"{'can' if can_create else 'cannot'} create tables in schema "
+                                f"{s.target_schema}"))  # fmt: skip
+            for table in TABLES:
+                exists = conn.execute(
+                    "SELECT to_regclass(%s) IS NOT NULL", (f'"{s.target_schema}"."{table}"',)
+                ).fetchone()[0]  # type: ignore[index]
+                if exists:
+                    existing[table] = conn.execute(
+                        sql.SQL("SELECT count(*) FROM {}").format(
+                            sql.Identifier(s.target_schema, table))
+                    ).fetchone()[0]  # type: ignore[index]
+    except (psycopg.Error, P.ParameterError) as exc:
+        checks.append(Check("target reachable", False, P.redact(str(exc)).strip()))
+    return PreflightResult(tuple(checks), sha, version, existing)
+
+
+# --- inspect ---------------------------------------------------------------------------------
+
+
+def inspect(s: Settings) -> InspectResult:
+    """Profile the backup (see :mod:`sessionmig.inspection`)."""
+    return inspect_backup(s.sqlite_path, s.rules, s.as_of, s.source_timezone, s.batch_rows)
+
+
+# --- migrate ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MigrateResult:
+    outcome: LoadOutcome
+    revision: str
+    hashes_before: tuple[FileHash, ...]
+    hashes_after: tuple[FileHash, ...]
+    settings: Settings
+
+    @property
+    def verdict(self) -> str:
+        return "PASS_WITH_WARNINGS" if self.outcome.rejected else "PASS"
+
+
+def migrate(s: Settings, progress: bool = True) -> MigrateResult:
+    """Create the schema with Alembic, then load every row in one transaction."""
+    backup = open_backup(s.sqlite_path)
+    try:
+        if s.expected_sha256 and backup.sha256 != s.expected_sha256:
+            raise SourceError(
+                f"{s.sqlite_path}: sha256 is {backup.sha256}, but expected_sha256 is "
+                f"{s.expected_sha256}; this is not the file that was reviewed — find the right "
+                "file or review this one and update expected_sha256"
+            )
+        problems = backup.missing_columns + backup.extra_columns
+        if problems:
+            raise SourceError(
+                f"{s.sqlite_path}: sessions has unexpected columns (missing "
+                f"{backup.missing_columns}, extra {backup.extra_columns}); run inspect"
+            )
+        integrity = backup.integrity_check()
+        if integrity != ["ok"]:
+            raise SourceError(f"{s.sqlite_path}: integrity_check failed: {integrity[:3]}")
+        dsn = s.dsn()
+        try:
+            revision = upgrade(dsn, s.target_schema)
+        except Exception as exc:  # SQLAlchemy wraps driver errors in many types
+            raise TargetError(f"creating the schema failed: {P.redact(str(exc))}") from None
+        total = backup.count()
+        bar = tqdm(total=total, unit="rows", mininterval=2, disable=not progress)
+        audit = AuditInfo(s.run_id, s.sqlite_path, backup.sha256, s.source_timezone,
+                          s.public(), s.operator, socket.gethostname())  # fmt: skip
+        try:
+            outcome = load(dsn, backup.rows(s.batch_rows), s.rules, audit,
+                           schema=s.target_schema, on_conflict=s.on_conflict,
+                           dry_run=s.dry_run, progress=bar.update)  # fmt: skip
+        finally:
+            bar.close()
+        after = backup.verify_unchanged()
+        return MigrateResult(outcome, revision, backup.hashes_before, after, s)
+    finally:
+        backup.close()
+
+
+# --- reconcile -------------------------------------------------------------------------------
+
+
+def reconcile_step(s: Settings) -> ReconcileResult:
+    """Compare the raw backup with the target, every row and column."""
+    backup = open_backup(s.sqlite_path)
+    try:
+        if backup.missing_columns:
+            raise SourceError(f"{s.sqlite_path}: missing columns {backup.missing_columns}")
+        result = reconcile(s.dsn(), backup, s.rules, schema=s.target_schema, as_of=s.as_of,
+                           batch_rows=s.batch_rows)  # fmt: skip
+        backup.verify_unchanged()
+        return result
+    except psycopg.errors.UndefinedTable:
+        raise TargetError(
+            f"the target has no sessionmig tables in schema {s.target_schema!r}; run migrate first"
+        ) from None
+    finally:
+        backup.close()

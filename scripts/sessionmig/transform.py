@@ -1,0 +1,261 @@
+"""Pure rules that turn one raw source row into a normalised session or a reject.
+
+Nothing here does I/O or imports the rest of the package. A raw row is what ``source`` streams:
+``(rowid, 7 column values, 7 SQLite storage classes)``, text columns as undecoded ``bytes`` so
+that bytes which are not UTF-8 can be kept verbatim in a reject. The rules (documented for
+operators in ``runbook/RUNBOOK.md``) are:
+
+* timestamps: text ``YYYY-MM-DD[T ]HH:MM[:SS[.ffffff]]`` with optional ``Z``/``±HH:MM``; naive
+  values are wall-clock times in ``source_timezone``; an offset keeps its instant. DST: a
+  wall-clock time that occurs twice means its *first* occurrence, one that does not exist is
+  read with the offset in force just before the gap (so it lands as far after the gap's start
+  as it claimed to be) — Python's ``fold=0``, deterministic.
+* metadata: NULL stays NULL; text must be JSON that ``jsonb`` can hold (no NaN/Infinity, no
+  ``\\u0000``, no lone surrogates), else reject (or keep it as a JSON string on request).
+* text (session_id, user_id): UTF-8 without NUL; a BLOB, bytes that are not UTF-8 or a NUL are
+  rejected with the raw bytes in hex. session_id NULL is rejected.
+* request_count: an integral value in any storage class, within PostgreSQL ``integer``;
+  NULL becomes 0 (the column default the legacy app relied on); anything else is rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, tzinfo
+from typing import Any
+
+COLUMNS = (
+    "session_id",
+    "user_id",
+    "metadata",
+    "created_at",
+    "expires_at",
+    "last_activity",
+    "request_count",
+)
+TIMESTAMP_COLUMNS = ("created_at", "expires_at", "last_activity")
+INT4_MIN, INT4_MAX = -(2**31), 2**31 - 1
+
+# A reject's reason code -> what an operator reads about it.
+REASONS: dict[str, str] = {
+    "missing_session_id": "session_id is NULL, so the row has no key",
+    "unexpected_blob": "a BLOB where text was expected",
+    "invalid_utf8": "bytes that are not valid UTF-8",
+    "nul_character": "a NUL character, which PostgreSQL text cannot hold",
+    "timestamp_type": "a timestamp stored as a number, not text",
+    "timestamp_unparseable": "a timestamp in no accepted spelling",
+    "timestamp_impossible": "a timestamp naming a date or time that does not exist",
+    "invalid_json": "metadata that is not valid JSON",
+    "json_not_storable": "metadata JSON that jsonb cannot hold",
+    "count_not_integral": "request_count that is not a whole number",
+    "count_out_of_range": "request_count outside PostgreSQL integer",
+}
+
+_TIMESTAMP_SHAPE = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?)?$"
+)
+_INTEGER_TEXT = re.compile(r"^\s*[+-]?\d+\s*$")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The parameters that change how rows are normalised."""
+
+    zone: tzinfo
+    on_invalid_metadata: str = "reject"
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """A source row that cannot land, with everything needed to find and fix it."""
+
+    rowid: int
+    session_id: str | None
+    reason: str
+    message: str
+    raw: dict[str, Any]
+
+
+class RowProblem(Exception):
+    """Raised inside the rules for one value; always caught by :func:`normalise`."""
+
+    def __init__(self, reason: str, column: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.column = column
+        self.detail = detail
+
+
+def raw_value(value: Any, storage: str) -> dict[str, Any]:
+    """One raw SQLite value as JSON that keeps it exactly (bytes as hex when not clean text)."""
+    if storage == "null" or value is None:
+        return {"type": "null", "value": None}
+    if isinstance(value, bytes):
+        if storage == "text":
+            try:
+                text = value.decode("utf-8")
+            except UnicodeDecodeError:
+                return {"type": storage, "hex": value.hex()}
+            if "\x00" not in text and not _has_surrogate(text):
+                return {"type": storage, "value": text}
+        return {"type": storage, "hex": value.hex()}
+    if isinstance(value, float):
+        return {"type": storage, "value": repr(value)}
+    return {"type": storage, "value": value}
+
+
+def raw_record(row: tuple) -> dict[str, Any]:
+    """Every column of a raw row as :func:`raw_value` keeps it, keyed by column name."""
+    n = len(COLUMNS)
+    return {col: raw_value(row[1 + i], row[1 + n + i]) for i, col in enumerate(COLUMNS)}
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def decode_text(value: Any, storage: str, column: str) -> str:
+    """A text value as ``str``; BLOBs, non-UTF-8 bytes and NULs raise :class:`RowProblem`."""
+    if storage == "blob":
+        raise RowProblem("unexpected_blob", column, f"{column} is a BLOB of {len(value)} bytes")
+    if isinstance(value, bytes):
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RowProblem(
+                "invalid_utf8", column, f"{column} has a byte that is not UTF-8 at {exc.start}"
+            ) from None
+    else:
+        # INTEGER/REAL in a TEXT-affinity column cannot normally happen; keep their digits.
+        text = str(value)
+    if "\x00" in text:
+        raise RowProblem("nul_character", column, f"{column} contains a NUL character")
+    return text
+
+
+def parse_timestamp(value: Any, storage: str, column: str, zone: tzinfo) -> datetime:
+    """A source timestamp as an aware UTC instant, by the rules in the module docstring."""
+    if storage in ("integer", "real"):
+        raise RowProblem(
+            "timestamp_type", column, f"{column} is the number {value!r}, not a timestamp text"
+        )
+    text = decode_text(value, storage, column).strip()
+    if len(text) < 16 or text[10] not in "T " or not _TIMESTAMP_SHAPE.match(text):
+        raise RowProblem("timestamp_unparseable", column, f"{column}={text[:40]!r} is no timestamp")
+    try:
+        parsed = datetime.fromisoformat(text)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=zone)  # fold=0: see the module docstring
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise RowProblem(
+            "timestamp_impossible", column, f"{column}={text!r} names no real instant"
+        ) from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_storable(obj: Any) -> bool:
+    """False when jsonb would refuse the value (NUL or lone surrogates in a string)."""
+    text = json.dumps(obj, ensure_ascii=False)
+    return "\\u0000" not in text and not _has_surrogate(text)
+
+
+def parse_metadata(value: Any, storage: str, on_invalid: str) -> str | None:
+    """Metadata as JSON text ready for ``jsonb`` (NULL stays None)."""
+    if storage == "null":
+        return None
+    text = decode_text(value, storage, "metadata")
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:
+        if on_invalid == "keep_as_json_string":
+            return json.dumps(text)
+        raise RowProblem("invalid_json", "metadata", f"metadata is not JSON: {exc}") from None
+    if "\\u" in text and not _json_storable(obj):
+        raise RowProblem(
+            "json_not_storable", "metadata", "metadata holds \\u0000 or a lone surrogate"
+        )
+    return text
+
+
+def parse_count(value: Any, storage: str) -> int:
+    """request_count as an int; NULL is 0, never rounded or wrapped."""
+    if storage == "null":
+        return 0
+    if storage == "integer":
+        number = value
+    elif storage == "real":
+        if not math.isfinite(value) or not value.is_integer():
+            raise RowProblem(
+                "count_not_integral", "request_count", f"request_count={value!r} is not whole"
+            )
+        number = int(value)
+    else:
+        text = decode_text(value, storage, "request_count")
+        if not _INTEGER_TEXT.match(text):
+            raise RowProblem(
+                "count_not_integral", "request_count", f"request_count={text[:40]!r} is not whole"
+            )
+        number = int(text)
+    if not INT4_MIN <= number <= INT4_MAX:
+        raise RowProblem(
+            "count_out_of_range", "request_count", f"request_count={number} exceeds integer"
+        )
+    return number
+
+
+Session = tuple[str, str | None, str | None, datetime, datetime, datetime, int]
+
+
+def normalise(row: tuple, rules: Rules) -> Session | Reject:
+    """One raw row in, a normalised session tuple (``COLUMNS`` order) or a :class:`Reject` out.
+
+    Never raises for any value a SQLite file can hold.
+    """
+    (rowid, sid, uid, meta, created, expires, last, count,
+     sid_t, uid_t, meta_t, created_t, expires_t, last_t, count_t) = row  # fmt: skip
+    session_id: str | None = None
+    try:
+        if sid_t == "null":
+            raise RowProblem("missing_session_id", "session_id", "session_id is NULL")
+        session_id = decode_text(sid, sid_t, "session_id")
+        user_id = None if uid_t == "null" else decode_text(uid, uid_t, "user_id")
+        return (
+            session_id,
+            user_id,
+            parse_metadata(meta, meta_t, rules.on_invalid_metadata),
+            parse_timestamp(created, created_t, "created_at", rules.zone),
+            parse_timestamp(expires, expires_t, "expires_at", rules.zone),
+            parse_timestamp(last, last_t, "last_activity", rules.zone),
+            parse_count(count, count_t),
+        )
+    except RowProblem as problem:
+        return Reject(rowid, session_id, problem.reason, problem.detail, raw_record(row))
+
+
+def spelling(text: str) -> str:
+    """A timestamp text's shape with digits as 9s, e.g. ``9999-99-99 99:99:99.999999``.
+
+    Used by inspect to census the spellings found in each column.
+    """
+    return re.sub(r"\d", "9", text)
+
+
+def wall_clock_kind(naive: datetime, zone: tzinfo) -> str:
+    """``ok``, ``nonexistent`` (in a DST gap) or ``ambiguous`` (in a DST overlap) in ``zone``."""
+    first = naive.replace(tzinfo=zone, fold=0)
+    second = naive.replace(tzinfo=zone, fold=1)
+    if first.utcoffset() == second.utcoffset():
+        return "ok"
+    roundtrip = first.astimezone(UTC).astimezone(zone).replace(tzinfo=None)
+    return "ambiguous" if roundtrip == naive else "nonexistent"
