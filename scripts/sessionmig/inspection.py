@@ -16,7 +16,15 @@ from typing import Any
 from .errors import SourceError
 from .mask import mask_id
 from .source import EXPECTED_SCHEMA, FileHash, open_backup
-from .transform import COLUMNS, TIMESTAMP_COLUMNS, Reject, Rules, normalise, spelling, wall_clock_kind
+from .transform import (
+    COLUMNS,
+    TIMESTAMP_COLUMNS,
+    Reject,
+    Rules,
+    normalise,
+    spelling,
+    wall_clock_kind,
+)
 
 EXAMPLES = 3
 TIMESTAMP_INDEX = {c: 1 + COLUMNS.index(c) for c in TIMESTAMP_COLUMNS}
@@ -78,8 +86,11 @@ class Census:
         result = normalise(raw, self.rules)
         if isinstance(result, Reject):
             self.rejects[result.reason] += 1
-            self._example(self.reject_examples, result.reason,
-                          f"rowid {result.rowid} ({mask_id(result.session_id)}): {result.message}")  # fmt: skip
+            self._example(
+                self.reject_examples,
+                result.reason,
+                f"rowid {result.rowid} ({mask_id(result.session_id)}): {result.message}",
+            )
             return
         session_id, _, _, created, expires, last, count = result
         label = f"rowid {raw[0]} ({mask_id(session_id)})"
@@ -144,61 +155,125 @@ def findings_from(census: Census, zone_name: str) -> list[Finding]:
     """Turn a census into findings, worst first."""
     out: list[Finding] = []
     for reason, count in sorted(census.rejects.items()):
-        out.append(Finding("warning", f"reject:{reason}", count,
-                           f"{count} rows cannot land ({reason}); migrate keeps them in "
-                           "session_migration_rejects", tuple(census.reject_examples[reason])))  # fmt: skip
+        out.append(
+            Finding(
+                "warning",
+                f"reject:{reason}",
+                count,
+                f"{count} rows cannot land ({reason}); migrate keeps them in "
+                "session_migration_rejects",
+                tuple(census.reject_examples[reason]),
+            )
+        )
     for name, count in sorted(census.anomalies.items()):
-        out.append(Finding("warning", f"anomaly:{name}", count,
-                           f"{count} rows: {name.replace('_', ' ')} (migrated as they are)",
-                           tuple(census.anomaly_examples[name])))  # fmt: skip
+        out.append(
+            Finding(
+                "warning",
+                f"anomaly:{name}",
+                count,
+                f"{count} rows: {name.replace('_', ' ')} (migrated as they are)",
+                tuple(census.anomaly_examples[name]),
+            )
+        )
     for kind, count in sorted(census.dst.items()):
-        rule = ("first occurrence" if kind == "ambiguous" else "offset before the gap")
-        out.append(Finding("warning", f"dst:{kind}", count,
-                           f"{count} naive timestamps are {kind} in {zone_name}; read by the rule: "
-                           f"{rule}", tuple(census.dst_examples[kind])))  # fmt: skip
+        rule = "first occurrence" if kind == "ambiguous" else "offset before the gap"
+        out.append(
+            Finding(
+                "warning",
+                f"dst:{kind}",
+                count,
+                f"{count} naive timestamps are {kind} in {zone_name}; read by the rule: {rule}",
+                tuple(census.dst_examples[kind]),
+            )
+        )
     for column, spellings in census.spellings.items():
         if len(spellings) > 1:
             top = ", ".join(f"{s!r}×{c}" for s, c in spellings.most_common(4))
-            out.append(Finding("info", f"spellings:{column}", len(spellings),
-                               f"{column} is written {len(spellings)} ways: {top}"))  # fmt: skip
+            out.append(
+                Finding(
+                    "info",
+                    f"spellings:{column}",
+                    len(spellings),
+                    f"{column} is written {len(spellings)} ways: {top}",
+                )
+            )
     if census.nulls.get("request_count"):
-        out.append(Finding("info", "null:request_count", census.nulls["request_count"],
-                           "request_count NULL becomes 0 (the legacy column default)"))  # fmt: skip
+        out.append(
+            Finding(
+                "info",
+                "null:request_count",
+                census.nulls["request_count"],
+                "request_count NULL becomes 0 (the legacy column default)",
+            )
+        )
     return out
 
 
-def inspect_backup(path: str | Path, rules: Rules, as_of: datetime, zone_name: str,
-                   batch_rows: int = 10_000) -> InspectResult:  # fmt: skip
+def inspect_backup(
+    path: str | Path, rules: Rules, as_of: datetime, zone_name: str, batch_rows: int = 10_000
+) -> InspectResult:
     """Inspect the backup at ``path`` without changing it; never raises for a bad file."""
     try:
         backup = open_backup(path)
     except SourceError as exc:
-        return InspectResult(str(path), (), (), {}, None,
-                             (Finding("error", "unreadable", 1, str(exc)),))  # fmt: skip
+        return InspectResult(
+            str(path), (), (), {}, None, (Finding("error", "unreadable", 1, str(exc)),)
+        )
     findings: list[Finding] = []
     try:
         if backup.side_files:
-            findings.append(Finding("info", "side_files", len(backup.side_files),
-                                    f"{', '.join(backup.side_files)} beside the backup: their "
-                                    "committed rows are included (read from a private copy)"))  # fmt: skip
+            findings.append(
+                Finding(
+                    "info",
+                    "side_files",
+                    len(backup.side_files),
+                    f"{', '.join(backup.side_files)} beside the backup: their "
+                    "committed rows are included (read from a private copy)",
+                )
+            )
         integrity = tuple(backup.integrity_check())
         if integrity != ("ok",):
-            findings.append(Finding("error", "integrity", len(integrity),
-                                    "PRAGMA integrity_check failed: " + "; ".join(integrity[:3]) +
-                                    " — take a fresh backup; do not migrate this file"))  # fmt: skip
+            findings.append(
+                Finding(
+                    "error",
+                    "integrity",
+                    len(integrity),
+                    "PRAGMA integrity_check failed: "
+                    + "; ".join(integrity[:3])
+                    + " — take a fresh backup; do not migrate this file",
+                )
+            )
         for column in backup.missing_columns:
-            findings.append(Finding("error", "missing_column", 1,
-                                    f"column {column} is missing from sessions; this is not the "
-                                    "schema the runbook migrates"))  # fmt: skip
+            findings.append(
+                Finding(
+                    "error",
+                    "missing_column",
+                    1,
+                    f"column {column} is missing from sessions; this is not the "
+                    "schema the runbook migrates",
+                )
+            )
         for column in backup.extra_columns:
-            findings.append(Finding("error", "extra_column", 1,
-                                    f"column {column} is not in the expected schema; its values "
-                                    "would not be migrated — decide what it holds first"))  # fmt: skip
+            findings.append(
+                Finding(
+                    "error",
+                    "extra_column",
+                    1,
+                    f"column {column} is not in the expected schema; its values "
+                    "would not be migrated — decide what it holds first",
+                )
+            )
         for column, declared in EXPECTED_SCHEMA.items():
             found = backup.columns.get(column)
             if found and found != declared:
-                findings.append(Finding("warning", "column_type", 1,
-                                        f"{column} is declared {found}, expected {declared}"))  # fmt: skip
+                findings.append(
+                    Finding(
+                        "warning",
+                        "column_type",
+                        1,
+                        f"{column} is declared {found}, expected {declared}",
+                    )
+                )
         census = None
         if not backup.missing_columns:
             census = Census(rules, as_of.astimezone(UTC))
@@ -215,8 +290,7 @@ def inspect_backup(path: str | Path, rules: Rules, as_of: datetime, zone_name: s
         backup.close()
     order = {"error": 0, "warning": 1, "info": 2}
     findings.sort(key=lambda f: order[f.severity])
-    return InspectResult(str(path), files, integrity, dict(backup.columns), census,
-                         tuple(findings))  # fmt: skip
+    return InspectResult(str(path), files, integrity, dict(backup.columns), census, tuple(findings))
 
 
 def zone_label(zone: tzinfo) -> str:

@@ -94,9 +94,12 @@ def _create_staging(conn: psycopg.Connection) -> None:
 
 
 def _copy(conn: psycopg.Connection, table: str, types: list[str], rows: list[tuple]) -> None:
-    with conn.cursor() as cur, cur.copy(
-        sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(sql.Identifier(table))
-    ) as copy:
+    with (
+        conn.cursor() as cur,
+        cur.copy(
+            sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(sql.Identifier(table))
+        ) as copy,
+    ):
         copy.set_types(types)
         for row in rows:
             copy.write_row(row)
@@ -157,12 +160,23 @@ def _audit(
                        %s, %s)"""
         ).format(_table(schema, "session_migration_runs")),
         (
-            info.run_id, started, counts["dry_run"], info.source_path, info.source_sha256,
-            info.source_timezone, counts["rows_read"], counts["inserted"], counts["unchanged"],
-            counts["conflicting"], counts["updated"], counts["rejected"],
-            Jsonb(info.parameters), info.operator, info.host,
+            info.run_id,
+            started,
+            counts["dry_run"],
+            info.source_path,
+            info.source_sha256,
+            info.source_timezone,
+            counts["rows_read"],
+            counts["inserted"],
+            counts["unchanged"],
+            counts["conflicting"],
+            counts["updated"],
+            counts["rejected"],
+            Jsonb(info.parameters),
+            info.operator,
+            info.host,
         ),
-    )  # fmt: skip
+    )
 
 
 def load(
@@ -199,8 +213,15 @@ def load(
                     kept = examples.setdefault(result.reason, [])
                     if len(kept) < EXAMPLES_PER_REASON:
                         kept.append(result)
-                    bad.append((result.rowid, result.session_id, result.reason, result.message,
-                                json.dumps(result.raw)))  # fmt: skip
+                    bad.append(
+                        (
+                            result.rowid,
+                            result.session_id,
+                            result.reason,
+                            result.message,
+                            json.dumps(result.raw),
+                        )
+                    )
                 else:
                     good.append(result)
             _copy(conn, "sessionmig_staging", SESSION_TYPES, good)
@@ -229,9 +250,15 @@ def load(
             ).format(_table(schema, "session_migration_rejects")),
             (audit.run_id,),
         )
-        counts = dict(rows_read=read, inserted=inserted, unchanged=unchanged,
-                      conflicting=conflicting, updated=updated, rejected=rejected,
-                      dry_run=dry_run)  # fmt: skip
+        counts = dict(
+            rows_read=read,
+            inserted=inserted,
+            unchanged=unchanged,
+            conflicting=conflicting,
+            updated=updated,
+            rejected=rejected,
+            dry_run=dry_run,
+        )
         _audit(conn, schema, audit, started, counts)
         if dry_run:
             conn.rollback()

@@ -35,4 +35,7 @@ def mask_id(session_id: str | None, salt: str | None = None) -> str:
     if session_id is None:
         return "(null)"
     key = (salt or run_salt()).encode()
-    return "sid:" + hmac.new(key, session_id.encode("utf-8", "surrogatepass"), "sha256").hexdigest()[:10]
+    return (
+        "sid:"
+        + hmac.new(key, session_id.encode("utf-8", "surrogatepass"), "sha256").hexdigest()[:10]
+    )

@@ -104,8 +104,10 @@ def field_diff(source: tuple, target: tuple) -> list[str]:
                 out.append(f"metadata: {', '.join(paths[:5])}")
         elif isinstance(a, datetime) and isinstance(b, datetime):
             if a != b:
-                out.append(f"{column}: source {a.isoformat()} vs target {b.isoformat()} "
-                           f"(target - source = {b - a})")  # fmt: skip
+                out.append(
+                    f"{column}: source {a.isoformat()} vs target {b.isoformat()} "
+                    f"(target - source = {b - a})"
+                )
         elif a != b or type(a) is not type(b):
             shown = (lambda v: "NULL" if v is None else repr(v)) if column == "user_id" else repr
             out.append(f"{column}: source {shown(a)} vs target {shown(b)}")
@@ -138,9 +140,9 @@ def _rejects(conn: psycopg.Connection, schema: str, run_id: str | None) -> dict[
     if run_id is None:
         return {}
     rows = conn.execute(
-        sql.SQL(
-            "SELECT source_rowid, session_id, reason, raw FROM {} WHERE run_id = %s"
-        ).format(sql.Identifier(schema, "session_migration_rejects")),
+        sql.SQL("SELECT source_rowid, session_id, reason, raw FROM {} WHERE run_id = %s").format(
+            sql.Identifier(schema, "session_migration_rejects")
+        ),
         (run_id,),
     )
     return {r[0]: {"session_id": r[1], "reason": r[2], "raw": r[3]} for r in rows}
@@ -173,8 +175,18 @@ def reconcile(
     except psycopg.OperationalError as exc:
         raise TargetError(f"cannot connect to the target: {exc}".strip()) from None
     counts = dict.fromkeys(
-        ("matched", "missing", "extra", "changed", "both", "reject_mismatch", "unaccounted",
-         "orphan_reject"), 0)  # fmt: skip
+        (
+            "matched",
+            "missing",
+            "extra",
+            "changed",
+            "both",
+            "reject_mismatch",
+            "unaccounted",
+            "orphan_reject",
+        ),
+        0,
+    )
     differences: list[Difference] = []
 
     def note(kind: str, key: str | None, rowid: int | None, detail: str) -> None:
@@ -218,14 +230,22 @@ def reconcile(
                 if recorded is not None:
                     seen_rejects.add(rowid)
                     if recorded["raw"] != raw_record(raw):
-                        note("reject_mismatch", key, rowid,
-                             "the reject's raw values do not match the source row")  # fmt: skip
+                        note(
+                            "reject_mismatch",
+                            key,
+                            rowid,
+                            "the reject's raw values do not match the source row",
+                        )
                     if found is not None:
                         note("both", key, rowid, "rejected and also present in PostgreSQL")
                     continue
                 if isinstance(result, Reject):
-                    note("unaccounted", key, rowid,
-                         f"cannot land ({result.reason}) and is not in the rejects table")  # fmt: skip
+                    note(
+                        "unaccounted",
+                        key,
+                        rowid,
+                        f"cannot land ({result.reason}) and is not in the rejects table",
+                    )
                     continue
                 if found is None:
                     note("missing", key, rowid, "in the source, not in PostgreSQL")
@@ -243,23 +263,40 @@ def reconcile(
             target = next(target_iter, None)
         for rowid, recorded in rejects.items():
             if rowid not in seen_rejects:
-                note("orphan_reject", recorded["session_id"], rowid,
-                     "a reject for a rowid the source does not have")  # fmt: skip
+                note(
+                    "orphan_reject",
+                    recorded["session_id"],
+                    rowid,
+                    "a reject for a rowid the source does not have",
+                )
         parity = _parity(conn, backup, schema, as_of, rules, rejects)
         parity["sum_request_count_source"] = source_count_sum
     rejected = len(seen_rejects)
     verdict, reason, warnings = _verdict(counts, rejected, parity, run_id)
     return ReconcileResult(
-        run_id=run_id, source_rows=source_rows, target_rows=target_rows, migrated=migrated,
-        rejected=rejected, matched=counts["matched"], counts=counts, differences=differences,
-        parity=parity, verdict=verdict, reason=reason, warnings=warnings,
-    )  # fmt: skip
+        run_id=run_id,
+        source_rows=source_rows,
+        target_rows=target_rows,
+        migrated=migrated,
+        rejected=rejected,
+        matched=counts["matched"],
+        counts=counts,
+        differences=differences,
+        parity=parity,
+        verdict=verdict,
+        reason=reason,
+        warnings=warnings,
+    )
 
 
 def _parity(
-    conn: psycopg.Connection, backup: Backup, schema: str, as_of: datetime, rules: Rules,
+    conn: psycopg.Connection,
+    backup: Backup,
+    schema: str,
+    as_of: datetime,
+    rules: Rules,
     rejects: dict[int, dict],
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Application-level signals: active sessions by the legacy rule vs by PostgreSQL."""
     # The legacy app compared naive local datetime.now() with the stored text: a string compare.
     local_now = as_of.astimezone(rules.zone).replace(tzinfo=None).isoformat(" ")
@@ -303,8 +340,10 @@ def _verdict(
     if run_id is None:
         warnings.append("no committed migrate run found on the target")
     if rejected:
-        warnings.append(f"{rejected} source rows were rejected; each is in "
-                        "session_migration_rejects with its raw values")  # fmt: skip
+        warnings.append(
+            f"{rejected} source rows were rejected; each is in "
+            "session_migration_rejects with its raw values"
+        )
     if parity["active_legacy_rule_sqlite_excluding_rejects"] != parity["active_postgres"]:
         warnings.append(
             "active sessions differ between the legacy string comparison on SQLite "

@@ -33,8 +33,12 @@ CREATE INDEX idx_expires_at ON sessions(expires_at);
 DEFAULT_AS_OF = "2026-01-15T12:00:00+09:00"
 DEFAULT_ZONE = "Asia/Seoul"
 TTL = timedelta(hours=24)
-AGENTS = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64)", "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4)",
-          "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_4)", "okhttp/4.12.0")  # fmt: skip
+AGENTS = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64)",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4)",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_4)",
+    "okhttp/4.12.0",
+)
 LOCALES = ("ko-KR", "ko-KR", "ko-KR", "en-US", "ja-JP")
 REGIONS = ("서울 강남구", "서울 마포구", "경기 성남시", "부산 해운대구", "인천 연수구")
 
@@ -53,25 +57,48 @@ class Oddity:
 
 
 ODDITIES: tuple[Oddity, ...] = (
-    Oddity("invalid_json", False, "UPDATE sessions SET metadata = '{\"theme\": \"dark\",' WHERE rowid = ?"),
-    Oddity("iso_t_and_z", True,
-           "UPDATE sessions SET created_at = replace(created_at, ' ', 'T') || 'Z' WHERE rowid = ?"),
-    Oddity("expires_before_created", True,
-           "UPDATE sessions SET expires_at = datetime(created_at, '-1 hour') WHERE rowid = ?"),
-    Oddity("invalid_utf8_user", False, "UPDATE sessions SET user_id = CAST(? AS TEXT) WHERE rowid = ?",
-           b"user-\xff\xfe"),
+    Oddity(
+        "invalid_json",
+        False,
+        'UPDATE sessions SET metadata = \'{"theme": "dark",\' WHERE rowid = ?',
+    ),
+    Oddity(
+        "iso_t_and_z",
+        True,
+        "UPDATE sessions SET created_at = replace(created_at, ' ', 'T') || 'Z' WHERE rowid = ?",
+    ),
+    Oddity(
+        "expires_before_created",
+        True,
+        "UPDATE sessions SET expires_at = datetime(created_at, '-1 hour') WHERE rowid = ?",
+    ),
+    Oddity(
+        "invalid_utf8_user",
+        False,
+        "UPDATE sessions SET user_id = CAST(? AS TEXT) WHERE rowid = ?",
+        b"user-\xff\xfe",
+    ),
     Oddity("fractional_count", False, "UPDATE sessions SET request_count = 12.5 WHERE rowid = ?"),
     Oddity("negative_count", True, "UPDATE sessions SET request_count = -3 WHERE rowid = ?"),
-    Oddity("unparseable_timestamp", False,
-           "UPDATE sessions SET last_activity = 'yesterday' WHERE rowid = ?"),
+    Oddity(
+        "unparseable_timestamp",
+        False,
+        "UPDATE sessions SET last_activity = 'yesterday' WHERE rowid = ?",
+    ),
     Oddity("null_metadata", True, "UPDATE sessions SET metadata = NULL WHERE rowid = ?"),
-    Oddity("impossible_date", False,
-           "UPDATE sessions SET created_at = '2025-02-30 10:00:00' WHERE rowid = ?"),
-    Oddity("activity_after_expiry", True,
-           "UPDATE sessions SET last_activity = datetime(expires_at, '+2 hours') WHERE rowid = ?"),
+    Oddity(
+        "impossible_date",
+        False,
+        "UPDATE sessions SET created_at = '2025-02-30 10:00:00' WHERE rowid = ?",
+    ),
+    Oddity(
+        "activity_after_expiry",
+        True,
+        "UPDATE sessions SET last_activity = datetime(expires_at, '+2 hours') WHERE rowid = ?",
+    ),
     Oddity("epoch_timestamp", False, "UPDATE sessions SET expires_at = 1767225600 WHERE rowid = ?"),
     Oddity("null_session_id", False, "UPDATE sessions SET session_id = NULL WHERE rowid = ?"),
-)  # fmt: skip
+)
 
 
 def _stamp(moment: datetime) -> str:
@@ -84,9 +111,12 @@ def _metadata(rng: random.Random) -> str:
         "ip": f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
         "user_agent": rng.choice(AGENTS),
         "locale": rng.choice(LOCALES),
-        "client": {"app": "real-estate-chat", "version": f"2.{rng.randrange(10)}.{rng.randrange(20)}"},
+        "client": {
+            "app": "real-estate-chat",
+            "version": f"2.{rng.randrange(10)}.{rng.randrange(20)}",
+        },
         "search": {"region": rng.choice(REGIONS), "max_price": rng.randrange(1, 200) * 10_000_000},
-    }  # fmt: skip
+    }
     if rng.random() < 0.3:
         meta["tags"] = rng.sample(["apartment", "officetel", "villa", "jeonse", "wolse"], 2)
     return json.dumps(meta, ensure_ascii=False)
@@ -95,11 +125,17 @@ def _metadata(rng: random.Random) -> str:
 def _rows(n: int, rng: random.Random, as_of_local: datetime, users: int):
     for _ in range(n):
         # ~10% of sessions started within the TTL (mostly still active), the rest over 30 days.
-        age = (timedelta(seconds=rng.uniform(0, 86_400)) if rng.random() < 0.1
-               else timedelta(seconds=rng.uniform(0, 30 * 86_400)))  # fmt: skip
+        age = (
+            timedelta(seconds=rng.uniform(0, 86_400))
+            if rng.random() < 0.1
+            else timedelta(seconds=rng.uniform(0, 30 * 86_400))
+        )
         created = (as_of_local - age).replace(microsecond=rng.choice((0, rng.randrange(10**6))))
-        expires = created + TTL + (timedelta(hours=rng.choice((1, 2, 24))) if rng.random() < 0.05
-                                   else timedelta(0))  # fmt: skip
+        expires = (
+            created
+            + TTL
+            + (timedelta(hours=rng.choice((1, 2, 24))) if rng.random() < 0.05 else timedelta(0))
+        )
         end = min(expires, as_of_local)
         last = created + (end - created) * rng.random()
         user = None if rng.random() < 0.25 else f"user-{rng.randrange(users):06d}"

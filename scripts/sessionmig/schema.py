@@ -107,9 +107,7 @@ def upgrade(dsn: str, target_schema: str = "public") -> str:
             conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {_quoted(conn, target_schema)}"))
             config.attributes["connection"] = conn
             command.upgrade(config, "head")
-            context = MigrationContext.configure(
-                conn, opts={"version_table_schema": target_schema}
-            )
+            context = MigrationContext.configure(conn, opts={"version_table_schema": target_schema})
             return context.get_current_revision() or ""
     finally:
         engine.dispose()

@@ -18,8 +18,13 @@ from pathlib import Path
 from .errors import SourceError
 from .transform import COLUMNS
 
-_STORAGE = {b"null": "null", b"integer": "integer", b"real": "real", b"text": "text",
-            b"blob": "blob"}  # fmt: skip
+_STORAGE = {
+    b"null": "null",
+    b"integer": "integer",
+    b"real": "real",
+    b"text": "text",
+    b"blob": "blob",
+}
 SQLITE_HEADER = b"SQLite format 3\x00"
 SIDE_FILES = ("-wal", "-journal")
 EXPECTED_SCHEMA = {

@@ -134,19 +134,35 @@ def preflight(s: Settings) -> PreflightResult:
         backup = open_backup(s.sqlite_path)
         try:
             sha = backup.sha256
-            checks.append(Check("source readable", True,
-                                f"{Path(s.sqlite_path).name}: {backup.count()} rows, sha256 {sha}"))  # fmt: skip
+            checks.append(
+                Check(
+                    "source readable",
+                    True,
+                    f"{Path(s.sqlite_path).name}: {backup.count()} rows, sha256 {sha}",
+                )
+            )
             if backup.side_files:
-                checks.append(Check("side files", True, ", ".join(backup.side_files) +
-                                    " found beside the backup; their rows will be included"))  # fmt: skip
+                checks.append(
+                    Check(
+                        "side files",
+                        True,
+                        ", ".join(backup.side_files)
+                        + " found beside the backup; their rows will be included",
+                    )
+                )
             backup.verify_unchanged()
         finally:
             backup.close()
     except SourceError as exc:
         checks.append(Check("source readable", False, str(exc)))
     if s.expected_sha256 and sha and sha != s.expected_sha256:
-        checks.append(Check("expected sha256", False,
-                            f"the backup's sha256 is {sha}, expected {s.expected_sha256}"))  # fmt: skip
+        checks.append(
+            Check(
+                "expected sha256",
+                False,
+                f"the backup's sha256 is {sha}, expected {s.expected_sha256}",
+            )
+        )
     try:
         dsn = s.dsn()
         with psycopg.connect(dsn, connect_timeout=10) as conn:
@@ -158,9 +174,14 @@ def preflight(s: Settings) -> PreflightResult:
                                ELSE has_schema_privilege(%(s)s, 'CREATE') END""",
                 {"s": s.target_schema},
             ).fetchone()[0]  # type: ignore[index]
-            checks.append(Check("privileges", bool(can_create),
-                                f"{'can' if can_create else 'cannot'} create tables in schema "
-                                f"{s.target_schema}"))  # fmt: skip
+            checks.append(
+                Check(
+                    "privileges",
+                    bool(can_create),
+                    f"{'can' if can_create else 'cannot'} create tables in schema "
+                    f"{s.target_schema}",
+                )
+            )
             for table in TABLES:
                 exists = conn.execute(
                     "SELECT to_regclass(%s) IS NOT NULL", (f'"{s.target_schema}"."{table}"',)
@@ -168,7 +189,8 @@ def preflight(s: Settings) -> PreflightResult:
                 if exists:
                     existing[table] = conn.execute(
                         sql.SQL("SELECT count(*) FROM {}").format(
-                            sql.Identifier(s.target_schema, table))
+                            sql.Identifier(s.target_schema, table)
+                        )
                     ).fetchone()[0]  # type: ignore[index]
     except (psycopg.Error, P.ParameterError) as exc:
         checks.append(Check("target reachable", False, P.redact(str(exc)).strip()))
@@ -225,12 +247,26 @@ def migrate(s: Settings, progress: bool = True) -> MigrateResult:
             raise TargetError(f"creating the schema failed: {P.redact(str(exc))}") from None
         total = backup.count()
         bar = tqdm(total=total, unit="rows", mininterval=2, disable=not progress)
-        audit = AuditInfo(s.run_id, s.sqlite_path, backup.sha256, s.source_timezone,
-                          s.public(), s.operator, socket.gethostname())  # fmt: skip
+        audit = AuditInfo(
+            s.run_id,
+            s.sqlite_path,
+            backup.sha256,
+            s.source_timezone,
+            s.public(),
+            s.operator,
+            socket.gethostname(),
+        )
         try:
-            outcome = load(dsn, backup.rows(s.batch_rows), s.rules, audit,
-                           schema=s.target_schema, on_conflict=s.on_conflict,
-                           dry_run=s.dry_run, progress=bar.update)  # fmt: skip
+            outcome = load(
+                dsn,
+                backup.rows(s.batch_rows),
+                s.rules,
+                audit,
+                schema=s.target_schema,
+                on_conflict=s.on_conflict,
+                dry_run=s.dry_run,
+                progress=bar.update,
+            )
         finally:
             bar.close()
         after = backup.verify_unchanged()
@@ -248,8 +284,9 @@ def reconcile_step(s: Settings) -> ReconcileResult:
     try:
         if backup.missing_columns:
             raise SourceError(f"{s.sqlite_path}: missing columns {backup.missing_columns}")
-        result = reconcile(s.dsn(), backup, s.rules, schema=s.target_schema, as_of=s.as_of,
-                           batch_rows=s.batch_rows)  # fmt: skip
+        result = reconcile(
+            s.dsn(), backup, s.rules, schema=s.target_schema, as_of=s.as_of, batch_rows=s.batch_rows
+        )
         backup.verify_unchanged()
         return result
     except psycopg.errors.UndefinedTable:
@@ -258,3 +295,8 @@ def reconcile_step(s: Settings) -> ReconcileResult:
         ) from None
     finally:
         backup.close()
+
+
+def settings_from(namespace: dict[str, Any]) -> Settings:
+    """:func:`settings` from a notebook's globals (the names its parameters cell defines)."""
+    return settings(**{k: namespace[k] for k in Settings.__dataclass_fields__ if k in namespace})

@@ -222,8 +222,23 @@ def normalise(row: tuple, rules: Rules) -> Session | Reject:
 
     Never raises for any value a SQLite file can hold.
     """
-    (rowid, sid, uid, meta, created, expires, last, count,
-     sid_t, uid_t, meta_t, created_t, expires_t, last_t, count_t) = row  # fmt: skip
+    (
+        rowid,
+        sid,
+        uid,
+        meta,
+        created,
+        expires,
+        last,
+        count,
+        sid_t,
+        uid_t,
+        meta_t,
+        created_t,
+        expires_t,
+        last_t,
+        count_t,
+    ) = row
     session_id: str | None = None
     try:
         if sid_t == "null":

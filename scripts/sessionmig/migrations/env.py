@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import text
-
 from sessionmig.schema import Base
+from sqlalchemy import text
 
 config = context.config
 connection = config.attributes["connection"]

@@ -40,9 +40,7 @@ def upgrade() -> None:
         sa.Column("raw", JSONB(), nullable=False),
         sa.Column("recorded_at", TSTZ, nullable=False, server_default=sa.func.now()),
     )
-    op.create_index(
-        "ix_session_migration_rejects_run_id", "session_migration_rejects", ["run_id"]
-    )
+    op.create_index("ix_session_migration_rejects_run_id", "session_migration_rejects", ["run_id"])
     op.create_table(
         "session_migration_runs",
         sa.Column("run_id", sa.Text(), primary_key=True),

@@ -1,0 +1,339 @@
+"""Render step results inside a notebook, and hand each step's verdict to the orchestrator.
+
+Functions here turn the frozen results of :mod:`sessionmig.steps` into pandas tables and HTML
+banners; session ids are only ever shown masked. :func:`conclude` writes the step's verdict to
+the file named by ``SESSIONMIG_RESULT_FILE`` (set by ``sessionmig run``) and raises on FAIL so
+papermill — and the run — stop with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .errors import EXIT_ERROR, EXIT_FAIL, SessionmigError, VerdictFailed
+from .mask import mask_id
+from .params import redact
+from .transform import REASONS
+
+RESULT_VARIABLE = "SESSIONMIG_RESULT_FILE"
+COLOURS = {
+    "PASS": "#1a7f37",
+    "PASS_WITH_WARNINGS": "#9a6700",
+    "FAIL": "#cf222e",
+    "ERROR": "#cf222e",
+    "GO": "#1a7f37",
+    "NO-GO": "#cf222e",
+}
+
+
+def _display(obj: Any) -> None:
+    try:
+        from IPython.display import display
+
+        display(obj)
+    except ImportError:  # outside IPython, print something readable
+        print(obj)
+
+
+def _html(markup: str) -> Any:
+    try:
+        from IPython.display import HTML
+
+        return HTML(markup)
+    except ImportError:
+        return markup
+
+
+def show(obj: Any) -> None:
+    """Display a table or figure in the report (pandas tables without truncation)."""
+    if isinstance(obj, pd.DataFrame):
+        with pd.option_context("display.max_rows", 500, "display.max_colwidth", 200):
+            _display(obj)
+    else:
+        _display(obj)
+
+
+def banner(verdict: str, reason: str) -> None:
+    """A coloured verdict line a reviewer sees first."""
+    colour = COLOURS.get(verdict, "#57606a")
+    show(
+        _html(
+            f'<div style="border-left:6px solid {colour};padding:8px 12px;margin:8px 0;'
+            f'font-size:1.1em"><b style="color:{colour}">{html.escape(verdict)}</b> — '
+            f"{html.escape(reason)}</div>"
+        )
+    )
+
+
+def record(step: str, verdict: str, reason: str, exit_code: int, **summary: Any) -> None:
+    """Write this step's verdict where ``sessionmig run`` will read it (if it is running us)."""
+    target = os.environ.get(RESULT_VARIABLE)
+    if target:
+        payload = {
+            "step": step,
+            "verdict": verdict,
+            "reason": redact(reason),
+            "exit_code": exit_code,
+            "summary": summary,
+        }
+        Path(target).write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+
+
+def conclude(
+    step: str, verdict: str, reason: str, *, exit_code: int = EXIT_FAIL, **summary: Any
+) -> None:
+    """Show and record the step's verdict; FAIL/NO-GO raise so the run stops non-zero.
+
+    ``exit_code`` says what a failure means: 1 the data is wrong, 2 the run cannot go on.
+    """
+    banner(verdict, reason)
+    failed = verdict in ("FAIL", "NO-GO", "ERROR")
+    record(step, verdict, reason, exit_code if failed else 0, **summary)
+    if failed:
+        error = VerdictFailed if exit_code == EXIT_FAIL else SessionmigError
+        raise error(f"{step}: {verdict}: {reason}")
+
+
+def conclude_preflight(result: Any) -> None:
+    """GO when every check holds; NO-GO stops the run (exit 2: it cannot be carried out)."""
+    failed = [f"{c.name}: {redact(c.detail)}" for c in result.checks if not c.ok]
+    conclude(
+        "preflight",
+        "NO-GO" if failed else "GO",
+        "; ".join(failed) or "every check holds",
+        exit_code=EXIT_ERROR,
+        source_sha256=result.source_sha256,
+        server_version=result.server_version,
+    )
+
+
+def conclude_inspect(result: Any) -> None:
+    """Errors stop the run (exit 2); warnings pass for the reviewer to read."""
+    errors = [f.message for f in result.findings if f.severity == "error"]
+    warnings = [f for f in result.findings if f.severity == "warning"]
+    if errors:
+        verdict, reason = "ERROR", "; ".join(errors)
+    elif warnings:
+        verdict, reason = "PASS_WITH_WARNINGS", f"{len(warnings)} warnings to review"
+    else:
+        verdict, reason = "PASS", "no findings"
+    conclude(
+        "inspect",
+        verdict,
+        reason,
+        exit_code=EXIT_ERROR,
+        rows=result.census.rows if result.census else None,
+        sha256=result.files[0].sha256 if result.files else None,
+    )
+
+
+@contextmanager
+def step(name: str) -> Iterator[None]:
+    """Turn an error inside the step into a clear message in the report, then stop the run."""
+    try:
+        yield
+    except SessionmigError as exc:
+        if not isinstance(exc, VerdictFailed):
+            message = redact(str(exc))
+            banner("ERROR", f"{name} could not be carried out: {message}")
+            record(name, "ERROR", message, exc.exit_code)
+        raise
+    except Exception as exc:
+        message = redact(f"{type(exc).__name__}: {exc}")
+        banner("ERROR", f"{name} stopped on an unexpected error: {message}")
+        record(name, "ERROR", message, EXIT_ERROR)
+        raise
+
+
+def settings_table(settings: Any) -> pd.DataFrame:
+    """The parameters in force, for the report header (no secrets are held in Settings)."""
+    rows = [(k, str(v)) for k, v in settings.public().items()]
+    return pd.DataFrame(rows, columns=["parameter", "value"]).set_index("parameter")
+
+
+def checks_table(result: Any) -> pd.DataFrame:
+    return pd.DataFrame(
+        [("✔" if c.ok else "✘", c.name, redact(c.detail)) for c in result.checks],
+        columns=["ok", "check", "detail"],
+    )
+
+
+def findings_table(result: Any) -> pd.DataFrame:
+    rows = [
+        (f.severity, f.code, f.count, f.message, "; ".join(f.examples)) for f in result.findings
+    ]
+    return pd.DataFrame(rows, columns=["severity", "finding", "rows", "message", "examples"])
+
+
+def census_table(result: Any) -> pd.DataFrame:
+    """Counts and the null/empty profile of each column."""
+    c = result.census
+    rows = [
+        ("rows", c.rows),
+        ("active at as_of", c.active),
+        ("expired at as_of", c.expired),
+        ("rows that cannot land", sum(c.rejects.values())),
+    ]
+    rows += [(f"NULL {col}", n) for col, n in sorted(c.nulls.items())]
+    rows += [(f"empty text {col}", n) for col, n in sorted(c.empties.items())]
+    rows += [(f"metadata stored as {k}", n) for k, n in sorted(c.metadata.items())]
+    return pd.DataFrame(rows, columns=["measure", "value"]).set_index("measure")
+
+
+def spellings_table(result: Any) -> pd.DataFrame:
+    rows = [
+        (col, sp, n)
+        for col, counter in result.census.spellings.items()
+        for sp, n in counter.most_common(10)
+    ]
+    return pd.DataFrame(rows, columns=["column", "spelling (digits as 9)", "rows"])
+
+
+def files_table(files: Any, after: Any = ()) -> pd.DataFrame:
+    rows = []
+    for i, f in enumerate(files):
+        later = after[i].sha256 if i < len(after) else ""
+        rows.append(
+            (
+                Path(f.path).name,
+                f.size,
+                f.sha256,
+                later,
+                "unchanged" if later == f.sha256 else ("—" if not later else "CHANGED"),
+            )
+        )
+    return pd.DataFrame(rows, columns=["file", "bytes", "sha256 before", "sha256 after", "state"])
+
+
+def outcome_table(result: Any) -> pd.DataFrame:
+    """pgloader's closing table: read / imported / unchanged / conflicting / rejected / time."""
+    o = result.outcome
+    return pd.DataFrame(
+        [
+            (
+                "sessions",
+                o.rows_read,
+                o.inserted,
+                o.unchanged,
+                o.conflicting,
+                o.updated,
+                o.rejected,
+                round(o.seconds, 2),
+                round(o.rows_per_second),
+            )
+        ],
+        columns=[
+            "table",
+            "read",
+            "inserted",
+            "unchanged",
+            "conflicting",
+            "updated",
+            "rejected",
+            "seconds",
+            "rows/s",
+        ],
+    ).set_index("table")
+
+
+def rejects_table(result: Any) -> pd.DataFrame:
+    """Per reason code: how many rows, what it means, up to 3 examples (ids masked)."""
+    o = result.outcome
+    rows = [
+        (
+            reason,
+            count,
+            REASONS.get(reason, ""),
+            "; ".join(
+                f"rowid {r.rowid} {mask_id(r.session_id)}: {r.message}"
+                for r in o.reject_examples.get(reason, [])
+            ),
+        )
+        for reason, count in sorted(o.reject_counts.items())
+    ]
+    return pd.DataFrame(rows, columns=["reason", "rows", "meaning", "examples"])
+
+
+def type_rules_table() -> pd.DataFrame:
+    """The type rules in force (the same text as the RUNBOOK's)."""
+    rules = [
+        (
+            "created_at, expires_at, last_activity",
+            "text 'YYYY-MM-DD[ T]HH:MM[:SS[.ffffff]]' with optional Z or ±HH:MM; "
+            "naive = wall clock in source_timezone; DST overlap = first occurrence, "
+            "DST gap = offset before the gap; "
+            "numbers, other spellings and impossible dates are rejected",
+        ),
+        (
+            "metadata",
+            "NULL stays NULL; JSON text → jsonb (any JSON value); invalid JSON, NaN/"
+            "Infinity, \\u0000 or lone surrogates are rejected (or kept as a JSON string when "
+            "on_invalid_metadata=keep_as_json_string)",
+        ),
+        (
+            "session_id, user_id",
+            "UTF-8 text without NUL, stored as text (never truncated); BLOBs, "
+            "bad bytes (kept as hex in the reject) and NULL session_id are rejected",
+        ),
+        (
+            "request_count",
+            "integral value in any storage class within integer; NULL becomes 0; "
+            "fractions, words and out-of-range values are rejected, never rounded or wrapped",
+        ),
+    ]
+    return pd.DataFrame(rules, columns=["column", "rule"])
+
+
+def reconcile_tables(result: Any) -> dict[str, pd.DataFrame]:
+    """Partition proof, difference counts, named differences and parity signals."""
+    partition = pd.DataFrame(
+        [
+            ("source rows", result.source_rows),
+            ("migrated (matched or changed)", result.migrated),
+            ("rejected (in session_migration_rejects)", result.rejected),
+            ("migrated + rejected", result.migrated + result.rejected),
+            ("partition holds", result.partition_holds),
+            ("rows in PostgreSQL", result.target_rows),
+        ],
+        columns=["measure", "value"],
+    ).set_index("measure")
+    counts = pd.DataFrame(sorted(result.counts.items()), columns=["kind", "rows"])
+    diffs = pd.DataFrame(
+        [(d.kind, d.session, d.rowid, d.detail) for d in result.differences],
+        columns=["kind", "session", "source rowid", "detail"],
+    )
+    parity = pd.DataFrame(sorted(result.parity.items()), columns=["signal", "value"])
+    return {"partition": partition, "counts": counts, "differences": diffs, "parity": parity}
+
+
+def conclude_migrate(result: Any) -> None:
+    """PASS, or PASS_WITH_WARNINGS when rows were rejected (all kept with their reasons)."""
+    o = result.outcome
+    reason = (
+        f"{o.inserted} inserted, {o.unchanged} unchanged, {o.updated} updated, "
+        f"{o.rejected} rejected"
+    )
+    if o.dry_run:
+        reason += " (dry run: rolled back, nothing written)"
+    counts = {k: v for k, v in vars(o).items() if isinstance(v, int | float)}
+    conclude("migrate", result.verdict, reason, **counts)
+
+
+def conclude_reconcile(result: Any) -> None:
+    """The reconcile verdict; FAIL exits 1."""
+    conclude(
+        "reconcile",
+        result.verdict,
+        result.reason,
+        source_rows=result.source_rows,
+        migrated=result.migrated,
+        rejected=result.rejected,
+    )

@@ -1,0 +1,188 @@
+"""Regenerate notebooks/*.ipynb (no outputs): run it after changing a notebook's cells here."""
+
+from pathlib import Path
+
+import nbformat as nbf
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parent.parent
+
+COMMON = {
+    "sqlite_path": ('""', "the SQLite backup file (read through a private copy, never modified)"),
+    "database_url_env": (
+        '"DATABASE_URL"',
+        "NAME of the environment variable holding the target DSN; None starts the embedded server",
+    ),
+    "source_timezone": (
+        '""',
+        'IANA zone the legacy server wrote its naive timestamps in, e.g. "Asia/Seoul" (required)',
+    ),
+    "as_of": (
+        '""',
+        'ISO-8601 instant used as "now" for active/expired; empty means the start of the run',
+    ),
+    "target_schema": ('"public"', "PostgreSQL schema that holds the sessions tables"),
+    "batch_rows": ("10000", "rows per batch (SQLite fetch and COPY)"),
+    "on_conflict": (
+        '"fail"',
+        "rows already in the target that differ: fail | skip | keep_newer (by last_activity)",
+    ),
+    "on_invalid_metadata": (
+        '"reject"',
+        "metadata that is not storable JSON: reject | keep_as_json_string",
+    ),
+    "dry_run": ("False", "True: do all the work, report what would happen, then roll back"),
+    "expected_sha256": (
+        '""',
+        "when set, refuse a backup whose sha256 differs (the reviewed file is the migrated file)",
+    ),
+    "run_id": (
+        '""',
+        "run id shared by the steps of one run as set by sessionmig run; empty means a new one",
+    ),
+    "operator": (
+        '""',
+        "who runs this step, for the audit row; empty means the USER environment variable",
+    ),
+}
+
+
+def params_cell(names):
+    width = max(len(f"{n} = {COMMON[n][0]}") for n in names)
+    lines = ["# Parameters: papermill injects overrides in a cell right after this one."]
+    for n in names:
+        code = f"{n} = {COMMON[n][0]}"
+        lines.append(f"{code.ljust(width)}  # {COMMON[n][1]}")
+    c = new_code_cell("\n".join(lines))
+    c.metadata["tags"] = ["parameters"]
+    return c
+
+
+def nb(path, title, intro, names, body):
+    n = new_notebook()
+    n.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    n.metadata["language_info"] = {"name": "python"}
+    cells = [params_cell(names), new_markdown_cell(f"# {title}\n\n{intro}")]
+    for kind, src in body:
+        cells.append(new_markdown_cell(src) if kind == "md" else new_code_cell(src))
+    n.cells = cells
+    nbf.write(n, ROOT / path)
+
+
+SETUP = (
+    "code",
+    "from sessionmig import report, steps\n\nsettings = steps.settings_from(globals())\nreport.show(report.settings_table(settings))",
+)
+
+nb(
+    "notebooks/00_preflight.ipynb",
+    "00 · Preflight",
+    "Is the source readable and what is its sha256? Is the target reachable, which server, may we create the tables, do they already hold rows? **Go** only when every check holds.",
+    [
+        "sqlite_path",
+        "database_url_env",
+        "source_timezone",
+        "as_of",
+        "target_schema",
+        "expected_sha256",
+        "run_id",
+    ],
+    [
+        SETUP,
+        (
+            "code",
+            'with report.step("preflight"):\n    result = steps.preflight(settings)\nreport.show(report.checks_table(result))',
+        ),
+        ("md", "Rows already in the target tables (empty when the tables do not exist yet):"),
+        ("code", "report.show(result.existing_rows)"),
+        ("code", "report.conclude_preflight(result)"),
+    ],
+)
+
+nb(
+    "notebooks/01_inspect.ipynb",
+    "01 · Inspect the SQLite backup",
+    "Integrity, schema, counts at `as_of`, how each timestamp column is spelled, JSON validity, nulls, anomalies and the rows that cannot land. Errors block the migration; warnings are for the reviewer to read. Session ids are shown only as keyed hashes.",
+    ["sqlite_path", "source_timezone", "as_of", "batch_rows", "on_invalid_metadata", "run_id"],
+    [
+        SETUP,
+        (
+            "code",
+            'with report.step("inspect"):\n    result = steps.inspect(settings)\nreport.show(report.files_table(result.files))',
+        ),
+        ("md", "## Findings (errors block migration)"),
+        ("code", "report.show(report.findings_table(result))"),
+        (
+            "code",
+            "if result.census is not None:\n    report.show(report.census_table(result))\n    report.show(report.spellings_table(result))",
+        ),
+        ("md", "## Sessions over time"),
+        (
+            "code",
+            "from sessionmig import plots\n\nif result.census is not None and result.census.created_per_day:\n    plots.plot_created_per_day(result.census)\n    plots.plot_remaining_ttl(result.census)",
+        ),
+        ("code", "report.conclude_inspect(result)"),
+    ],
+)
+
+nb(
+    "notebooks/02_migrate.ipynb",
+    "02 · Migrate",
+    "Creates the schema with Alembic, then streams every row through the type rules into PostgreSQL with COPY, in **one transaction**: sessions, rejects and the audit row commit together or not at all. Rows that cannot land are kept in `session_migration_rejects` with their raw values and a reason.",
+    [
+        "sqlite_path",
+        "database_url_env",
+        "source_timezone",
+        "as_of",
+        "target_schema",
+        "batch_rows",
+        "on_conflict",
+        "on_invalid_metadata",
+        "dry_run",
+        "expected_sha256",
+        "run_id",
+        "operator",
+    ],
+    [
+        SETUP,
+        ("md", "## Type rules in force"),
+        ("code", "report.show(report.type_rules_table())"),
+        ("code", 'with report.step("migrate"):\n    result = steps.migrate(settings)'),
+        ("md", "## Summary"),
+        (
+            "code",
+            "report.show(report.outcome_table(result))\nreport.show(report.rejects_table(result))\nreport.show(report.files_table(result.hashes_before, result.hashes_after))",
+        ),
+        ("code", "report.conclude_migrate(result)"),
+    ],
+)
+
+nb(
+    "notebooks/03_reconcile.ipynb",
+    "03 · Reconcile",
+    "Compares the **raw backup** with PostgreSQL, every row and every column, and proves the partition: source rows = migrated + rejected, disjoint. Differences are named with hashed ids. A `FAIL` stops the run with a non-zero exit.",
+    [
+        "sqlite_path",
+        "database_url_env",
+        "source_timezone",
+        "as_of",
+        "target_schema",
+        "batch_rows",
+        "on_invalid_metadata",
+        "run_id",
+    ],
+    [
+        SETUP,
+        (
+            "code",
+            'with report.step("reconcile"):\n    result = steps.reconcile_step(settings)\ntables = report.reconcile_tables(result)',
+        ),
+        ("md", "## Partition proof"),
+        ("code", 'report.show(tables["partition"])\nreport.show(tables["counts"])'),
+        ("md", "## Differences (first 200, ids hashed)"),
+        ("code", 'report.show(tables["differences"])'),
+        ("md", "## Application-level parity"),
+        ("code", 'report.show(tables["parity"])'),
+        ("code", "report.conclude_reconcile(result)"),
+    ],
+)
