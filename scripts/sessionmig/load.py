@@ -1,9 +1,10 @@
 """Load normalised rows into PostgreSQL in one transaction: COPY to staging, then one merge.
 
 Everything a run writes — sessions, rejects and its audit row — commits together or not at all.
-A transaction-scoped advisory lock keeps two migrations off the same target schema; the second
-fails fast. Rows already in the target are classified (inserted / unchanged / conflicting) so a
-rerun over the same backup changes nothing and says so; conflicts follow ``on_conflict``.
+:func:`migration_lock` (an advisory lock) keeps two migrations off the same target schema;
+the second fails fast. Rows already in the target are classified (inserted / unchanged /
+conflicting) so a rerun over the same backup changes nothing and says so; conflicts follow
+``on_conflict``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -68,15 +70,34 @@ def _table(schema: str, name: str) -> sql.Composed:
     return sql.Identifier(schema, name)
 
 
-def _lock(conn: psycopg.Connection, schema: str) -> None:
-    got = conn.execute(
-        "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))", (f"sessionmig:{schema}",)
-    ).fetchone()
-    if not got or not got[0]:
-        raise LockHeld(
-            f"another sessionmig migration holds the lock on schema {schema!r} of this target; "
-            "wait for it to finish (see session_migration_runs) and run again"
-        )
+def lock_key(schema: str) -> str:
+    """The advisory-lock key of migrations into ``schema`` (hashed server-side)."""
+    return f"sessionmig:{schema}"
+
+
+@contextmanager
+def migration_lock(dsn: str, schema: str) -> Iterator[None]:
+    """Hold the target's migration lock for a whole step (schema creation and load).
+
+    A session-level advisory lock on its own connection: released when the step ends or when
+    the process dies, so a killed run never leaves the target locked.
+    """
+    try:
+        conn = psycopg.connect(dsn, autocommit=True, application_name="sessionmig-lock")
+    except psycopg.OperationalError as exc:
+        raise TargetError(f"cannot connect to the target: {exc}".strip()) from None
+    try:
+        got = conn.execute(
+            "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (lock_key(schema),)
+        ).fetchone()
+        if not got or not got[0]:
+            raise LockHeld(
+                f"another sessionmig migration holds the lock on schema {schema!r} of this "
+                "target; wait for it to finish (see session_migration_runs) and run again"
+            )
+        yield
+    finally:
+        conn.close()
 
 
 def _create_staging(conn: psycopg.Connection) -> None:
@@ -201,7 +222,6 @@ def load(
     except psycopg.OperationalError as exc:
         raise TargetError(f"cannot connect to the target: {exc}".strip()) from None
     with conn:
-        _lock(conn, schema)
         _create_staging(conn)
         for batch in batches:
             good: list[tuple] = []

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import params as P
 from .errors import SourceError, TargetError
 from .inspection import InspectResult, inspect_backup
-from .load import AuditInfo, LoadOutcome, load
+from .load import AuditInfo, LoadOutcome, load, migration_lock
 from .reconcile import ReconcileResult, reconcile
 from .schema import TABLES, upgrade
 from .source import FileHash, open_backup
@@ -241,34 +241,35 @@ def migrate(s: Settings, progress: bool = True) -> MigrateResult:
         if integrity != ["ok"]:
             raise SourceError(f"{s.sqlite_path}: integrity_check failed: {integrity[:3]}")
         dsn = s.dsn()
-        try:
-            revision = upgrade(dsn, s.target_schema)
-        except Exception as exc:  # SQLAlchemy wraps driver errors in many types
-            raise TargetError(f"creating the schema failed: {P.redact(str(exc))}") from None
-        total = backup.count()
-        bar = tqdm(total=total, unit="rows", mininterval=2, disable=not progress)
-        audit = AuditInfo(
-            s.run_id,
-            s.sqlite_path,
-            backup.sha256,
-            s.source_timezone,
-            s.public(),
-            s.operator,
-            socket.gethostname(),
-        )
-        try:
-            outcome = load(
-                dsn,
-                backup.rows(s.batch_rows),
-                s.rules,
-                audit,
-                schema=s.target_schema,
-                on_conflict=s.on_conflict,
-                dry_run=s.dry_run,
-                progress=bar.update,
+        with migration_lock(dsn, s.target_schema):
+            try:
+                revision = upgrade(dsn, s.target_schema)
+            except Exception as exc:  # SQLAlchemy wraps driver errors in many types
+                raise TargetError(f"creating the schema failed: {P.redact(str(exc))}") from None
+            total = backup.count()
+            bar = tqdm(total=total, unit="rows", mininterval=2, disable=not progress)
+            audit = AuditInfo(
+                s.run_id,
+                s.sqlite_path,
+                backup.sha256,
+                s.source_timezone,
+                s.public(),
+                s.operator,
+                socket.gethostname(),
             )
-        finally:
-            bar.close()
+            try:
+                outcome = load(
+                    dsn,
+                    backup.rows(s.batch_rows),
+                    s.rules,
+                    audit,
+                    schema=s.target_schema,
+                    on_conflict=s.on_conflict,
+                    dry_run=s.dry_run,
+                    progress=bar.update,
+                )
+            finally:
+                bar.close()
         after = backup.verify_unchanged()
         return MigrateResult(outcome, revision, backup.hashes_before, after, s)
     finally:

@@ -1,0 +1,78 @@
+"""Shared fixtures: real PostgreSQL servers (never mocks) and small sample backups.
+
+Every database test runs against the embedded PostgreSQL 18 server, and also against the server
+at ``SESSIONMIG_TEST_DSN`` (or ``--dsn``) when given — CI points it at the system PostgreSQL 15.
+Each test gets a database of its own, created and dropped here, so runs never collide.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from sessionmig import embedded, sample
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_PGDATA = ROOT / ".sessionmig" / "pgdata-test"
+os.environ.setdefault(embedded.PGDATA_VARIABLE, str(TEST_PGDATA))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--dsn",
+        default=os.environ.get("SESSIONMIG_TEST_DSN", ""),
+        help="also run database tests against this PostgreSQL server",
+    )
+
+
+def _backends(config: pytest.Config) -> list[str]:
+    return ["embedded"] + (["external"] if config.getoption("--dsn") else [])
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", _backends(metafunc.config), scope="session")
+
+
+@pytest.fixture(scope="session")
+def server_url(backend: str, request: pytest.FixtureRequest) -> str:
+    """Admin URL (database ``postgres``) of the server under test."""
+    if backend == "embedded":
+        return embedded.start().get_uri("postgres")
+    return request.config.getoption("--dsn")
+
+
+@pytest.fixture
+def dsn(server_url: str) -> Iterator[str]:
+    """A fresh, empty database on the server under test, dropped afterwards."""
+    name = f"smtest_{uuid.uuid4().hex[:12]}"
+    embedded.ensure_database(server_url, name)
+    yield embedded.with_database(server_url, name)
+    with psycopg.connect(embedded.with_database(server_url, "postgres"), autocommit=True) as c:
+        c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def small_backup(tmp_path: Path) -> Path:
+    """A 400-row sample with every kind of oddity (7 of them cannot land)."""
+    path = tmp_path / "sessions.db"
+    sample.generate(path, rows=400, seed=11)
+    return path
+
+
+@pytest.fixture
+def clean_backup(tmp_path: Path) -> Path:
+    """A 300-row sample without oddities."""
+    path = tmp_path / "clean.db"
+    sample.generate(path, rows=300, seed=5, oddities=0)
+    return path
+
+
+def rows_of(url: str, query: str, params: tuple = ()) -> list[tuple]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(query, params).fetchall()

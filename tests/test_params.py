@@ -1,0 +1,98 @@
+"""Parameter loading, -p typing, validation messages that name the fix, redaction."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sessionmig import params as P
+from sessionmig.errors import ParameterError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_overrides_are_typed_like_yaml_but_instants_stay_text() -> None:
+    got = P.parse_overrides(
+        [
+            "batch_rows=500",
+            "dry_run=true",
+            "database_url_env=null",
+            "as_of=2026-01-15T12:00:00+09:00",
+            "sqlite_path=a=b.db",
+        ]
+    )
+    assert got == {
+        "batch_rows": 500,
+        "dry_run": True,
+        "database_url_env": None,
+        "as_of": "2026-01-15T12:00:00+09:00",
+        "sqlite_path": "a=b.db",
+    }
+
+
+def test_override_without_equals_is_refused() -> None:
+    with pytest.raises(ParameterError, match="expected name=value"):
+        P.parse_overrides(["batch_rows"])
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"source_timezone": "Mars/Olympus"}, "source_timezone='Mars/Olympus' is not an IANA"),
+        ({"source_timezone": ""}, "source_timezone is empty"),
+        ({"as_of": "tomorrow"}, "as_of='tomorrow' is not an ISO-8601"),
+        ({"as_of": "2026-01-15T12:00:00"}, "has no UTC offset"),
+        ({"sqlite_path": "/nonexistent/sessions.db"}, "no such file"),
+        ({"batch_rows": 0}, "batch_rows=0 must be a whole number"),
+        ({"database_url_env": "postgresql://u:secret@h/db"}, "must be the NAME"),
+        ({"on_conflict": "merge"}, "choose one of fail, skip, keep_newer"),
+        ({"target_schema": "bad name"}, "plain identifier"),
+        ({"expected_sha256": "abc"}, "not a sha256"),
+    ],
+)
+def test_bad_values_are_named_with_the_fix(params: dict, message: str) -> None:
+    with pytest.raises(ParameterError, match=message):
+        P.validate(params)
+
+
+def test_as_of_is_an_aware_utc_instant() -> None:
+    assert P.resolve_as_of("2026-01-15T12:00:00+09:00") == datetime(2026, 1, 15, 3, tzinfo=UTC)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    assert P.resolve_as_of("", start) == start
+
+
+def test_environments_follow_the_contract() -> None:
+    local = P.load_environment("local", ROOT)
+    assert local["database_url_env"] is None
+    assert local["source_timezone"] == "Asia/Seoul"
+    for env in ("staging", "prod"):
+        data = P.load_environment(env, ROOT)
+        assert data["source_timezone"] == "Asia/Seoul"
+        assert isinstance(data["database_url_env"], str) and data["database_url_env"].isupper()
+        assert "://" not in str(data)
+
+
+def test_unknown_environment_lists_the_known_ones() -> None:
+    with pytest.raises(ParameterError, match="known environments: local, prod, staging"):
+        P.environment_file("qa", ROOT)
+
+
+def test_database_url_comes_from_the_named_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_DSN", "postgresql://u:pw@h/db")
+    assert P.database_url("MY_DSN") == "postgresql://u:pw@h/db"
+    monkeypatch.delenv("MY_DSN")
+    with pytest.raises(ParameterError, match="export MY_DSN="):
+        P.database_url("MY_DSN")
+
+
+def test_redaction_hides_passwords_everywhere() -> None:
+    text = (
+        "failed: postgresql://app:s3cr3t@db:5432/x and postgres+psycopg://a:b@c/d "
+        "host=db password=s3cr3t user=app"
+    )
+    out = P.redact(text)
+    assert "s3cr3t" not in out and ":b@" not in out
+    assert "postgresql://app:***@db:5432/x" in out
+    assert P.redact_url("postgresql://app:pw@h/db") == "postgresql://app:***@h/db"
+    assert P.sqlalchemy_url("postgresql://h/db") == "postgresql+psycopg://h/db"

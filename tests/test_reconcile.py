@@ -1,0 +1,171 @@
+"""Reconcile a real migrated database, damaged one way per test: each damage is named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+from sessionmig import steps
+from sessionmig.mask import mask_id
+from sessionmig.reconcile import FAIL, WARN, canonical_json, json_diff
+
+
+@pytest.fixture
+def migrated(small_backup: Path, dsn: str, monkeypatch: pytest.MonkeyPatch) -> steps.Settings:
+    monkeypatch.setenv("SMTEST_DSN", dsn)
+    s = steps.settings(
+        sqlite_path=str(small_backup),
+        database_url_env="SMTEST_DSN",
+        source_timezone="Asia/Seoul",
+        as_of="2026-01-15T12:00:00+09:00",
+        batch_rows=50,
+    )
+    steps.migrate(s, progress=False)
+    return s
+
+
+def damage(dsn: str, statement: str) -> str:
+    """Apply ``statement`` to the first session (``%s`` is its id) and return the id."""
+    with psycopg.connect(dsn) as conn:
+        (sid,) = conn.execute(
+            "SELECT min(session_id) FROM sessions WHERE user_id IS NOT NULL AND "
+            "jsonb_typeof(metadata) = 'object'"
+        ).fetchone()
+        conn.execute(statement, (sid,))
+    return sid
+
+
+def named(result, kind: str) -> list:
+    return [d for d in result.differences if d.kind == kind]
+
+
+def test_untouched_database_passes_with_the_rejects_accounted(migrated) -> None:
+    result = steps.reconcile_step(migrated)
+    assert result.verdict == WARN
+    assert (result.source_rows, result.migrated, result.rejected) == (400, 393, 7)
+    assert result.partition_holds and result.matched == 393
+    assert result.differences == []
+    assert (
+        result.parity["active_postgres"]
+        == result.parity["active_legacy_rule_sqlite_excluding_rejects"]
+    )
+
+
+def test_deleted_row_is_missing(migrated, dsn) -> None:
+    sid = damage(dsn, "DELETE FROM sessions WHERE session_id = %s")
+    result = steps.reconcile_step(migrated)
+    assert result.verdict == FAIL
+    assert [d.session for d in named(result, "missing")] == [mask_id(sid)]
+    assert not result.partition_holds
+
+
+def test_inserted_row_is_extra(migrated, dsn) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO sessions SELECT 'session-zzz', user_id, metadata, created_at, "
+            "expires_at, last_activity, request_count FROM sessions LIMIT 1"
+        )
+    result = steps.reconcile_step(migrated)
+    assert result.verdict == FAIL
+    assert [d.session for d in named(result, "extra")] == [mask_id("session-zzz")]
+
+
+def test_one_microsecond_is_a_change(migrated, dsn) -> None:
+    sid = damage(
+        dsn,
+        "UPDATE sessions SET created_at = created_at + interval '1 microsecond' "
+        "WHERE session_id = %s",
+    )
+    (diff,) = named(steps.reconcile_step(migrated), "changed")
+    assert diff.session == mask_id(sid)
+    assert "created_at" in diff.detail and "0:00:00.000001" in diff.detail
+
+
+def test_wrong_zone_is_a_change_of_exactly_the_offset(migrated, dsn) -> None:
+    damage(
+        dsn,
+        "UPDATE sessions SET expires_at = expires_at + interval '9 hours' WHERE session_id = %s",
+    )
+    (diff,) = named(steps.reconcile_step(migrated), "changed")
+    assert "expires_at" in diff.detail and "9:00:00" in diff.detail
+
+
+def test_nested_metadata_key_is_named(migrated, dsn) -> None:
+    damage(
+        dsn,
+        "UPDATE sessions SET metadata = jsonb_set(metadata, '{client,version}', "
+        "'\"9.9.9\"') WHERE session_id = %s",
+    )
+    (diff,) = named(steps.reconcile_step(migrated), "changed")
+    assert "$.client.version differs" in diff.detail
+
+
+def test_request_count_off_by_one(migrated, dsn) -> None:
+    damage(dsn, "UPDATE sessions SET request_count = request_count + 1 WHERE session_id = %s")
+    result = steps.reconcile_step(migrated)
+    (diff,) = named(result, "changed")
+    assert "request_count" in diff.detail
+    assert result.verdict == FAIL
+
+
+def test_null_user_is_not_empty_user(migrated, dsn) -> None:
+    with psycopg.connect(dsn) as conn:
+        (sid,) = conn.execute(
+            "SELECT min(session_id) FROM sessions WHERE user_id IS NULL"
+        ).fetchone()
+        conn.execute("UPDATE sessions SET user_id = '' WHERE session_id = %s", (sid,))
+    (diff,) = named(steps.reconcile_step(migrated), "changed")
+    assert "user_id: source NULL vs target ''" in diff.detail
+
+
+def test_a_row_both_migrated_and_rejected(migrated, dsn) -> None:
+    with psycopg.connect(dsn) as conn:
+        (sid,) = conn.execute("SELECT min(session_id) FROM sessions").fetchone()
+        conn.execute(
+            "INSERT INTO session_migration_rejects (run_id, source_rowid, session_id, "
+            "reason, message, raw) SELECT run_id, %s, %s, 'x', 'x', '{}' FROM "
+            "session_migration_runs LIMIT 1",
+            (_rowid_of(migrated, sid), sid),
+        )
+    result = steps.reconcile_step(migrated)
+    assert [d.session for d in named(result, "both")] == [mask_id(sid)]
+    assert named(result, "reject_mismatch")  # its raw '{}' is not the source row either
+    assert result.verdict == FAIL
+
+
+def test_a_reject_whose_raw_values_differ(migrated, dsn) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "UPDATE session_migration_rejects SET raw = jsonb_set(raw, "
+            "'{request_count}', %s) WHERE id = (SELECT min(id) FROM "
+            "session_migration_rejects)",
+            (Jsonb({"type": "integer", "value": 1}),),
+        )
+    result = steps.reconcile_step(migrated)
+    assert len(named(result, "reject_mismatch")) == 1
+    assert result.verdict == FAIL
+
+
+def test_a_lost_reject_is_unaccounted(migrated, dsn) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute("DELETE FROM session_migration_rejects WHERE reason = 'invalid_json'")
+    result = steps.reconcile_step(migrated)
+    assert len(named(result, "unaccounted")) == 1
+    assert "invalid_json" in named(result, "unaccounted")[0].detail
+
+
+def _rowid_of(settings: steps.Settings, sid: str) -> int:
+    import sqlite3
+
+    conn = sqlite3.connect(settings.sqlite_path)
+    return conn.execute("SELECT rowid FROM sessions WHERE session_id = ?", (sid,)).fetchone()[0]
+
+
+def test_json_canonical_form_tells_true_from_one() -> None:
+    assert canonical_json(True) != canonical_json(1)
+    assert canonical_json({"a": [1.0]}) == canonical_json({"a": [1.00]})
+    assert json_diff(
+        canonical_json({"a": {"b": 1}, "c": 2}), canonical_json({"a": {"b": 2}, "d": 2})
+    ) == ["$.a.b differs", "$.c missing in PostgreSQL", "$.d only in PostgreSQL"]

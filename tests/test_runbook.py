@@ -1,0 +1,205 @@
+"""End to end: ``sessionmig run`` executes every notebook with papermill on a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+import yaml
+from conftest import ROOT, rows_of
+from sessionmig import embedded, sample
+from sessionmig.manifest import verify
+
+pytestmark = pytest.mark.slow
+PASSWORD = "hunter2-very-secret"
+
+
+def with_password(url: str) -> str:
+    """The same DSN carrying a password (trust auth ignores it; reports must never show it)."""
+    parts = urlsplit(url)
+    user = parts.username or "postgres"
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{user}:{PASSWORD}@{host}"))
+
+
+def write_env(tmp_path: Path, backup: Path, **extra) -> Path:
+    env = {
+        "sqlite_path": str(backup),
+        "database_url_env": "SMTEST_TARGET_URL",
+        "source_timezone": "Asia/Seoul",
+        "as_of": "2026-01-15T12:00:00+09:00",
+        "target_schema": "public",
+        "batch_rows": 100,
+        **extra,
+    }
+    path = tmp_path / "test.yaml"
+    path.write_text(yaml.safe_dump(env))
+    return path
+
+
+def sessionmig(*args: str, dsn: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SMTEST_TARGET_URL": dsn or ""}
+    return subprocess.run(
+        [sys.executable, "-m", "sessionmig.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def run_dir_of(result: subprocess.CompletedProcess) -> Path:
+    match = re.search(r"reports: (.*)/index.html", result.stdout)
+    assert match, result.stdout + result.stderr
+    return Path(match.group(1))
+
+
+def test_full_run_migrates_reports_and_keeps_secrets_out(tmp_path, small_backup, dsn) -> None:
+    env = write_env(tmp_path, small_backup)
+    before = small_backup.read_bytes()
+    result = sessionmig(
+        "run", "--env", str(env), "--reports-dir", str(tmp_path / "reports"), dsn=with_password(dsn)
+    )
+    assert result.returncode == 0, result.stderr
+    run = run_dir_of(result)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [(s["name"], s["status"], s["verdict"]) for s in manifest["steps"]] == [
+        ("preflight", "passed", "GO"),
+        ("inspect", "passed", "PASS_WITH_WARNINGS"),
+        ("migrate", "passed", "PASS_WITH_WARNINGS"),
+        ("reconcile", "passed", "PASS_WITH_WARNINGS"),
+    ]
+    assert manifest["verdict"] == "PASS_WITH_WARNINGS" and manifest["exit_code"] == 0
+    assert manifest["source"]["sha256_before"] == manifest["source"]["sha256_after"]
+    assert manifest["parameters"]["database_url_env"] == "SMTEST_TARGET_URL"
+    assert manifest["git"]["commit"] and len(manifest["id_salt_sha256"]) == 64
+    assert small_backup.read_bytes() == before
+    # The rows in PostgreSQL: every landable sample row, the 7 oddities as rejects.
+    assert rows_of(dsn, "SELECT count(*) FROM sessions") == [(393,)]
+    assert rows_of(
+        dsn, "SELECT count(*), count(DISTINCT reason) FROM session_migration_rejects"
+    ) == [(7, 7)]
+    assert rows_of(dsn, "SELECT run_id, inserted, rejected FROM session_migration_runs") == [
+        (manifest["run_id"], 393, 7)
+    ]
+    # Reports: every step rendered, sealed, offline, free of the password and of session ids.
+    names = {p.name for p in run.iterdir()}
+    for stem in ("00_preflight", "01_inspect", "02_migrate", "03_reconcile"):
+        assert {f"{stem}.ipynb", f"{stem}.html"} <= names
+    assert verify(run).ok
+    for file in run.iterdir():
+        text = file.read_text(encoding="utf-8", errors="replace")
+        assert PASSWORD not in text, file.name
+        assert not re.search(r"session-[0-9a-f]{8}-", text), file.name
+        assert not re.search(r'(src|href)="https?://', text), file.name
+    assert "<img" in (run / "01_inspect.html").read_text()  # the plots are embedded
+
+
+def test_unknown_parameter_is_refused_before_anything_runs(tmp_path, small_backup) -> None:
+    env = write_env(tmp_path, small_backup)
+    result = sessionmig(
+        "run",
+        "--env",
+        str(env),
+        "--steps",
+        "inspect",
+        "-p",
+        "batchrows=10",
+        "--reports-dir",
+        str(tmp_path / "reports"),
+    )
+    assert result.returncode == 2
+    assert "batchrows" in result.stderr and "not a parameter of the selected steps" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "reports").exists()
+
+
+def test_bad_parameter_value_names_the_parameter(tmp_path, small_backup) -> None:
+    env = write_env(tmp_path, small_backup, source_timezone="Seoul")
+    result = sessionmig("run", "--env", str(env), "--reports-dir", str(tmp_path / "r"))
+    assert result.returncode == 2
+    assert "source_timezone='Seoul' is not an IANA zone" in result.stderr
+
+
+def test_corrupt_source_stops_at_inspect_with_a_message(tmp_path, dsn) -> None:
+    bad = tmp_path / "sessions.db"
+    bad.write_bytes(b"SQLite format 3\x00" + b"\x00" * 2000)
+    env = write_env(tmp_path, bad)
+    result = sessionmig(
+        "run",
+        "--env",
+        str(env),
+        "--steps",
+        "inspect",
+        "--reports-dir",
+        str(tmp_path / "reports"),
+        dsn=dsn,
+    )
+    assert result.returncode == 2
+    assert "inspect" in result.stderr
+    html = (run_dir_of(result) / "01_inspect.html").read_text()
+    assert "could not be carried out" in html or "ERROR" in html
+
+
+def test_reconcile_fail_exits_1(tmp_path, small_backup, dsn) -> None:
+    env = write_env(tmp_path, small_backup)
+    reports = str(tmp_path / "reports")
+    assert (
+        sessionmig(
+            "run", "--env", str(env), "--steps", "migrate", "--reports-dir", reports, dsn=dsn
+        ).returncode
+        == 0
+    )
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "DELETE FROM sessions WHERE session_id = (SELECT min(session_id) FROM sessions)"
+        )
+    result = sessionmig(
+        "run", "--env", str(env), "--steps", "reconcile", "--reports-dir", reports, dsn=dsn
+    )
+    assert result.returncode == 1
+    assert "FAIL" in result.stderr and "1 missing" in result.stderr
+    manifest = json.loads((run_dir_of(result) / "manifest.json").read_text())
+    assert manifest["verdict"] == "FAIL" and manifest["steps"][0]["verdict"] == "FAIL"
+
+
+def test_embedded_demo_path_with_fresh_database(tmp_path, backend) -> None:
+    if backend != "embedded":
+        pytest.skip("the null database_url_env path is the embedded server's")
+    backup = tmp_path / "demo.db"
+    sample.generate(backup, rows=300, seed=9)
+    env = write_env(tmp_path, backup, database_url_env=None)
+    reports = str(tmp_path / "reports")
+    first = sessionmig(
+        "run",
+        "--env",
+        str(env),
+        "--fresh",
+        "--steps",
+        "migrate,reconcile",
+        "--reports-dir",
+        reports,
+    )
+    second = sessionmig(
+        "run",
+        "--env",
+        str(env),
+        "--fresh",
+        "--steps",
+        "migrate,reconcile",
+        "--reports-dir",
+        reports,
+    )
+    assert first.returncode == second.returncode == 0, second.stderr
+    assert run_dir_of(first) != run_dir_of(second)
+    url = embedded.with_database(embedded.start().get_uri(), embedded.DEFAULT_DATABASE)
+    assert rows_of(url, "SELECT count(*) FROM sessions") == [(293,)]
+    assert rows_of(url, "SELECT count(*) FROM session_migration_runs") == [(1,)]
