@@ -26,7 +26,7 @@ from .errors import EXIT_ERROR, EXIT_FAIL, EXIT_OK, ParameterError
 from .render import notebook_to_html
 from .report import RESULT_VARIABLE
 from .source import hash_files
-from .steps import new_run_id
+from .steps import current_operator, new_run_id
 
 STEPS: dict[str, str] = {
     "preflight": "00_preflight.ipynb",
@@ -162,6 +162,7 @@ def run(
     merged["run_id"] = run_id
     merged["as_of"] = P.resolve_as_of(merged.get("as_of"), started).isoformat()
     merged["sqlite_path"] = str(Path(merged["sqlite_path"]).resolve())
+    merged["operator"] = merged.get("operator") or current_operator()
     run_dir = Path(reports_dir) / Path(env).stem / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
     os.environ[mask.SALT_VARIABLE] = salt = os.urandom(16).hex()
@@ -212,7 +213,7 @@ def run(
         "verdict": verdict,
         "exit_code": exit_code,
         "target": target,
-        "operator": merged.get("operator") or os.environ.get("USER") or "unknown",
+        "operator": merged["operator"],
         "host": socket.gethostname(),
         "git": manifest.git_state(),
         "python": sys.version.split()[0],

@@ -55,8 +55,10 @@ def _html(markup: str) -> Any:
 def show(obj: Any) -> None:
     """Display a table or figure in the report (pandas tables without truncation)."""
     if isinstance(obj, pd.DataFrame):
-        with pd.option_context("display.max_rows", 500, "display.max_colwidth", 200):
-            _display(obj)
+        # Left-aligned text reads better in a report than pandas' right-aligned default.
+        left = [("text-align", "left"), ("vertical-align", "top")]
+        styled = obj.style.set_table_styles([{"selector": "th, td", "props": left}])
+        _display(styled)
     else:
         _display(obj)
 
@@ -154,8 +156,9 @@ def step(name: str) -> Iterator[None]:
 
 
 def settings_table(settings: Any) -> pd.DataFrame:
-    """The parameters in force, for the report header (no secrets are held in Settings)."""
-    rows = [(k, str(v)) for k, v in settings.public().items()]
+    """The step's parameters in force, for the report header (Settings holds no secrets)."""
+    shown = set(settings.declared) or set(settings.public())
+    rows = [(k, str(v)) for k, v in settings.public().items() if k in shown]
     return pd.DataFrame(rows, columns=["parameter", "value"]).set_index("parameter")
 
 

@@ -63,6 +63,7 @@ class Settings:
     expected_sha256: str
     run_id: str
     operator: str
+    declared: tuple[str, ...] = ()
 
     @property
     def rules(self) -> Rules:
@@ -75,12 +76,15 @@ class Settings:
         """Parameters as recorded in the audit row and manifest (no secrets exist here)."""
         out = asdict(self)
         out["as_of"] = self.as_of.isoformat()
+        del out["declared"]
         return out
 
 
 def settings(**given: Any) -> Settings:
     """Validate the notebook's or CLI's parameters and fill defaults; raises ParameterError."""
-    merged = {**DEFAULTS, **{k: v for k, v in given.items() if k in Settings.__dataclass_fields__}}
+    known = {k: v for k, v in given.items() if k in Settings.__dataclass_fields__}
+    known.pop("declared", None)
+    merged = {**DEFAULTS, **known}
     merged.setdefault("source_timezone", "")
     merged.setdefault("sqlite_path", "")
     P.validate(merged)
@@ -97,8 +101,14 @@ def settings(**given: Any) -> Settings:
         dry_run=bool(merged["dry_run"]),
         expected_sha256=str(merged["expected_sha256"] or "").lower(),
         run_id=merged["run_id"] or new_run_id(),
-        operator=merged["operator"] or os.environ.get("USER") or getpass.getuser(),
+        operator=merged["operator"] or current_operator(),
+        declared=tuple(k for k in given if k in Settings.__dataclass_fields__),
     )
+
+
+def current_operator() -> str:
+    """Who is running this: ``$USER``, else the login name of the process."""
+    return os.environ.get("USER") or getpass.getuser()
 
 
 # --- preflight -------------------------------------------------------------------------------
