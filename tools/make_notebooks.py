@@ -36,6 +36,10 @@ COMMON = {
         '""',
         "when set, refuse a backup whose sha256 differs (the reviewed file is the migrated file)",
     ),
+    "max_retries": (
+        "3",
+        "lost connections are retried this many times, waiting 1, 2, 4 s between attempts",
+    ),
     "run_id": (
         '""',
         "run id shared by the steps of one run as set by sessionmig run; empty means a new one",
@@ -140,6 +144,7 @@ nb(
         "on_invalid_metadata",
         "dry_run",
         "expected_sha256",
+        "max_retries",
         "run_id",
         "operator",
     ],

@@ -33,6 +33,10 @@ class MigrationConflict(SessionmigError):
     """Rows already in the target differ from the source and ``on_conflict`` says to stop."""
 
 
+class TransientTargetError(TargetError):
+    """The connection to the target was lost or refused; retrying the whole load is safe."""
+
+
 class LockHeld(TargetError):
     """Another migration holds the advisory lock on this target."""
 

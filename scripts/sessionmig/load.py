@@ -22,7 +22,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from .errors import LockHeld, MigrationConflict, TargetError
+from .errors import LockHeld, MigrationConflict, TransientTargetError
 from .transform import Reject, Rules, normalise
 
 SESSION_TYPES = ["text", "text", "text", "timestamptz", "timestamptz", "timestamptz", "int4"]
@@ -83,9 +83,11 @@ def migration_lock(dsn: str, schema: str) -> Iterator[None]:
     the process dies, so a killed run never leaves the target locked.
     """
     try:
-        conn = psycopg.connect(dsn, autocommit=True, application_name="sessionmig-lock")
+        conn = psycopg.connect(
+            dsn, autocommit=True, application_name="sessionmig-lock", connect_timeout=15
+        )
     except psycopg.OperationalError as exc:
-        raise TargetError(f"cannot connect to the target: {exc}".strip()) from None
+        raise TransientTargetError(f"cannot connect to the target: {exc}".strip()) from None
     try:
         got = conn.execute(
             "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (lock_key(schema),)
@@ -211,16 +213,34 @@ def load(
     dry_run: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> LoadOutcome:
-    """Normalise and load every raw row from ``batches``; commit once (or roll back)."""
+    """Normalise and load every raw row from ``batches``; commit once (or roll back).
+
+    A lost connection raises :class:`TransientTargetError`; the target is then as it was.
+    """
+    try:
+        return _load(dsn, batches, rules, audit, schema, on_conflict, dry_run, progress)
+    except psycopg.OperationalError as exc:
+        # The transaction died with the connection, so nothing of this run was committed (or,
+        # if the loss hit COMMIT itself, all of it was): a rerun is idempotent either way.
+        raise TransientTargetError(f"lost the connection to the target: {exc}".strip()) from None
+
+
+def _load(
+    dsn: str,
+    batches: Iterable[list[tuple]],
+    rules: Rules,
+    audit: AuditInfo,
+    schema: str,
+    on_conflict: str,
+    dry_run: bool,
+    progress: Callable[[int], None] | None,
+) -> LoadOutcome:
     started = datetime.now(UTC)
     clock = time.perf_counter()
     reasons: Counter[str] = Counter()
     examples: dict[str, list[Reject]] = {}
     read = 0
-    try:
-        conn = psycopg.connect(dsn, application_name="sessionmig-migrate")
-    except psycopg.OperationalError as exc:
-        raise TargetError(f"cannot connect to the target: {exc}".strip()) from None
+    conn = psycopg.connect(dsn, application_name="sessionmig-migrate", connect_timeout=15)
     with conn:
         _create_staging(conn)
         for batch in batches:

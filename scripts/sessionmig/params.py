@@ -163,6 +163,11 @@ def _positive_int(name: str) -> Any:
     return check
 
 
+def _non_negative_int(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10:
+        raise ParameterError(f"max_retries={value!r} must be a whole number from 0 to 10")
+
+
 def _one_of(name: str, options: tuple[str, ...]) -> Any:
     def check(value: Any) -> None:
         if value not in options:
@@ -201,6 +206,7 @@ CHECKS: tuple[Check, ...] = (
     Check("on_invalid_metadata", _one_of("on_invalid_metadata", ON_INVALID_METADATA)),
     Check("dry_run", _boolean("dry_run")),
     Check("expected_sha256", _sha256),
+    Check("max_retries", _non_negative_int),
 )
 
 

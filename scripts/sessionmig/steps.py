@@ -9,6 +9,8 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +21,7 @@ from psycopg import sql
 from tqdm import tqdm
 
 from . import params as P
-from .errors import SourceError, TargetError
+from .errors import SourceError, TargetError, TransientTargetError
 from .inspection import InspectResult, inspect_backup
 from .load import AuditInfo, LoadOutcome, load, migration_lock
 from .reconcile import ReconcileResult, reconcile
@@ -38,7 +40,9 @@ DEFAULTS: dict[str, Any] = {
     "expected_sha256": "",
     "run_id": "",
     "operator": "",
+    "max_retries": 3,
 }
+RETRY_BACKOFF_S = 1.0
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -63,6 +67,7 @@ class Settings:
     expected_sha256: str
     run_id: str
     operator: str
+    max_retries: int = 3
     declared: tuple[str, ...] = ()
 
     @property
@@ -102,6 +107,7 @@ def settings(**given: Any) -> Settings:
         expected_sha256=str(merged["expected_sha256"] or "").lower(),
         run_id=merged["run_id"] or new_run_id(),
         operator=merged["operator"] or current_operator(),
+        max_retries=int(merged["max_retries"]),
         declared=tuple(k for k in given if k in Settings.__dataclass_fields__),
     )
 
@@ -232,58 +238,88 @@ class MigrateResult:
 
 
 def migrate(s: Settings, progress: bool = True) -> MigrateResult:
-    """Create the schema with Alembic, then load every row in one transaction."""
+    """Create the schema with Alembic, then load every row in one transaction.
+
+    A lost or refused connection is retried ``max_retries`` times with exponential backoff:
+    each attempt is the whole, atomic, idempotent load, so a retry can neither duplicate nor
+    half-write anything.
+    """
     backup = open_backup(s.sqlite_path)
     try:
-        if s.expected_sha256 and backup.sha256 != s.expected_sha256:
-            raise SourceError(
-                f"{s.sqlite_path}: sha256 is {backup.sha256}, but expected_sha256 is "
-                f"{s.expected_sha256}; this is not the file that was reviewed — find the right "
-                "file or review this one and update expected_sha256"
-            )
-        problems = backup.missing_columns + backup.extra_columns
-        if problems:
-            raise SourceError(
-                f"{s.sqlite_path}: sessions has unexpected columns (missing "
-                f"{backup.missing_columns}, extra {backup.extra_columns}); run inspect"
-            )
-        integrity = backup.integrity_check()
-        if integrity != ["ok"]:
-            raise SourceError(f"{s.sqlite_path}: integrity_check failed: {integrity[:3]}")
+        _check_source(s, backup)
         dsn = s.dsn()
-        with migration_lock(dsn, s.target_schema):
+        for attempt in range(s.max_retries + 1):
             try:
-                revision = upgrade(dsn, s.target_schema)
-            except Exception as exc:  # SQLAlchemy wraps driver errors in many types
-                raise TargetError(f"creating the schema failed: {P.redact(str(exc))}") from None
-            total = backup.count()
-            bar = tqdm(total=total, unit="rows", mininterval=2, disable=not progress)
-            audit = AuditInfo(
-                s.run_id,
-                s.sqlite_path,
-                backup.sha256,
-                s.source_timezone,
-                s.public(),
-                s.operator,
-                socket.gethostname(),
-            )
-            try:
-                outcome = load(
-                    dsn,
-                    backup.rows(s.batch_rows),
-                    s.rules,
-                    audit,
-                    schema=s.target_schema,
-                    on_conflict=s.on_conflict,
-                    dry_run=s.dry_run,
-                    progress=bar.update,
+                return _migrate_once(s, backup, dsn, progress)
+            except TransientTargetError as exc:
+                if attempt == s.max_retries:
+                    raise TransientTargetError(
+                        f"{P.redact(str(exc))} — gave up after {attempt + 1} attempt(s); the "
+                        "target holds nothing of this run. Check the server and run again"
+                    ) from None
+                delay = RETRY_BACKOFF_S * 2**attempt
+                print(
+                    f"connection lost ({P.redact(str(exc))}); retrying in {delay:.0f} s",
+                    file=sys.stderr,
                 )
-            finally:
-                bar.close()
-        after = backup.verify_unchanged()
-        return MigrateResult(outcome, revision, backup.hashes_before, after, s)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
     finally:
         backup.close()
+
+
+def _check_source(s: Settings, backup: Any) -> None:
+    if s.expected_sha256 and backup.sha256 != s.expected_sha256:
+        raise SourceError(
+            f"{s.sqlite_path}: sha256 is {backup.sha256}, but expected_sha256 is "
+            f"{s.expected_sha256}; this is not the file that was reviewed — find the right "
+            "file or review this one and update expected_sha256"
+        )
+    if backup.missing_columns or backup.extra_columns:
+        raise SourceError(
+            f"{s.sqlite_path}: sessions has unexpected columns (missing "
+            f"{backup.missing_columns}, extra {backup.extra_columns}); run inspect"
+        )
+    integrity = backup.integrity_check()
+    if integrity != ["ok"]:
+        raise SourceError(
+            f"{s.sqlite_path}: integrity_check failed: {integrity[:3]}; take a fresh backup"
+        )
+
+
+def _migrate_once(s: Settings, backup: Any, dsn: str, progress: bool) -> MigrateResult:
+    with migration_lock(dsn, s.target_schema):
+        try:
+            revision = upgrade(dsn, s.target_schema)
+        except Exception as exc:  # SQLAlchemy wraps driver errors in many types
+            if "OperationalError" in type(exc).__name__:
+                raise TransientTargetError(f"creating the schema: {exc}") from None
+            raise TargetError(f"creating the schema failed: {P.redact(str(exc))}") from None
+        bar = tqdm(total=backup.count(), unit="rows", mininterval=2, disable=not progress)
+        audit = AuditInfo(
+            s.run_id,
+            s.sqlite_path,
+            backup.sha256,
+            s.source_timezone,
+            s.public(),
+            s.operator,
+            socket.gethostname(),
+        )
+        try:
+            outcome = load(
+                dsn,
+                backup.rows(s.batch_rows),
+                s.rules,
+                audit,
+                schema=s.target_schema,
+                on_conflict=s.on_conflict,
+                dry_run=s.dry_run,
+                progress=bar.update,
+            )
+        finally:
+            bar.close()
+    after = backup.verify_unchanged()
+    return MigrateResult(outcome, revision, backup.hashes_before, after, s)
 
 
 # --- reconcile -------------------------------------------------------------------------------
