@@ -31,6 +31,10 @@ COMMON = {
         '"reject"',
         "metadata that is not storable JSON: reject | keep_as_json_string",
     ),
+    "on_extra_columns": (
+        '"fail"',
+        "columns beyond the legacy schema: fail | into_metadata (kept under _legacy_columns)",
+    ),
     "dry_run": ("False", "True: do all the work, report what would happen, then roll back"),
     "expected_sha256": (
         '""',
@@ -107,7 +111,15 @@ nb(
     "notebooks/01_inspect.ipynb",
     "01 · Inspect the SQLite backup",
     "Integrity, schema, counts at `as_of`, how each timestamp column is spelled, JSON validity, nulls, anomalies and the rows that cannot land. Errors block the migration; warnings are for the reviewer to read. Session ids are shown only as keyed hashes.",
-    ["sqlite_path", "source_timezone", "as_of", "batch_rows", "on_invalid_metadata", "run_id"],
+    [
+        "sqlite_path",
+        "source_timezone",
+        "as_of",
+        "batch_rows",
+        "on_invalid_metadata",
+        "on_extra_columns",
+        "run_id",
+    ],
     [
         SETUP,
         (
@@ -142,6 +154,7 @@ nb(
         "batch_rows",
         "on_conflict",
         "on_invalid_metadata",
+        "on_extra_columns",
         "dry_run",
         "expected_sha256",
         "max_retries",
@@ -174,6 +187,7 @@ nb(
         "target_schema",
         "batch_rows",
         "on_invalid_metadata",
+        "on_extra_columns",
         "run_id",
     ],
     [

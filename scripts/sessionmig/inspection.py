@@ -8,7 +8,7 @@ and turns what it saw into a findings table with severities.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
@@ -210,7 +210,12 @@ def findings_from(census: Census, zone_name: str) -> list[Finding]:
 
 
 def inspect_backup(
-    path: str | Path, rules: Rules, as_of: datetime, zone_name: str, batch_rows: int = 10_000
+    path: str | Path,
+    rules: Rules,
+    as_of: datetime,
+    zone_name: str,
+    batch_rows: int = 10_000,
+    on_extra_columns: str = "fail",
 ) -> InspectResult:
     """Inspect the backup at ``path`` without changing it; never raises for a bad file."""
     try:
@@ -253,16 +258,23 @@ def inspect_backup(
                     "schema the runbook migrates",
                 )
             )
+        carry = on_extra_columns == "into_metadata"
         for column in backup.extra_columns:
             findings.append(
                 Finding(
-                    "error",
+                    "warning" if carry else "error",
                     "extra_column",
                     1,
-                    f"column {column} is not in the expected schema; its values "
-                    "would not be migrated — decide what it holds first",
+                    f"column {column} is not in the legacy schema; its values are carried into "
+                    "metadata._legacy_columns"
+                    if carry
+                    else f"column {column} is not in the legacy schema and the target has no "
+                    "place for it; decide what it holds, then rerun with "
+                    "-p on_extra_columns=into_metadata to keep it in metadata",
                 )
             )
+        if carry and backup.extra_columns:
+            rules = replace(rules, extra_columns=tuple(backup.extra_columns))
         for column, declared in EXPECTED_SCHEMA.items():
             found = backup.columns.get(column)
             if found and found != declared:
@@ -278,7 +290,7 @@ def inspect_backup(
         if not backup.missing_columns:
             census = Census(rules, as_of.astimezone(UTC))
             try:
-                for batch in backup.rows(batch_rows):
+                for batch in backup.rows(batch_rows, extra=rules.extra_columns):
                     for raw in batch:
                         census.add(raw)
             except SourceError as exc:

@@ -24,6 +24,7 @@ from .errors import ParameterError
 ENVIRONMENTS_DIR = Path("runbook") / "environments"
 ON_CONFLICT = ("fail", "skip", "keep_newer")
 ON_INVALID_METADATA = ("reject", "keep_as_json_string")
+ON_EXTRA_COLUMNS = ("fail", "into_metadata")
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -204,6 +205,7 @@ CHECKS: tuple[Check, ...] = (
     Check("batch_rows", _positive_int("batch_rows")),
     Check("on_conflict", _one_of("on_conflict", ON_CONFLICT)),
     Check("on_invalid_metadata", _one_of("on_invalid_metadata", ON_INVALID_METADATA)),
+    Check("on_extra_columns", _one_of("on_extra_columns", ON_EXTRA_COLUMNS)),
     Check("dry_run", _boolean("dry_run")),
     Check("expected_sha256", _sha256),
     Check("max_retries", _non_negative_int),

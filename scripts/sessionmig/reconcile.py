@@ -219,7 +219,7 @@ def reconcile(
                 return found
             return None
 
-        for batch in backup.rows(batch_rows, order="session_id"):
+        for batch in backup.rows(batch_rows, order="session_id", extra=rules.extra_columns):
             for raw in batch:
                 source_rows += 1
                 rowid = raw[0]
@@ -229,7 +229,7 @@ def reconcile(
                 recorded = rejects.get(rowid)
                 if recorded is not None:
                     seen_rejects.add(rowid)
-                    if recorded["raw"] != raw_record(raw):
+                    if recorded["raw"] != raw_record(raw, rules.extra_columns):
                         note(
                             "reject_mismatch",
                             key,

@@ -113,12 +113,20 @@ class Backup:
                 "backup or restore it from a verified copy"
             ) from None
 
-    def rows(self, batch: int = 10_000, order: str = "rowid") -> Iterator[list[tuple]]:
-        """Raw rows in batches: ``(rowid, 7 values, 7 storage classes)``; text as bytes."""
+    def rows(
+        self, batch: int = 10_000, order: str = "rowid", extra: tuple[str, ...] = ()
+    ) -> Iterator[list[tuple]]:
+        """Raw rows in batches: ``(rowid, 7 values, 7 storage classes)``, then the ``extra``
+        columns' values and storage classes; text as bytes."""
         if order not in ("rowid", "session_id"):
             raise ValueError(order)
-        values = ", ".join(f'"{c}"' for c in COLUMNS)
-        types = ", ".join(f'typeof("{c}")' for c in COLUMNS)
+        unknown = [c for c in extra if c not in self.columns]
+        if unknown:
+            raise ValueError(f"no such columns: {unknown}")
+        names = (*COLUMNS, *extra)
+        # Column names come from the file's own schema, quoted as SQLite identifiers.
+        values = ", ".join('"' + c.replace('"', '""') + '"' for c in names)
+        types = ", ".join('typeof("' + c.replace('"', '""') + '")' for c in names)
         cursor = self._query(f"SELECT rowid, {values}, {types} FROM sessions ORDER BY {order}")
         while True:
             try:
@@ -131,7 +139,12 @@ class Backup:
             if not chunk:
                 return
             # text_factory=bytes also makes typeof() bytes; the rules speak str.
-            yield [row[:8] + tuple(map(_STORAGE.__getitem__, row[8:])) for row in chunk]
+            yield [
+                row[:8] + tuple(map(_STORAGE.__getitem__, row[8:]))
+                if not extra
+                else _with_extras(row, len(extra))
+                for row in chunk
+            ]
 
     def verify_unchanged(self) -> tuple[FileHash, ...]:
         """Re-hash the original files; raise if anything differs from before."""
@@ -147,6 +160,13 @@ class Backup:
     def close(self) -> None:
         self.connection.close()
         shutil.rmtree(self.copy.parent, ignore_errors=True)
+
+
+def _with_extras(row: tuple, k: int) -> tuple:
+    """Reorder ``(rowid, 7+k values, 7+k types)`` to ``(rowid, 7 values, 7 types, k, k)``."""
+    n = len(COLUMNS)
+    values, types = row[1 : 1 + n + k], [_STORAGE[t] for t in row[1 + n + k :]]
+    return (row[0], *values[:n], *types[:n], *values[n:], *types[n:])
 
 
 def _check_header(path: Path) -> None:

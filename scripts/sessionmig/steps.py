@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_rows": 10_000,
     "on_conflict": "fail",
     "on_invalid_metadata": "reject",
+    "on_extra_columns": "fail",
     "dry_run": False,
     "expected_sha256": "",
     "run_id": "",
@@ -68,11 +69,17 @@ class Settings:
     run_id: str
     operator: str
     max_retries: int = 3
+    on_extra_columns: str = "fail"
     declared: tuple[str, ...] = ()
 
     @property
     def rules(self) -> Rules:
         return Rules(P.zone(self.source_timezone), self.on_invalid_metadata)
+
+    def rules_for(self, backup: Any) -> Rules:
+        """The rules for this backup: its extra columns are carried only when asked to."""
+        extra = tuple(backup.extra_columns) if self.on_extra_columns == "into_metadata" else ()
+        return Rules(P.zone(self.source_timezone), self.on_invalid_metadata, extra)
 
     def dsn(self) -> str:
         return P.database_url(self.database_url_env)
@@ -108,6 +115,7 @@ def settings(**given: Any) -> Settings:
         run_id=merged["run_id"] or new_run_id(),
         operator=merged["operator"] or current_operator(),
         max_retries=int(merged["max_retries"]),
+        on_extra_columns=merged["on_extra_columns"],
         declared=tuple(k for k in given if k in Settings.__dataclass_fields__),
     )
 
@@ -218,7 +226,9 @@ def preflight(s: Settings) -> PreflightResult:
 
 def inspect(s: Settings) -> InspectResult:
     """Profile the backup (see :mod:`sessionmig.inspection`)."""
-    return inspect_backup(s.sqlite_path, s.rules, s.as_of, s.source_timezone, s.batch_rows)
+    return inspect_backup(
+        s.sqlite_path, s.rules, s.as_of, s.source_timezone, s.batch_rows, s.on_extra_columns
+    )
 
 
 # --- migrate ---------------------------------------------------------------------------------
@@ -275,10 +285,16 @@ def _check_source(s: Settings, backup: Any) -> None:
             f"{s.expected_sha256}; this is not the file that was reviewed — find the right "
             "file or review this one and update expected_sha256"
         )
-    if backup.missing_columns or backup.extra_columns:
+    if backup.missing_columns:
         raise SourceError(
-            f"{s.sqlite_path}: sessions has unexpected columns (missing "
-            f"{backup.missing_columns}, extra {backup.extra_columns}); run inspect"
+            f"{s.sqlite_path}: sessions lacks the columns {backup.missing_columns}; this is not "
+            "the legacy schema — check sqlite_path and run inspect"
+        )
+    if backup.extra_columns and s.on_extra_columns == "fail":
+        raise SourceError(
+            f"{s.sqlite_path}: sessions has extra columns {backup.extra_columns} that the target "
+            "has no place for; to keep their values in metadata._legacy_columns rerun with "
+            "-p on_extra_columns=into_metadata"
         )
     integrity = backup.integrity_check()
     if integrity != ["ok"]:
@@ -305,11 +321,12 @@ def _migrate_once(s: Settings, backup: Any, dsn: str, progress: bool) -> Migrate
             s.operator,
             socket.gethostname(),
         )
+        rules = s.rules_for(backup)
         try:
             outcome = load(
                 dsn,
-                backup.rows(s.batch_rows),
-                s.rules,
+                backup.rows(s.batch_rows, extra=rules.extra_columns),
+                rules,
                 audit,
                 schema=s.target_schema,
                 on_conflict=s.on_conflict,
@@ -332,7 +349,12 @@ def reconcile_step(s: Settings) -> ReconcileResult:
         if backup.missing_columns:
             raise SourceError(f"{s.sqlite_path}: missing columns {backup.missing_columns}")
         result = reconcile(
-            s.dsn(), backup, s.rules, schema=s.target_schema, as_of=s.as_of, batch_rows=s.batch_rows
+            s.dsn(),
+            backup,
+            s.rules_for(backup),
+            schema=s.target_schema,
+            as_of=s.as_of,
+            batch_rows=s.batch_rows,
         )
         backup.verify_unchanged()
         return result

@@ -52,7 +52,9 @@ REASONS: dict[str, str] = {
     "json_not_storable": "metadata JSON that jsonb cannot hold",
     "count_not_integral": "request_count that is not a whole number",
     "count_out_of_range": "request_count outside PostgreSQL integer",
+    "extra_columns_unplaceable": "extra columns to carry, but metadata is not a JSON object",
 }
+LEGACY_KEY = "_legacy_columns"
 
 _TIMESTAMP_SHAPE = re.compile(
     r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?)?$"
@@ -66,6 +68,8 @@ class Rules:
 
     zone: tzinfo
     on_invalid_metadata: str = "reject"
+    # Columns beyond the legacy schema whose values are carried into metadata (in row order).
+    extra_columns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,10 +111,39 @@ def raw_value(value: Any, storage: str) -> dict[str, Any]:
     return {"type": storage, "value": value}
 
 
-def raw_record(row: tuple) -> dict[str, Any]:
+def raw_record(row: tuple, extra_columns: tuple[str, ...] = ()) -> dict[str, Any]:
     """Every column of a raw row as :func:`raw_value` keeps it, keyed by column name."""
-    n = len(COLUMNS)
-    return {col: raw_value(row[1 + i], row[1 + n + i]) for i, col in enumerate(COLUMNS)}
+    n, k = len(COLUMNS), len(extra_columns)
+    record = {col: raw_value(row[1 + i], row[1 + n + i]) for i, col in enumerate(COLUMNS)}
+    base = 1 + 2 * n
+    for i, col in enumerate(extra_columns):
+        record[col] = raw_value(row[base + i], row[base + k + i])
+    return record
+
+
+def extra_value(value: Any, storage: str, column: str) -> Any:
+    """An extra column's value as JSON: text decoded, numbers as they are, BLOBs as hex."""
+    if storage == "null":
+        return None
+    if storage == "blob":
+        return {"hex": value.hex()}
+    if storage == "text":
+        return decode_text(value, storage, column)
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    return value
+
+
+def with_extras(metadata: str | None, extras: dict[str, Any]) -> str:
+    """Metadata JSON with the extra columns under ``_legacy_columns`` (objects and NULL only)."""
+    base = {} if metadata is None else json.loads(metadata)
+    if not isinstance(base, dict):
+        raise RowProblem(
+            "extra_columns_unplaceable",
+            "metadata",
+            "metadata is not a JSON object, so the extra columns have nowhere to go",
+        )
+    return json.dumps({**base, LEGACY_KEY: extras}, ensure_ascii=False)
 
 
 def _has_surrogate(text: str) -> bool:
@@ -238,24 +271,33 @@ def normalise(row: tuple, rules: Rules) -> Session | Reject:
         expires_t,
         last_t,
         count_t,
-    ) = row
+    ) = row[:15]
     session_id: str | None = None
     try:
         if sid_t == "null":
             raise RowProblem("missing_session_id", "session_id", "session_id is NULL")
         session_id = decode_text(sid, sid_t, "session_id")
         user_id = None if uid_t == "null" else decode_text(uid, uid_t, "user_id")
+        metadata = parse_metadata(meta, meta_t, rules.on_invalid_metadata)
+        if rules.extra_columns:
+            k = len(rules.extra_columns)
+            extras = {
+                col: extra_value(row[15 + i], row[15 + k + i], col)
+                for i, col in enumerate(rules.extra_columns)
+            }
+            metadata = with_extras(metadata, extras)
         return (
             session_id,
             user_id,
-            parse_metadata(meta, meta_t, rules.on_invalid_metadata),
+            metadata,
             parse_timestamp(created, created_t, "created_at", rules.zone),
             parse_timestamp(expires, expires_t, "expires_at", rules.zone),
             parse_timestamp(last, last_t, "last_activity", rules.zone),
             parse_count(count, count_t),
         )
     except RowProblem as problem:
-        return Reject(rowid, session_id, problem.reason, problem.detail, raw_record(row))
+        raw = raw_record(row, rules.extra_columns)
+        return Reject(rowid, session_id, problem.reason, problem.detail, raw)
 
 
 def spelling(text: str) -> str:
