@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from decimal import Decimal
 from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 from sessionmig import steps
 from sessionmig.mask import mask_id
-from sessionmig.reconcile import FAIL, WARN, canonical_json, json_diff
+from sessionmig.reconcile import FAIL, WARN, canonical_json, json_diff, jsonb_text
 
 
 @pytest.fixture
@@ -47,6 +51,9 @@ def test_untouched_database_passes_with_the_rejects_accounted(migrated) -> None:
     assert (result.source_rows, result.migrated, result.rejected) == (400, 393, 7)
     assert result.partition_holds and result.matched == 393
     assert result.differences == []
+    # Fingerprints agree across Python and SQL, so nothing was drilled into.
+    assert result.buckets_differing == 0 and result.buckets_compared > 300
+    assert result.parity["distributions_agree"]
     assert (
         result.parity["active_postgres"]
         == result.parity["active_legacy_rule_sqlite_excluding_rejects"]
@@ -57,6 +64,7 @@ def test_deleted_row_is_missing(migrated, dsn) -> None:
     sid = damage(dsn, "DELETE FROM sessions WHERE session_id = %s")
     result = steps.reconcile_step(migrated)
     assert result.verdict == FAIL
+    assert result.buckets_differing == 1 and result.matched == 392
     assert [d.session for d in named(result, "missing")] == [mask_id(sid)]
     assert not result.partition_holds
 
@@ -169,3 +177,47 @@ def test_json_canonical_form_tells_true_from_one() -> None:
     assert json_diff(
         canonical_json({"a": {"b": 1}, "c": 2}), canonical_json({"a": {"b": 2}, "d": 2})
     ) == ["$.a.b differs", "$.c missing in PostgreSQL", "$.d only in PostgreSQL"]
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
+              st.decimals(allow_nan=False, allow_infinity=False).map(lambda d: ("number", str(d))),
+              st.text(alphabet=st.characters(blacklist_categories=("Cs",),
+                                             blacklist_characters="\x00"), max_size=8)),
+    lambda c: st.one_of(st.lists(c, max_size=4),
+                        st.dictionaries(st.text(alphabet=st.characters(
+                            blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                            max_size=6), c, max_size=4)),
+    max_leaves=12,
+)  # fmt: skip
+
+
+def _as_json(value) -> str:
+    """JSON text where ("number", text) becomes a bare number (1.50, 1E+3 …)."""
+    if isinstance(value, tuple):
+        return value[1]
+    if isinstance(value, list):
+        return "[" + ",".join(_as_json(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(k)}:{_as_json(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(value=json_values)
+def test_python_prints_jsonb_exactly_as_postgresql_does(server_url, value) -> None:
+    text = _as_json(value)
+    with psycopg.connect(server_url) as conn:
+        expected = conn.execute("SELECT %s::jsonb::text", (text,)).fetchone()[0]
+    assert jsonb_text(json.loads(text, parse_float=Decimal)) == expected
+
+
+@pytest.mark.parametrize("text", ["-0.0", "-0", "1E+3", "1.5e-7", "0.000", "1e-10", "[1e400]",
+                                  '{"b":1,"aa":2,"a":3,"a":4}', '"\\u00e9\\t\\u001f/"',
+                                  '{"서울": {"": []}, "z": "\\"q\\""}'])  # fmt: skip
+def test_jsonb_edge_cases_print_alike(server_url, text) -> None:
+    with psycopg.connect(server_url) as conn:
+        expected = conn.execute("SELECT %s::jsonb::text", (text,)).fetchone()[0]
+    assert jsonb_text(json.loads(text, parse_float=Decimal)) == expected

@@ -305,6 +305,8 @@ def reconcile_tables(result: Any) -> dict[str, pd.DataFrame]:
             ("migrated + rejected", result.migrated + result.rejected),
             ("partition holds", result.partition_holds),
             ("rows in PostgreSQL", result.target_rows),
+            ("key buckets compared by fingerprint", result.buckets_compared),
+            ("buckets drilled into (row by row)", result.buckets_differing),
         ],
         columns=["measure", "value"],
     ).set_index("measure")
