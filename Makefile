@@ -32,3 +32,7 @@ lint: $(STAMP)
 
 clean:
 	rm -rf reports .sessionmig .pytest_cache .hypothesis
+
+## migrate + reconcile 1M rows (and pgloader when installed): prints the table for the README.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py --rows 1000000

@@ -1,1 +1,177 @@
-"""Benchmarks (not tests): see benchmarks/README.md."""
+"""Benchmark migrate and reconcile at a given size (not a test): ``make bench`` runs 1M rows.
+
+Generates a backup with ``sessionmig sample`` (cached under ``benchmarks/out``), migrates it into
+a fresh database and reconciles it, each as its own ``sessionmig`` process so that wall time and
+peak RSS (from ``wait4``) are the process's alone. When ``pgloader`` is on PATH it loads the same
+file into another fresh database, configured correctly (``SET timezone`` to the source zone,
+casts to the target types), for the side-by-side ratio. Prints one table.
+
+Target server: ``--dsn`` (an admin URL, database ``postgres``), else the system PostgreSQL at
+127.0.0.1:5432 when it answers, else the embedded server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+import yaml
+
+from sessionmig import embedded
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "out"
+SYSTEM = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int]:
+    """Run ``cmd``; return (wall seconds, peak RSS in MB, exit code) of that process alone."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()  # type: ignore[union-attr]
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        print(f"{' '.join(cmd[:4])}… exited {code}:\n{out}\n{err}", file=sys.stderr)
+    return wall, usage.ru_maxrss / 1024, code
+
+
+def server_url(dsn: str | None) -> tuple[str, str]:
+    if dsn:
+        return dsn, "given server"
+    try:
+        with psycopg.connect(SYSTEM, connect_timeout=3) as conn:
+            version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+        return SYSTEM, f"system PostgreSQL {version}"
+    except psycopg.OperationalError:
+        return embedded.start().get_uri("postgres"), "embedded PostgreSQL 18"
+
+
+def pgloader(backup: Path, url: str, zone: str) -> tuple[float, float, int] | None:
+    """pgloader into its own fresh database, told the source zone and the target types."""
+    if not shutil.which("pgloader"):
+        return None
+    embedded.ensure_database(url, "sessionmig_bench_pgloader", fresh=True)
+    target = embedded.with_database(url, "sessionmig_bench_pgloader")
+    load = f"""LOAD DATABASE FROM sqlite://{backup} INTO {target}
+ WITH create tables, create indexes, reset sequences, workers = 2, concurrency = 1
+ SET timezone = '{zone}'
+ CAST column sessions.created_at to timestamptz, column sessions.expires_at to timestamptz,
+      column sessions.last_activity to timestamptz, column sessions.metadata to jsonb
+      using (lambda (x) x);
+"""
+    with tempfile.NamedTemporaryFile("w", suffix=".load", delete=False) as handle:
+        handle.write(load)
+    return timed(["pgloader", handle.name])
+
+
+def papermill_overhead(env_file: Path) -> float:
+    """Seconds a notebook step adds over the bare engine (kernel start, rendering), measured
+    on a tiny backup so that the engine's own time is negligible."""
+    tiny = OUT / "tiny.db"
+    subprocess.run(
+        [sys.executable, "-m", "sessionmig.cli", "sample", "--rows", "200", "--out", str(tiny)],
+        check=True,
+        capture_output=True,
+    )
+    data = yaml.safe_load(env_file.read_text())
+    tiny_env = env_file.with_name("tiny.yaml")
+    tiny_env.write_text(yaml.safe_dump({**data, "sqlite_path": str(tiny)}))
+    bare, _, _ = timed([sys.executable, "-m", "sessionmig.cli", "migrate", "--env", str(tiny_env)])
+    with tempfile.TemporaryDirectory() as reports:
+        step, _, _ = timed(
+            [
+                sys.executable,
+                "-m",
+                "sessionmig.cli",
+                "run",
+                "--env",
+                str(tiny_env),
+                "--steps",
+                "migrate",
+                "--reports-dir",
+                reports,
+            ]
+        )
+    return step - bare
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dsn", default=os.environ.get("SESSIONMIG_BENCH_DSN"))
+    parser.add_argument("--batch-rows", type=int, default=10_000)
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    backup = OUT / f"sessions-{args.rows}.db"
+    if not backup.exists():
+        print(f"generating {args.rows:,} rows into {backup} …", file=sys.stderr)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sessionmig.cli",
+                "sample",
+                "--rows",
+                str(args.rows),
+                "--out",
+                str(backup),
+            ],
+            check=True,
+        )
+    url, label = server_url(args.dsn)
+    embedded.ensure_database(url, "sessionmig_bench", fresh=True)
+    env_file = OUT / "bench.yaml"
+    env_file.write_text(
+        yaml.safe_dump(
+            {
+                "sqlite_path": str(backup),
+                "database_url_env": "SESSIONMIG_BENCH_TARGET",
+                "source_timezone": "Asia/Seoul",
+                "as_of": "2026-01-15T12:00:00+09:00",
+                "batch_rows": args.batch_rows,
+            }
+        )
+    )
+    env = {"SESSIONMIG_BENCH_TARGET": embedded.with_database(url, "sessionmig_bench")}
+    cli = [sys.executable, "-m", "sessionmig.cli"]
+    results = {
+        "sessionmig migrate": timed([*cli, "migrate", "--env", str(env_file)], env),
+        "sessionmig reconcile": timed([*cli, "reconcile", "--env", str(env_file)], env),
+    }
+    loaded = pgloader(backup, url, "Asia/Seoul")
+    if loaded:
+        results["pgloader"] = loaded
+    base = results.get("pgloader", (0.0, 0.0, 0))[0]
+    print(f"\n{args.rows:,} rows · {label} · {os.cpu_count()} cores · batch_rows {args.batch_rows}")
+    print("| way | rows | wall s | rows/s | peak RSS MB | × pgloader throughput | exit |")
+    print("|---|---|---|---|---|---|---|")
+    for way, (wall, rss, code) in results.items():
+        ratio = f"{base / wall:.2f}" if base else "–"
+        print(
+            f"| {way} | {args.rows:,} | {wall:.1f} | {args.rows / wall:,.0f} | {rss:.0f} | "
+            f"{ratio} | {code} |"
+        )
+    print(
+        f"\npapermill step overhead (kernel start + rendering): "
+        f"{papermill_overhead(env_file):.1f} s"
+    )
+    return max(code for _, _, code in results.values())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,6 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg import sql
+
 from sessionmig import embedded, sample
 
 ROOT = Path(__file__).resolve().parent.parent

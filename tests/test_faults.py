@@ -15,6 +15,7 @@ import psycopg
 import pytest
 import yaml
 from conftest import ROOT, rows_of
+
 from sessionmig import sample, steps
 from sessionmig.errors import TransientTargetError
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import rows_of
+
 from sessionmig import steps
 from sessionmig.errors import SourceError
 from sessionmig.sample import LEGACY_SCHEMA

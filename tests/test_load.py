@@ -10,6 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import rows_of
+
 from sessionmig import steps
 from sessionmig.errors import LockHeld, MigrationConflict, SourceError
 from sessionmig.params import zone

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+
 from sessionmig import params as P
 from sessionmig.errors import ParameterError
 

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
+
 from sessionmig import steps
 from sessionmig.mask import mask_id
 from sessionmig.reconcile import FAIL, WARN, canonical_json, json_diff, jsonb_text

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 import yaml
 from conftest import ROOT, rows_of
+
 from sessionmig import embedded, sample
 from sessionmig.manifest import verify
 

@@ -6,6 +6,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+
 from sessionmig import sample
 from sessionmig.errors import SourceError
 from sessionmig.source import hash_files, open_backup, sha256_file

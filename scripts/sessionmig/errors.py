@@ -41,6 +41,10 @@ class LockHeld(TargetError):
     """Another migration holds the advisory lock on this target."""
 
 
+class StoreUnavailable(SessionmigError):
+    """The session database cannot be reached (after bounded retries) or is misconfigured."""
+
+
 class VerdictFailed(SessionmigError):
     """A step reached a verdict of FAIL: the data cannot be trusted as migrated."""
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from alembic import context
-from sessionmig.schema import Base
 from sqlalchemy import text
+
+from sessionmig.schema import Base
 
 config = context.config
 connection = config.attributes["connection"]
