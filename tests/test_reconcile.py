@@ -8,6 +8,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from conftest import rows_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
@@ -181,16 +182,29 @@ def test_json_canonical_form_tells_true_from_one() -> None:
 
 
 json_values = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
-              st.decimals(allow_nan=False, allow_infinity=False).map(lambda d: ("number", str(d))),
-              st.text(alphabet=st.characters(blacklist_categories=("Cs",),
-                                             blacklist_characters="\x00"), max_size=8)),
-    lambda c: st.one_of(st.lists(c, max_size=4),
-                        st.dictionaries(st.text(alphabet=st.characters(
-                            blacklist_categories=("Cs",), blacklist_characters="\x00"),
-                            max_size=6), c, max_size=4)),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(10**30), max_value=10**30),
+        st.decimals(allow_nan=False, allow_infinity=False).map(lambda d: ("number", str(d))),
+        st.text(
+            alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+            max_size=8,
+        ),
+    ),
+    lambda c: st.one_of(
+        st.lists(c, max_size=4),
+        st.dictionaries(
+            st.text(
+                alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                max_size=6,
+            ),
+            c,
+            max_size=4,
+        ),
+    ),
     max_leaves=12,
-)  # fmt: skip
+)
 
 
 def _as_json(value) -> str:
@@ -215,10 +229,47 @@ def test_python_prints_jsonb_exactly_as_postgresql_does(server_url, value) -> No
     assert jsonb_text(json.loads(text, parse_float=Decimal)) == expected
 
 
-@pytest.mark.parametrize("text", ["-0.0", "-0", "1E+3", "1.5e-7", "0.000", "1e-10", "[1e400]",
-                                  '{"b":1,"aa":2,"a":3,"a":4}', '"\\u00e9\\t\\u001f/"',
-                                  '{"서울": {"": []}, "z": "\\"q\\""}'])  # fmt: skip
+@pytest.mark.parametrize(
+    "text",
+    [
+        "-0.0",
+        "-0",
+        "1E+3",
+        "1.5e-7",
+        "0.000",
+        "1e-10",
+        "[1e400]",
+        '{"b":1,"aa":2,"a":3,"a":4}',
+        '"\\u00e9\\t\\u001f/"',
+        '{"서울": {"": []}, "z": "\\"q\\""}',
+    ],
+)
 def test_jsonb_edge_cases_print_alike(server_url, text) -> None:
     with psycopg.connect(server_url) as conn:
         expected = conn.execute("SELECT %s::jsonb::text", (text,)).fetchone()[0]
     assert jsonb_text(json.loads(text, parse_float=Decimal)) == expected
+
+
+def test_app_check_accepts_exactly_the_active_sessions_without_touching_them(migrated, dsn) -> None:
+    before = rows_of(
+        dsn, "SELECT session_id, last_activity, request_count FROM sessions ORDER BY 1"
+    )
+    app = steps.app_check(migrated)
+    assert app.ok and app.checked == 393
+    assert app.accepted_active == app.expected_active > 0
+    assert (
+        rows_of(dsn, "SELECT session_id, last_activity, request_count FROM sessions ORDER BY 1")
+        == before
+    )
+
+
+def test_app_check_names_a_session_the_app_would_refuse(migrated, dsn) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "UPDATE sessions SET expires_at = %s WHERE session_id = (SELECT min(session_id) "
+            "FROM sessions WHERE expires_at > %s)",
+            (migrated.as_of, migrated.as_of),
+        )
+    app = steps.app_check(migrated)
+    assert app.wrongly_rejected == 1 and app.wrongly_accepted == 0
+    assert "source says active, the app says not active" in app.examples[0]

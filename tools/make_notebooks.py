@@ -200,8 +200,14 @@ nb(
         ("code", 'report.show(tables["partition"])\nreport.show(tables["counts"])'),
         ("md", "## Differences (first 200, ids hashed)"),
         ("code", 'report.show(tables["differences"])'),
-        ("md", "## Application-level parity"),
-        ("code", 'report.show(tables["parity"])'),
-        ("code", "report.conclude_reconcile(result)"),
+        (
+            "md",
+            "## Application-level parity\n\nThe new `SessionManager` is asked, read only, which sessions it accepts at `as_of`; the legacy rule and the distributions are compared on both sides.",
+        ),
+        (
+            "code",
+            'app = steps.app_check(settings)\nreport.show(report.app_check_table(app))\nreport.show(tables["parity"])',
+        ),
+        ("code", "report.conclude_reconcile(result, app)"),
     ],
 )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import papermill
+from jupyter_client.manager import AsyncKernelManager
 from papermill.exceptions import PapermillExecutionError
 
 from . import embedded, manifest, mask
@@ -109,6 +110,19 @@ def prepare_target(merged: dict[str, Any], fresh: bool) -> str:
     return f"the database named by ${name}"
 
 
+class KernelManager(AsyncKernelManager):
+    """A kernel whose own process log (not the notebook's output) goes to a file, so the
+    operator's terminal shows the run's outcome rather than ipykernel's start-up warnings."""
+
+    log_file: Any = None
+
+    async def start_kernel(self, **kw: Any) -> None:
+        if self.log_file is not None:
+            kw.setdefault("stderr", self.log_file)
+            kw.setdefault("stdout", self.log_file)
+        await super().start_kernel(**kw)
+
+
 def execute_step(
     record: StepRecord, run_dir: Path, parameters: dict[str, Any], results: Path
 ) -> None:
@@ -119,6 +133,9 @@ def execute_step(
     os.environ[RESULT_VARIABLE] = str(result_file)
     declared = declared_parameters(source)
     started = time.perf_counter()
+    kernel_log = open(results / f"{record.name}.kernel.log", "wb")  # noqa: SIM115
+    km = KernelManager(kernel_name="python3")
+    km.log_file = kernel_log
     try:
         papermill.execute_notebook(
             str(source),
@@ -127,6 +144,7 @@ def execute_step(
             cwd=os.getcwd(),
             progress_bar=False,
             log_output=False,
+            km=km,
         )
         record.status = "passed"
     except PapermillExecutionError as exc:
@@ -136,6 +154,7 @@ def execute_step(
     finally:
         record.duration_s = time.perf_counter() - started
         os.environ.pop(RESULT_VARIABLE, None)
+        kernel_log.close()
     if result_file.exists():
         data = json.loads(result_file.read_text(encoding="utf-8"))
         record.verdict, record.reason = data["verdict"], data["reason"]

@@ -332,8 +332,30 @@ def conclude_migrate(result: Any) -> None:
     conclude("migrate", result.verdict, reason, **counts)
 
 
-def conclude_reconcile(result: Any) -> None:
-    """The reconcile verdict; FAIL exits 1."""
+def app_check_table(app: Any) -> pd.DataFrame:
+    """What the new SessionManager accepts at as_of, against the source."""
+    rows = [
+        ("sessions checked", app.checked),
+        ("active at as_of per the source", app.expected_active),
+        ("accepted by SessionManager", app.accepted_active),
+        ("active in the source, refused by the app", app.wrongly_rejected),
+        ("expired in the source, accepted by the app", app.wrongly_accepted),
+    ]
+    rows += [("example", e) for e in app.examples]
+    return pd.DataFrame(rows, columns=["measure", "value"]).set_index("measure")
+
+
+def conclude_reconcile(result: Any, app: Any = None) -> None:
+    """The reconcile verdict, failed also when the app would treat a session differently."""
+    if app is not None and not app.ok and result.verdict != "FAIL":
+        conclude(
+            "reconcile",
+            "FAIL",
+            f"the new SessionManager disagrees on {app.wrongly_rejected + app.wrongly_accepted} "
+            "sessions at as_of",
+            source_rows=result.source_rows,
+        )
+        return
     conclude(
         "reconcile",
         result.verdict,

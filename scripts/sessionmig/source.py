@@ -107,6 +107,8 @@ class Backup:
     def _query(self, statement: str, params: tuple = ()) -> sqlite3.Cursor:
         try:
             return self.connection.execute(statement, params)
+        except sqlite3.ProgrammingError:
+            raise  # our bug, not a damaged file
         except sqlite3.DatabaseError as exc:
             raise SourceError(
                 f"{self.original}: reading failed ({exc}); the file is damaged — take a fresh "
@@ -192,7 +194,8 @@ def open_backup(path: str | Path, workdir: str | Path | None = None) -> Backup:
         shutil.copyfile(item.path, str(copy) + item.path[len(str(original)) :])
     if hash_files(original) != before:
         raise SourceError(f"{original}: changed while being copied; stop the writer and retry")
-    connection = sqlite3.connect(copy)
+    # The copy is private and used by one caller at a time, possibly from a worker thread.
+    connection = sqlite3.connect(copy, check_same_thread=False)
     connection.text_factory = bytes
     backup = Backup(original, copy, before, connection)
     try:

@@ -21,6 +21,7 @@ from psycopg import sql
 from tqdm import tqdm
 
 from . import params as P
+from .appcheck import AppCheck, check_with_manager
 from .errors import SourceError, TargetError, TransientTargetError
 from .inspection import InspectResult, inspect_backup
 from .load import AuditInfo, LoadOutcome, load, migration_lock
@@ -369,3 +370,19 @@ def reconcile_step(s: Settings) -> ReconcileResult:
 def settings_from(namespace: dict[str, Any]) -> Settings:
     """:func:`settings` from a notebook's globals (the names its parameters cell defines)."""
     return settings(**{k: namespace[k] for k in Settings.__dataclass_fields__ if k in namespace})
+
+
+def app_check(s: Settings) -> AppCheck:
+    """Ask the new SessionManager, read only, which sessions it accepts at ``as_of``."""
+    backup = open_backup(s.sqlite_path)
+    try:
+        return check_with_manager(
+            s.dsn(),
+            backup,
+            s.rules_for(backup),
+            schema=s.target_schema,
+            as_of=s.as_of,
+            batch_rows=s.batch_rows,
+        )
+    finally:
+        backup.close()
