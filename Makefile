@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ROWS   ?= 50000
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test browser lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,17 @@ demo: $(STAMP)
 	$(BIN)/sessionmig run --env local --fresh
 
 ## Lint, then every test (embedded server; plus SESSIONMIG_TEST_DSN's server when set).
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check scripts tests notebooks tools benchmarks
 	$(BIN)/ruff format --check scripts tests tools benchmarks
 	$(BIN)/python -m pytest
+
+## Debian's chromium for the offline-report browser test (installed when missing and root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is not installed: the browser test will be skipped"; fi; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix scripts tests notebooks tools benchmarks

@@ -98,6 +98,11 @@ def papermill_overhead(env_file: Path, env: dict[str, str]) -> float:
         capture_output=True,
     )
     data = yaml.safe_load(env_file.read_text())
+    url = env["SESSIONMIG_BENCH_TARGET"]
+    embedded.ensure_database(
+        embedded.with_database(url, "postgres"), "sessionmig_bench_tiny", fresh=True
+    )
+    env = {"SESSIONMIG_BENCH_TARGET": embedded.with_database(url, "sessionmig_bench_tiny")}
     tiny_env = env_file.with_name("tiny.yaml")
     tiny_env.write_text(yaml.safe_dump({**data, "sqlite_path": str(tiny)}))
     bare, _, _ = timed(

@@ -102,6 +102,41 @@ def test_full_run_migrates_reports_and_keeps_secrets_out(tmp_path, small_backup,
         assert not re.search(r"session-[0-9a-f]{8}-", text), file.name
         assert not re.search(r'(src|href)="https?://', text), file.name
     assert "<img" in (run / "01_inspect.html").read_text()  # the plots are embedded
+    # A reviewer re-verifies the folder; one edited byte is caught and named.
+    assert sessionmig("verify", str(run)).returncode == 0
+    page = run / "02_migrate.html"
+    data = bytearray(page.read_bytes())
+    data[100] ^= 1
+    page.write_bytes(bytes(data))
+    tampered = sessionmig("verify", str(run))
+    assert tampered.returncode == 1
+    assert "02_migrate.html: sha256 differs from the manifest" in tampered.stdout
+
+
+def test_password_stays_out_of_reports_when_a_step_fails(tmp_path, small_backup) -> None:
+    env = write_env(tmp_path, small_backup)
+    reports = tmp_path / "reports"
+    result = sessionmig(
+        "run",
+        "--env",
+        str(env),
+        "--steps",
+        "migrate",
+        "-p",
+        "max_retries=0",
+        "--reports-dir",
+        str(reports),
+        dsn=f"postgresql://app:{PASSWORD}@127.0.0.1:1/sessions",
+    )
+    assert result.returncode == 2
+    assert "gave up after 1 attempt" in result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
+    files = [f for f in reports.rglob("*") if f.is_file()]
+    assert len(files) >= 4  # notebook, HTML, index, manifest
+    html = next(f for f in files if f.name == "02_migrate.html").read_text()
+    assert "could not be carried out" in html and "Traceback" in html
+    for file in files:
+        assert PASSWORD not in file.read_text(encoding="utf-8", errors="replace"), file.name
 
 
 def test_unknown_parameter_is_refused_before_anything_runs(tmp_path, small_backup) -> None:

@@ -44,6 +44,25 @@ COMMON = {
         "3",
         "lost connections are retried this many times, waiting 1, 2, 4 s between attempts",
     ),
+    "restore_path": (
+        '""',
+        "where the restored SQLite file is written: the path the app reads (SESSION_SQLITE_PATH)",
+    ),
+    "migrate_manifest": (
+        '""',
+        "run folder (or its manifest.json) of the run that migrated this backup",
+    ),
+    "confirm": ("False", "True allows replacing an existing file at restore_path"),
+    "live_sqlite_path": (
+        '""',
+        "the SQLite file the old app used, to be archived (moved, never deleted)",
+    ),
+    "archive_dir": ('""', "folder that receives the archived file, named with the run id"),
+    "reconcile_manifest": (
+        '""',
+        "run folder (or manifest.json) of a reconcile run whose verdict was PASS",
+    ),
+    "soak_hours": ("24", "hours that must have passed since that reconcile run before archiving"),
     "run_id": (
         '""',
         "run id shared by the steps of one run as set by sessionmig run; empty means a new one",
@@ -209,5 +228,62 @@ nb(
             'app = steps.app_check(settings)\nreport.show(report.app_check_table(app))\nreport.show(tables["parity"])',
         ),
         ("code", "report.conclude_reconcile(result, app)"),
+    ],
+)
+
+nb(
+    "notebooks/05_rollback.ipynb",
+    "05 · Roll back to SQLite",
+    "Restores the backup the migrate run recorded (its sha256 must match), carries back the sessions PostgreSQL created, changed or ended since, in the legacy format, so nobody who logged in after cutover is logged out. Then reconciles the restored file against PostgreSQL with the same engine as step 03. Switch the app with `SESSION_DB_TYPE=sqlite` only after a PASS here.",
+    [
+        "sqlite_path",
+        "database_url_env",
+        "source_timezone",
+        "as_of",
+        "target_schema",
+        "batch_rows",
+        "restore_path",
+        "migrate_manifest",
+        "confirm",
+        "run_id",
+        "operator",
+    ],
+    [
+        SETUP,
+        (
+            "code",
+            'with report.step("rollback"):\n    restored, result = steps.rollback_step(\n        settings, restore_path=restore_path, migrate_manifest=migrate_manifest, confirm=confirm\n    )\nreport.show(report.rollback_table(restored))',
+        ),
+        ("md", "## The restored file against PostgreSQL"),
+        (
+            "code",
+            'tables = report.reconcile_tables(result)\nreport.show(tables["partition"])\nreport.show(tables["differences"])',
+        ),
+        ("code", "report.conclude_rollback(restored, result)"),
+    ],
+)
+
+nb(
+    "notebooks/06_finalize.ipynb",
+    "06 · Finalize: archive the live SQLite file",
+    "Only after a reconcile **PASS** (read from its sealed manifest, verified first) and the soak period: the live SQLite file is moved to the archive folder with its sha256 recorded — never deleted — and the step is recorded in `session_migration_runs`.",
+    [
+        "live_sqlite_path",
+        "archive_dir",
+        "reconcile_manifest",
+        "soak_hours",
+        "database_url_env",
+        "source_timezone",
+        "target_schema",
+        "run_id",
+        "operator",
+    ],
+    [
+        ("code", "from sessionmig import report, steps"),
+        (
+            "code",
+            'with report.step("finalize"):\n    result = steps.finalize_step(**steps.finalize_parameters(globals()))\nreport.show(report.finalize_table(result))',
+        ),
+        ("code", 'report.conclude("finalize", "PASS", f"archived to {result.archived_to}")'),
     ],
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import papermill
 from jupyter_client.manager import AsyncKernelManager
@@ -24,7 +26,7 @@ from papermill.exceptions import PapermillExecutionError
 from . import embedded, manifest, mask
 from . import params as P
 from .errors import EXIT_ERROR, EXIT_FAIL, EXIT_OK, ParameterError
-from .render import notebook_to_html
+from .render import notebook_to_html, scrub_notebook
 from .report import RESULT_VARIABLE
 from .source import hash_files
 from .steps import current_operator, new_run_id
@@ -34,8 +36,10 @@ STEPS: dict[str, str] = {
     "inspect": "01_inspect.ipynb",
     "migrate": "02_migrate.ipynb",
     "reconcile": "03_reconcile.ipynb",
+    "rollback": "05_rollback.ipynb",
+    "finalize": "06_finalize.ipynb",
 }
-DEFAULT_STEPS = tuple(STEPS)
+DEFAULT_STEPS = ("preflight", "inspect", "migrate", "reconcile")
 
 
 def notebooks_dir() -> Path:
@@ -95,6 +99,17 @@ def resolve_parameters(env: str, overrides: dict[str, Any], steps: list[str]) ->
     return merged
 
 
+def secrets_of(merged: dict[str, Any]) -> tuple[str, ...]:
+    """The target's password, to scrub from reports even where no pattern would find it."""
+    name = merged.get("database_url_env")
+    value = os.environ.get(name, "") if name else ""
+    password = urlsplit(value).password if "://" in value else None
+    if password is None and "password" in value:
+        found = re.search(r"password\s*=\s*('[^']*'|\S+)", value)
+        password = found.group(1).strip("'") if found else None
+    return (password,) if password and len(password) >= 4 else ()
+
+
 def prepare_target(merged: dict[str, Any], fresh: bool) -> str:
     """Start the embedded server (``database_url_env: null``) or check the named variable."""
     name = merged.get("database_url_env", "DATABASE_URL")
@@ -124,7 +139,11 @@ class KernelManager(AsyncKernelManager):
 
 
 def execute_step(
-    record: StepRecord, run_dir: Path, parameters: dict[str, Any], results: Path
+    record: StepRecord,
+    run_dir: Path,
+    parameters: dict[str, Any],
+    results: Path,
+    secrets: tuple[str, ...] = (),
 ) -> None:
     """Execute one notebook with papermill, render it, and fill ``record``."""
     source = notebooks_dir() / record.notebook
@@ -162,6 +181,7 @@ def execute_step(
         if record.status == "failed":
             record.exit_code = data.get("exit_code") or EXIT_ERROR
     if output.exists():
+        scrub_notebook(output, secrets)
         html_path = notebook_to_html(output, output.with_suffix(".html"))
         record.outputs = [html_path.name, output.name]
 
@@ -193,7 +213,7 @@ def run(
         target = prepare_target(merged, fresh)
         with tempfile.TemporaryDirectory(prefix="sessionmig-results-") as results:
             for record in records:
-                execute_step(record, run_dir, merged, Path(results))
+                execute_step(record, run_dir, merged, Path(results), secrets_of(merged))
                 if record.status == "failed":
                     exit_code = record.exit_code
                     break

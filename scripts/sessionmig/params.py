@@ -169,6 +169,11 @@ def _non_negative_int(value: Any) -> None:
         raise ParameterError(f"max_retries={value!r} must be a whole number from 0 to 10")
 
 
+def _hours(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ParameterError(f"soak_hours={value!r} must be a number of hours, 0 or more")
+
+
 def _one_of(name: str, options: tuple[str, ...]) -> Any:
     def check(value: Any) -> None:
         if value not in options:
@@ -209,6 +214,8 @@ CHECKS: tuple[Check, ...] = (
     Check("dry_run", _boolean("dry_run")),
     Check("expected_sha256", _sha256),
     Check("max_retries", _non_negative_int),
+    Check("confirm", _boolean("confirm")),
+    Check("soak_hours", _hours),
 )
 
 

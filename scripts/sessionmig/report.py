@@ -364,3 +364,31 @@ def conclude_reconcile(result: Any, app: Any = None) -> None:
         migrated=result.migrated,
         rejected=result.rejected,
     )
+
+
+def rollback_table(restored: Any) -> pd.DataFrame:
+    rows = [
+        ("restored file", restored.restore_path),
+        ("backup sha256 (as migrated)", restored.backup_sha256),
+        ("restored file sha256", restored.restored_sha256),
+        ("sessions created in PostgreSQL, carried back", restored.carried_new),
+        ("sessions changed in PostgreSQL, carried back", restored.carried_changed),
+        ("sessions ended in PostgreSQL, removed", restored.carried_ended),
+        ("rows kept as they were (incl. rejects)", restored.kept),
+    ]
+    return pd.DataFrame(rows, columns=["measure", "value"]).set_index("measure")
+
+
+def conclude_rollback(restored: Any, result: Any) -> None:
+    """The restored file must reconcile with PostgreSQL before the app is switched back."""
+    conclude(
+        "rollback",
+        result.verdict,
+        f"{restored.restore_path} restored ({restored.carried_new} new, "
+        f"{restored.carried_changed} changed, {restored.carried_ended} ended carried back); "
+        f"reconcile: {result.reason}",
+    )
+
+
+def finalize_table(result: Any) -> pd.DataFrame:
+    return pd.DataFrame(list(result.files), columns=["archived file", "sha256"])

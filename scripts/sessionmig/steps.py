@@ -11,7 +11,7 @@ import os
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,15 @@ from .errors import SourceError, TargetError, TransientTargetError
 from .inspection import InspectResult, inspect_backup
 from .load import AuditInfo, LoadOutcome, load, migration_lock
 from .reconcile import ReconcileResult, reconcile
+from .rollback import (
+    FinalizeResult,
+    RollbackResult,
+    finalize,
+    migrated_sha256,
+    read_manifest,
+    record,
+    rollback,
+)
 from .schema import TABLES, upgrade
 from .source import FileHash, open_backup
 from .transform import Rules
@@ -386,3 +395,129 @@ def app_check(s: Settings) -> AppCheck:
         )
     finally:
         backup.close()
+
+
+# --- rollback and finalize -------------------------------------------------------------------
+
+
+def rollback_step(
+    s: Settings, *, restore_path: str, migrate_manifest: str, confirm: bool = False
+) -> tuple[RollbackResult, ReconcileResult]:
+    """Restore the migrated backup with PostgreSQL's sessions carried back, record it, and
+    reconcile the restored file against PostgreSQL with the same engine as step 03."""
+    if not restore_path:
+        raise P.ParameterError(
+            "restore_path is empty: give the path the app reads its "
+            "sessions.db from (SESSION_SQLITE_PATH)"
+        )
+    if not migrate_manifest:
+        raise P.ParameterError(
+            "migrate_manifest is empty: give the run folder (or its "
+            "manifest.json) of the run that migrated this backup"
+        )
+    expected = migrated_sha256(read_manifest(migrate_manifest))
+    started = datetime.now(UTC)
+    dsn = s.dsn()
+    result = rollback(
+        s.sqlite_path,
+        restore_path,
+        expected,
+        dsn,
+        s.rules,
+        schema=s.target_schema,
+        confirm=bool(confirm),
+        batch_rows=s.batch_rows,
+    )
+    record(
+        dsn,
+        s.target_schema,
+        "rollback",
+        s.run_id,
+        result.restore_path,
+        result.restored_sha256,
+        s.source_timezone,
+        {
+            "rows": result.carried_new
+            + result.carried_changed
+            + result.carried_ended
+            + result.kept,
+            "inserted": result.carried_new,
+            "updated": result.carried_changed,
+            "unchanged": result.kept,
+        },
+        {**s.public(), "restore_path": restore_path, "migrate_manifest": migrate_manifest},
+        s.operator,
+        socket.gethostname(),
+        started,
+    )
+    check = replace(s, sqlite_path=result.restore_path)
+    return result, reconcile_step(check)
+
+
+def finalize_step(
+    *,
+    live_sqlite_path: str,
+    archive_dir: str,
+    reconcile_manifest: str,
+    soak_hours: float,
+    database_url_env: str | None,
+    target_schema: str = "public",
+    as_of: Any = "",
+    run_id: str = "",
+    operator: str = "",
+    source_timezone: str = "UTC",
+) -> FinalizeResult:
+    """Archive the live SQLite file after a reconcile PASS and the soak period; record it."""
+    for name, value in (
+        ("live_sqlite_path", live_sqlite_path),
+        ("archive_dir", archive_dir),
+        ("reconcile_manifest", reconcile_manifest),
+    ):
+        if not value:
+            raise P.ParameterError(f"{name} is empty; see runbook/RUNBOOK.md, step Finalize")
+    if isinstance(soak_hours, bool) or not isinstance(soak_hours, int | float) or soak_hours < 0:
+        raise P.ParameterError(f"soak_hours={soak_hours!r} must be a number of hours >= 0")
+    started = datetime.now(UTC)
+    now = P.resolve_as_of(as_of, started)
+    run_id = run_id or new_run_id()
+    result = finalize(
+        live_sqlite_path, archive_dir, read_manifest(reconcile_manifest), soak_hours, now, run_id
+    )
+    record(
+        P.database_url(database_url_env),
+        target_schema,
+        "finalize",
+        run_id,
+        result.archived_to,
+        result.files[0][1],
+        source_timezone,
+        {},
+        {
+            "live_sqlite_path": live_sqlite_path,
+            "archive_dir": archive_dir,
+            "reconcile_manifest": reconcile_manifest,
+            "soak_hours": soak_hours,
+        },
+        operator or current_operator(),
+        socket.gethostname(),
+        started,
+    )
+    return result
+
+
+FINALIZE_PARAMETERS = (
+    "live_sqlite_path",
+    "archive_dir",
+    "reconcile_manifest",
+    "soak_hours",
+    "database_url_env",
+    "source_timezone",
+    "target_schema",
+    "run_id",
+    "operator",
+)
+
+
+def finalize_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
+    """The finalize notebook's parameters, picked from its globals."""
+    return {k: namespace[k] for k in FINALIZE_PARAMETERS if k in namespace}
