@@ -15,7 +15,14 @@ from psycopg.types.json import Jsonb
 
 from sessionmig import steps
 from sessionmig.mask import mask_id
-from sessionmig.reconcile import FAIL, WARN, canonical_json, json_diff, jsonb_text
+from sessionmig.reconcile import (
+    FAIL,
+    WARN,
+    canonical_json,
+    json_diff,
+    jsonb_text,
+    metadata_text,
+)
 
 
 @pytest.fixture
@@ -227,6 +234,7 @@ def test_python_prints_jsonb_exactly_as_postgresql_does(server_url, value) -> No
     with psycopg.connect(server_url) as conn:
         expected = conn.execute("SELECT %s::jsonb::text", (text,)).fetchone()[0]
     assert jsonb_text(json.loads(text, parse_float=Decimal)) == expected
+    assert metadata_text(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -248,6 +256,7 @@ def test_jsonb_edge_cases_print_alike(server_url, text) -> None:
     with psycopg.connect(server_url) as conn:
         expected = conn.execute("SELECT %s::jsonb::text", (text,)).fetchone()[0]
     assert jsonb_text(json.loads(text, parse_float=Decimal)) == expected
+    assert metadata_text(text) == expected
 
 
 def test_app_check_accepts_exactly_the_active_sessions_without_touching_them(migrated, dsn) -> None:
