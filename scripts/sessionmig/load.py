@@ -135,6 +135,14 @@ _SAME = """t.user_id IS NOT DISTINCT FROM s.user_id
 
 
 def _classify(conn: psycopg.Connection, target: sql.Composed) -> tuple[int, int, int]:
+    """(new, unchanged, conflicting) staged rows against what the target already holds."""
+    occupied = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(target)).fetchone()[
+        0
+    ]  # type: ignore[index]
+    if not occupied:
+        # A first migration into an empty table: every row is new; skip the join.
+        staged = conn.execute("SELECT count(*) FROM sessionmig_staging").fetchone()[0]  # type: ignore[index]
+        return staged, 0, 0
     query = sql.SQL(
         """SELECT count(*) FILTER (WHERE t.session_id IS NULL),
                   count(*) FILTER (WHERE t.session_id IS NOT NULL AND ({same})),
@@ -153,7 +161,7 @@ def _merge(conn: psycopg.Connection, target: sql.Composed, on_conflict: str) -> 
                SELECT s.session_id, s.user_id, s.metadata::jsonb, s.created_at, s.expires_at,
                       s.last_activity, s.request_count
                FROM sessionmig_staging s
-               WHERE NOT EXISTS (SELECT 1 FROM {target} t WHERE t.session_id = s.session_id)"""
+               ON CONFLICT (session_id) DO NOTHING"""
         ).format(target=target)
     ).rowcount
     updated = 0
