@@ -63,6 +63,22 @@ COMMON = {
         "run folder (or manifest.json) of a reconcile run whose verdict was PASS",
     ),
     "soak_hours": ("24", "hours that must have passed since that reconcile run before archiving"),
+    "source": (
+        '"postgres"',
+        "where the queries run: postgres, sqlite (the backup) or both side by side",
+    ),
+    "query_names": ("[]", "named queries to run (sessionmig query --list); empty runs them all"),
+    "window_start": ('""', "ISO-8601 start of the time window; empty means 7 days before as_of"),
+    "window_end": ('""', "ISO-8601 end of the time window (exclusive); empty means as_of"),
+    "unit": ('"day"', "time bucket: hour or day"),
+    "timezone": ('""', "IANA zone for time buckets; empty means source_timezone"),
+    "user_id": ('""', "a user to list the sessions of (query user_sessions); empty skips it"),
+    "top_n": ("10", "rows kept by the top-N queries"),
+    "free_sql": ('""', "optional read-only SQL over the table sessions"),
+    "show_ids": (
+        "False",
+        "True shows session ids in clear; they are bearer tokens, so hashed by default",
+    ),
     "run_id": (
         '""',
         "run id shared by the steps of one run as set by sessionmig run; empty means a new one",
@@ -285,5 +301,52 @@ nb(
             'with report.step("finalize"):\n    result = steps.finalize_step(**steps.finalize_parameters(globals()))\nreport.show(report.finalize_table(result))',
         ),
         ("code", 'report.conclude("finalize", "PASS", f"archived to {result.archived_to}")'),
+    ],
+)
+
+nb(
+    "notebooks/04_session_analysis.ipynb",
+    "04 · Session analysis",
+    "Named, documented queries over the sessions — on PostgreSQL, on the SQLite backup (normalised by the migration's own rules into a private read-only copy), or on both side by side. Read-only, with a statement timeout; session ids are hashed unless `show_ids` is set. `sessionmig query --list` lists the queries.",
+    [
+        "sqlite_path",
+        "database_url_env",
+        "source_timezone",
+        "as_of",
+        "target_schema",
+        "source",
+        "query_names",
+        "window_start",
+        "window_end",
+        "unit",
+        "timezone",
+        "user_id",
+        "top_n",
+        "free_sql",
+        "show_ids",
+    ],
+    [
+        SETUP,
+        (
+            "code",
+            'from sessionmig import plots, queries\n\nsources = ("sqlite", "postgres") if source == "both" else (source,)\nbackends = queries.backends_for(settings, sources)\nwanted = query_names or [q.name for q in queries.QUERIES if q.name != "user_sessions" or user_id]\ncommon = {"start": window_start, "end": window_end, "unit": unit, "timezone": timezone, "user_id": user_id, "top_n": top_n}',
+        ),
+        (
+            "code",
+            'with report.step("analysis"):\n    results = queries.run_many(wanted, sources, backends, settings, common, show_ids=show_ids)',
+        ),
+        (
+            "code",
+            "for name, frame in results.items():\n    report.show(report.query_header(name))\n    report.show(frame.head(200))\n    plots.plot_query(name, frame)",
+        ),
+        ("md", "## Free SQL (read-only; table `sessions`)"),
+        (
+            "code",
+            "if free_sql:\n    for s in sources:\n        report.show(queries.run_free_sql(free_sql, s, backends, show_ids=show_ids).head(200))",
+        ),
+        (
+            "code",
+            'report.conclude("analysis", "PASS", f"{len(results)} queries on {\', \'.join(sources)}")',
+        ),
     ],
 )

@@ -94,6 +94,31 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return EXIT_FAIL if result.verdict == "FAIL" else EXIT_OK
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    """Run a named analysis query on the backup or on PostgreSQL (read only)."""
+    from . import queries, steps
+
+    if args.list:
+        print("\n".join(queries.listing()))
+        return EXIT_OK
+    if not args.name or not args.env:
+        raise P.ParameterError("give a query name and --env (or --list to see the queries)")
+    query = queries.get(args.name)
+    merged = {**P.load_environment(args.env), **P.parse_overrides(args.param)}
+    fields = set(steps.Settings.__dataclass_fields__)
+    settings = steps.settings(**{k: v for k, v in merged.items() if k in fields})
+    given = {k: v for k, v in merged.items() if k not in fields}
+    values = queries.resolve(query, given, settings.as_of, settings.source_timezone)
+    backends = queries.backends_for(settings, (args.source,))
+    frame = queries.run(
+        args.name, args.source, backends, values, show_ids=args.show_ids, limit=args.limit + 1
+    )
+    print(queries.to_text(frame.head(args.limit), args.format))
+    if len(frame) > args.limit:
+        print(f"(first {args.limit} rows shown; raise --limit for more)", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Re-hash every file of a run directory against its manifest."""
     from .manifest import verify
@@ -151,6 +176,24 @@ def parser() -> argparse.ArgumentParser:
         _env_args(p)
         p.set_defaults(func=func)
 
+    p = sub.add_parser("query", help=cmd_query.__doc__)
+    p.add_argument("name", nargs="?", help="query name (see --list)")
+    p.add_argument("--list", action="store_true", help="list the queries, one a line")
+    p.add_argument("--env", help="environment name (runbook/environments) or path")
+    p.add_argument(
+        "-p",
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment or query parameter (repeatable)",
+    )
+    p.add_argument("--source", choices=("sqlite", "postgres"), default="postgres")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--show-ids", action="store_true", help="show session ids in clear")
+    p.add_argument("--limit", type=int, default=100, help="rows shown (default 100)")
+    p.set_defaults(func=cmd_query)
+
     p = sub.add_parser("verify", help=cmd_verify.__doc__)
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_verify)
@@ -164,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     except SessionmigError as exc:
         print(f"sessionmig {args.verb}: {P.redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # e.g. `sessionmig query … | head`: the reader has what it wanted
+        sys.stderr.close()
+        return EXIT_OK
     except KeyboardInterrupt:
         print(
             f"sessionmig {args.verb}: interrupted; nothing partial was committed", file=sys.stderr

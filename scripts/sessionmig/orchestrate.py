@@ -36,6 +36,7 @@ STEPS: dict[str, str] = {
     "inspect": "01_inspect.ipynb",
     "migrate": "02_migrate.ipynb",
     "reconcile": "03_reconcile.ipynb",
+    "analysis": "04_session_analysis.ipynb",
     "rollback": "05_rollback.ipynb",
     "finalize": "06_finalize.ipynb",
 }

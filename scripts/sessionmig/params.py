@@ -215,6 +215,9 @@ CHECKS: tuple[Check, ...] = (
     Check("expected_sha256", _sha256),
     Check("max_retries", _non_negative_int),
     Check("confirm", _boolean("confirm")),
+    Check("source", _one_of("source", ("postgres", "sqlite", "both"))),
+    Check("unit", _one_of("unit", ("hour", "day"))),
+    Check("show_ids", _boolean("show_ids")),
     Check("soak_hours", _hours),
 )
 

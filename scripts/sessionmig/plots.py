@@ -29,3 +29,35 @@ def plot_remaining_ttl(census: Any) -> Any:
     ax.set_ylabel("sessions")
     fig.tight_layout()
     return fig
+
+
+def plot_query(name: str, frame: Any) -> Any:
+    """A chart for the queries where a picture says more; None for the others."""
+    if frame is None or len(frame) == 0:
+        return None
+    spec = {
+        "active_over_time": ("bucket", "peak", "Peak concurrent sessions"),
+        "request_count_distribution": ("from_count", "sessions", "Sessions by request count"),
+        "lifetime_hours": ("hours", "sessions", "Session lifetime (hours)"),
+        "ttl_used": ("tenths_used", "sessions", "Share of lifetime used (tenths)"),
+        "cutover_watch": ("hour", "active", "Active sessions since cutover vs a week before"),
+    }.get(name)
+    if spec is None:
+        return None
+    x, y, title = spec
+    fig, ax = plt.subplots(figsize=(9, 3))
+    groups = frame.groupby("source") if "source" in frame.columns else [("", frame)]
+    for label, part in groups:
+        ax.plot(part[x].astype(str), part[y], marker="o", label=label or y)
+        if name == "cutover_watch":
+            ax.plot(
+                part[x].astype(str),
+                part["week_before"],
+                linestyle="--",
+                label=f"{label} week before".strip(),
+            )
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelrotation=70, labelsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

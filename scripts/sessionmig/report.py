@@ -392,3 +392,10 @@ def conclude_rollback(restored: Any, result: Any) -> None:
 
 def finalize_table(result: Any) -> pd.DataFrame:
     return pd.DataFrame(list(result.files), columns=["archived file", "sha256"])
+
+
+def query_header(name: str) -> Any:
+    """A query's name and what it answers, as a heading in the report."""
+    from .queries import get
+
+    return _html(f"<h3>{html.escape(name)}</h3><p>{html.escape(get(name).description)}</p>")

@@ -1,0 +1,529 @@
+"""Named, documented analysis queries that give the same answer on the SQLite backup and on
+PostgreSQL, so a before/after comparison is one call.
+
+PostgreSQL runs them on the live table in a read-only transaction with a statement timeout. The
+SQLite side never queries the backup directly: the backup is normalised once by the migration's
+own rules into a private *analysis copy* (instants as UTC microseconds, metadata printed as
+jsonb prints it, rows that cannot land left out — exactly what migrate would load), opened
+read-only, with small SQL functions for zone-aware bucketing. Session ids are masked in results
+unless asked otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pandas as pd
+import psycopg
+from psycopg import sql
+
+from . import params as P
+from .errors import ParameterError, TargetError
+from .mask import mask_id
+from .reconcile import metadata_text
+from .source import open_backup
+from .transform import Reject, Rules, normalise
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MICROS = timedelta(microseconds=1)
+ISO_PG = """to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One query parameter: its name, kind (instant, zone, int, str, unit), default, meaning."""
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+
+
+@dataclass(frozen=True)
+class Query:
+    """A named query with the same meaning in both dialects."""
+
+    name: str
+    description: str
+    params: tuple[Param, ...]
+    postgres: str
+    sqlite: str
+    post: Callable[[pd.DataFrame], pd.DataFrame] | None = field(default=None, compare=False)
+
+
+AT = Param("at", "instant", None, "the instant (default: as_of)")
+START = Param("start", "instant", None, "window start (default: 7 days before as_of)")
+END = Param("end", "instant", None, "window end, exclusive (default: as_of)")
+UNIT = Param("unit", "unit", "hour", "bucket size: hour or day")
+ZONE = Param("timezone", "zone", None, "IANA zone of the buckets (default: source_timezone)")
+TOP = Param("top_n", "int", 10, "how many rows to keep")
+
+
+def _share(df: pd.DataFrame) -> pd.DataFrame:
+    df["share_pct"] = (100 * df["sessions"] / df.pop("total")).round(2)
+    return df
+
+
+QUERIES: tuple[Query, ...] = (
+    Query(
+        "active_at",
+        "sessions active at an instant (created <= at < expires), anonymous among them",
+        (AT,),
+        "SELECT count(*) AS active, count(*) FILTER (WHERE user_id IS NULL) AS anonymous "
+        "FROM {sessions} WHERE created_at <= %(at)s AND expires_at > %(at)s",
+        "SELECT count(*) AS active, coalesce(sum(user_id IS NULL), 0) AS anonymous "
+        "FROM sessions WHERE created_at <= :at AND expires_at > :at",
+    ),
+    Query(
+        "active_over_time",
+        "peak concurrent sessions per local hour or day within a window",
+        (START, END, UNIT, ZONE),
+        """WITH ev AS (SELECT created_at AS t, 1 AS d FROM {sessions}
+                       UNION ALL SELECT expires_at, -1 FROM {sessions}),
+                run AS (SELECT t, sum(d) OVER (ORDER BY t, d ROWS UNBOUNDED PRECEDING) AS n
+                        FROM ev)
+           SELECT to_char(date_trunc(%(unit)s, t AT TIME ZONE %(timezone)s),
+                          'YYYY-MM-DD HH24:MI') AS bucket, max(n)::bigint AS peak
+           FROM run WHERE t >= %(start)s AND t < %(end)s GROUP BY 1 ORDER BY 1""",
+        """WITH ev AS (SELECT created_at AS t, 1 AS d FROM sessions
+                       UNION ALL SELECT expires_at, -1 FROM sessions),
+                run AS (SELECT t, sum(d) OVER (ORDER BY t, d ROWS UNBOUNDED PRECEDING) AS n
+                        FROM ev)
+           SELECT tz_bucket(t, :timezone, :unit) AS bucket, max(n) AS peak
+           FROM run WHERE t >= :start AND t < :end GROUP BY 1 ORDER BY 1""",
+    ),
+    Query(
+        "sessions_per_user",
+        "users with the most sessions (top N), anonymous as one row, with shares",
+        (TOP,),
+        """SELECT coalesce(user_id, '(anonymous)') AS user_id, count(*) AS sessions,
+                  sum(count(*)) OVER ()::bigint AS total
+           FROM {sessions} GROUP BY user_id
+           ORDER BY sessions DESC, coalesce(user_id, '(anonymous)') COLLATE "C"
+           LIMIT %(top_n)s""",
+        """SELECT coalesce(user_id, '(anonymous)') AS user_id, count(*) AS sessions,
+                  sum(count(*)) OVER () AS total
+           FROM sessions GROUP BY user_id ORDER BY sessions DESC, 1 LIMIT :top_n""",
+        _share,
+    ),
+    Query(
+        "request_count_distribution",
+        "how many sessions made how many requests (buckets of width)",
+        (Param("width", "int", 10, "bucket width in requests"),),
+        """SELECT (floor(request_count::numeric / %(width)s) * %(width)s)::bigint AS from_count,
+                  count(*) AS sessions FROM {sessions} GROUP BY 1 ORDER BY 1""",
+        """SELECT floordiv(request_count, :width) * :width AS from_count, count(*) AS sessions
+           FROM sessions GROUP BY 1 ORDER BY 1""",
+    ),
+    Query(
+        "lifetime_hours",
+        "session lifetime (expires - created) in whole hours",
+        (),
+        """SELECT floor(extract(epoch FROM expires_at - created_at) / 3600)::bigint AS hours,
+                  count(*) AS sessions FROM {sessions} GROUP BY 1 ORDER BY 1""",
+        """SELECT floordiv(expires_at - created_at, 3600000000) AS hours, count(*) AS sessions
+           FROM sessions GROUP BY 1 ORDER BY 1""",
+    ),
+    Query(
+        "ttl_used",
+        "share of the lifetime used before the last activity, in tenths "
+        "(sessions with last_activity inside their lifetime)",
+        (),
+        """SELECT least(10 * (extract(epoch FROM last_activity - created_at) * 1000000)::bigint
+                        / (extract(epoch FROM expires_at - created_at) * 1000000)::bigint, 10)
+                  AS tenths_used, count(*) AS sessions
+           FROM {sessions}
+           WHERE expires_at > created_at AND last_activity >= created_at
+             AND last_activity <= expires_at
+           GROUP BY 1 ORDER BY 1""",
+        """SELECT min(10 * (last_activity - created_at) / (expires_at - created_at), 10)
+                  AS tenths_used, count(*) AS sessions
+           FROM sessions
+           WHERE expires_at > created_at AND last_activity >= created_at
+             AND last_activity <= expires_at
+           GROUP BY 1 ORDER BY 1""",
+    ),
+    Query(
+        "metadata_keys",
+        "top-level metadata keys in use and how many sessions carry each",
+        (),
+        """SELECT k AS key, count(*) AS sessions FROM {sessions},
+                  jsonb_object_keys(CASE WHEN jsonb_typeof(metadata) = 'object'
+                                         THEN metadata END) AS k
+           GROUP BY 1 ORDER BY 2 DESC, k COLLATE "C" """,
+        """SELECT j.key AS key, count(*) AS sessions FROM sessions, json_each(sessions.metadata) j
+           WHERE json_type(sessions.metadata) = 'object' GROUP BY 1 ORDER BY 2 DESC, 1""",
+    ),
+    Query(
+        "metadata_top_values",
+        "most frequent string values of each top-level metadata key",
+        (Param("top_n", "int", 3, "values kept per key"),),
+        """WITH kv AS (SELECT e.key, e.value #>> '{{}}' AS value FROM {sessions},
+                          jsonb_each(CASE WHEN jsonb_typeof(metadata) = 'object'
+                                          THEN metadata END) AS e
+                       WHERE jsonb_typeof(e.value) = 'string'),
+                c AS (SELECT key, value, count(*) AS sessions FROM kv GROUP BY 1, 2),
+                r AS (SELECT *, row_number() OVER (PARTITION BY key ORDER BY sessions DESC,
+                                                   value COLLATE "C") AS rank FROM c)
+           SELECT key, value, sessions FROM r WHERE rank <= %(top_n)s
+           ORDER BY key COLLATE "C", sessions DESC, value COLLATE "C" """,
+        """WITH kv AS (SELECT j.key, j.value FROM sessions, json_each(sessions.metadata) j
+                       WHERE json_type(sessions.metadata) = 'object' AND j.type = 'text'),
+                c AS (SELECT key, value, count(*) AS sessions FROM kv GROUP BY 1, 2),
+                r AS (SELECT *, row_number() OVER (PARTITION BY key ORDER BY sessions DESC,
+                                                   value) AS rank FROM c)
+           SELECT key, value, sessions FROM r WHERE rank <= :top_n
+           ORDER BY key, sessions DESC, value""",
+    ),
+    Query(
+        "anomalies",
+        "the inspect rules on the live table: rows breaking each one",
+        (),
+        """SELECT count(*) FILTER (WHERE expires_at < created_at) AS expires_before_created,
+                  count(*) FILTER (WHERE last_activity < created_at OR last_activity > expires_at)
+                      AS last_activity_outside_lifetime,
+                  count(*) FILTER (WHERE request_count < 0) AS negative_request_count,
+                  count(*) AS rows FROM {sessions}""",
+        """SELECT coalesce(sum(expires_at < created_at), 0) AS expires_before_created,
+                  coalesce(sum(last_activity < created_at OR last_activity > expires_at), 0)
+                      AS last_activity_outside_lifetime,
+                  coalesce(sum(request_count < 0), 0) AS negative_request_count,
+                  count(*) AS rows FROM sessions""",
+    ),
+    Query(
+        "cutover_watch",
+        "active sessions at each hour since a cutover, beside the same hour a "
+        "week earlier (the digest's 24 h watch)",
+        (
+            Param("cutover", "instant", None, "the cutover instant (default: as_of)"),
+            Param("hours", "int", 24, "how many hours to watch"),
+        ),
+        """SELECT h AS hour, (SELECT count(*) FROM {sessions}
+                              WHERE created_at <= w.t AND expires_at > w.t) AS active,
+                  (SELECT count(*) FROM {sessions}
+                   WHERE created_at <= w.t - interval '7 days'
+                     AND expires_at > w.t - interval '7 days') AS week_before
+           FROM (SELECT h, %(cutover)s::timestamptz + h * interval '1 hour' AS t
+                 FROM generate_series(0, %(hours)s - 1) AS h) AS w ORDER BY h""",
+        """WITH RECURSIVE w(h) AS (SELECT 0 WHERE :hours > 0
+                                  UNION ALL SELECT h + 1 FROM w WHERE h + 1 < :hours)
+           SELECT h AS hour,
+                  (SELECT count(*) FROM sessions WHERE created_at <= :cutover + h * 3600000000
+                     AND expires_at > :cutover + h * 3600000000) AS active,
+                  (SELECT count(*) FROM sessions
+                   WHERE created_at <= :cutover + h * 3600000000 - 604800000000
+                     AND expires_at > :cutover + h * 3600000000 - 604800000000) AS week_before
+           FROM w ORDER BY h""",
+    ),
+    Query(
+        "user_sessions",
+        "one user's sessions, newest first (ids hashed unless shown)",
+        (Param("user_id", "str", "", "the user to list"), Param("limit", "int", 50, "rows")),
+        f"""SELECT session_id, {ISO_PG.format("created_at")} AS created_at,
+                   {ISO_PG.format("expires_at")} AS expires_at,
+                   {ISO_PG.format("last_activity")} AS last_activity, request_count
+            FROM {{sessions}} WHERE user_id = %(user_id)s
+            ORDER BY created_at DESC, session_id COLLATE "C" LIMIT %(limit)s""",
+        """SELECT session_id, iso(created_at) AS created_at, iso(expires_at) AS expires_at,
+                  iso(last_activity) AS last_activity, request_count
+           FROM sessions WHERE user_id = :user_id
+           ORDER BY sessions.created_at DESC, session_id LIMIT :limit""",
+    ),
+)
+BY_NAME = {q.name: q for q in QUERIES}
+
+
+def get(name: str) -> Query:
+    if name not in BY_NAME:
+        raise ParameterError(
+            f"no query named {name!r}; `sessionmig query --list` shows them: {', '.join(BY_NAME)}"
+        )
+    return BY_NAME[name]
+
+
+def listing() -> list[str]:
+    """One line per query: its name first, then what it answers and its parameters."""
+    lines = []
+    for q in QUERIES:
+        args = ", ".join(f"{p.name}: {p.kind} = {p.default!r}" for p in q.params)
+        lines.append(f"{q.name} — {q.description}" + (f" ({args})" if args else ""))
+    return lines
+
+
+def resolve(query: Query, given: dict[str, Any], as_of: datetime, zone: str) -> dict[str, Any]:
+    """Typed parameter values with defaults; unknown names are refused."""
+    unknown = sorted(set(given) - {p.name for p in query.params})
+    if unknown:
+        raise ParameterError(
+            f"query {query.name} has no parameter {unknown}; it takes "
+            f"{', '.join(p.name for p in query.params) or 'none'}"
+        )
+    out: dict[str, Any] = {}
+    for p in query.params:
+        value = given.get(p.name, p.default)
+        if p.kind == "instant":
+            default = as_of - timedelta(days=7) if p.name == "start" else as_of
+            value = P.parse_instant(value, p.name) or default
+        elif p.kind == "zone":
+            value = str(value or zone)
+            P.zone(value)
+        elif p.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ParameterError(f"{p.name}={value!r} must be a whole number >= 0")
+        elif p.kind == "unit":
+            if value not in ("hour", "day"):
+                raise ParameterError(f"{p.name}={value!r}: choose hour or day")
+        else:
+            value = "" if value is None else str(value)
+        out[p.name] = value
+    return out
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - EPOCH) // MICROS
+
+
+def _tz_bucket(micros: int | None, zone: str, unit: str) -> str | None:
+    if micros is None:
+        return None
+    local = (EPOCH + micros * MICROS).astimezone(ZoneInfo(zone))
+    local = local.replace(minute=0, second=0, microsecond=0)
+    if unit == "day":
+        local = local.replace(hour=0)
+    return local.strftime("%Y-%m-%d %H:%M")
+
+
+def _iso(micros: int | None) -> str | None:
+    if micros is None:
+        return None
+    return (EPOCH + micros * MICROS).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _floordiv(a: int | None, b: int | None) -> int | None:
+    return None if a is None or not b else a // b
+
+
+@dataclass
+class AnalysisCopy:
+    """The backup normalised for analysis (see the module docstring); a private file."""
+
+    path: Path
+    rows: int
+    left_out: int
+
+    @classmethod
+    def build(cls, sqlite_path: str | Path, rules: Rules, batch_rows: int = 10_000) -> AnalysisCopy:
+        workdir = Path(tempfile.mkdtemp(prefix="sessionmig-analysis-"))
+        path = workdir / "analysis.db"
+        out = sqlite3.connect(path)
+        out.execute(
+            "CREATE TABLE sessions (session_id TEXT PRIMARY KEY, user_id TEXT, "
+            "metadata TEXT, created_at INTEGER, expires_at INTEGER, "
+            "last_activity INTEGER, request_count INTEGER)"
+        )
+        backup = open_backup(sqlite_path)
+        kept = left_out = 0
+        try:
+            for batch in backup.rows(batch_rows):
+                rows = []
+                for raw in batch:
+                    result = normalise(raw, rules)
+                    if isinstance(result, Reject):
+                        left_out += 1
+                        continue
+                    sid, user, meta, created, expires, last, count = result
+                    rows.append(
+                        (
+                            sid,
+                            user,
+                            None if meta is None else metadata_text(meta),
+                            _micros(created),
+                            _micros(expires),
+                            _micros(last),
+                            count,
+                        )
+                    )
+                out.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                kept += len(rows)
+            out.execute("CREATE INDEX idx_expires_at ON sessions(expires_at)")
+            out.commit()
+        finally:
+            out.close()
+            backup.close()
+        return cls(path, kept, left_out)
+
+    def connect(self, timeout_s: float) -> sqlite3.Connection:
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        conn.execute("PRAGMA query_only = ON")
+        conn.create_function("tz_bucket", 3, _tz_bucket, deterministic=True)
+        conn.create_function("iso", 1, _iso, deterministic=True)
+        conn.create_function("floordiv", 2, _floordiv, deterministic=True)
+        deadline = time.monotonic() + timeout_s
+        conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
+        return conn
+
+
+@dataclass(frozen=True)
+class Backends:
+    """Where queries run: a PostgreSQL DSN and schema, and/or an analysis copy of the backup."""
+
+    dsn: str | None = None
+    schema: str = "public"
+    analysis: AnalysisCopy | None = None
+    timeout_s: float = 30.0
+
+
+def _frame(columns: list[str], rows: list[tuple]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=columns)
+
+
+def run_sql_postgres(
+    statement: Any, values: dict[str, Any], dsn: str, timeout_s: float, limit: int
+) -> pd.DataFrame:
+    try:
+        conn = psycopg.connect(dsn, application_name="sessionmig-query", connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise TargetError(f"cannot connect to the target: {P.redact(str(exc))}") from None
+    with conn:
+        conn.read_only = True
+        conn.execute(f"SET statement_timeout = {int(timeout_s * 1000)}")
+        cur = conn.execute(statement, values)
+        rows = cur.fetchmany(limit) if cur.description else []
+        columns = [c.name for c in cur.description or []]
+    return _frame(columns, rows)
+
+
+def run_sql_sqlite(
+    statement: str, values: dict[str, Any], analysis: AnalysisCopy, timeout_s: float, limit: int
+) -> pd.DataFrame:
+    conn = analysis.connect(timeout_s)
+    try:
+        cur = conn.execute(statement, values)
+        rows = cur.fetchmany(limit) if cur.description else []
+        columns = [c[0] for c in cur.description or []]
+    except sqlite3.OperationalError as exc:
+        if "interrupted" in str(exc):
+            raise ParameterError(
+                f"the query ran longer than {timeout_s:.0f} s and was stopped"
+            ) from None
+        raise ParameterError(f"the query failed on SQLite: {exc}") from None
+    finally:
+        conn.close()
+    return _frame(columns, rows)
+
+
+def mask_ids(frame: pd.DataFrame, show_ids: bool) -> pd.DataFrame:
+    """Session ids are bearer tokens: hashed unless ``show_ids`` was asked for explicitly."""
+    if not show_ids and "session_id" in frame.columns:
+        frame["session_id"] = frame["session_id"].map(mask_id)
+    return frame
+
+
+def run(
+    name: str,
+    source: str,
+    backends: Backends,
+    values: dict[str, Any],
+    *,
+    show_ids: bool = False,
+    limit: int = 1000,
+) -> pd.DataFrame:
+    """Run a named query on ``source`` (``postgres`` or ``sqlite``) with resolved values."""
+    query = get(name)
+    if source == "postgres":
+        if not backends.dsn:
+            raise ParameterError("no PostgreSQL target configured for --source postgres")
+        statement = sql.SQL(query.postgres).format(
+            sessions=sql.Identifier(backends.schema, "sessions")
+        )  # type: ignore[arg-type]
+        frame = run_sql_postgres(statement, values, backends.dsn, backends.timeout_s, limit)
+    elif source == "sqlite":
+        if backends.analysis is None:
+            raise ParameterError("no SQLite backup configured for --source sqlite")
+        lite = {k: _micros(v) if isinstance(v, datetime) else v for k, v in values.items()}
+        frame = run_sql_sqlite(query.sqlite, lite, backends.analysis, backends.timeout_s, limit)
+    else:
+        raise ParameterError(f"--source {source!r}: choose sqlite or postgres")
+    if query.post:
+        frame = query.post(frame)
+    return mask_ids(frame, show_ids)
+
+
+def run_free_sql(
+    text: str, source: str, backends: Backends, *, show_ids: bool = False, limit: int = 1000
+) -> pd.DataFrame:
+    """An analyst's own read-only SQL (table ``sessions``; on PostgreSQL in ``target_schema``)."""
+    if source == "postgres":
+        if not backends.dsn:
+            raise ParameterError("no PostgreSQL target configured")
+        statement = sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(backends.schema))
+        try:
+            conn = psycopg.connect(backends.dsn, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            raise TargetError(f"cannot connect to the target: {P.redact(str(exc))}") from None
+        with conn:
+            conn.read_only = True
+            conn.execute(f"SET statement_timeout = {int(backends.timeout_s * 1000)}")
+            conn.execute(statement)
+            cur = conn.execute(text.encode())  # an operator's text, run read-only
+            rows = cur.fetchmany(limit) if cur.description else []
+            frame = _frame([c.name for c in cur.description or []], rows)
+    elif backends.analysis is not None:
+        frame = run_sql_sqlite(text, {}, backends.analysis, backends.timeout_s, limit)
+    else:
+        raise ParameterError("no SQLite backup configured")
+    return mask_ids(frame, show_ids)
+
+
+def to_text(frame: pd.DataFrame, fmt: str) -> str:
+    """A result as a terminal table, CSV or JSON lines."""
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    if fmt == "json":
+        return "\n".join(
+            json.dumps(r, default=str, ensure_ascii=False) for r in frame.to_dict(orient="records")
+        )
+    return frame.to_string(index=False) if len(frame) else "(no rows)"
+
+
+def backends_for(settings: Any, sources: tuple[str, ...], timeout_s: float = 30.0) -> Backends:
+    """Backends for a step's settings: the target (``postgres``) and/or the analysis copy of
+    the backup (``sqlite``)."""
+    analysis = (
+        AnalysisCopy.build(settings.sqlite_path, settings.rules) if "sqlite" in sources else None
+    )
+    dsn = settings.dsn() if "postgres" in sources else None
+    return Backends(dsn=dsn, schema=settings.target_schema, analysis=analysis, timeout_s=timeout_s)
+
+
+def run_many(
+    names: list[str],
+    sources: tuple[str, ...],
+    backends: Backends,
+    settings: Any,
+    common: dict[str, Any],
+    show_ids: bool = False,
+) -> dict[str, pd.DataFrame]:
+    """Run several named queries with the parameters each declares, taken from ``common``
+    (empty values mean the query's default); with two sources, the results sit side by side."""
+    out: dict[str, pd.DataFrame] = {}
+    for name in names:
+        query = get(name)
+        given = {
+            p.name: common[p.name] for p in query.params if common.get(p.name) not in (None, "")
+        }
+        values = resolve(query, given, settings.as_of, settings.source_timezone)
+        frames = [
+            run(name, s, backends, values, show_ids=show_ids).assign(source=s) for s in sources
+        ]
+        out[name] = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    return out

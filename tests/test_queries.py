@@ -1,0 +1,189 @@
+"""Every named query gives the same answer on the SQLite backup and on migrated PostgreSQL,
+with values asserted on a known sample."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from sessionmig import queries, steps
+from sessionmig.errors import ParameterError
+from sessionmig.mask import mask_id
+from sessionmig.sample import generate
+
+AS_OF = datetime(2026, 1, 15, 3, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def backup(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("q") / "sessions.db"
+    generate(path, rows=600, seed=13)
+    return path
+
+
+@pytest.fixture
+def both(backup: Path, dsn: str, monkeypatch: pytest.MonkeyPatch) -> queries.Backends:
+    monkeypatch.setenv("SMTEST_DSN", dsn)
+    s = steps.settings(
+        sqlite_path=str(backup),
+        database_url_env="SMTEST_DSN",
+        source_timezone="Asia/Seoul",
+        as_of=AS_OF.isoformat(),
+    )
+    steps.migrate(s, progress=False)
+    return queries.Backends(dsn=dsn, analysis=queries.AnalysisCopy.build(backup, s.rules))
+
+
+def values(name: str, **given) -> dict:
+    return queries.resolve(queries.get(name), given, AS_OF, "Asia/Seoul")
+
+
+CASES = [
+    ("active_at", {}),
+    ("active_over_time", {"start": "2026-01-01T00:00:00+09:00", "unit": "day"}),
+    ("active_over_time", {"start": "2026-01-14T00:00:00Z", "unit": "hour", "timezone": "UTC"}),
+    ("sessions_per_user", {"top_n": 5}),
+    ("request_count_distribution", {"width": 25}),
+    ("lifetime_hours", {}),
+    ("ttl_used", {}),
+    ("metadata_keys", {}),
+    ("metadata_top_values", {"top_n": 2}),
+    ("anomalies", {}),
+    ("cutover_watch", {"hours": 6}),
+    ("user_sessions", {"user_id": "user-000007"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "given"), CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)]
+)
+def test_query_agrees_on_both_backends(both, name, given) -> None:
+    pg = queries.run(name, "postgres", both, values(name, **given))
+    lite = queries.run(name, "sqlite", both, values(name, **given))
+    assert len(pg) > 0
+    pd.testing.assert_frame_equal(pg.astype(object), lite.astype(object), check_dtype=False)
+
+
+def test_every_query_is_covered_by_the_agreement_test() -> None:
+    assert {n for n, _ in CASES} == set(queries.BY_NAME)
+
+
+def test_known_values_on_the_sample(both, backup) -> None:
+    active = queries.run("active_at", "postgres", both, values("active_at"))
+    # 600 rows, 7 cannot land; the legacy generator makes ~10% fresh sessions.
+    assert 0 < active.loc[0, "active"] < 120
+    anomalies = queries.run("anomalies", "sqlite", both, values("anomalies"))
+    # The live-table rules count exactly what inspect found in the backup.
+    census = steps.inspect(
+        steps.settings(
+            sqlite_path=str(backup), source_timezone="Asia/Seoul", as_of=AS_OF.isoformat()
+        )
+    ).census
+    assert anomalies.to_dict("records") == [
+        {
+            "expires_before_created": census.anomalies["expires_before_created"],
+            "last_activity_outside_lifetime": census.anomalies["last_activity_outside_lifetime"],
+            "negative_request_count": census.anomalies["negative_request_count"],
+            "rows": 593,
+        }
+    ]
+    assert census.anomalies["expires_before_created"] == 1
+    keys = queries.run("metadata_keys", "postgres", both, values("metadata_keys"))
+    top = dict(zip(keys["key"], keys["sessions"], strict=True))
+    assert top["locale"] == top["ip"] == top["client"] == 592  # one row has NULL metadata
+    users = queries.run("sessions_per_user", "postgres", both, values("sessions_per_user"))
+    assert users.loc[0, "user_id"] == "(anonymous)" and 20 < users.loc[0, "share_pct"] < 30
+    watch = queries.run("cutover_watch", "postgres", both, values("cutover_watch", hours=3))
+    assert list(watch["hour"]) == [0, 1, 2]
+    assert watch.loc[0, "active"] == active.loc[0, "active"]
+
+
+def test_session_ids_are_hashed_unless_asked(both) -> None:
+    rows = queries.run(
+        "user_sessions", "postgres", both, values("user_sessions", user_id="user-000007")
+    )
+    shown = queries.run(
+        "user_sessions",
+        "postgres",
+        both,
+        values("user_sessions", user_id="user-000007"),
+        show_ids=True,
+    )
+    assert all(s.startswith("sid:") for s in rows["session_id"])
+    assert list(rows["session_id"]) == [mask_id(s) for s in shown["session_id"]]
+
+
+def test_free_sql_is_read_only(both) -> None:
+    got = queries.run_free_sql("SELECT count(*) AS n FROM sessions", "postgres", both)
+    assert got.loc[0, "n"] == 593
+    with pytest.raises(Exception, match="read-only"):
+        queries.run_free_sql("DELETE FROM sessions", "postgres", both)
+    with pytest.raises(ParameterError, match="readonly|read-only|query_only"):
+        queries.run_free_sql("DELETE FROM sessions", "sqlite", both)
+
+
+def test_unknown_query_and_parameter_are_named() -> None:
+    with pytest.raises(ParameterError, match="no query named 'nope'"):
+        queries.get("nope")
+    with pytest.raises(ParameterError, match="has no parameter \\['at_time'\\]"):
+        values("active_at", at_time="x")
+    assert queries.listing()[0].startswith("active_at — ")
+
+
+def test_query_command_and_analysis_notebook(both, backup, dsn, tmp_path, monkeypatch) -> None:
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import ROOT
+
+    from sessionmig import orchestrate
+
+    env = tmp_path / "env.yaml"
+    env.write_text(
+        yaml.safe_dump(
+            {
+                "sqlite_path": str(backup),
+                "database_url_env": "SMTEST_DSN",
+                "source_timezone": "Asia/Seoul",
+                "as_of": AS_OF.isoformat(),
+            }
+        )
+    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "sessionmig.cli", "query", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**__import__("os").environ},
+        )
+
+    listed = cli("--list").stdout.splitlines()
+    assert [line.split(" ")[0] for line in listed] == list(queries.BY_NAME)
+    out = {
+        s: cli("anomalies", "--env", str(env), "--source", s, "--format", "json").stdout
+        for s in ("sqlite", "postgres")
+    }
+    assert out["sqlite"] == out["postgres"] and json.loads(out["sqlite"])["rows"] == 593
+    bad = cli("active_at", "--env", str(env), "-p", "when=now")
+    assert bad.returncode == 2 and "has no parameter ['when']" in bad.stderr
+    outcome = orchestrate.run(
+        str(env),
+        ["analysis"],
+        {
+            "source": "both",
+            "query_names": ["active_over_time", "metadata_keys"],
+            "free_sql": "SELECT session_id FROM sessions ORDER BY session_id LIMIT 2",
+        },
+        tmp_path / "reports",
+    )
+    assert outcome.exit_code == 0, outcome.message
+    html = (outcome.run_dir / "04_session_analysis.html").read_text()
+    assert html.count("<img") == 1  # the active-over-time chart, both sources on it
+    assert "sid:" in html and "session-" not in html.replace("session-analysis", "")
