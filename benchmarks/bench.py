@@ -23,12 +23,12 @@ from pathlib import Path
 
 import psycopg
 import yaml
+from target import server_url
 
 from sessionmig import embedded
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
-SYSTEM = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int]:
@@ -48,17 +48,6 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, flo
     if code:
         print(f"{' '.join(cmd[:4])}… exited {code}:\n{out}\n{err}", file=sys.stderr)
     return wall, usage.ru_maxrss / 1024, code
-
-
-def server_url(dsn: str | None) -> tuple[str, str]:
-    if dsn:
-        return dsn, "given server"
-    try:
-        with psycopg.connect(SYSTEM, connect_timeout=3) as conn:
-            version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
-        return SYSTEM, f"system PostgreSQL {version}"
-    except psycopg.OperationalError:
-        return embedded.start().get_uri("postgres"), "embedded PostgreSQL 18"
 
 
 def pgloader(backup: Path, url: str, zone: str) -> tuple[float, float, int] | None:

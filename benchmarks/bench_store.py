@@ -16,12 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import psycopg
+from target import server_url
 
 from sessionmig import embedded, schema
 from sessionmig.store import LegacySQLiteSessionManager, SessionManager
-
-SYSTEM = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 async def load(manager, clients: int, ops: int, seed: int) -> tuple[float, list[float]]:
@@ -48,21 +46,12 @@ async def load(manager, clients: int, ops: int, seed: int) -> tuple[float, list[
     return time.perf_counter() - began, latencies
 
 
-def target_url() -> tuple[str, str]:
-    try:
-        with psycopg.connect(SYSTEM, connect_timeout=3) as conn:
-            version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
-        return SYSTEM, f"PostgreSQL {version} (system)"
-    except psycopg.OperationalError:
-        return embedded.start().get_uri("postgres"), "PostgreSQL 18 (embedded)"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--ops", type=int, default=50, help="operations per client")
     args = parser.parse_args()
-    url, label = target_url()
+    url, label = server_url()
     embedded.ensure_database(url, "sessionmig_bench_store", fresh=True)
     dsn = embedded.with_database(url, "sessionmig_bench_store")
     schema.upgrade(dsn)

@@ -74,6 +74,25 @@ def clean_backup(tmp_path: Path) -> Path:
     return path
 
 
+def env_file(tmp_path: Path, backup: Path, **extra) -> Path:
+    """An environment file for ``backup`` targeting the database in ``$SMTEST_DSN``."""
+    import yaml
+
+    path = tmp_path / "env.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "sqlite_path": str(backup),
+                "database_url_env": "SMTEST_DSN",
+                "source_timezone": "Asia/Seoul",
+                "as_of": "2026-01-15T12:00:00+09:00",
+                **extra,
+            }
+        )
+    )
+    return path
+
+
 def rows_of(url: str, query: str, params: tuple = ()) -> list[tuple]:
     with psycopg.connect(url) as conn:
         return conn.execute(query, params).fetchall()

@@ -7,8 +7,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import yaml
-from conftest import ROOT
+from conftest import ROOT, env_file
 
 from sessionmig import orchestrate
 
@@ -34,17 +33,7 @@ def test_reports_work_offline_in_a_real_browser(
     from playwright.sync_api import sync_playwright
 
     monkeypatch.setenv("SMTEST_DSN", dsn)
-    env = tmp_path / "env.yaml"
-    env.write_text(
-        yaml.safe_dump(
-            {
-                "sqlite_path": str(small_backup),
-                "database_url_env": "SMTEST_DSN",
-                "source_timezone": "Asia/Seoul",
-                "as_of": "2026-01-15T12:00:00+09:00",
-            }
-        )
-    )
+    env = env_file(tmp_path, small_backup)
     outcome = orchestrate.run(str(env), None, {}, tmp_path / "reports")
     assert outcome.exit_code == 0, outcome.message
     index = outcome.index.resolve()

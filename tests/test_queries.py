@@ -138,22 +138,11 @@ def test_query_command_and_analysis_notebook(both, backup, dsn, tmp_path, monkey
     import subprocess
     import sys
 
-    import yaml
-    from conftest import ROOT
+    from conftest import ROOT, env_file
 
     from sessionmig import orchestrate
 
-    env = tmp_path / "env.yaml"
-    env.write_text(
-        yaml.safe_dump(
-            {
-                "sqlite_path": str(backup),
-                "database_url_env": "SMTEST_DSN",
-                "source_timezone": "Asia/Seoul",
-                "as_of": AS_OF.isoformat(),
-            }
-        )
-    )
+    env = env_file(tmp_path, backup, as_of=AS_OF.isoformat())
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(

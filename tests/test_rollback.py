@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import rows_of
+from conftest import env_file, rows_of
 
 from sessionmig import orchestrate, steps
 from sessionmig.errors import ParameterError, SourceError, VerdictFailed
@@ -25,17 +25,7 @@ AS_OF = datetime(2026, 1, 15, 3, tzinfo=UTC)
 def migrated_run(tmp_path: Path, small_backup: Path, dsn: str, monkeypatch: pytest.MonkeyPatch):
     """The small backup migrated and reconciled by ``sessionmig run``; returns its parts."""
     monkeypatch.setenv("SMTEST_DSN", dsn)
-    env = tmp_path / "env.yaml"
-    env.write_text(
-        yaml.safe_dump(
-            {
-                "sqlite_path": str(small_backup),
-                "database_url_env": "SMTEST_DSN",
-                "source_timezone": "Asia/Seoul",
-                "as_of": "2026-01-15T12:00:00+09:00",
-            }
-        )
-    )
+    env = env_file(tmp_path, small_backup)
     outcome = orchestrate.run(str(env), ["migrate", "reconcile"], {}, tmp_path / "reports")
     assert outcome.exit_code == 0, outcome.message
     settings = steps.settings(**yaml.safe_load(env.read_text()))

@@ -135,8 +135,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_FAIL
 
 
-def _env_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--env", required=True, help="environment name (runbook/environments) or path")
+def _env_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "--env", required=required, help="environment name (runbook/environments) or path"
+    )
     p.add_argument(
         "-p",
         "--param",
@@ -179,15 +181,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("query", help=cmd_query.__doc__)
     p.add_argument("name", nargs="?", help="query name (see --list)")
     p.add_argument("--list", action="store_true", help="list the queries, one a line")
-    p.add_argument("--env", help="environment name (runbook/environments) or path")
-    p.add_argument(
-        "-p",
-        "--param",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="environment or query parameter (repeatable)",
-    )
+    _env_args(p, required=False)
     p.add_argument("--source", choices=("sqlite", "postgres"), default="postgres")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--show-ids", action="store_true", help="show session ids in clear")
