@@ -176,3 +176,16 @@ def test_query_command_and_analysis_notebook(both, backup, dsn, tmp_path, monkey
     html = (outcome.run_dir / "04_session_analysis.html").read_text()
     assert html.count("<img") == 1  # the active-over-time chart, both sources on it
     assert "sid:" in html and "session-" not in html.replace("session-analysis", "")
+
+
+def test_distributions_add_up_to_the_rows(both) -> None:
+    counts = queries.run(
+        "request_count_distribution", "sqlite", both, values("request_count_distribution", width=50)
+    )
+    assert counts["sessions"].sum() == 593
+    assert list(counts["from_count"]) == [-50, 0, 50, 100, 150]  # the -3 oddity, then 0..199
+    lifetimes = queries.run("lifetime_hours", "postgres", both, values("lifetime_hours"))
+    by_hours = dict(zip(lifetimes["hours"], lifetimes["sessions"], strict=True))
+    assert by_hours[24] > 500 and sum(by_hours.values()) == 593
+    used = queries.run("ttl_used", "postgres", both, values("ttl_used"))
+    assert set(used["tenths_used"]) <= set(range(11)) and used["sessions"].sum() <= 593

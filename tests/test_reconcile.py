@@ -282,3 +282,17 @@ def test_app_check_names_a_session_the_app_would_refuse(migrated, dsn) -> None:
     app = steps.app_check(migrated)
     assert app.wrongly_rejected == 1 and app.wrongly_accepted == 0
     assert "source says active, the app says not active" in app.examples[0]
+
+
+def test_a_clean_untouched_migration_passes_outright(clean_backup, dsn, monkeypatch) -> None:
+    monkeypatch.setenv("SMTEST_DSN", dsn)
+    s = steps.settings(
+        sqlite_path=str(clean_backup),
+        database_url_env="SMTEST_DSN",
+        source_timezone="Asia/Seoul",
+        as_of="2026-01-15T12:00:00+09:00",
+    )
+    steps.migrate(s, progress=False)
+    result = steps.reconcile_step(s)
+    assert (result.verdict, result.warnings) == ("PASS", [])
+    assert result.matched == result.source_rows == 300 and result.rejected == 0
