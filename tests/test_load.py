@@ -92,6 +92,17 @@ def test_every_row_lands_or_is_rejected_with_raw_values(small_backup, configure,
     assert sha256_file(small_backup) == before == result.hashes_after[0].sha256
 
 
+def test_first_load_rebuilds_the_same_indexes(clean_backup, configure, dsn) -> None:
+    steps.migrate(configure(clean_backup), progress=False)
+    indexes = rows_of(
+        dsn, "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'sessions' ORDER BY 1"
+    )
+    assert [name for name, _ in indexes] == ["idx_expires_at", "sessions_pkey"]
+    assert "UNIQUE" in indexes[1][1] and "(session_id)" in indexes[1][1]
+    with psycopg.connect(dsn) as conn, pytest.raises(psycopg.errors.UniqueViolation):
+        conn.execute("INSERT INTO sessions SELECT * FROM sessions LIMIT 1")
+
+
 def test_naive_times_are_seoul_wall_clock(clean_backup, configure, dsn) -> None:
     steps.migrate(configure(clean_backup), progress=False)
     conn = sqlite3.connect(clean_backup)

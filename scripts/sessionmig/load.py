@@ -134,15 +134,13 @@ _SAME = """t.user_id IS NOT DISTINCT FROM s.user_id
        AND t.last_activity = s.last_activity AND t.request_count = s.request_count"""
 
 
+def _is_empty(conn: psycopg.Connection, target: sql.Composed) -> bool:
+    row = conn.execute(sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(target)).fetchone()
+    return bool(row and row[0])
+
+
 def _classify(conn: psycopg.Connection, target: sql.Composed) -> tuple[int, int, int]:
     """(new, unchanged, conflicting) staged rows against what the target already holds."""
-    occupied = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(target)).fetchone()[
-        0
-    ]  # type: ignore[index]
-    if not occupied:
-        # A first migration into an empty table: every row is new; skip the join.
-        staged = conn.execute("SELECT count(*) FROM sessionmig_staging").fetchone()[0]  # type: ignore[index]
-        return staged, 0, 0
     query = sql.SQL(
         """SELECT count(*) FILTER (WHERE t.session_id IS NULL),
                   count(*) FILTER (WHERE t.session_id IS NOT NULL AND ({same})),
@@ -151,6 +149,48 @@ def _classify(conn: psycopg.Connection, target: sql.Composed) -> tuple[int, int,
     ).format(same=sql.SQL(_SAME), target=target)
     new, same, conflicting = conn.execute(query).fetchone()  # type: ignore[misc]
     return new, same, conflicting
+
+
+def _first_load(conn: psycopg.Connection, schema: str) -> int:
+    """Fill an empty ``sessions`` with its indexes dropped and rebuilt afterwards — sorted
+    index builds instead of 10M random inserts into a primary key larger than shared_buffers.
+    All inside the run's transaction: a kill rolls the DDL back with the rows."""
+    table = _table(schema, "sessions")
+    regclass = f'"{schema}"."sessions"'
+    constraints = conn.execute(
+        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE conrelid = %s::regclass AND contype IN ('p', 'u')",
+        (regclass,),
+    ).fetchall()
+    indexes = conn.execute(
+        "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i "
+        "WHERE i.indrelid = %s::regclass AND NOT EXISTS (SELECT 1 FROM pg_constraint c "
+        "WHERE c.conindid = i.indexrelid)",
+        (regclass,),
+    ).fetchall()
+    for name, _ in constraints:
+        conn.execute(
+            sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(table, sql.Identifier(name))
+        )
+    for name, _ in indexes:
+        conn.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(name)))  # regclass text, quoted
+    inserted = conn.execute(
+        sql.SQL(
+            """INSERT INTO {} (session_id, user_id, metadata, created_at, expires_at,
+                               last_activity, request_count)
+               SELECT session_id, user_id, metadata::jsonb, created_at, expires_at,
+                      last_activity, request_count FROM sessionmig_staging"""
+        ).format(table)
+    ).rowcount
+    for name, definition in constraints:
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+                table, sql.Identifier(name), sql.SQL(definition)
+            )
+        )
+    for _, definition in indexes:
+        conn.execute(sql.SQL(definition))  # as pg_get_indexdef printed it
+    return inserted
 
 
 def _merge(conn: psycopg.Connection, target: sql.Composed, on_conflict: str) -> tuple[int, int]:
@@ -279,16 +319,26 @@ def _load(
             if progress:
                 progress(len(batch))
         target = _table(schema, "sessions")
-        new, unchanged, conflicting = _classify(conn, target)
-        if conflicting and on_conflict == "fail":
-            conn.rollback()
-            raise MigrationConflict(
-                f"{conflicting} source rows differ from rows already in {schema}.sessions "
-                f"(e.g. sessions the new app wrote during cutover); nothing was written. Rerun "
-                "with on_conflict=skip (keep the target's rows) or keep_newer (newest "
-                "last_activity wins)"
-            )
-        inserted, updated = _merge(conn, target, on_conflict)
+        first = _is_empty(conn, target)
+        if first:
+            # Keep "empty" true until commit (the app may already be live); a table that has
+            # rows is merged without blocking the app's writes.
+            conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(target))
+            first = _is_empty(conn, target)
+        if first:
+            inserted = _first_load(conn, schema)
+            unchanged = conflicting = updated = 0
+        else:
+            _, unchanged, conflicting = _classify(conn, target)
+            if conflicting and on_conflict == "fail":
+                conn.rollback()
+                raise MigrationConflict(
+                    f"{conflicting} source rows differ from rows already in {schema}.sessions "
+                    f"(e.g. sessions the new app wrote during cutover); nothing was written. "
+                    "Rerun with on_conflict=skip (keep the target's rows) or keep_newer (newest "
+                    "last_activity wins)"
+                )
+            inserted, updated = _merge(conn, target, on_conflict)
         rejected = sum(reasons.values())
         conn.execute(
             sql.SQL(
