@@ -239,3 +239,58 @@ def test_embedded_demo_path_with_fresh_database(tmp_path, backend) -> None:
     url = embedded.with_database(embedded.start().get_uri(), embedded.DEFAULT_DATABASE)
     assert rows_of(url, "SELECT count(*) FROM sessions") == [(293,)]
     assert rows_of(url, "SELECT count(*) FROM session_migration_runs") == [(1,)]
+
+
+def test_a_notebook_runs_alone_with_papermill(tmp_path, small_backup) -> None:
+    """The README's command: papermill, an environment file, one -p."""
+    out = tmp_path / "inspect.ipynb"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "papermill",
+            "notebooks/01_inspect.ipynb",
+            str(out),
+            "-f",
+            "runbook/environments/local.yaml",
+            "-p",
+            "sqlite_path",
+            str(small_backup),
+            "--no-progress-bar",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = out.read_text()
+    assert "PASS_WITH_WARNINGS" in text and "reject:invalid_json" in text
+
+
+def test_inspect_says_when_a_wal_file_holds_rows(tmp_path) -> None:
+    import sqlite3
+
+    from sessionmig.inspection import inspect_backup
+    from sessionmig.params import zone
+    from sessionmig.transform import Rules
+
+    live = tmp_path / "live.db"
+    sample.generate(live, rows=30, oddities=0)
+    writer = sqlite3.connect(live)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    writer.execute("DELETE FROM sessions WHERE rowid = 1")
+    writer.commit()
+    backup = tmp_path / "backup.db"
+    backup.write_bytes(live.read_bytes())
+    Path(str(backup) + "-wal").write_bytes(Path(str(live) + "-wal").read_bytes())
+    writer.close()
+    from datetime import UTC, datetime
+
+    result = inspect_backup(
+        backup, Rules(zone("Asia/Seoul")), datetime(2026, 1, 15, tzinfo=UTC), "Asia/Seoul"
+    )
+    side = [f for f in result.findings if f.code == "side_files"]
+    assert side and "backup.db-wal" in side[0].message
+    assert result.census.rows == 29  # the WAL's committed delete is included
