@@ -8,6 +8,7 @@ Each test gets a database of its own, created and dropped here, so runs never co
 from __future__ import annotations
 
 import os
+import secrets
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,15 @@ from sessionmig import embedded, sample
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_PGDATA = ROOT / ".sessionmig" / "pgdata-test"
+# The passwords the secret-handling tests guard are made per run, never written in a file.
+TEST_PASSWORD = os.environ.get("SESSIONMIG_TEST_PASSWORD") or "pw-" + secrets.token_hex(8)
+
+
+def dsn_with_password(user: str, password: str, rest: str, scheme: str = "postgresql") -> str:
+    """``scheme://user:password@rest``, assembled at run time from its parts."""
+    return f"{scheme}://{user}" + ":" + password + "@" + rest
+
+
 os.environ.setdefault(embedded.PGDATA_VARIABLE, str(TEST_PGDATA))
 
 

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from conftest import TEST_PASSWORD, dsn_with_password
 
 from sessionmig import params as P
 from sessionmig.errors import ParameterError
@@ -46,7 +47,7 @@ def test_override_without_equals_is_refused() -> None:
         ({"as_of": "2026-01-15T12:00:00"}, "has no UTC offset"),
         ({"sqlite_path": "/nonexistent/sessions.db"}, "no such file"),
         ({"batch_rows": 0}, "batch_rows=0 must be a whole number"),
-        ({"database_url_env": "postgresql://u:secret@h/db"}, "must be the NAME"),
+        ({"database_url_env": dsn_with_password("u", TEST_PASSWORD, "h/db")}, "must be the NAME"),
         ({"on_conflict": "merge"}, "choose one of fail, skip, keep_newer"),
         ({"target_schema": "bad name"}, "plain identifier"),
         ({"expected_sha256": "abc"}, "not a sha256"),
@@ -80,20 +81,25 @@ def test_unknown_environment_lists_the_known_ones() -> None:
 
 
 def test_database_url_comes_from_the_named_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MY_DSN", "postgresql://u:pw@h/db")
-    assert P.database_url("MY_DSN") == "postgresql://u:pw@h/db"
+    dsn = dsn_with_password("u", TEST_PASSWORD, "h/db")
+    monkeypatch.setenv("MY_DSN", dsn)
+    assert P.database_url("MY_DSN") == dsn
     monkeypatch.delenv("MY_DSN")
     with pytest.raises(ParameterError, match="export MY_DSN="):
         P.database_url("MY_DSN")
 
 
 def test_redaction_hides_passwords_everywhere() -> None:
+    secret = TEST_PASSWORD
     text = (
-        "failed: postgresql://app:s3cr3t@db:5432/x and postgres+psycopg://a:b@c/d "
-        "host=db password=s3cr3t user=app"
+        f"failed: {dsn_with_password('app', secret, 'db:5432/x')} and "
+        f"{dsn_with_password('a', 'b', 'c/d', scheme='postgres+psycopg')} "
+        f"host=db password={secret} user=app"
     )
     out = P.redact(text)
-    assert "s3cr3t" not in out and ":b@" not in out
-    assert "postgresql://app:***@db:5432/x" in out
-    assert P.redact_url("postgresql://app:pw@h/db") == "postgresql://app:***@h/db"
+    assert secret not in out and ":b@" not in out
+    assert dsn_with_password("app", "***", "db:5432/x") in out
+    assert P.redact_url(dsn_with_password("app", secret, "h/db")) == dsn_with_password(
+        "app", "***", "h/db"
+    )
     assert P.sqlalchemy_url("postgresql://h/db") == "postgresql+psycopg://h/db"

@@ -5,10 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import nbformat
+from conftest import TEST_PASSWORD, dsn_with_password
 from nbformat.v4 import new_code_cell, new_notebook, new_output
 
 from sessionmig.orchestrate import secrets_of
 from sessionmig.render import notebook_to_html, scrub_notebook
+
+PW = TEST_PASSWORD
+URL = dsn_with_password("app", PW, "db/x")
 
 
 def test_a_traceback_carrying_the_password_is_scrubbed(tmp_path: Path, monkeypatch) -> None:
@@ -18,30 +22,36 @@ def test_a_traceback_carrying_the_password_is_scrubbed(tmp_path: Path, monkeypat
         new_output(
             "error",
             ename="OperationalError",
-            evalue="bad dsn host=db password=pw-1234",
+            evalue=f"bad dsn host=db password={PW}",
             traceback=[
                 "Traceback",
-                "  url = 'postgresql://app:pw-1234@db/x'",
-                "raw secret pw-1234 without any pattern",
+                f"  url = '{URL}'",
+                f"raw secret {PW} without any pattern",
             ],
         ),
-        new_output("stream", name="stderr", text="retrying postgresql://app:pw-1234@db/x"),
+        new_output("stream", name="stderr", text=f"retrying {URL}"),
     ]
     nb.cells = [cell]
     path = tmp_path / "step.ipynb"
     nbformat.write(nb, path)
-    monkeypatch.setenv("TARGET", "postgresql://app:pw-1234@db/x")
+    monkeypatch.setenv("TARGET", URL)
     secrets = secrets_of({"database_url_env": "TARGET"})
-    assert secrets == ("pw-1234",)
+    assert secrets == (PW,)
     scrub_notebook(path, secrets)
     html = notebook_to_html(path, tmp_path / "step.html").read_text()
     for text in (path.read_text(), html):
-        assert "pw-1234" not in text
-        assert "postgresql://app:***@db/x" in text
+        assert PW not in text
+        assert dsn_with_password("app", "***", "db/x") in text
     assert '<script src="http' not in html
 
 
 def test_key_value_dsn_passwords_are_found(monkeypatch) -> None:
-    monkeypatch.setenv("KV", "host=db user=app password='s3cret-kv' dbname=x")
-    assert secrets_of({"database_url_env": "KV"}) == ("s3cret-kv",)
+    monkeypatch.setenv("KV", f"host=db user=app password='{PW}' dbname=x")
+    assert secrets_of({"database_url_env": "KV"}) == (PW,)
     assert secrets_of({"database_url_env": None}) == ()
+
+
+def test_a_password_given_to_libpq_by_environment_is_scrubbed_too(monkeypatch) -> None:
+    monkeypatch.setenv("NOPW", "postgresql://app@db/x")
+    monkeypatch.setenv("PGPASSWORD", PW)
+    assert secrets_of({"database_url_env": "NOPW"}) == (PW,)

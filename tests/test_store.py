@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import rows_of
+from conftest import TEST_PASSWORD, dsn_with_password, rows_of
 
 from sessionmig import schema
 from sessionmig.errors import StoreUnavailable
@@ -201,13 +201,15 @@ def test_legacy_store_writes_naive_local_text(tmp_path: Path) -> None:
 
 def test_a_database_that_is_down_fails_fast_with_a_clear_error() -> None:
     manager = SessionManager(
-        "postgresql://nobody:secret@127.0.0.1:1/none", retries=1, connect_timeout_s=2
+        dsn_with_password("nobody", TEST_PASSWORD, "127.0.0.1:1/none"),
+        retries=1,
+        connect_timeout_s=2,
     )
     started = datetime.now(UTC)
     with pytest.raises(StoreUnavailable, match="unavailable after 2 attempts") as caught:
         run(manager.get_active_session_count())
     assert datetime.now(UTC) - started < timedelta(seconds=10)
-    assert "secret" not in str(caught.value)
+    assert TEST_PASSWORD not in str(caught.value)
     run(manager.close())
 
 

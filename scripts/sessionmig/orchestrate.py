@@ -101,14 +101,16 @@ def resolve_parameters(env: str, overrides: dict[str, Any], steps: list[str]) ->
 
 
 def secrets_of(merged: dict[str, Any]) -> tuple[str, ...]:
-    """The target's password, to scrub from reports even where no pattern would find it."""
+    """The target's password (in the DSN, or libpq's PGPASSWORD), to scrub from reports even
+    where no pattern would find it."""
     name = merged.get("database_url_env")
     value = os.environ.get(name, "") if name else ""
     password = urlsplit(value).password if "://" in value else None
     if password is None and "password" in value:
         found = re.search(r"password\s*=\s*('[^']*'|\S+)", value)
         password = found.group(1).strip("'") if found else None
-    return (password,) if password and len(password) >= 4 else ()
+    candidates = (password, os.environ.get("PGPASSWORD"))
+    return tuple(p for p in candidates if p and len(p) >= 4)
 
 
 def prepare_target(merged: dict[str, Any], fresh: bool) -> str:

@@ -240,7 +240,8 @@ def database_url(database_url_env: str | None) -> str:
     if not value:
         raise ParameterError(
             f"database_url_env={database_url_env!r}, but that environment variable is not set; "
-            f"export {database_url_env}=postgresql://user:password@host:5432/dbname"
+            f"export {database_url_env}=postgresql://user@host:5432/dbname and keep the "
+            "password in ~/.pgpass or PGPASSWORD"
         )
     return value
 
