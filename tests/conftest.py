@@ -84,23 +84,34 @@ def clean_backup(tmp_path: Path) -> Path:
     return path
 
 
+# The parameters every database test shares; the target is this test's database.
+TEST_ENV = {
+    "database_url_env": "SMTEST_DSN",
+    "source_timezone": "Asia/Seoul",
+    "as_of": "2026-01-15T12:00:00+09:00",
+}
+
+
 def env_file(tmp_path: Path, backup: Path, **extra) -> Path:
     """An environment file for ``backup`` targeting the database in ``$SMTEST_DSN``."""
     import yaml
 
     path = tmp_path / "env.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "sqlite_path": str(backup),
-                "database_url_env": "SMTEST_DSN",
-                "source_timezone": "Asia/Seoul",
-                "as_of": "2026-01-15T12:00:00+09:00",
-                **extra,
-            }
-        )
-    )
+    path.write_text(yaml.safe_dump({**TEST_ENV, "sqlite_path": str(backup), **extra}))
     return path
+
+
+@pytest.fixture
+def target(dsn: str, monkeypatch: pytest.MonkeyPatch):
+    """Make step settings for a backup, aimed at this test's database."""
+    from sessionmig import steps
+
+    monkeypatch.setenv("SMTEST_DSN", dsn)
+
+    def make(backup: Path, **overrides) -> steps.Settings:
+        return steps.settings(**{**TEST_ENV, "sqlite_path": str(backup), **overrides})
+
+    return make
 
 
 def rows_of(url: str, query: str, params: tuple = ()) -> list[tuple]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import yaml
-from conftest import ROOT, rows_of
+from conftest import ROOT, TEST_ENV, rows_of
 
 from sessionmig import sample, steps
 from sessionmig.errors import TransientTargetError
@@ -52,17 +52,12 @@ NO_MIGRATION_LEFT = (
 
 
 @pytest.fixture
-def prepared(tmp_path: Path, dsn: str, monkeypatch: pytest.MonkeyPatch):
+def prepared(tmp_path: Path, target):
     """A target already holding a migrated backup, and a second, larger backup to load."""
-    monkeypatch.setenv("SMTEST_DSN", dsn)
     first = tmp_path / "first.db"
     sample.generate(first, rows=300, seed=21)
-    base = dict(
-        database_url_env="SMTEST_DSN",
-        source_timezone="Asia/Seoul",
-        as_of="2026-01-15T12:00:00+09:00",
-    )
-    steps.migrate(steps.settings(sqlite_path=str(first), **base), progress=False)
+    base = dict(TEST_ENV)
+    steps.migrate(target(first), progress=False)
     big = tmp_path / "big.db"
     sample.generate(big, rows=60_000, seed=22)
     return big, base

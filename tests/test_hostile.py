@@ -74,16 +74,12 @@ def build(path: Path, extra_column: bool = False) -> None:
 
 
 @pytest.fixture
-def hostile(tmp_path: Path, dsn: str, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("SMTEST_DSN", dsn)
-
+def hostile(tmp_path: Path, target):
     def make(extra_column: bool = False, **overrides) -> steps.Settings:
         path = tmp_path / ("extra.db" if extra_column else "hostile.db")
         if not path.exists():
             build(path, extra_column)
-        return steps.settings(sqlite_path=str(path), database_url_env="SMTEST_DSN",
-                              source_timezone="Asia/Seoul", as_of="2026-01-15T12:00:00+09:00",
-                              **overrides)  # fmt: skip
+        return target(path, **overrides)
 
     return make
 

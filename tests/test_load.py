@@ -19,18 +19,10 @@ from sessionmig.transform import Reject, Rules, normalise
 
 
 @pytest.fixture
-def configure(dsn: str, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("SMTEST_DSN", dsn)
-
+def configure(target):
+    # An odd batch size, so batches never line up with the sample's row count.
     def make(path: Path, **overrides) -> steps.Settings:
-        return steps.settings(
-            sqlite_path=str(path),
-            database_url_env="SMTEST_DSN",
-            source_timezone="Asia/Seoul",
-            as_of="2026-01-15T12:00:00+09:00",
-            batch_rows=97,
-            **overrides,
-        )
+        return target(path, **{"batch_rows": 97, **overrides})
 
     return make
 

@@ -25,14 +25,8 @@ def backup(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def both(backup: Path, dsn: str, monkeypatch: pytest.MonkeyPatch) -> queries.Backends:
-    monkeypatch.setenv("SMTEST_DSN", dsn)
-    s = steps.settings(
-        sqlite_path=str(backup),
-        database_url_env="SMTEST_DSN",
-        source_timezone="Asia/Seoul",
-        as_of=AS_OF.isoformat(),
-    )
+def both(backup: Path, dsn: str, target) -> queries.Backends:
+    s = target(backup, as_of=AS_OF.isoformat())
     steps.migrate(s, progress=False)
     return queries.Backends(dsn=dsn, analysis=queries.AnalysisCopy.build(backup, s.rules))
 

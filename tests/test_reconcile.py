@@ -14,27 +14,15 @@ from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 
 from sessionmig import steps
+from sessionmig.appcheck import combined_verdict
+from sessionmig.jsonb import jsonb_text, metadata_text
 from sessionmig.mask import mask_id
-from sessionmig.reconcile import (
-    FAIL,
-    WARN,
-    canonical_json,
-    json_diff,
-    jsonb_text,
-    metadata_text,
-)
+from sessionmig.reconcile import FAIL, WARN, canonical_json, json_diff
 
 
 @pytest.fixture
-def migrated(small_backup: Path, dsn: str, monkeypatch: pytest.MonkeyPatch) -> steps.Settings:
-    monkeypatch.setenv("SMTEST_DSN", dsn)
-    s = steps.settings(
-        sqlite_path=str(small_backup),
-        database_url_env="SMTEST_DSN",
-        source_timezone="Asia/Seoul",
-        as_of="2026-01-15T12:00:00+09:00",
-        batch_rows=50,
-    )
+def migrated(small_backup: Path, target) -> steps.Settings:
+    s = target(small_backup, batch_rows=50)
     steps.migrate(s, progress=False)
     return s
 
@@ -282,17 +270,24 @@ def test_app_check_names_a_session_the_app_would_refuse(migrated, dsn) -> None:
     app = steps.app_check(migrated)
     assert app.wrongly_rejected == 1 and app.wrongly_accepted == 0
     assert "source says active, the app says not active" in app.examples[0]
+    result = steps.reconcile_step(migrated)
+    assert combined_verdict(result.verdict, result.reason, app)[0] == FAIL
 
 
-def test_a_clean_untouched_migration_passes_outright(clean_backup, dsn, monkeypatch) -> None:
-    monkeypatch.setenv("SMTEST_DSN", dsn)
-    s = steps.settings(
-        sqlite_path=str(clean_backup),
-        database_url_env="SMTEST_DSN",
-        source_timezone="Asia/Seoul",
-        as_of="2026-01-15T12:00:00+09:00",
-    )
+def test_a_clean_untouched_migration_passes_outright(clean_backup, target) -> None:
+    s = target(clean_backup)
     steps.migrate(s, progress=False)
     result = steps.reconcile_step(s)
     assert (result.verdict, result.warnings) == ("PASS", [])
     assert result.matched == result.source_rows == 300 and result.rejected == 0
+
+
+def test_the_app_check_can_only_make_a_verdict_worse() -> None:
+    from sessionmig.appcheck import AppCheck
+
+    agrees = AppCheck(10, 4, 4, 0, 0)
+    refuses_one = AppCheck(10, 4, 3, 1, 0)
+    assert combined_verdict(WARN, "rejects", agrees) == (WARN, "rejects")
+    assert combined_verdict(WARN, "rejects", refuses_one)[0] == FAIL
+    assert "disagrees with the source on 1 sessions" in combined_verdict("PASS", "", refuses_one)[1]
+    assert combined_verdict(FAIL, "missing", refuses_one) == (FAIL, "missing")

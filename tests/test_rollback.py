@@ -162,29 +162,15 @@ def test_rollback_and_finalize_notebooks_run(migrated_run, dsn, tmp_path) -> Non
         tmp_path / "reports",
     )
     assert rolled.exit_code == 0, rolled.message
-    finalized = orchestrate.run(
-        str(env),
-        ["finalize"],
-        {
-            "live_sqlite_path": str(live),
-            "archive_dir": str(tmp_path / "archive"),
-            "reconcile_manifest": str(run_dir),
-            "soak_hours": 0,
-        },
-        tmp_path / "reports",
-    )
+    finalize = {
+        "live_sqlite_path": str(live),
+        "archive_dir": str(tmp_path / "archive"),
+        "reconcile_manifest": str(run_dir),
+        "soak_hours": 0,
+    }
+    finalized = orchestrate.run(str(env), ["finalize"], finalize, tmp_path / "reports")
     assert finalized.exit_code == 0, finalized.message
     manifest = json.loads((finalized.run_dir / "manifest.json").read_text())
     assert manifest["steps"][0]["verdict"] == "PASS"
-    refused = orchestrate.run(
-        str(env),
-        ["finalize"],
-        {
-            "live_sqlite_path": str(live),
-            "archive_dir": str(tmp_path / "archive"),
-            "reconcile_manifest": str(run_dir),
-            "soak_hours": 0,
-        },
-        tmp_path / "reports",
-    )
+    refused = orchestrate.run(str(env), ["finalize"], finalize, tmp_path / "reports")
     assert refused.exit_code == 2 and "no such file" in refused.message

@@ -5,7 +5,11 @@ from pathlib import Path
 import nbformat as nbf
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from sessionmig.steps import FINALIZE_PARAMETERS
+
 ROOT = Path(__file__).resolve().parent.parent
+# Where the data comes from and goes to: every step that touches the target declares these.
+TARGET = ["sqlite_path", "database_url_env", "source_timezone", "as_of", "target_schema"]
 
 COMMON = {
     "sqlite_path": ('""', "the SQLite backup file (read through a private copy, never modified)"),
@@ -108,6 +112,9 @@ def nb(path, title, intro, names, body):
     cells = [params_cell(names), new_markdown_cell(f"# {title}\n\n{intro}")]
     for kind, src in body:
         cells.append(new_markdown_cell(src) if kind == "md" else new_code_cell(src))
+    # Stable ids, so regenerating an unchanged notebook changes nothing in git.
+    for index, cell in enumerate(cells):
+        cell.id = f"{Path(path).stem}-{index:02d}"
     n.cells = cells
     nbf.write(n, ROOT / path)
 
@@ -122,11 +129,7 @@ nb(
     "00 · Preflight",
     "Is the source readable and what is its sha256? Is the target reachable, which server, may we create the tables, do they already hold rows? **Go** only when every check holds.",
     [
-        "sqlite_path",
-        "database_url_env",
-        "source_timezone",
-        "as_of",
-        "target_schema",
+        *TARGET,
         "expected_sha256",
         "run_id",
     ],
@@ -181,11 +184,7 @@ nb(
     "02 · Migrate",
     "Creates the schema with Alembic, then streams every row through the type rules into PostgreSQL with COPY, in **one transaction**: sessions, rejects and the audit row commit together or not at all. Rows that cannot land are kept in `session_migration_rejects` with their raw values and a reason.",
     [
-        "sqlite_path",
-        "database_url_env",
-        "source_timezone",
-        "as_of",
-        "target_schema",
+        *TARGET,
         "batch_rows",
         "on_conflict",
         "on_invalid_metadata",
@@ -215,11 +214,7 @@ nb(
     "03 · Reconcile",
     "Compares the **raw backup** with PostgreSQL, every row and every column, and proves the partition: source rows = migrated + rejected, disjoint. Differences are named with hashed ids. A `FAIL` stops the run with a non-zero exit.",
     [
-        "sqlite_path",
-        "database_url_env",
-        "source_timezone",
-        "as_of",
-        "target_schema",
+        *TARGET,
         "batch_rows",
         "on_invalid_metadata",
         "on_extra_columns",
@@ -252,11 +247,7 @@ nb(
     "05 · Roll back to SQLite",
     "Restores the backup the migrate run recorded (its sha256 must match), carries back the sessions PostgreSQL created, changed or ended since, in the legacy format, so nobody who logged in after cutover is logged out. Then reconciles the restored file against PostgreSQL with the same engine as step 03. Switch the app with `SESSION_DB_TYPE=sqlite` only after a PASS here.",
     [
-        "sqlite_path",
-        "database_url_env",
-        "source_timezone",
-        "as_of",
-        "target_schema",
+        *TARGET,
         "batch_rows",
         "restore_path",
         "migrate_manifest",
@@ -283,17 +274,7 @@ nb(
     "notebooks/06_finalize.ipynb",
     "06 · Finalize: archive the live SQLite file",
     "Only after a reconcile **PASS** (read from its sealed manifest, verified first) and the soak period: the live SQLite file is moved to the archive folder with its sha256 recorded — never deleted — and the step is recorded in `session_migration_runs`.",
-    [
-        "live_sqlite_path",
-        "archive_dir",
-        "reconcile_manifest",
-        "soak_hours",
-        "database_url_env",
-        "source_timezone",
-        "target_schema",
-        "run_id",
-        "operator",
-    ],
+    list(FINALIZE_PARAMETERS),
     [
         ("code", "from sessionmig import report, steps"),
         (
@@ -309,11 +290,7 @@ nb(
     "04 · Session analysis",
     "Named, documented queries over the sessions — on PostgreSQL, on the SQLite backup (normalised by the migration's own rules into a private read-only copy), or on both side by side. Read-only, with a statement timeout; session ids are hashed unless `show_ids` is set. `sessionmig query --list` lists the queries.",
     [
-        "sqlite_path",
-        "database_url_env",
-        "source_timezone",
-        "as_of",
-        "target_schema",
+        *TARGET,
         "source",
         "query_names",
         "window_start",

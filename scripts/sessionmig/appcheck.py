@@ -38,6 +38,14 @@ class AppCheck:
         return not (self.wrongly_rejected or self.wrongly_accepted)
 
 
+def combined_verdict(verdict: str, reason: str, app: AppCheck | None) -> tuple[str, str]:
+    """The reconcile verdict, turned to FAIL when the app would treat a session differently."""
+    if app is None or app.ok or verdict == "FAIL":
+        return verdict, reason
+    wrong = app.wrongly_rejected + app.wrongly_accepted
+    return "FAIL", f"the new SessionManager disagrees with the source on {wrong} sessions at as_of"
+
+
 async def _check(
     dsn: str,
     backup: Backup,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -303,7 +303,3 @@ def inspect_backup(
     order = {"error": 0, "warning": 1, "info": 2}
     findings.sort(key=lambda f: order[f.severity])
     return InspectResult(str(path), files, integrity, dict(backup.columns), census, tuple(findings))
-
-
-def zone_label(zone: tzinfo) -> str:
-    return getattr(zone, "key", str(zone))

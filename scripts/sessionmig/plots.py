@@ -7,28 +7,31 @@ from typing import Any
 import matplotlib.pyplot as plt
 
 
-def plot_created_per_day(census: Any) -> Any:
-    """Sessions created per local day."""
-    days = sorted(census.created_per_day)
+def _bars(counts: dict, title: str, colour: str, xlabel: str = "") -> Any:
+    keys = sorted(counts)
     fig, ax = plt.subplots(figsize=(9, 3))
-    ax.bar(days, [census.created_per_day[d] for d in days], color="#0969da")
-    ax.set_title("Sessions created per day (source_timezone)")
+    ax.bar(keys, [counts[k] for k in keys], color=colour)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("sessions")
     ax.tick_params(axis="x", labelrotation=70, labelsize=7)
     fig.tight_layout()
     return fig
 
 
+def plot_created_per_day(census: Any) -> Any:
+    """Sessions created per local day."""
+    return _bars(census.created_per_day, "Sessions created per day (source_timezone)", "#0969da")
+
+
 def plot_remaining_ttl(census: Any) -> Any:
     """How many hours active sessions have left at ``as_of``."""
-    hours = sorted(census.remaining_ttl_hours)
-    fig, ax = plt.subplots(figsize=(9, 3))
-    ax.bar(hours, [census.remaining_ttl_hours[h] for h in hours], color="#1a7f37")
-    ax.set_title("Active sessions by remaining TTL at as_of (48 = 48 h or more)")
-    ax.set_xlabel("hours left")
-    ax.set_ylabel("sessions")
-    fig.tight_layout()
-    return fig
+    return _bars(
+        census.remaining_ttl_hours,
+        "Active sessions by remaining TTL at as_of (48 = 48 h or more)",
+        "#1a7f37",
+        "hours left",
+    )
 
 
 def plot_query(name: str, frame: Any) -> Any:

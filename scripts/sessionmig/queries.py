@@ -28,8 +28,8 @@ from psycopg import sql
 
 from . import params as P
 from .errors import ParameterError, TargetError
+from .jsonb import metadata_text
 from .mask import mask_id
-from .reconcile import metadata_text
 from .source import open_backup
 from .transform import Reject, Rules, normalise
 

@@ -27,6 +27,7 @@ import psycopg
 from psycopg import sql
 
 from .errors import TargetError
+from .jsonb import metadata_text
 from .mask import mask_id
 from .source import Backup
 from .transform import COLUMNS, Reject, Rules, normalise, raw_record
@@ -134,7 +135,7 @@ def latest_migrate_run(conn: psycopg.Connection, schema: str) -> str | None:
     return row[0] if row else None
 
 
-def _rejects(conn: psycopg.Connection, schema: str, run_id: str | None) -> dict[int, dict]:
+def rejects_of_run(conn: psycopg.Connection, schema: str, run_id: str | None) -> dict[int, dict]:
     if run_id is None:
         return {}
     rows = conn.execute(
@@ -165,63 +166,6 @@ MASK64 = (1 << 64) - 1
 def bucket_of(key: str) -> int:
     """The bucket of a key: the first hex digits of md5(key), as PostgreSQL computes it too."""
     return int(hashlib.md5(key.encode("utf-8", "surrogatepass")).hexdigest()[:BUCKET_HEX], 16)
-
-
-def _jsonb_number(value: Any) -> str:
-    if isinstance(value, int):
-        return str(value)
-    # PostgreSQL numeric keeps the scale the text implies (1.0 -> 1.0, 1e2 -> 100) and has
-    # no negative zero.
-    if value.is_zero():
-        value = value.copy_abs()
-    scale = max(0, -value.as_tuple().exponent)
-    return format(value, f".{scale}f")
-
-
-def jsonb_text(value: Any) -> str:
-    """A parsed JSON value printed as PostgreSQL prints ``jsonb``: keys ordered by length then
-    bytes, ``", "`` and ``": "`` separators, numbers at their own scale."""
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, int | Decimal):
-        return _jsonb_number(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(jsonb_text(v) for v in value) + "]"
-    keys = sorted(value, key=lambda k: (len(k.encode()), k.encode()))
-    return (
-        "{"
-        + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {jsonb_text(value[k])}" for k in keys)
-        + "}"
-    )
-
-
-def _jsonb_key(key: str) -> tuple[int, bytes]:
-    raw = key.encode("utf-8", "surrogatepass")
-    return len(raw), raw
-
-
-def _jsonb_order(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonb_order(value[k]) for k in sorted(value, key=_jsonb_key)}
-    if isinstance(value, list):
-        return [_jsonb_order(v) for v in value]
-    return value
-
-
-def metadata_text(text: str) -> str:
-    """``jsonb_text`` of a JSON text, fast: without fractions or exponents, the C encoder prints
-    exactly what PostgreSQL prints once keys are in jsonb order; otherwise the exact path."""
-    fractions: list[str] = []
-    value = json.loads(text, parse_float=fractions.append)
-    if fractions:
-        return jsonb_text(json.loads(text, parse_float=Decimal))
-    return json.dumps(_jsonb_order(value), ensure_ascii=False, separators=(", ", ": "))
 
 
 def _micros(moment: datetime) -> int:
@@ -443,7 +387,7 @@ def reconcile(
     with conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         run_id = run_id or latest_migrate_run(conn, schema)
-        rejects = _rejects(conn, schema, run_id)
+        rejects = rejects_of_run(conn, schema, run_id)
         side = _first_pass(backup, rules, rejects, tally, batch_rows)
         target = _target_buckets(conn, schema)
         differing = sorted(

@@ -346,20 +346,14 @@ def app_check_table(app: Any) -> pd.DataFrame:
 
 
 def conclude_reconcile(result: Any, app: Any = None) -> None:
-    """The reconcile verdict, failed also when the app would treat a session differently."""
-    if app is not None and not app.ok and result.verdict != "FAIL":
-        conclude(
-            "reconcile",
-            "FAIL",
-            f"the new SessionManager disagrees on {app.wrongly_rejected + app.wrongly_accepted} "
-            "sessions at as_of",
-            source_rows=result.source_rows,
-        )
-        return
+    """Show and record the reconcile verdict (the app check's view included)."""
+    from .appcheck import combined_verdict
+
+    verdict, reason = combined_verdict(result.verdict, result.reason, app)
     conclude(
         "reconcile",
-        result.verdict,
-        result.reason,
+        verdict,
+        reason,
         source_rows=result.source_rows,
         migrated=result.migrated,
         rejected=result.rejected,

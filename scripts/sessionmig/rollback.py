@@ -26,7 +26,7 @@ from psycopg.types.json import Jsonb
 
 from .errors import ParameterError, SourceError, VerdictFailed
 from .manifest import verify
-from .reconcile import _rejects, field_diff, latest_migrate_run
+from .reconcile import field_diff, latest_migrate_run, rejects_of_run
 from .source import Backup, hash_files, open_backup, sha256_file
 from .transform import Reject, Rules, normalise
 
@@ -107,7 +107,7 @@ def _carry_back(
     batch: int,
 ) -> tuple[int, int, int, int]:
     """Merge-join the backup and PostgreSQL in key order; write PostgreSQL's truth back."""
-    rejects = _rejects(conn, schema, latest_migrate_run(conn, schema))
+    rejects = rejects_of_run(conn, schema, latest_migrate_run(conn, schema))
     target_iter = _target_rows(conn, schema, batch)
     target = next(target_iter, None)
     new = changed = ended = kept = 0
