@@ -205,7 +205,7 @@ def test_embedded_demo_path_with_fresh_database(tmp_path, backend) -> None:
     sample.generate(backup, rows=300, seed=9)
     env = write_env(tmp_path, backup, database_url_env=None)
     reports = str(tmp_path / "reports")
-    first = sessionmig(
+    command = (
         "run",
         "--env",
         str(env),
@@ -215,16 +215,7 @@ def test_embedded_demo_path_with_fresh_database(tmp_path, backend) -> None:
         "--reports-dir",
         reports,
     )
-    second = sessionmig(
-        "run",
-        "--env",
-        str(env),
-        "--fresh",
-        "--steps",
-        "migrate,reconcile",
-        "--reports-dir",
-        reports,
-    )
+    first, second = sessionmig(*command), sessionmig(*command)  # the demo, twice
     assert first.returncode == second.returncode == 0, second.stderr
     assert run_dir_of(first) != run_dir_of(second)
     url = embedded.with_database(embedded.start().get_uri(), embedded.DEFAULT_DATABASE)
