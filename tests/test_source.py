@@ -26,7 +26,23 @@ def test_rows_stream_raw_with_storage_classes(small_backup: Path) -> None:
     finally:
         backup.close()
     assert sha256_file(small_backup) == before
+    assert backup.copy is None  # a lone file is read in place, read only
+
+
+def test_side_files_are_read_through_a_private_copy(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.db"
+    sample.generate(path, rows=50, oddities=0)
+    wal = Path(str(path) + "-wal")
+    wal.write_bytes(b"")
+    backup = open_backup(path)
+    try:
+        assert backup.copy is not None and backup.copy.exists()
+        assert backup.side_files == ["sessions.db-wal"]
+        assert backup.count() == 50
+    finally:
+        backup.close()
     assert not backup.copy.exists()
+    assert wal.read_bytes() == b""
 
 
 def test_not_a_sqlite_file_is_named(tmp_path: Path) -> None:

@@ -1,6 +1,9 @@
-"""Load normalised rows into PostgreSQL in one transaction: COPY to staging, then one merge.
+"""Load a backup into PostgreSQL in one transaction.
 
-Everything a run writes — sessions, rejects and its audit row — commits together or not at all.
+Into an empty target, rows are COPYed straight into ``sessions`` with its keys and indexes
+dropped and rebuilt afterwards; into one that has rows, they are COPYed to a temporary staging
+table and merged in one statement. Everything a run writes — sessions, rejects and its audit
+row — commits together or not at all.
 :func:`migration_lock` (an advisory lock) keeps two migrations off the same target schema;
 the second fails fast. Rows already in the target are classified (inserted / unchanged /
 conflicting) so a rerun over the same backup changes nothing and says so; conflicts follow
@@ -12,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,10 +25,11 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from .copyin import stream_backup
 from .errors import LockHeld, MigrationConflict, TransientTargetError
-from .transform import Reject, Rules, normalise
+from .source import Backup
+from .transform import Reject, Rules
 
-SESSION_TYPES = ["text", "text", "text", "timestamptz", "timestamptz", "timestamptz", "int4"]
 REJECT_TYPES = ["int8", "text", "text", "text", "text"]
 EXAMPLES_PER_REASON = 3
 
@@ -102,13 +106,14 @@ def migration_lock(dsn: str, schema: str) -> Iterator[None]:
         conn.close()
 
 
-def _create_staging(conn: psycopg.Connection) -> None:
-    conn.execute(
-        """CREATE TEMP TABLE sessionmig_staging (
-               session_id text, user_id text, metadata text, created_at timestamptz,
-               expires_at timestamptz, last_activity timestamptz, request_count int4
-           ) ON COMMIT DROP"""
-    )
+def _create_staging(conn: psycopg.Connection, sessions: bool) -> None:
+    if sessions:
+        conn.execute(
+            """CREATE TEMP TABLE sessionmig_staging (
+                   session_id text, user_id text, metadata jsonb, created_at timestamptz,
+                   expires_at timestamptz, last_activity timestamptz, request_count int4
+               ) ON COMMIT DROP"""
+        )
     conn.execute(
         """CREATE TEMP TABLE sessionmig_staging_rejects (
                source_rowid int8, session_id text, reason text, message text, raw text
@@ -116,20 +121,41 @@ def _create_staging(conn: psycopg.Connection) -> None:
     )
 
 
-def _copy(conn: psycopg.Connection, table: str, types: list[str], rows: list[tuple]) -> None:
-    with (
-        conn.cursor() as cur,
-        cur.copy(
-            sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(sql.Identifier(table))
-        ) as copy,
-    ):
-        copy.set_types(types)
-        for row in rows:
-            copy.write_row(row)
+class _RejectSink:
+    """Counts rejects, keeps a few examples per reason, and COPYs them all to staging."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+        self.reasons: Counter[str] = Counter()
+        self.examples: dict[str, list[Reject]] = {}
+        self.pending: list[tuple] = []
+
+    def __call__(self, reject: Reject) -> None:
+        self.reasons[reject.reason] += 1
+        kept = self.examples.setdefault(reject.reason, [])
+        if len(kept) < EXAMPLES_PER_REASON:
+            kept.append(reject)
+        self.pending.append(
+            (reject.rowid, reject.session_id, reject.reason, reject.message, json.dumps(reject.raw))
+        )
+        if len(self.pending) >= 1000:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        with (
+            self.conn.cursor() as cur,
+            cur.copy("COPY sessionmig_staging_rejects FROM STDIN (FORMAT BINARY)") as copy,
+        ):
+            copy.set_types(REJECT_TYPES)
+            for row in self.pending:
+                copy.write_row(row)
+        self.pending.clear()
 
 
 _SAME = """t.user_id IS NOT DISTINCT FROM s.user_id
-       AND t.metadata IS NOT DISTINCT FROM s.metadata::jsonb
+       AND t.metadata IS NOT DISTINCT FROM s.metadata
        AND t.created_at = s.created_at AND t.expires_at = s.expires_at
        AND t.last_activity = s.last_activity AND t.request_count = s.request_count"""
 
@@ -151,10 +177,13 @@ def _classify(conn: psycopg.Connection, target: sql.Composed) -> tuple[int, int,
     return new, same, conflicting
 
 
-def _first_load(conn: psycopg.Connection, schema: str) -> int:
-    """Fill an empty ``sessions`` with its indexes dropped and rebuilt afterwards — sorted
-    index builds instead of 10M random inserts into a primary key larger than shared_buffers.
-    All inside the run's transaction: a kill rolls the DDL back with the rows."""
+def _drop_indexes(conn: psycopg.Connection, schema: str) -> Callable[[], None]:
+    """Drop an empty ``sessions``' keys and indexes; return what rebuilds them.
+
+    COPY straight into the bare table, then sorted index builds, instead of millions of random
+    inserts into a primary key larger than shared_buffers. All inside the run's transaction:
+    a kill rolls the DDL back with the rows.
+    """
     table = _table(schema, "sessions")
     regclass = f'"{schema}"."sessions"'
     constraints = conn.execute(
@@ -174,23 +203,18 @@ def _first_load(conn: psycopg.Connection, schema: str) -> int:
         )
     for name, _ in indexes:
         conn.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(name)))  # regclass text, quoted
-    inserted = conn.execute(
-        sql.SQL(
-            """INSERT INTO {} (session_id, user_id, metadata, created_at, expires_at,
-                               last_activity, request_count)
-               SELECT session_id, user_id, metadata::jsonb, created_at, expires_at,
-                      last_activity, request_count FROM sessionmig_staging"""
-        ).format(table)
-    ).rowcount
-    for name, definition in constraints:
-        conn.execute(
-            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
-                table, sql.Identifier(name), sql.SQL(definition)
+
+    def rebuild() -> None:
+        for name, definition in constraints:
+            conn.execute(
+                sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+                    table, sql.Identifier(name), sql.SQL(definition)
+                )
             )
-        )
-    for _, definition in indexes:
-        conn.execute(sql.SQL(definition))  # as pg_get_indexdef printed it
-    return inserted
+        for _, definition in indexes:
+            conn.execute(sql.SQL(definition))  # as pg_get_indexdef printed it
+
+    return rebuild
 
 
 def _merge(conn: psycopg.Connection, target: sql.Composed, on_conflict: str) -> tuple[int, int]:
@@ -198,7 +222,7 @@ def _merge(conn: psycopg.Connection, target: sql.Composed, on_conflict: str) -> 
         sql.SQL(
             """INSERT INTO {target} (session_id, user_id, metadata, created_at, expires_at,
                                      last_activity, request_count)
-               SELECT s.session_id, s.user_id, s.metadata::jsonb, s.created_at, s.expires_at,
+               SELECT s.session_id, s.user_id, s.metadata, s.created_at, s.expires_at,
                       s.last_activity, s.request_count
                FROM sessionmig_staging s
                ON CONFLICT (session_id) DO NOTHING"""
@@ -208,7 +232,7 @@ def _merge(conn: psycopg.Connection, target: sql.Composed, on_conflict: str) -> 
     if on_conflict == "keep_newer":
         updated = conn.execute(
             sql.SQL(
-                """UPDATE {target} t SET user_id = s.user_id, metadata = s.metadata::jsonb,
+                """UPDATE {target} t SET user_id = s.user_id, metadata = s.metadata,
                           created_at = s.created_at, expires_at = s.expires_at,
                           last_activity = s.last_activity, request_count = s.request_count
                    FROM sessionmig_staging s
@@ -252,82 +276,75 @@ def _audit(
 
 def load(
     dsn: str,
-    batches: Iterable[list[tuple]],
+    backup: Backup,
     rules: Rules,
     audit: AuditInfo,
     *,
     schema: str = "public",
     on_conflict: str = "fail",
     dry_run: bool = False,
+    batch_rows: int = 10_000,
     progress: Callable[[int], None] | None = None,
 ) -> LoadOutcome:
-    """Normalise and load every raw row from ``batches``; commit once (or roll back).
+    """Normalise and load every row of ``backup``; commit once (or roll back).
 
     A lost connection raises :class:`TransientTargetError`; the target is then as it was.
     """
     try:
-        return _load(dsn, batches, rules, audit, schema, on_conflict, dry_run, progress)
+        return _load(dsn, backup, rules, audit, schema, on_conflict, dry_run, batch_rows, progress)
     except psycopg.OperationalError as exc:
         # The transaction died with the connection, so nothing of this run was committed (or,
         # if the loss hit COMMIT itself, all of it was): a rerun is idempotent either way.
         raise TransientTargetError(f"lost the connection to the target: {exc}".strip()) from None
 
 
+def _is_first_load(conn: psycopg.Connection, target: sql.Composed) -> bool:
+    """True when the target is empty, and then locked so that it stays empty until commit.
+
+    A target that already has rows (the app may be live on it) is merged without the lock.
+    """
+    if not _is_empty(conn, target):
+        return False
+    conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(target))
+    return _is_empty(conn, target)
+
+
 def _load(
     dsn: str,
-    batches: Iterable[list[tuple]],
+    backup: Backup,
     rules: Rules,
     audit: AuditInfo,
     schema: str,
     on_conflict: str,
     dry_run: bool,
+    batch_rows: int,
     progress: Callable[[int], None] | None,
 ) -> LoadOutcome:
     started = datetime.now(UTC)
     clock = time.perf_counter()
-    reasons: Counter[str] = Counter()
-    examples: dict[str, list[Reject]] = {}
-    read = 0
     conn = psycopg.connect(dsn, application_name="sessionmig-migrate", connect_timeout=15)
     with conn:
-        _create_staging(conn)
-        for batch in batches:
-            good: list[tuple] = []
-            bad: list[tuple] = []
-            for raw in batch:
-                result = normalise(raw, rules)
-                if isinstance(result, Reject):
-                    reasons[result.reason] += 1
-                    kept = examples.setdefault(result.reason, [])
-                    if len(kept) < EXAMPLES_PER_REASON:
-                        kept.append(result)
-                    bad.append(
-                        (
-                            result.rowid,
-                            result.session_id,
-                            result.reason,
-                            result.message,
-                            json.dumps(result.raw),
-                        )
-                    )
-                else:
-                    good.append(result)
-            _copy(conn, "sessionmig_staging", SESSION_TYPES, good)
-            if bad:
-                _copy(conn, "sessionmig_staging_rejects", REJECT_TYPES, bad)
-            read += len(batch)
-            if progress:
-                progress(len(batch))
         target = _table(schema, "sessions")
-        first = _is_empty(conn, target)
-        if first:
-            # Keep "empty" true until commit (the app may already be live); a table that has
-            # rows is merged without blocking the app's writes.
-            conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(target))
-            first = _is_empty(conn, target)
-        if first:
-            inserted = _first_load(conn, schema)
-            unchanged = conflicting = updated = 0
+        first = _is_first_load(conn, target)
+        _create_staging(conn, sessions=not first)
+        rebuild = _drop_indexes(conn, schema) if first else None
+        sink = _RejectSink(conn)
+        streamed = stream_backup(
+            conn,
+            backup,
+            rules,
+            sql.SQL(
+                "{} (session_id, user_id, metadata, created_at, expires_at, last_activity, "
+                "request_count)"
+            ).format(target if first else sql.Identifier("sessionmig_staging")),
+            on_reject=sink,
+            batch_rows=batch_rows,
+            progress=progress,
+        )
+        sink.flush()
+        if rebuild is not None:
+            rebuild()
+            inserted, unchanged, conflicting, updated = streamed.copied, 0, 0, 0
         else:
             _, unchanged, conflicting = _classify(conn, target)
             if conflicting and on_conflict == "fail":
@@ -339,7 +356,7 @@ def _load(
                     "last_activity wins)"
                 )
             inserted, updated = _merge(conn, target, on_conflict)
-        rejected = sum(reasons.values())
+        rejected = sum(sink.reasons.values())
         conn.execute(
             sql.SQL(
                 """INSERT INTO {} (run_id, source_rowid, session_id, reason, message, raw)
@@ -349,7 +366,7 @@ def _load(
             (audit.run_id,),
         )
         counts = dict(
-            rows_read=read,
+            rows_read=streamed.read,
             inserted=inserted,
             unchanged=unchanged,
             conflicting=conflicting,
@@ -364,7 +381,7 @@ def _load(
             conn.commit()
     return LoadOutcome(
         run_id=audit.run_id,
-        rows_read=read,
+        rows_read=streamed.read,
         inserted=inserted,
         unchanged=unchanged,
         conflicting=conflicting,
@@ -374,6 +391,6 @@ def _load(
         seconds=time.perf_counter() - clock,
         dry_run=dry_run,
         committed=not dry_run,
-        reject_counts=dict(reasons),
-        reject_examples=examples,
+        reject_counts=dict(sink.reasons),
+        reject_examples=sink.examples,
     )

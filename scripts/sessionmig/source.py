@@ -1,8 +1,9 @@
-"""Open the SQLite backup as evidence: hash it, read a private copy, stream its raw rows.
+"""Open the SQLite backup as evidence: hash it, open it read only, stream its raw rows.
 
 The original file (and any ``-wal``/``-journal`` beside it, which may hold committed rows of a
-backup copied from a running app) is only ever read to hash and copy. All queries run against a
-private copy in a temporary directory, so SQLite's own recovery cannot touch the evidence.
+backup copied from a running app) is never written: a lone file is opened read-only and
+immutable; one with side files is copied privately first, so that SQLite's own recovery cannot
+touch the evidence.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import SourceError
 from .transform import COLUMNS
@@ -67,7 +69,7 @@ class Backup:
     """An open private copy of a backup; use :func:`open_backup`."""
 
     original: Path
-    copy: Path
+    copy: Path | None  # the private copy, when side files made one necessary
     hashes_before: tuple[FileHash, ...]
     connection: sqlite3.Connection
     columns: dict[str, str] = field(default_factory=dict)
@@ -96,6 +98,18 @@ class Backup:
             return [r[0].decode("utf-8", "replace") for r in rows]
         except sqlite3.DatabaseError as exc:
             return [f"integrity_check could not run: {exc}"]
+
+    def quick_check(self) -> list[str]:
+        """``PRAGMA quick_check``: every page and b-tree of the file sound, NOT NULLs held.
+
+        What a full scan of the table relies on, at a tenth of :meth:`integrity_check`'s cost
+        (which also cross-checks every index against the table; inspect runs that).
+        """
+        try:
+            rows = self.connection.execute("PRAGMA quick_check").fetchall()
+            return [r[0].decode("utf-8", "replace") for r in rows]
+        except sqlite3.DatabaseError as exc:
+            return [f"quick_check could not run: {exc}"]
 
     def count(self) -> int:
         return self._query("SELECT count(*) FROM sessions").fetchone()[0]
@@ -148,6 +162,45 @@ class Backup:
                 for row in chunk
             ]
 
+    def plain_rows(self, batch: int = 10_000) -> Iterator[list[tuple]]:
+        """Rows for the fast path, in rowid order: ``(rowid, session_id, user_id, jsonb wire
+        metadata, created_at, expires_at, last_activity, request_count or 0, plain)``.
+
+        ``plain`` is 1 when every value has the storage class and spelling the fast path
+        handles (see ``transform.WallClock``); the other columns are then ready for COPY. For a
+        row that is not plain, fetch it with :meth:`raw_row` and apply the rules to that.
+        """
+        cursor = self._query(
+            f"SELECT rowid, {_PLAIN_COLUMNS}, {_PLAIN} FROM sessions ORDER BY rowid"
+        )
+        while True:
+            try:
+                chunk = cursor.fetchmany(batch)
+            except sqlite3.DatabaseError as exc:
+                raise SourceError(
+                    f"{self.original}: reading rows failed ({exc}); the file is damaged — take "
+                    "a fresh backup"
+                ) from None
+            if not chunk:
+                return
+            yield chunk
+
+    def raw_row(self, rowid: int, extra: tuple[str, ...] = ()) -> tuple:
+        """One row in the form of :meth:`rows`."""
+        return self._raw(extra, "WHERE rowid = ?", (rowid,)).fetchone()
+
+    def raw_rows_between(self, first: int, last: int, extra: tuple[str, ...] = ()) -> list[tuple]:
+        """The rows with ``first <= rowid <= last`` in the form of :meth:`rows`."""
+        cursor = self._raw(extra, "WHERE rowid BETWEEN ? AND ? ORDER BY rowid", (first, last))
+        return cursor.fetchall()
+
+    def _raw(self, extra: tuple[str, ...], where: str, params: tuple) -> Any:
+        names = (*COLUMNS, *extra)
+        values = ", ".join('"' + c.replace('"', '""') + '"' for c in names)
+        types = ", ".join('typeof("' + c.replace('"', '""') + '")' for c in names)
+        cursor = self._query(f"SELECT rowid, {values}, {types} FROM sessions {where}", params)
+        return _Shaped(cursor, len(extra))
+
     def verify_unchanged(self) -> tuple[FileHash, ...]:
         """Re-hash the original files; raise if anything differs from before."""
         self.hashes_after = hash_files(self.original)
@@ -161,7 +214,50 @@ class Backup:
 
     def close(self) -> None:
         self.connection.close()
-        shutil.rmtree(self.copy.parent, ignore_errors=True)
+        if self.copy is not None:
+            shutil.rmtree(self.copy.parent, ignore_errors=True)
+
+
+_PLAIN_COLUMNS = (
+    "session_id, user_id, char(1) || metadata, created_at, expires_at, last_activity, "
+    "coalesce(request_count, 0)"
+)
+# Which rows the fast path may take: text where text belongs (in SQLite's ordering, text sorts
+# after numbers and before BLOBs, which is cheaper to test than typeof()), and a request_count
+# that is an integer within PostgreSQL's integer. Spellings are ``WallClock``'s to check.
+_PLAIN = " AND ".join(
+    (
+        "session_id < x''",
+        "(user_id IS NULL OR user_id < x'')",
+        "(metadata IS NULL OR metadata < x'')",
+        "created_at >= '' AND created_at < x''",
+        "expires_at >= '' AND expires_at < x''",
+        "last_activity >= '' AND last_activity < x''",
+        "(request_count IS NULL OR (typeof(request_count) = 'integer' "
+        "AND request_count BETWEEN -2147483648 AND 2147483647))",
+    )
+)
+
+
+class _Shaped:
+    """A cursor over raw rows whose fetches return the shape :meth:`Backup.rows` yields."""
+
+    def __init__(self, cursor: sqlite3.Cursor, k: int) -> None:
+        self.cursor, self.k = cursor, k
+
+    def _shape(self, row: tuple) -> tuple:
+        if not self.k:
+            return row[:8] + tuple(map(_STORAGE.__getitem__, row[8:]))
+        return _with_extras(row, self.k)
+
+    def fetchone(self) -> tuple:
+        row = self.cursor.fetchone()
+        if row is None:
+            raise SourceError("a row vanished from the private copy of the backup")
+        return self._shape(row)
+
+    def fetchall(self) -> list[tuple]:
+        return [self._shape(row) for row in self.cursor.fetchall()]
 
 
 def _with_extras(row: tuple, k: int) -> tuple:
@@ -182,20 +278,32 @@ def _check_header(path: Path) -> None:
 
 
 def open_backup(path: str | Path, workdir: str | Path | None = None) -> Backup:
-    """Hash the backup, copy it (with side files) privately, open the copy and read its schema."""
+    """Hash the backup, open it for reading only, and read its schema.
+
+    A lone file is opened in place with ``mode=ro&immutable=1``: the OS refuses SQLite any
+    write and SQLite takes no lock, so reading cannot touch it (the hash after the run proves
+    nothing else did). With a ``-wal`` or ``-journal`` beside it, SQLite would replay those
+    into the file on opening, so the file and its side files are copied to a private directory
+    and the copy is opened instead.
+    """
     original = Path(path)
     if not original.is_file():
         raise SourceError(f"{original}: no such file; check sqlite_path")
     _check_header(original)
     before = hash_files(original)
-    private = Path(tempfile.mkdtemp(prefix="sessionmig-src-", dir=workdir))
-    copy = private / "sessions.db"
-    for item in before:
-        shutil.copyfile(item.path, str(copy) + item.path[len(str(original)) :])
-    if hash_files(original) != before:
-        raise SourceError(f"{original}: changed while being copied; stop the writer and retry")
-    # The copy is private and used by one caller at a time, possibly from a worker thread.
-    connection = sqlite3.connect(copy, check_same_thread=False)
+    copy: Path | None = None
+    if len(before) > 1:
+        copy = Path(tempfile.mkdtemp(prefix="sessionmig-src-", dir=workdir)) / "sessions.db"
+        for item in before:
+            shutil.copyfile(item.path, str(copy) + item.path[len(str(original)) :])
+        if hash_files(original) != before:
+            shutil.rmtree(copy.parent, ignore_errors=True)
+            raise SourceError(f"{original}: changed while being copied; stop the writer and retry")
+        uri = copy.resolve().as_uri()
+    else:
+        uri = original.resolve().as_uri() + "?mode=ro&immutable=1"
+    # Used by one caller at a time, possibly from a worker thread.
+    connection = sqlite3.connect(uri, uri=True, check_same_thread=False)
     connection.text_factory = bytes
     backup = Backup(original, copy, before, connection)
     try:

@@ -306,10 +306,12 @@ def _check_source(s: Settings, backup: Any) -> None:
             "has no place for; to keep their values in metadata._legacy_columns rerun with "
             "-p on_extra_columns=into_metadata"
         )
-    integrity = backup.integrity_check()
+    # quick_check proves what the table scan reads; inspect ran the full integrity_check.
+    integrity = backup.quick_check()
     if integrity != ["ok"]:
         raise SourceError(
-            f"{s.sqlite_path}: integrity_check failed: {integrity[:3]}; take a fresh backup"
+            f"{s.sqlite_path}: quick_check failed: {integrity[:3]}; the file is damaged — take "
+            "a fresh backup"
         )
 
 
@@ -335,12 +337,13 @@ def _migrate_once(s: Settings, backup: Any, dsn: str, progress: bool) -> Migrate
         try:
             outcome = load(
                 dsn,
-                backup.rows(s.batch_rows, extra=rules.extra_columns),
+                backup,
                 rules,
                 audit,
                 schema=s.target_schema,
                 on_conflict=s.on_conflict,
                 dry_run=s.dry_run,
+                batch_rows=s.batch_rows,
                 progress=bar.update,
             )
         finally:

@@ -24,7 +24,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 COLUMNS = (
@@ -53,6 +53,7 @@ REASONS: dict[str, str] = {
     "count_not_integral": "request_count that is not a whole number",
     "count_out_of_range": "request_count outside PostgreSQL integer",
     "extra_columns_unplaceable": "extra columns to carry, but metadata is not a JSON object",
+    "refused_by_postgresql": "a value PostgreSQL refused although the rules above accept it",
 }
 LEGACY_KEY = "_legacy_columns"
 
@@ -210,6 +211,10 @@ def parse_metadata(value: Any, storage: str, on_invalid: str) -> str | None:
     text = decode_text(value, storage, "metadata")
     try:
         obj = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        # Nested deeper than Python's parser goes: PostgreSQL, which parses it anyway to store
+        # it, is the judge (a refusal there makes the row a reject all the same).
+        return text
     except ValueError as exc:
         if on_invalid == "keep_as_json_string":
             return json.dumps(text)
@@ -316,3 +321,90 @@ def wall_clock_kind(naive: datetime, zone: tzinfo) -> str:
         return "ok"
     roundtrip = first.astimezone(UTC).astimezone(zone).replace(tzinfo=None)
     return "ambiguous" if roundtrip == naive else "nonexistent"
+
+
+# --- the fast path -------------------------------------------------------------------------
+#
+# Most rows of a real backup are plain: text where text belongs and naive timestamps spelled
+# ``YYYY-MM-DD HH:MM:SS[.ffffff]``. For those, ``source`` hands over the raw bytes and
+# :class:`WallClock` converts the timestamps; the text and JSON columns go to PostgreSQL as
+# they are, and PostgreSQL — which must parse them to store them anyway — checks their UTF-8,
+# NULs and JSON. A batch it refuses is redone row by row with :func:`normalise`, so the rules
+# above decide every row that is not plain, and every reject has the same reason either way.
+
+WIRE_TYPES = ["bytea", "bytea", "bytea", "timestamp", "timestamp", "timestamp", "int4"]
+"""The COPY types of a wire row. Text goes as its UTF-8 bytes and metadata as jsonb's binary
+form (a version byte, then the text); the server checks both as it stores them. Times go as
+naive UTC ``timestamp``, whose binary form is exactly ``timestamptz``'s (microseconds since
+2000-01-01 UTC): that spares the costly aware-datetime arithmetic per value."""
+
+WireRow = tuple[bytes, bytes | None, bytes | None, datetime, datetime, datetime, int]
+_UNSEEN = object()
+_HOUR = timedelta(hours=1)
+_TICK = timedelta(microseconds=1)
+
+
+class WallClock:
+    """Naive wall-clock timestamps of one zone, as naive UTC — fast where it is safe.
+
+    Only ``YYYY-MM-DD HH:MM:SS`` and ``YYYY-MM-DD HH:MM:SS.ffffff`` are taken. The zone's
+    offset is looked up once per hour of text (``b"YYYY-MM-DD HH"``, whose spelling is checked
+    then too) and reused for every timestamp in that hour, unless a transition falls inside
+    it. For anything else :meth:`utc` returns None and :func:`parse_timestamp` decides.
+    """
+
+    def __init__(self, zone: tzinfo) -> None:
+        self.zone = zone
+        self._offsets: dict[bytes, Any] = {}
+
+    def _learn(self, hour: bytes) -> timedelta | None:
+        offset = None
+        if _HOUR_SHAPE.fullmatch(hour):
+            try:
+                start = datetime.fromisoformat(hour.decode("ascii") + ":00")
+                ends = (start, start + (_HOUR - _TICK))
+            except (ValueError, OverflowError):
+                pass
+            else:
+                offsets = {
+                    moment.replace(tzinfo=self.zone, fold=fold).utcoffset()
+                    for moment in ends
+                    for fold in (0, 1)
+                }
+                offset = offsets.pop() if len(offsets) == 1 else None
+        self._offsets[hour] = offset
+        return offset
+
+    def utc(self, text: bytes) -> datetime | None:
+        """A timestamp's text as naive UTC, or None when the fast path cannot be sure."""
+        size = len(text)
+        if (size != 19 and (size != 26 or text[19] != 46)) or text[13:17:3] != b"::":
+            return None
+        offset = self._offsets.get(text[:13], _UNSEEN)
+        if offset is _UNSEEN:
+            offset = self._learn(text[:13])
+        if offset is None:
+            return None
+        try:
+            moment = datetime.fromisoformat(text.decode("ascii"))
+            # fromisoformat checks the digits; a naive result means no offset hid in the tail.
+            return moment - offset if moment.tzinfo is None else None
+        except (ValueError, OverflowError, UnicodeDecodeError):
+            return None
+
+
+_HOUR_SHAPE = re.compile(rb"\d{4}-\d{2}-\d{2} \d{2}")
+
+
+def as_wire(session: Session) -> WireRow:
+    """A session from :func:`normalise` in the form of :data:`WIRE_TYPES`."""
+    sid, uid, meta, created, expires, last, count = session
+    return (
+        sid.encode(),
+        None if uid is None else uid.encode(),
+        None if meta is None else b"\x01" + meta.encode(),
+        created.replace(tzinfo=None),
+        expires.replace(tzinfo=None),
+        last.replace(tzinfo=None),
+        count,
+    )

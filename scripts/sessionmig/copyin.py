@@ -1,0 +1,226 @@
+"""Stream a backup into a PostgreSQL table by binary COPY: the fast path where it is safe, the
+rules everywhere else, and every row accounted for.
+
+Plain rows (see ``source.Backup.plain_rows``) go to the server as raw bytes with their
+timestamps converted by ``transform.WallClock``; every other row is read raw and normalised by
+``transform.normalise``. Rows are copied in spans of :data:`SPAN_ROWS`, each under its own
+savepoint: when PostgreSQL refuses a value in one (bad UTF-8, a NUL, JSON it cannot store …),
+the span is rolled back and redone with the rules applied to every row, so each reject carries
+the rules' reason; a value the rules accept but the server still refuses becomes a
+``refused_by_postgresql`` reject with the server's message. Memory is bounded by one fetch
+batch (a redone span is held whole).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Container, Iterator
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+from psycopg.types.string import BytesBinaryDumper
+
+from .errors import TargetError
+from .source import Backup
+from .transform import (
+    WIRE_TYPES,
+    Reject,
+    Rules,
+    WallClock,
+    WireRow,
+    as_wire,
+    normalise,
+    raw_record,
+)
+
+# Errors that mean "this value cannot be stored", as opposed to a lost or broken connection.
+REFUSALS = (
+    psycopg.errors.DataError,
+    psycopg.errors.IntegrityError,
+    psycopg.errors.ProgramLimitExceeded,
+)
+_LINE = re.compile(r"\bline (\d+)")
+
+
+@dataclass
+class Streamed:
+    """What one pass over the backup did."""
+
+    read: int = 0
+    copied: int = 0
+    batches_redone: int = 0
+
+
+SPAN_ROWS = 100_000
+"""Rows per savepoint. Each span ends in a round trip that waits for the server to catch up,
+so spans are long; a refused span is redone by the rules, which costs about a second."""
+
+
+@dataclass
+class _Span:
+    """One savepoint's worth of rows: what to apply once its COPY has succeeded."""
+
+    first: int = 0
+    last: int = 0
+    rows: int = 0
+    copied: int = 0
+    rejects: list[Reject] = field(default_factory=list)
+    diverted: list[tuple] = field(default_factory=list)
+
+
+def stream_backup(
+    conn: psycopg.Connection,
+    backup: Backup,
+    rules: Rules,
+    table: sql.Composable,
+    *,
+    on_reject: Callable[[Reject], None],
+    divert: Container[int] = frozenset(),
+    on_diverted: Callable[[tuple], None] | None = None,
+    batch_rows: int = 10_000,
+    progress: Callable[[int], None] | None = None,
+) -> Streamed:
+    """COPY every row of ``backup`` that can land into ``table`` (the session columns, in
+    ``COLUMNS`` order); hand each reject to ``on_reject``. Rows whose rowid is in ``divert`` are
+    not copied but handed raw to ``on_diverted``. Runs inside the caller's transaction."""
+    statement = sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(table)
+    # By type oid, psycopg finds the last dumper registered for bytea: DB-API's pure-Python
+    # one. Put the C dumper of plain bytes back on top, for this connection only.
+    conn.adapters.register_dumper(bytes, BytesBinaryDumper)
+    stats = Streamed()
+    chunks = backup.plain_rows(batch_rows)
+    clock = WallClock(rules.zone)
+    while True:
+        span = _Span()
+        try:
+            with conn.transaction(), conn.cursor() as cur, cur.copy(statement) as copy:
+                copy.set_types(WIRE_TYPES)
+                _fill(copy, span, chunks, clock, backup, rules, divert, progress)
+        except REFUSALS:
+            stats.batches_redone += 1
+            span = _by_the_rules(conn, statement, backup, span.first, span.last, rules, divert)
+        if not span.rows:
+            return stats
+        for reject in span.rejects:
+            on_reject(reject)
+        if on_diverted:
+            for raw in span.diverted:
+                on_diverted(raw)
+        stats.read += span.rows
+        stats.copied += span.copied
+
+
+def _fill(
+    copy: psycopg.Copy,
+    span: _Span,
+    chunks: Iterator[list[tuple]],
+    clock: WallClock,
+    backup: Backup,
+    rules: Rules,
+    divert: Container[int],
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Write chunks into the COPY until the span is full or the backup ends.
+
+    Rows are written as they are made, so the server parses one while the next is read.
+    """
+    utc = clock.utc
+    write = copy.write_row
+    # Extra columns change what metadata holds, so such rows all take the rules.
+    fast = not rules.extra_columns
+    while span.rows < SPAN_ROWS:
+        chunk = next(chunks, None)
+        if chunk is None:
+            return
+        if not span.rows:
+            span.first = chunk[0][0]
+        span.last = chunk[-1][0]
+        span.rows += len(chunk)
+        for rowid, sid, uid, meta, created, expires, last, count, plain in chunk:
+            if plain and fast and rowid not in divert:
+                c, e, la = utc(created), utc(expires), utc(last)
+                if c is not None and e is not None and la is not None:
+                    write((sid, uid, meta, c, e, la, count))
+                    span.copied += 1
+                    continue
+            wire = _apply_rules(span, backup.raw_row(rowid, rules.extra_columns), rules, divert)
+            if wire is not None:
+                write(wire)
+                span.copied += 1
+        if progress:
+            progress(len(chunk))
+
+
+def _apply_rules(span: _Span, raw: tuple, rules: Rules, divert: Container[int]) -> WireRow | None:
+    """A row by the rules: its wire form, or None when it is diverted or rejected."""
+    if raw[0] in divert:
+        span.diverted.append(raw)
+        return None
+    result = normalise(raw, rules)
+    if isinstance(result, Reject):
+        span.rejects.append(result)
+        return None
+    return as_wire(result)
+
+
+def _by_the_rules(
+    conn: psycopg.Connection,
+    statement: sql.Composable,
+    backup: Backup,
+    first: int,
+    last: int,
+    rules: Rules,
+    divert: Container[int],
+) -> _Span:
+    """Redo a refused span with every row normalised by the rules. A row the rules accept
+    but the server still refuses is moved to the rejects, with the server's message, and the
+    span is copied again without it."""
+    span = _Span(first, last)
+    wire: list[WireRow] = []
+    raws: list[tuple] = []
+    for raw in backup.raw_rows_between(first, last, rules.extra_columns):
+        span.rows += 1
+        row = _apply_rules(span, raw, rules, divert)
+        if row is not None:
+            wire.append(row)
+            raws.append(raw)
+    while True:
+        try:
+            with conn.transaction(), conn.cursor() as cur, cur.copy(statement) as copy:
+                copy.set_types(WIRE_TYPES)
+                for row in wire:
+                    copy.write_row(row)
+        except REFUSALS as exc:
+            index = _refused_line(exc) - 1
+            if not 0 <= index < len(wire):
+                raise TargetError(
+                    f"PostgreSQL refused a row between rowids {first} and {last} "
+                    f"({_message(exc)}) and the row could not be identified; run inspect on "
+                    "the backup and report this"
+                ) from None
+            raw = raws.pop(index)
+            del wire[index]
+            span.rejects.append(
+                Reject(
+                    raw[0],
+                    raw[1].decode("utf-8", "replace"),
+                    "refused_by_postgresql",
+                    _message(exc),
+                    raw_record(raw, rules.extra_columns),
+                )
+            )
+            continue
+        span.copied = len(wire)
+        return span
+
+
+def _refused_line(exc: psycopg.Error) -> int:
+    match = _LINE.search(exc.diag.context or "")
+    return int(match.group(1)) if match else 0
+
+
+def _message(exc: psycopg.Error) -> str:
+    diag = exc.diag
+    text = diag.message_primary or str(exc)
+    return f"{text} ({diag.message_detail})" if diag.message_detail else text
