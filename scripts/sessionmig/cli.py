@@ -83,7 +83,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     """Run the reconcile engine directly (no notebook)."""
     from .steps import reconcile_step
 
-    result = reconcile_step(_settings(args))
+    result = reconcile_step(_settings(args), progress=sys.stderr.isatty())
     print(f"{result.verdict}: {result.reason}")
     print(
         f"  source {result.source_rows} = migrated {result.migrated} + rejected "

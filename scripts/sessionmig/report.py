@@ -305,8 +305,10 @@ def reconcile_tables(result: Any) -> dict[str, pd.DataFrame]:
             ("migrated + rejected", result.migrated + result.rejected),
             ("partition holds", result.partition_holds),
             ("rows in PostgreSQL", result.target_rows),
-            ("key buckets compared by fingerprint", result.buckets_compared),
-            ("buckets drilled into (row by row)", result.buckets_differing),
+            (
+                "rows compared in PostgreSQL (full join on session_id, every column)",
+                result.source_rows - result.rejected + result.counts["extra"],
+            ),
         ],
         columns=["measure", "value"],
     ).set_index("measure")

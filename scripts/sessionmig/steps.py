@@ -355,20 +355,22 @@ def _migrate_once(s: Settings, backup: Any, dsn: str, progress: bool) -> Migrate
 # --- reconcile -------------------------------------------------------------------------------
 
 
-def reconcile_step(s: Settings) -> ReconcileResult:
+def reconcile_step(s: Settings, progress: bool = True) -> ReconcileResult:
     """Compare the raw backup with the target, every row and column."""
     backup = open_backup(s.sqlite_path)
     try:
         if backup.missing_columns:
             raise SourceError(f"{s.sqlite_path}: missing columns {backup.missing_columns}")
-        result = reconcile(
-            s.dsn(),
-            backup,
-            s.rules_for(backup),
-            schema=s.target_schema,
-            as_of=s.as_of,
-            batch_rows=s.batch_rows,
-        )
+        with tqdm(total=backup.count(), unit="rows", mininterval=2, disable=not progress) as bar:
+            result = reconcile(
+                s.dsn(),
+                backup,
+                s.rules_for(backup),
+                schema=s.target_schema,
+                as_of=s.as_of,
+                batch_rows=s.batch_rows,
+                progress=bar.update,
+            )
         backup.verify_unchanged()
         return result
     except psycopg.errors.UndefinedTable:
