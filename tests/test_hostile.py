@@ -34,6 +34,11 @@ CASES: list[tuple] = [
     ("ok-count-max", "?", "?", "?", "?", (None, None, GOOD[0], 2**31 - 1), ("lands", {"request_count": 2**31 - 1})),
     ("ok-long-user", "?", "?", "?", "?", ("x" * 5000, None, GOOD[0], 0), ("lands", {"user_id": "x" * 5000})),
     ("ok-big-number", "?", "?", "?", "?", (None, '{"n": 123456789012345678901234567890}', GOOD[0], 0), ("lands", {})),
+    ("ok-millis", "?", "?", "?", "?", (None, None, "2026-01-15 10:00:00.250", 0), ("lands", {"created_at": datetime(2026, 1, 15, 1, 0, 0, 250000, tzinfo=UTC)})),
+    ("ok-deep-json", "?", "?", "?", "?", (None, "[" * 500 + "]" * 500, GOOD[0], 0), ("lands", {})),
+    ("bad-json-deeper-than-postgres", "?", "?", "?", "?", (None, "[" * 100_000 + "]" * 100_000, GOOD[0], 0), ("reject", "refused_by_postgresql")),
+    ("bad-json-overflow", "?", "?", "?", "?", (None, '{"n": 1e1000000}', GOOD[0], 0), ("reject", "refused_by_postgresql")),
+    ("bad-json-surrogate", "?", "?", "?", "?", (None, '{"x": "\\ud800"}', GOOD[0], 0), ("reject", "json_not_storable")),
     ("bad-json", "?", "?", "?", "?", (None, "{'single': 'quotes'}", GOOD[0], 0), ("reject", "invalid_json")),
     ("bad-json-empty", "?", "?", "?", "?", (None, "", GOOD[0], 0), ("reject", "invalid_json")),
     ("bad-json-nan", "?", "?", "?", "?", (None, '{"x": NaN}', GOOD[0], 0), ("reject", "invalid_json")),
@@ -105,6 +110,16 @@ def test_every_hostile_row_lands_or_is_rejected_as_expected(hostile, dsn) -> Non
     result = steps.reconcile_step(s)
     assert result.verdict == "PASS_WITH_WARNINGS"
     assert result.counts["changed"] == 0  # the rules agree with the server on every shape
+
+
+def test_a_value_postgresql_refuses_is_rejected_with_its_message(hostile, dsn) -> None:
+    steps.migrate(hostile(), progress=False)
+    ((message, raw),) = rows_of(
+        dsn,
+        "SELECT message, raw FROM session_migration_rejects WHERE session_id = 'bad-json-overflow'",
+    )
+    assert "overflows numeric format" in message
+    assert raw["metadata"] == {"type": "text", "value": '{"n": 1e1000000}'}
 
 
 def test_bytes_that_are_not_utf8_are_kept_in_hex(hostile, dsn) -> None:

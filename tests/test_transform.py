@@ -13,7 +13,10 @@ from hypothesis import strategies as st
 from sessionmig.transform import (
     COLUMNS,
     Reject,
+    RowProblem,
     Rules,
+    WallClock,
+    as_wire,
     normalise,
     parse_count,
     parse_metadata,
@@ -301,3 +304,85 @@ def test_valid_rows_round_trip_to_the_same_meaning(moment, ttl, user, meta, coun
 def test_raw_record_keeps_floats_exactly() -> None:
     row = raw(count=0.1)
     assert raw_record(row)["request_count"] == {"type": "real", "value": "0.1"}
+
+
+# --- the fast path must agree with the rules wherever it answers -----------------------------
+
+LORD_HOWE = ZoneInfo("Australia/Lord_Howe")  # a 30-minute DST shift
+FAST_ZONES = st.sampled_from([SEOUL, NEW_YORK, LORD_HOWE, ZoneInfo("UTC")])
+
+
+def by_the_rules(text: bytes, zone) -> datetime | None:
+    try:
+        return parse_timestamp(text, "text", "created_at", zone).replace(tzinfo=None)
+    except RowProblem:
+        return None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"2024-03-10 02:30:00",  # New York: in the spring-forward gap
+        b"2024-11-03 01:30:00",  # New York: the repeated hour
+        b"2024-11-03 01:00:00.000000",
+        b"2026-01-15T10:00:00",  # valid, but not the fast spelling
+        b"2026-01-15 10:00:00+09:00",
+        b"2026-01-15 10:00:00.123+09",  # 26 bytes with an offset in the tail
+        b"2026-01-15 10:00:00,123456",
+        b"2026-01-15 10:00:00.12345",
+        b"2026-02-30 10:00:00",
+        b"2026-01-15 10:61:00",
+        b"2026-01-15 1O:00:00",
+        b"20260115 10:00:00.1234",
+    ],
+)
+def test_the_fast_clock_leaves_every_doubtful_text_to_the_rules(text: bytes) -> None:
+    assert WallClock(NEW_YORK).utc(text) is None
+
+
+def test_the_fast_clock_leaves_the_calendar_edge_to_the_rules() -> None:
+    # Seoul's offset in year 1 is +08:28, so midnight of day one is before datetime.min in UTC.
+    assert WallClock(SEOUL).utc(b"0001-01-01 00:00:00") is None
+    assert by_the_rules(b"0001-01-01 00:00:00", SEOUL) is None
+
+
+def test_the_fast_clock_converts_plain_texts_like_the_rules() -> None:
+    clock = WallClock(NEW_YORK)
+    for text in (b"2024-03-10 01:59:59.999999", b"2024-03-10 03:00:00", b"2024-07-01 12:00:00"):
+        assert clock.utc(text) == by_the_rules(text, NEW_YORK) is not None
+    assert clock.utc(b"2024-07-01 12:00:00") == datetime(2024, 7, 1, 16, 0)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2100, 1, 1)),
+    st.booleans(),
+    st.integers(0, 25),
+    st.sampled_from(list(b"0123456789 -:T.+Z,")),
+    FAST_ZONES,
+)
+def test_the_fast_clock_agrees_with_the_rules(moment, micros, position, byte, zone) -> None:
+    text = moment.isoformat(" ", "microseconds" if micros else "seconds").encode()
+    mutated = text[:position] + bytes([byte]) + text[position + 1 :]
+    for candidate in (text, mutated):
+        fast = WallClock(zone).utc(candidate)
+        if fast is not None:
+            assert fast == by_the_rules(candidate, zone), candidate
+
+
+def test_wire_form_of_a_normalised_row() -> None:
+    session = normalise(raw(), RULES)
+    assert as_wire(session) == (
+        b"session-1",
+        b"u1",
+        b'\x01{"a": 1}',
+        datetime(2026, 1, 15, 1, 0),
+        datetime(2026, 1, 16, 1, 0),
+        datetime(2026, 1, 15, 2, 0),
+        3,
+    )
+
+
+def test_json_nested_deeper_than_python_parses_is_left_to_postgresql() -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    assert parse_metadata(deep.encode(), "text", "reject") == deep

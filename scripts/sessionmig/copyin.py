@@ -39,8 +39,9 @@ REFUSALS = (
     psycopg.errors.DataError,
     psycopg.errors.IntegrityError,
     psycopg.errors.ProgramLimitExceeded,
+    psycopg.errors.StatementTooComplex,  # JSON nested deeper than the server's stack
 )
-_LINE = re.compile(r"\bline (\d+)")
+_LINE = re.compile(r"^COPY .*, line (\d+)")
 
 
 @dataclass
@@ -216,7 +217,10 @@ def _by_the_rules(
 
 
 def _refused_line(exc: psycopg.Error) -> int:
-    match = _LINE.search(exc.diag.context or "")
+    """The 1-based row of the COPY that the server refused, from its error context (whose
+    last line is COPY's own; earlier lines may be a parser's, such as "JSON data, line 1")."""
+    lines = (exc.diag.context or "").splitlines()
+    match = _LINE.search(lines[-1]) if lines else None
     return int(match.group(1)) if match else 0
 
 

@@ -137,7 +137,10 @@ def extra_value(value: Any, storage: str, column: str) -> Any:
 
 def with_extras(metadata: str | None, extras: dict[str, Any]) -> str:
     """Metadata JSON with the extra columns under ``_legacy_columns`` (objects and NULL only)."""
-    base = {} if metadata is None else json.loads(metadata)
+    try:
+        base = {} if metadata is None else json.loads(metadata)
+    except RecursionError:
+        base = None  # too deep to parse here, and not an object we could extend anyway
     if not isinstance(base, dict):
         raise RowProblem(
             "extra_columns_unplaceable",
