@@ -16,6 +16,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -342,6 +343,11 @@ def _load(
             progress=progress,
         )
         sink.flush()
+        # Every read of the source is done: hash it again while the server works, and commit
+        # only if it is unchanged.
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sessionmig-hash")
+        unchanged_source = pool.submit(backup.verify_unchanged)
+        pool.shutdown(wait=False)
         if rebuild is not None:
             rebuild()
             inserted, unchanged, conflicting, updated = streamed.copied, 0, 0, 0
@@ -375,6 +381,7 @@ def _load(
             dry_run=dry_run,
         )
         _audit(conn, schema, audit, started, counts)
+        unchanged_source.result()  # raises SourceError, which rolls everything back
         if dry_run:
             conn.rollback()
         else:

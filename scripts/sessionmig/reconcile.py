@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -384,10 +385,20 @@ def reconcile(
         run_id = run_id or latest_migrate_run(conn, schema)
         rejects = rejects_of_run(conn, schema, run_id)
         _create_source_table(conn)
-        side = _read_source(conn, backup, rules, rejects, tally, batch_rows, progress)
+        # The target's profile needs no source row: a second connection computes it in this
+        # transaction's snapshot while this one streams the source, on the server's idle core.
         zone = getattr(rules.zone, "key", "UTC")
+        snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
+        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sessionmig-reconcile")
+        target_profile = pool.submit(_profile_in_snapshot, dsn, snapshot, schema, zone)
+        side = _read_source(conn, backup, rules, rejects, tally, batch_rows, progress)
+        parity = _parity(conn, backup, schema, as_of, rules, rejects)
+        # The source is read (bar the rowids of differences to name): hash it again while the
+        # server works.
+        unchanged_source = pool.submit(backup.verify_unchanged)
+        pool.shutdown(wait=False)
         source = _profile(conn, sql.Identifier(SOURCE_TABLE), sql.Identifier("fingerprint"), zone)
-        target = _profile(conn, sql.Identifier(schema, "sessions"), sql.SQL(ROW_HASH), zone)
+        target = target_profile.result()
         if _same_rows(source, target):
             compared = {"missing": 0, "extra": 0, "changed": 0}
             compared["matched"] = sum(day.rows for day in source.values())
@@ -409,8 +420,8 @@ def reconcile(
                     "a reject for a rowid the source does not have",
                 )
         target_rows = compared["matched"] + compared["changed"] + compared["extra"]
-        parity = _parity(conn, backup, schema, as_of, rules, rejects)
         parity.update(_distributions(source, target))
+        unchanged_source.result()
     counts = tally.counts
     migrated = counts["matched"] + counts["changed"]
     rejected = len(side.seen_rejects)
@@ -429,6 +440,15 @@ def reconcile(
         reason=reason,
         warnings=warnings,
     )
+
+
+def _profile_in_snapshot(dsn: str, snapshot: str, schema: str, zone: str) -> dict[str, _Day]:
+    """:func:`_profile` of the target, on its own connection, in an exported snapshot."""
+    with psycopg.connect(dsn, application_name="sessionmig-reconcile-target") as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        # A utility statement takes no bound parameters; the id is the server's, quoted.
+        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+        return _profile(conn, sql.Identifier(schema, "sessions"), sql.SQL(ROW_HASH), zone)
 
 
 def _same_rows(source: dict[str, _Day], target: dict[str, _Day]) -> bool:

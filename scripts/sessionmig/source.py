@@ -13,6 +13,7 @@ import shutil
 import sqlite3
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,16 +65,37 @@ def hash_files(path: Path) -> tuple[FileHash, ...]:
     return tuple(FileHash(str(f), sha256_file(f), f.stat().st_size) for f in files)
 
 
+def side_files_of(path: Path) -> list[Path]:
+    """The ``-wal``/``-journal`` files present beside a backup."""
+    return [Path(str(path) + s) for s in SIDE_FILES if Path(str(path) + s).exists()]
+
+
+def hash_in_background(path: Path) -> Future[tuple[FileHash, ...]]:
+    """:func:`hash_files` on a worker thread (hashlib releases the GIL as it reads)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sessionmig-hash")
+    try:
+        return pool.submit(hash_files, path)
+    finally:
+        pool.shutdown(wait=False)
+
+
 @dataclass
 class Backup:
-    """An open private copy of a backup; use :func:`open_backup`."""
+    """An open backup, read only; use :func:`open_backup`."""
 
     original: Path
     copy: Path | None  # the private copy, when side files made one necessary
-    hashes_before: tuple[FileHash, ...]
+    before: tuple[FileHash, ...] | Future[tuple[FileHash, ...]]
     connection: sqlite3.Connection
     columns: dict[str, str] = field(default_factory=dict)
     hashes_after: tuple[FileHash, ...] = ()
+
+    @property
+    def hashes_before(self) -> tuple[FileHash, ...]:
+        """The files' hashes when opened (computed on a worker thread; waits for it)."""
+        if isinstance(self.before, Future):
+            self.before = self.before.result()
+        return self.before
 
     @property
     def sha256(self) -> str:
@@ -290,9 +312,10 @@ def open_backup(path: str | Path, workdir: str | Path | None = None) -> Backup:
     if not original.is_file():
         raise SourceError(f"{original}: no such file; check sqlite_path")
     _check_header(original)
-    before = hash_files(original)
     copy: Path | None = None
-    if len(before) > 1:
+    before: tuple[FileHash, ...] | Future[tuple[FileHash, ...]]
+    if side_files_of(original):
+        before = hash_files(original)
         copy = Path(tempfile.mkdtemp(prefix="sessionmig-src-", dir=workdir)) / "sessions.db"
         for item in before:
             shutil.copyfile(item.path, str(copy) + item.path[len(str(original)) :])
@@ -301,6 +324,8 @@ def open_backup(path: str | Path, workdir: str | Path | None = None) -> Backup:
             raise SourceError(f"{original}: changed while being copied; stop the writer and retry")
         uri = copy.resolve().as_uri()
     else:
+        # Hashed while the caller checks the file; any change is caught by the hash after.
+        before = hash_in_background(original)
         uri = original.resolve().as_uri() + "?mode=ro&immutable=1"
     # Used by one caller at a time, possibly from a worker thread.
     connection = sqlite3.connect(uri, uri=True, check_same_thread=False)

@@ -380,8 +380,9 @@ class WallClock:
 
     def utc(self, text: bytes) -> datetime | None:
         """A timestamp's text as naive UTC, or None when the fast path cannot be sure."""
+        # Called three times per row: index tests, not slices, and one dict probe.
         size = len(text)
-        if (size != 19 and (size != 26 or text[19] != 46)) or text[13:17:3] != b"::":
+        if (size != 19 and (size != 26 or text[19] != 46)) or text[13] != 58 or text[16] != 58:
             return None
         offset = self._offsets.get(text[:13], _UNSEEN)
         if offset is _UNSEEN:
@@ -390,9 +391,14 @@ class WallClock:
             return None
         try:
             moment = datetime.fromisoformat(text.decode("ascii"))
-            # fromisoformat checks the digits; a naive result means no offset hid in the tail.
-            return moment - offset if moment.tzinfo is None else None
-        except (ValueError, OverflowError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError):
+            return None
+        # fromisoformat checked the digits; a naive result means no offset hid in the tail.
+        if moment.tzinfo is not None:
+            return None
+        try:
+            return moment - offset
+        except OverflowError:
             return None
 
 
