@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ import yaml
 from conftest import ROOT, TEST_ENV, rows_of
 
 from sessionmig import sample, steps
-from sessionmig.errors import TransientTargetError
+from sessionmig.errors import SourceError, TransientTargetError
 
 pytestmark = pytest.mark.slow
 
@@ -140,3 +141,26 @@ def test_connection_killed_mid_merge_is_retried(prepared, dsn) -> None:
     assert outcome.inserted + outcome.rejected == 60_000
     assert rows_of(dsn, "SELECT count(*) FROM sessions") == [(prior_rows + outcome.inserted,)]
     assert rows_of(dsn, "SELECT count(*) FROM session_migration_runs") == [(2,)]
+
+
+def damage_index_page(path: Path) -> None:
+    """Overwrite the root page of the primary-key index, which the table scan never reads."""
+    conn = sqlite3.connect(path)
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    (root,) = conn.execute(
+        "SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_sessions_1'"
+    )
+    conn.close()
+    with open(path, "r+b") as handle:
+        handle.seek(page_size * (root[0] - 1))
+        handle.write(b"\xee" * 64)
+
+
+def test_a_damaged_file_is_caught_before_the_commit(tmp_path, target, dsn) -> None:
+    path = tmp_path / "damaged.db"
+    sample.generate(path, rows=3000, seed=3, oddities=0)
+    damage_index_page(path)
+    with pytest.raises(SourceError, match="quick_check failed.*Nothing was written"):
+        steps.migrate(target(path), progress=False)
+    assert rows_of(dsn, "SELECT count(*) FROM sessions") == [(0,)]
+    assert rows_of(dsn, "SELECT count(*) FROM session_migration_runs") == [(0,)]

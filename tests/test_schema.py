@@ -11,7 +11,7 @@ from sessionmig.schema import Base, SessionRecord, upgrade
 
 
 def test_autogenerate_against_a_migrated_database_finds_no_diff(dsn) -> None:
-    assert upgrade(dsn) == "0001"
+    assert upgrade(dsn) == "0002"
     engine = create_engine(sqlalchemy_url(dsn))
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
@@ -21,9 +21,18 @@ def test_autogenerate_against_a_migrated_database_finds_no_diff(dsn) -> None:
     assert "idx_expires_at" in indexes
 
 
+def test_session_ids_sort_bytewise(dsn) -> None:
+    upgrade(dsn)
+    engine = create_engine(sqlalchemy_url(dsn))
+    with engine.connect() as conn:
+        (column,) = [c for c in inspect(conn).get_columns("sessions") if c["name"] == "session_id"]
+    engine.dispose()
+    assert column["type"].collation == "C"
+
+
 def test_upgrade_is_idempotent_and_honours_the_schema(dsn) -> None:
-    assert upgrade(dsn, "sessions_v2") == "0001"
-    assert upgrade(dsn, "sessions_v2") == "0001"
+    assert upgrade(dsn, "sessions_v2") == "0002"
+    assert upgrade(dsn, "sessions_v2") == "0002"
     engine = create_engine(sqlalchemy_url(dsn))
     with engine.connect() as conn:
         tables = set(inspect(conn).get_table_names(schema="sessions_v2"))

@@ -13,6 +13,7 @@ batch (a redone span is held whole).
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
@@ -89,6 +90,30 @@ def stream_backup(
     # By type oid, psycopg finds the last dumper registered for bytea: DB-API's pure-Python
     # one. Put the C dumper of plain bytes back on top, for this connection only.
     conn.adapters.register_dumper(bytes, BytesBinaryDumper)
+    # Millions of short-lived tuples, none in a cycle: the cyclic collector would only
+    # rescan them.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _stream(
+            conn, backup, rules, statement, on_reject, divert, on_diverted, batch_rows, progress
+        )
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _stream(
+    conn: psycopg.Connection,
+    backup: Backup,
+    rules: Rules,
+    statement: sql.Composable,
+    on_reject: Callable[[Reject], None],
+    divert: Container[int],
+    on_diverted: Callable[[tuple], None] | None,
+    batch_rows: int,
+    progress: Callable[[int], None] | None,
+) -> Streamed:
     stats = Streamed()
     chunks = backup.plain_rows(batch_rows)
     clock = WallClock(rules.zone)

@@ -286,13 +286,26 @@ def load(
     dry_run: bool = False,
     batch_rows: int = 10_000,
     progress: Callable[[int], None] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> LoadOutcome:
     """Normalise and load every row of ``backup``; commit once (or roll back).
 
+    ``before_commit`` runs last inside the transaction; whatever it raises rolls it all back.
     A lost connection raises :class:`TransientTargetError`; the target is then as it was.
     """
     try:
-        return _load(dsn, backup, rules, audit, schema, on_conflict, dry_run, batch_rows, progress)
+        return _load(
+            dsn,
+            backup,
+            rules,
+            audit,
+            schema,
+            on_conflict,
+            dry_run,
+            batch_rows,
+            progress,
+            before_commit,
+        )
     except psycopg.OperationalError as exc:
         # The transaction died with the connection, so nothing of this run was committed (or,
         # if the loss hit COMMIT itself, all of it was): a rerun is idempotent either way.
@@ -320,6 +333,7 @@ def _load(
     dry_run: bool,
     batch_rows: int,
     progress: Callable[[int], None] | None,
+    before_commit: Callable[[], None] | None,
 ) -> LoadOutcome:
     started = datetime.now(UTC)
     clock = time.perf_counter()
@@ -382,6 +396,8 @@ def _load(
         )
         _audit(conn, schema, audit, started, counts)
         unchanged_source.result()  # raises SourceError, which rolls everything back
+        if before_commit is not None:
+            before_commit()
         if dry_run:
             conn.rollback()
         else:

@@ -37,7 +37,8 @@ class SessionRecord(Base):
     """A web-app session, as the new ``SessionManager`` stores it."""
 
     __tablename__ = "sessions"
-    session_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    # Byte order: a session id is a token (revision 0002).
+    session_id: Mapped[str] = mapped_column(Text(collation="C"), primary_key=True)
     user_id: Mapped[str | None] = mapped_column(Text)
     metadata_: Mapped[Any | None] = mapped_column("metadata", JSONB)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)

@@ -87,6 +87,7 @@ class Backup:
     copy: Path | None  # the private copy, when side files made one necessary
     before: tuple[FileHash, ...] | Future[tuple[FileHash, ...]]
     connection: sqlite3.Connection
+    uri: str = ""  # what the connection opened, for checks on connections of their own
     columns: dict[str, str] = field(default_factory=dict)
     hashes_after: tuple[FileHash, ...] = ()
 
@@ -132,6 +133,31 @@ class Backup:
             return [r[0].decode("utf-8", "replace") for r in rows]
         except sqlite3.DatabaseError as exc:
             return [f"quick_check could not run: {exc}"]
+
+    def quick_check_later(self) -> Future[list[str]]:
+        """:meth:`quick_check` on a connection and thread of its own (SQLite releases the GIL
+        while it checks), so that reading can go on meanwhile."""
+
+        def check() -> list[str]:
+            connection = sqlite3.connect(self.uri, uri=True)
+            try:
+                rows = connection.execute("PRAGMA quick_check").fetchall()
+                return [r[0] for r in rows]
+            except sqlite3.DatabaseError as exc:
+                return [f"quick_check could not run: {exc}"]
+            finally:
+                connection.close()
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sessionmig-check")
+        try:
+            return pool.submit(check)
+        finally:
+            pool.shutdown(wait=False)
+
+    def estimated_rows(self) -> int:
+        """The largest rowid: the row count, or a little above it after deletions, at no cost
+        (the count itself scans an index). For progress bars."""
+        return self._query("SELECT coalesce(max(rowid), 0) FROM sessions").fetchone()[0]
 
     def count(self) -> int:
         return self._query("SELECT count(*) FROM sessions").fetchone()[0]
@@ -330,7 +356,9 @@ def open_backup(path: str | Path, workdir: str | Path | None = None) -> Backup:
     # Used by one caller at a time, possibly from a worker thread.
     connection = sqlite3.connect(uri, uri=True, check_same_thread=False)
     connection.text_factory = bytes
-    backup = Backup(original, copy, before, connection)
+    # Map the file rather than pread() it page by page: the scan reads every page once.
+    connection.execute("PRAGMA mmap_size = 2147418112")
+    backup = Backup(original, copy, before, connection, uri)
     try:
         info = connection.execute("PRAGMA table_info(sessions)").fetchall()
     except sqlite3.DatabaseError as exc:

@@ -14,14 +14,13 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 from tqdm import tqdm
 
 from . import params as P
-from .appcheck import AppCheck, check_with_manager
 from .errors import SourceError, TargetError, TransientTargetError
 from .inspection import InspectResult, inspect_backup
 from .load import AuditInfo, LoadOutcome, load, migration_lock
@@ -38,6 +37,9 @@ from .rollback import (
 from .schema import TABLES, upgrade
 from .source import FileHash, open_backup
 from .transform import Rules
+
+if TYPE_CHECKING:  # the app check pulls in the async SessionManager; load it only for that step
+    from .appcheck import AppCheck
 
 DEFAULTS: dict[str, Any] = {
     "database_url_env": "DATABASE_URL",
@@ -306,12 +308,13 @@ def _check_source(s: Settings, backup: Any) -> None:
             "has no place for; to keep their values in metadata._legacy_columns rerun with "
             "-p on_extra_columns=into_metadata"
         )
-    # quick_check proves what the table scan reads; inspect ran the full integrity_check.
-    integrity = backup.quick_check()
-    if integrity != ["ok"]:
+
+
+def _require_sound(s: Settings, messages: list[str]) -> None:
+    if messages != ["ok"]:
         raise SourceError(
-            f"{s.sqlite_path}: quick_check failed: {integrity[:3]}; the file is damaged — take "
-            "a fresh backup"
+            f"{s.sqlite_path}: quick_check failed: {messages[:3]}; the file is damaged — take "
+            "a fresh backup. Nothing was written"
         )
 
 
@@ -323,7 +326,7 @@ def _migrate_once(s: Settings, backup: Any, dsn: str, progress: bool) -> Migrate
             if "OperationalError" in type(exc).__name__:
                 raise TransientTargetError(f"creating the schema: {exc}") from None
             raise TargetError(f"creating the schema failed: {P.redact(str(exc))}") from None
-        bar = tqdm(total=backup.count(), unit="rows", mininterval=2, disable=not progress)
+        bar = tqdm(total=backup.estimated_rows(), unit="rows", mininterval=2, disable=not progress)
         audit = AuditInfo(
             s.run_id,
             s.sqlite_path,
@@ -334,6 +337,9 @@ def _migrate_once(s: Settings, backup: Any, dsn: str, progress: bool) -> Migrate
             socket.gethostname(),
         )
         rules = s.rules_for(backup)
+        # quick_check proves what the table scan reads (inspect ran the full integrity_check);
+        # it runs beside the load and is awaited before the commit.
+        sound = backup.quick_check_later()
         try:
             outcome = load(
                 dsn,
@@ -345,6 +351,7 @@ def _migrate_once(s: Settings, backup: Any, dsn: str, progress: bool) -> Migrate
                 dry_run=s.dry_run,
                 batch_rows=s.batch_rows,
                 progress=bar.update,
+                before_commit=lambda: _require_sound(s, sound.result()),
             )
         finally:
             bar.close()
@@ -361,7 +368,9 @@ def reconcile_step(s: Settings, progress: bool = True) -> ReconcileResult:
     try:
         if backup.missing_columns:
             raise SourceError(f"{s.sqlite_path}: missing columns {backup.missing_columns}")
-        with tqdm(total=backup.count(), unit="rows", mininterval=2, disable=not progress) as bar:
+        with tqdm(
+            total=backup.estimated_rows(), unit="rows", mininterval=2, disable=not progress
+        ) as bar:
             result = reconcile(
                 s.dsn(),
                 backup,
@@ -389,6 +398,8 @@ def settings_from(namespace: dict[str, Any]) -> Settings:
 
 def app_check(s: Settings) -> AppCheck:
     """Ask the new SessionManager, read only, which sessions it accepts at ``as_of``."""
+    from .appcheck import check_with_manager
+
     backup = open_backup(s.sqlite_path)
     try:
         return check_with_manager(
