@@ -356,8 +356,6 @@ def open_backup(path: str | Path, workdir: str | Path | None = None) -> Backup:
     # Used by one caller at a time, possibly from a worker thread.
     connection = sqlite3.connect(uri, uri=True, check_same_thread=False)
     connection.text_factory = bytes
-    # Map the file rather than pread() it page by page: the scan reads every page once.
-    connection.execute("PRAGMA mmap_size = 2147418112")
     backup = Backup(original, copy, before, connection, uri)
     try:
         info = connection.execute("PRAGMA table_info(sessions)").fetchall()
