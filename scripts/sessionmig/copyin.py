@@ -149,9 +149,8 @@ def _fill(
 ) -> None:
     """Write chunks into the COPY until the span is full or the backup ends.
 
-    Rows are written as they are made, so the server parses one while the next is read.
+    Rows are written as each chunk is made, so the server parses one while the next is read.
     """
-    utc = clock.utc
     write = copy.write_row
     # Extra columns change what metadata holds, so such rows all take the rules.
     fast = not rules.extra_columns
@@ -163,19 +162,48 @@ def _fill(
             span.first = chunk[0][0]
         span.last = chunk[-1][0]
         span.rows += len(chunk)
-        for rowid, sid, uid, meta, created, expires, last, count, plain in chunk:
-            if plain and fast and rowid not in divert:
-                c, e, la = utc(created), utc(expires), utc(last)
-                if c is not None and e is not None and la is not None:
-                    write((sid, uid, meta, c, e, la, count))
-                    span.copied += 1
-                    continue
+        exact: list[int] = []
+        if fast:
+            plain = [row for row in chunk if row[8] and row[0] not in divert]
+            if len(plain) < len(chunk):
+                kept = {row[0] for row in plain}
+                exact = [row[0] for row in chunk if row[0] not in kept]
+            if plain:
+                exact += _write_plain(write, span, plain, clock)
+        else:
+            exact = [row[0] for row in chunk]
+        for rowid in sorted(exact):
             wire = _apply_rules(span, backup.raw_row(rowid, rules.extra_columns), rules, divert)
             if wire is not None:
                 write(wire)
                 span.copied += 1
         if progress:
             progress(len(chunk))
+
+
+def _write_plain(
+    write: Callable[[WireRow], None], span: _Span, rows: list[tuple], clock: WallClock
+) -> list[int]:
+    """Write the plain rows whose times the clock is sure of; return the others' rowids."""
+    rowids, sids, uids, metas, created, expires, last, counts, _ = zip(*rows, strict=True)
+    c, c_ok = clock.utc(created)
+    e, e_ok = clock.utc(expires)
+    la, la_ok = clock.utc(last)
+    sure = c_ok & e_ok & la_ok
+    wire = zip(sids, uids, metas, c, e, la, counts, strict=True)
+    if sure.all():
+        for row in wire:
+            write(row)
+        span.copied += len(rows)
+        return []
+    doubtful = []
+    for row, rowid, ok in zip(wire, rowids, sure.tolist(), strict=True):
+        if ok:
+            write(row)
+            span.copied += 1
+        else:
+            doubtful.append(rowid)
+    return doubtful
 
 
 def _apply_rules(span: _Span, raw: tuple, rules: Rules, divert: Container[int]) -> WireRow | None:

@@ -23,9 +23,12 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
+
+import numpy as np
 
 COLUMNS = (
     "session_id",
@@ -330,43 +333,54 @@ def wall_clock_kind(naive: datetime, zone: tzinfo) -> str:
 #
 # Most rows of a real backup are plain: text where text belongs and naive timestamps spelled
 # ``YYYY-MM-DD HH:MM:SS[.ffffff]``. For those, ``source`` hands over the raw bytes and
-# :class:`WallClock` converts the timestamps; the text and JSON columns go to PostgreSQL as
-# they are, and PostgreSQL — which must parse them to store them anyway — checks their UTF-8,
-# NULs and JSON. A batch it refuses is redone row by row with :func:`normalise`, so the rules
-# above decide every row that is not plain, and every reject has the same reason either way.
+# :class:`WallClock` converts the timestamps, a batch at a time; the text and JSON columns go
+# to PostgreSQL as they are, and PostgreSQL — which must parse them to store them anyway —
+# checks their UTF-8, NULs and JSON. A batch it refuses is redone row by row with
+# :func:`normalise`, so the rules above decide every row that is not plain, and every reject
+# has the same reason either way.
 
-WIRE_TYPES = ["bytea", "bytea", "bytea", "timestamp", "timestamp", "timestamp", "int4"]
+WIRE_TYPES = ["bytea", "bytea", "bytea", "int8", "int8", "int8", "int4"]
 """The COPY types of a wire row. Text goes as its UTF-8 bytes and metadata as jsonb's binary
 form (a version byte, then the text); the server checks both as it stores them. Times go as
-naive UTC ``timestamp``, whose binary form is exactly ``timestamptz``'s (microseconds since
-2000-01-01 UTC): that spares the costly aware-datetime arithmetic per value."""
+``timestamptz``'s binary form itself: a 64-bit count of microseconds since 2000-01-01 UTC."""
 
-WireRow = tuple[bytes, bytes | None, bytes | None, datetime, datetime, datetime, int]
-_UNSEEN = object()
-_HOUR = timedelta(hours=1)
+WireRow = tuple[bytes, bytes | None, bytes | None, int, int, int, int]
+PG_EPOCH = datetime(2000, 1, 1)
 _TICK = timedelta(microseconds=1)
+_US_PER_HOUR = 3_600_000_000
+_UNIX_TO_PG = (PG_EPOCH - datetime(1970, 1, 1)) // _TICK
+# What datetime can hold, as microseconds since 1970 (local) and since 2000 (UTC).
+_UTC_MIN = (datetime.min - PG_EPOCH) // _TICK
+_UTC_MAX = (datetime.max - PG_EPOCH) // _TICK
+_DIGITS = np.array([0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18])
+
+
+def pg_micros(moment: datetime) -> int:
+    """An aware instant as ``timestamptz``'s binary value."""
+    return (moment.astimezone(UTC).replace(tzinfo=None) - PG_EPOCH) // _TICK
 
 
 class WallClock:
-    """Naive wall-clock timestamps of one zone, as naive UTC — fast where it is safe.
+    """Naive wall-clock timestamps of one zone, converted a batch at a time — fast where it is
+    safe, and silent where it is not, so that :func:`parse_timestamp` decides those.
 
-    Only ``YYYY-MM-DD HH:MM:SS`` and ``YYYY-MM-DD HH:MM:SS.ffffff`` are taken. The zone's
-    offset is looked up once per hour of text (``b"YYYY-MM-DD HH"``, whose spelling is checked
-    then too) and reused for every timestamp in that hour, unless a transition falls inside
-    it. For anything else :meth:`utc` returns None and :func:`parse_timestamp` decides.
+    Only ``YYYY-MM-DD HH:MM:SS`` and ``YYYY-MM-DD HH:MM:SS.ffffff`` are taken, checked byte by
+    byte and computed in NumPy integers. The zone's offset is looked up once per local hour
+    and used for every time in it, unless a transition falls inside that hour.
     """
 
     def __init__(self, zone: tzinfo) -> None:
         self.zone = zone
-        self._offsets: dict[bytes, Any] = {}
+        self._offsets: dict[int, int | None] = {}
 
-    def _learn(self, hour: bytes) -> timedelta | None:
-        offset = None
-        if _HOUR_SHAPE.fullmatch(hour):
+    def _offset(self, hour: int) -> int | None:
+        """The zone's offset in µs for a local hour (counted from 1970), None if it changes."""
+        if hour not in self._offsets:
+            offset = None
             try:
-                start = datetime.fromisoformat(hour.decode("ascii") + ":00")
-                ends = (start, start + (_HOUR - _TICK))
-            except (ValueError, OverflowError):
+                start = datetime(1970, 1, 1) + timedelta(hours=hour)
+                ends = (start, start + (timedelta(hours=1) - _TICK))
+            except OverflowError:
                 pass
             else:
                 offsets = {
@@ -374,35 +388,69 @@ class WallClock:
                     for moment in ends
                     for fold in (0, 1)
                 }
-                offset = offsets.pop() if len(offsets) == 1 else None
-        self._offsets[hour] = offset
-        return offset
+                if len(offsets) == 1:
+                    only = offsets.pop()
+                    offset = None if only is None else only // _TICK
+            self._offsets[hour] = offset
+        return self._offsets[hour]
 
-    def utc(self, text: bytes) -> datetime | None:
-        """A timestamp's text as naive UTC, or None when the fast path cannot be sure."""
-        # Called three times per row: index tests, not slices, and one dict probe.
-        size = len(text)
-        if (size != 19 and (size != 26 or text[19] != 46)) or text[13] != 58 or text[16] != 58:
-            return None
-        offset = self._offsets.get(text[:13], _UNSEEN)
-        if offset is _UNSEEN:
-            offset = self._learn(text[:13])
-        if offset is None:
-            return None
-        try:
-            moment = datetime.fromisoformat(text.decode("ascii"))
-        except (ValueError, UnicodeDecodeError):
-            return None
-        # fromisoformat checked the digits; a naive result means no offset hid in the tail.
-        if moment.tzinfo is not None:
-            return None
-        try:
-            return moment - offset
-        except OverflowError:
-            return None
+    def utc(self, texts: Sequence[bytes]) -> tuple[list[int], np.ndarray]:
+        """Each text as ``timestamptz``'s binary value, and a mask of the ones that are sure;
+        the values where the mask is False are meaningless."""
+        n = len(texts)
+        if not n:
+            return [], np.ones(0, dtype=bool)
+        sizes = np.fromiter(map(len, texts), dtype=np.int64, count=n)
+        table = np.array(texts, dtype="S26")  # longer texts are cut, but their size tells
+        u = table.view(np.uint8).reshape(n, 26)
+        ok = (sizes == 19) | ((sizes == 26) & (u[:, 19] == 46))
+        ok &= (u[:, 4] == 45) & (u[:, 7] == 45) & (u[:, 10] == 32)
+        ok &= (u[:, 13] == 58) & (u[:, 16] == 58)
+        ok &= ((u[:, _DIGITS] - 48) < 10).all(axis=1)  # bytes below "0" wrap round, too
+        ok &= (sizes == 19) | ((u[:, 20:26] - 48) < 10).all(axis=1)
+        local = np.where(ok, _local_micros(u, sizes, ok), 0)
+        hours = local // _US_PER_HOUR
+        found, where = np.unique(hours, return_inverse=True)
+        offsets = [self._offset(int(hour)) for hour in found]
+        known = np.array([o is not None for o in offsets])
+        shift = np.array([o or 0 for o in offsets], dtype=np.int64)
+        utc = local - shift[where] - _UNIX_TO_PG
+        ok &= known[where] & (utc >= _UTC_MIN) & (utc <= _UTC_MAX)
+        return utc.tolist(), ok
 
 
-_HOUR_SHAPE = re.compile(rb"\d{4}-\d{2}-\d{2} \d{2}")
+_DAYS_IN_MONTH = np.array([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], dtype=np.int64)
+
+
+def _local_micros(u: np.ndarray, sizes: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Microseconds since 1970 of well-shaped timestamp bytes, computed in integers (NumPy's
+    own text-to-datetime cast crashes on some invalid dates); clears ``ok`` for dates and
+    times that do not exist. Rows already not ``ok`` get meaningless values."""
+    d = u.astype(np.int64) - 48
+
+    def number(*positions: int) -> np.ndarray:
+        value = np.zeros(len(u), dtype=np.int64)
+        for position in positions:
+            value = value * 10 + d[:, position]
+        return value
+
+    year, month, day = number(0, 1, 2, 3), number(5, 6), number(8, 9)
+    hour, minute, second = number(11, 12), number(14, 15), number(17, 18)
+    fraction = np.where(sizes == 26, number(20, 21, 22, 23, 24, 25), 0)
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    month_ok = (month >= 1) & (month <= 12)
+    days = _DAYS_IN_MONTH[np.where(month_ok, month, 1)] + ((month == 2) & leap)
+    ok &= (year >= 1) & month_ok & (day >= 1) & (day <= days)
+    ok &= (hour <= 23) & (minute <= 59) & (second <= 59)
+    # Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's days_from_civil).
+    y = year - (month <= 2)
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * ((month + 9) % 12) + 2) // 5 + day - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    epoch_days = era * 146097 + doe - 719468
+    seconds = ((epoch_days * 24 + hour) * 60 + minute) * 60 + second
+    return seconds * 1_000_000 + fraction
 
 
 def as_wire(session: Session) -> WireRow:
@@ -412,8 +460,8 @@ def as_wire(session: Session) -> WireRow:
         sid.encode(),
         None if uid is None else uid.encode(),
         None if meta is None else b"\x01" + meta.encode(),
-        created.replace(tzinfo=None),
-        expires.replace(tzinfo=None),
-        last.replace(tzinfo=None),
+        pg_micros(created),
+        pg_micros(expires),
+        pg_micros(last),
         count,
     )
