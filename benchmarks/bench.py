@@ -4,7 +4,10 @@ Generates a backup with ``sessionmig sample`` (cached under ``benchmarks/out``),
 a fresh database and reconciles it, each as its own ``sessionmig`` process so that wall time and
 peak RSS (from ``wait4``) are the process's alone. When ``pgloader`` is on PATH it loads the same
 file into another fresh database, configured correctly (``SET timezone`` to the source zone,
-casts to the target types), for the side-by-side ratio. Prints one table.
+casts to the target types), for the side-by-side ratio. Each way runs ``--repeat`` times, side
+by side in rounds with a CHECKPOINT before each run; the table shows medians. Migrate runs as
+the runbook runs it, with ``expected_sha256`` (``--unreviewed`` adds a run without it, where
+``quick_check`` runs beside the load).
 
 Target server: ``--dsn`` (an admin URL, database ``postgres``), else the system PostgreSQL at
 127.0.0.1:5432 when it answers, else the embedded server.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,9 +30,11 @@ import yaml
 from target import server_url
 
 from sessionmig import embedded
+from sessionmig.source import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
+UNREVIEWED = "sessionmig migrate, no expected_sha256"
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int]:
@@ -77,6 +83,18 @@ def landed(url: str, database: str) -> int:
         return 0
 
 
+def checkpoint(url: str) -> None:
+    """Flush the previous way's dirty buffers now, so that no way pays for another's."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+
+
+def median_run(done: list[tuple[float, float, int]]) -> tuple[float, float, int]:
+    """The median wall time, the largest peak RSS and the worst exit code of the rounds."""
+    walls = sorted(wall for wall, _, _ in done)
+    return statistics.median(walls), max(r for _, r, _ in done), max(c for _, _, c in done)
+
+
 def papermill_overhead(env_file: Path, env: dict[str, str]) -> float:
     """Seconds a notebook step adds over the bare engine (kernel start, rendering), measured
     on a tiny backup so that the engine's own time is negligible."""
@@ -121,6 +139,12 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dsn", default=os.environ.get("SESSIONMIG_BENCH_DSN"))
     parser.add_argument("--batch-rows", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians")
+    parser.add_argument(
+        "--unreviewed",
+        action="store_true",
+        help="also migrate without expected_sha256 (quick_check runs beside the load)",
+    )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     backup = OUT / f"sessions-{args.rows}.db"
@@ -144,7 +168,6 @@ def main() -> int:
             check=True,
         )
     url, label = server_url(args.dsn)
-    embedded.ensure_database(url, "sessionmig_bench", fresh=True)
     env_file = OUT / "bench.yaml"
     env_file.write_text(
         yaml.safe_dump(
@@ -159,20 +182,43 @@ def main() -> int:
     )
     env = {"SESSIONMIG_BENCH_TARGET": embedded.with_database(url, "sessionmig_bench")}
     cli = [sys.executable, "-m", "sessionmig.cli"]
-    results = {
-        "sessionmig migrate": timed([*cli, "migrate", "--env", str(env_file)], env),
-        "sessionmig reconcile": timed([*cli, "reconcile", "--env", str(env_file)], env),
-    }
-    loaded = pgloader(backup, url, "Asia/Seoul")
-    if loaded:
-        results["pgloader"] = loaded
-    arrived = {
-        "sessionmig migrate": landed(url, "sessionmig_bench"),
-        "sessionmig reconcile": landed(url, "sessionmig_bench"),
-        "pgloader": landed(url, "sessionmig_bench_pgloader"),
-    }
+    # As the runbook migrates: with the sha256 of the file that inspect checked in full.
+    sha = sha256_file(backup)
+    runs: dict[str, list[tuple[float, float, int]]] = {}
+    arrived: dict[str, int] = {}
+    # Rounds, each way side by side in every round: this machine's speed drifts by 10-20%
+    # between minutes, so a ratio is only fair within a round; the table shows medians.
+    for round_ in range(args.repeat):
+        print(f"round {round_ + 1} of {args.repeat} …", file=sys.stderr)
+        embedded.ensure_database(url, "sessionmig_bench", fresh=True)
+        checkpoint(url)
+        runs.setdefault("sessionmig migrate", []).append(
+            timed([*cli, "migrate", "--env", str(env_file), "-p", f"expected_sha256={sha}"], env)
+        )
+        arrived["sessionmig migrate"] = landed(url, "sessionmig_bench")
+        if args.unreviewed:
+            embedded.ensure_database(url, "sessionmig_bench", fresh=True)
+            checkpoint(url)
+            runs.setdefault(UNREVIEWED, []).append(
+                timed([*cli, "migrate", "--env", str(env_file)], env)
+            )
+            arrived[UNREVIEWED] = landed(url, "sessionmig_bench")
+        checkpoint(url)
+        runs.setdefault("sessionmig reconcile", []).append(
+            timed([*cli, "reconcile", "--env", str(env_file)], env)
+        )
+        arrived["sessionmig reconcile"] = arrived["sessionmig migrate"]
+        checkpoint(url)
+        loaded = pgloader(backup, url, "Asia/Seoul")
+        if loaded:
+            runs.setdefault("pgloader", []).append(loaded)
+            arrived["pgloader"] = landed(url, "sessionmig_bench_pgloader")
+    results = {way: median_run(done) for way, done in runs.items()}
     base = results.get("pgloader", (0.0, 0.0, 0))[0]
-    print(f"\n{args.rows:,} rows · {label} · {os.cpu_count()} cores · batch_rows {args.batch_rows}")
+    print(
+        f"\n{args.rows:,} rows · {label} · {os.cpu_count()} cores · batch_rows "
+        f"{args.batch_rows} · median of {args.repeat} round(s)"
+    )
     print("| way | rows in target | wall s | rows/s | peak RSS MB | throughput × pgloader |")
     print("|---|---|---|---|---|---|")
     for way, (wall, rss, code) in results.items():
@@ -182,6 +228,10 @@ def main() -> int:
             f"| {way}{status} | {arrived[way]:,} | {wall:.1f} | {args.rows / wall:,.0f} | "
             f"{rss:.0f} | {ratio} |"
         )
+    if base and args.repeat > 1:
+        pairs = zip(runs["sessionmig migrate"], runs["pgloader"], strict=True)
+        per_round = [f"{p[0] / m[0]:.2f}" for m, p in pairs]
+        print(f"\nmigrate × pgloader per round: {', '.join(per_round)}")
     overhead = papermill_overhead(env_file, env)
     print(f"\npapermill step overhead (kernel start + rendering): {overhead:.1f} s")
     return max(code for _, _, code in results.values())

@@ -203,7 +203,7 @@ nb(
         ("md", "## Summary"),
         (
             "code",
-            "report.show(report.outcome_table(result))\nreport.show(report.rejects_table(result))\nreport.show(report.files_table(result.hashes_before, result.hashes_after))",
+            "report.show(report.outcome_table(result))\nreport.show(report.rejects_table(result))\nreport.show(report.files_table(result.hashes_before, result.hashes_after, result.source_check))",
         ),
         ("code", "report.conclude_migrate(result)"),
     ],

@@ -200,7 +200,9 @@ def spellings_table(result: Any) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["column", "spelling (digits as 9)", "rows"])
 
 
-def files_table(files: Any, after: Any = ()) -> pd.DataFrame:
+def files_table(files: Any, after: Any = (), check: str = "") -> pd.DataFrame:
+    """Each source file's size and sha256 before and after; ``check`` names what proved the
+    file sound (shown on the backup's row)."""
     rows = []
     for i, f in enumerate(files):
         later = after[i].sha256 if i < len(after) else ""
@@ -213,7 +215,10 @@ def files_table(files: Any, after: Any = ()) -> pd.DataFrame:
                 "unchanged" if later == f.sha256 else ("—" if not later else "CHANGED"),
             )
         )
-    return pd.DataFrame(rows, columns=["file", "bytes", "sha256 before", "sha256 after", "state"])
+    table = pd.DataFrame(rows, columns=["file", "bytes", "sha256 before", "sha256 after", "state"])
+    if check:
+        table["soundness"] = [check] + [""] * (len(table) - 1)
+    return table
 
 
 def outcome_table(result: Any) -> pd.DataFrame:

@@ -253,6 +253,7 @@ class MigrateResult:
     hashes_before: tuple[FileHash, ...]
     hashes_after: tuple[FileHash, ...]
     settings: Settings
+    source_check: str = ""  # what proved the file sound before the commit
 
     @property
     def verdict(self) -> str:
@@ -290,13 +291,16 @@ def migrate(s: Settings, progress: bool = True) -> MigrateResult:
         backup.close()
 
 
-def _check_source(s: Settings, backup: Any) -> None:
+def _require_expected_sha256(s: Settings, backup: Any) -> None:
     if s.expected_sha256 and backup.sha256 != s.expected_sha256:
         raise SourceError(
             f"{s.sqlite_path}: sha256 is {backup.sha256}, but expected_sha256 is "
             f"{s.expected_sha256}; this is not the file that was reviewed — find the right "
-            "file or review this one and update expected_sha256"
+            "file or review this one and update expected_sha256. Nothing was written"
         )
+
+
+def _check_source(s: Settings, backup: Any) -> None:
     if backup.missing_columns:
         raise SourceError(
             f"{s.sqlite_path}: sessions lacks the columns {backup.missing_columns}; this is not "
@@ -337,9 +341,23 @@ def _migrate_once(s: Settings, backup: Any, dsn: str, progress: bool) -> Migrate
             socket.gethostname(),
         )
         rules = s.rules_for(backup)
-        # quick_check proves what the table scan reads (inspect ran the full integrity_check);
-        # it runs beside the load and is awaited before the commit.
-        sound = backup.quick_check_later()
+        # The file must be sound before anything commits. When it is byte for byte the one
+        # inspect checked in full (expected_sha256), that check stands; otherwise
+        # quick_check, which proves what the table scan reads, runs beside the load. The
+        # sha256 (hashed beside the load too) is compared last.
+        if s.expected_sha256:
+            check = "integrity_check by inspect: sha256 equals expected_sha256"
+
+            def before_commit() -> None:
+                _require_expected_sha256(s, backup)
+
+        else:
+            check = "quick_check beside the load: ok"
+            sound = backup.quick_check_later()
+
+            def before_commit() -> None:
+                _require_sound(s, sound.result())
+
         try:
             outcome = load(
                 dsn,
@@ -351,12 +369,12 @@ def _migrate_once(s: Settings, backup: Any, dsn: str, progress: bool) -> Migrate
                 dry_run=s.dry_run,
                 batch_rows=s.batch_rows,
                 progress=bar.update,
-                before_commit=lambda: _require_sound(s, sound.result()),
+                before_commit=before_commit,
             )
         finally:
             bar.close()
     after = backup.hashes_after or backup.verify_unchanged()  # the load checked it
-    return MigrateResult(outcome, revision, backup.hashes_before, after, s)
+    return MigrateResult(outcome, revision, backup.hashes_before, after, s, check)
 
 
 # --- reconcile -------------------------------------------------------------------------------
