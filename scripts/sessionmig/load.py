@@ -41,7 +41,6 @@ class AuditInfo:
 
     run_id: str
     source_path: str
-    source_sha256: str
     source_timezone: str
     parameters: dict[str, Any]
     operator: str | None = None
@@ -245,7 +244,12 @@ def _merge(conn: psycopg.Connection, target: sql.Composed, on_conflict: str) -> 
 
 
 def _audit(
-    conn: psycopg.Connection, schema: str, info: AuditInfo, started: datetime, counts: dict
+    conn: psycopg.Connection,
+    schema: str,
+    info: AuditInfo,
+    source_sha256: str,
+    started: datetime,
+    counts: dict,
 ) -> None:
     conn.execute(
         sql.SQL(
@@ -260,7 +264,7 @@ def _audit(
             started,
             counts["dry_run"],
             info.source_path,
-            info.source_sha256,
+            source_sha256,
             info.source_timezone,
             counts["rows_read"],
             counts["inserted"],
@@ -394,7 +398,8 @@ def _load(
             rejected=rejected,
             dry_run=dry_run,
         )
-        _audit(conn, schema, audit, started, counts)
+        # The sha256 is read only now: it was computed on a worker thread beside the load.
+        _audit(conn, schema, audit, backup.sha256, started, counts)
         unchanged_source.result()  # raises SourceError, which rolls everything back
         if before_commit is not None:
             before_commit()

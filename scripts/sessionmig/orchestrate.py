@@ -12,6 +12,7 @@ import re
 import socket
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,7 +30,7 @@ from .errors import EXIT_ERROR, EXIT_FAIL, EXIT_OK, ParameterError
 from .render import notebook_to_html, scrub_notebook
 from .report import RESULT_VARIABLE
 from .source import hash_files
-from .steps import current_operator, new_run_id
+from .steps import PROGRESS_VARIABLE, current_operator, new_run_id
 
 STEPS: dict[str, str] = {
     "preflight": "00_preflight.ipynb",
@@ -141,6 +142,45 @@ class KernelManager(AsyncKernelManager):
         await super().start_kernel(**kw)
 
 
+def last_progress(text: str) -> str | None:
+    """The latest progress line in what tqdm wrote (it redraws with carriage returns)."""
+    lines = [line.strip() for line in re.split(r"[\r\n]", text) if line.strip()]
+    return lines[-1] if lines else None
+
+
+class ProgressEcho(threading.Thread):
+    """Echo a step's progress file to the terminal while its notebook runs."""
+
+    def __init__(self, name: str, path: Path, out: Any = None, every: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.label, self.path, self.out, self.every = name, path, out or sys.stderr, every
+        self.done = threading.Event()
+        self.shown: str | None = None
+
+    def run(self) -> None:
+        while not self.done.wait(self.every):
+            self.show()
+        self.show()
+        if self.shown:
+            self.out.write("\n")
+            self.out.flush()
+
+    def show(self) -> None:
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return
+        line = last_progress(text)
+        if line and line != self.shown:
+            self.out.write(f"\r  {self.label}: {line}")
+            self.out.flush()
+            self.shown = line
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+
+
 def execute_step(
     record: StepRecord,
     run_dir: Path,
@@ -158,6 +198,12 @@ def execute_step(
     kernel_log = open(results / f"{record.name}.kernel.log", "wb")  # noqa: SIM115
     km = KernelManager(kernel_name="python3")
     km.log_file = kernel_log
+    echo = None
+    if sys.stderr.isatty():
+        progress = results / f"{record.name}.progress"
+        os.environ[PROGRESS_VARIABLE] = str(progress)
+        echo = ProgressEcho(record.name, progress)
+        echo.start()
     try:
         papermill.execute_notebook(
             str(source),
@@ -176,6 +222,9 @@ def execute_step(
     finally:
         record.duration_s = time.perf_counter() - started
         os.environ.pop(RESULT_VARIABLE, None)
+        os.environ.pop(PROGRESS_VARIABLE, None)
+        if echo is not None:
+            echo.stop()
         kernel_log.close()
     if result_file.exists():
         data = json.loads(result_file.read_text(encoding="utf-8"))

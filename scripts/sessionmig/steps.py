@@ -7,6 +7,7 @@ the result, the CLI prints it. Nothing here renders or writes reports.
 from __future__ import annotations
 
 import getpass
+import io
 import os
 import socket
 import sys
@@ -260,6 +261,50 @@ class MigrateResult:
         return "PASS_WITH_WARNINGS" if self.outcome.rejected else "PASS"
 
 
+PROGRESS_VARIABLE = "SESSIONMIG_PROGRESS_FILE"
+
+
+class _Tee(io.TextIOBase):
+    """A text stream that writes to several: the notebook, and the orchestrator's terminal."""
+
+    def __init__(self, *streams: Any) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+class _ProgressBar(tqdm):
+    """tqdm that closes the extra progress file it was given."""
+
+    extra: Any = None
+
+    def close(self) -> None:
+        super().close()
+        if self.extra is not None:
+            self.extra.close()
+            self.extra = None
+
+
+def progress_bar(total: int, enabled: bool) -> tqdm:
+    """Rows, rows/s and ETA on stderr; inside a ``sessionmig run`` kernel also appended to the
+    file named by ``SESSIONMIG_PROGRESS_FILE``, which the orchestrator echoes to its terminal."""
+    path = os.environ.get(PROGRESS_VARIABLE)
+    extra = open(path, "a", encoding="utf-8") if path and enabled else None  # noqa: SIM115
+    stream = _Tee(sys.stderr, extra) if extra else sys.stderr
+    bar = _ProgressBar(
+        total=total, unit="rows", unit_scale=True, mininterval=2, disable=not enabled, file=stream
+    )
+    bar.extra = extra
+    return bar
+
+
 def migrate(s: Settings, progress: bool = True) -> MigrateResult:
     """Create the schema with Alembic, then load every row in one transaction.
 
@@ -330,11 +375,10 @@ def _migrate_once(s: Settings, backup: Any, dsn: str, progress: bool) -> Migrate
             if "OperationalError" in type(exc).__name__:
                 raise TransientTargetError(f"creating the schema: {exc}") from None
             raise TargetError(f"creating the schema failed: {P.redact(str(exc))}") from None
-        bar = tqdm(total=backup.estimated_rows(), unit="rows", mininterval=2, disable=not progress)
+        bar = progress_bar(backup.estimated_rows(), progress)
         audit = AuditInfo(
             s.run_id,
             s.sqlite_path,
-            backup.sha256,
             s.source_timezone,
             s.public(),
             s.operator,
@@ -386,9 +430,7 @@ def reconcile_step(s: Settings, progress: bool = True) -> ReconcileResult:
     try:
         if backup.missing_columns:
             raise SourceError(f"{s.sqlite_path}: missing columns {backup.missing_columns}")
-        with tqdm(
-            total=backup.estimated_rows(), unit="rows", mininterval=2, disable=not progress
-        ) as bar:
+        with progress_bar(backup.estimated_rows(), progress) as bar:
             result = reconcile(
                 s.dsn(),
                 backup,
