@@ -8,7 +8,7 @@ savepoint: when PostgreSQL refuses a value in one (bad UTF-8, a NUL, JSON it can
 the span is rolled back and redone with the rules applied to every row, so each reject carries
 the rules' reason; a value the rules accept but the server still refuses becomes a
 ``refused_by_postgresql`` reject with the server's message. Memory is bounded by one fetch
-batch (a redone span is held whole).
+batch (and, for a redone span, one rowid per row).
 """
 
 from __future__ import annotations
@@ -227,45 +227,44 @@ def _by_the_rules(
     rules: Rules,
     divert: Container[int],
 ) -> _Span:
-    """Redo a refused span with every row normalised by the rules. A row the rules accept
-    but the server still refuses is moved to the rejects, with the server's message, and the
-    span is copied again without it."""
-    span = _Span(first, last)
-    wire: list[WireRow] = []
-    raws: list[tuple] = []
-    for raw in backup.raw_rows_between(first, last, rules.extra_columns):
-        span.rows += 1
-        row = _apply_rules(span, raw, rules, divert)
-        if row is not None:
-            wire.append(row)
-            raws.append(raw)
+    """Redo a refused span, streaming, with every row normalised by the rules. A row the
+    rules accept but the server still refuses is set aside as a reject, with the server's
+    message, and the span is copied again without it."""
+    refused: dict[int, Reject] = {}
     while True:
+        span = _Span(first, last)
+        copied: list[int] = []  # rowid per COPY line, to name a refused one
         try:
             with conn.transaction(), conn.cursor() as cur, cur.copy(statement) as copy:
                 copy.set_types(WIRE_TYPES)
-                for row in wire:
-                    copy.write_row(row)
+                for chunk in backup.raw_rows_between(first, last, rules.extra_columns):
+                    for raw in chunk:
+                        span.rows += 1
+                        if raw[0] in refused:
+                            continue
+                        row = _apply_rules(span, raw, rules, divert)
+                        if row is not None:
+                            copy.write_row(row)
+                            copied.append(raw[0])
         except REFUSALS as exc:
             index = _refused_line(exc) - 1
-            if not 0 <= index < len(wire):
+            if not 0 <= index < len(copied):
                 raise TargetError(
                     f"PostgreSQL refused a row between rowids {first} and {last} "
                     f"({_message(exc)}) and the row could not be identified; run inspect on "
                     "the backup and report this"
                 ) from None
-            raw = raws.pop(index)
-            del wire[index]
-            span.rejects.append(
-                Reject(
-                    raw[0],
-                    raw[1].decode("utf-8", "replace"),
-                    "refused_by_postgresql",
-                    _message(exc),
-                    raw_record(raw, rules.extra_columns),
-                )
+            raw = backup.raw_row(copied[index], rules.extra_columns)
+            refused[raw[0]] = Reject(
+                raw[0],
+                raw[1].decode("utf-8", "replace"),
+                "refused_by_postgresql",
+                _message(exc),
+                raw_record(raw, rules.extra_columns),
             )
             continue
-        span.copied = len(wire)
+        span.rejects.extend(refused.values())
+        span.copied = len(copied)
         return span
 
 

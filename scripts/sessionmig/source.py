@@ -237,10 +237,13 @@ class Backup:
         """One row in the form of :meth:`rows`."""
         return self._raw(extra, "WHERE rowid = ?", (rowid,)).fetchone()
 
-    def raw_rows_between(self, first: int, last: int, extra: tuple[str, ...] = ()) -> list[tuple]:
-        """The rows with ``first <= rowid <= last`` in the form of :meth:`rows`."""
+    def raw_rows_between(
+        self, first: int, last: int, extra: tuple[str, ...] = (), batch: int = 10_000
+    ) -> Iterator[list[tuple]]:
+        """The rows with ``first <= rowid <= last``, in batches, in the form of :meth:`rows`."""
         cursor = self._raw(extra, "WHERE rowid BETWEEN ? AND ? ORDER BY rowid", (first, last))
-        return cursor.fetchall()
+        while chunk := cursor.fetchmany(batch):
+            yield chunk
 
     def _raw(self, extra: tuple[str, ...], where: str, params: tuple) -> Any:
         names = (*COLUMNS, *extra)
@@ -304,8 +307,12 @@ class _Shaped:
             raise SourceError("a row vanished from the private copy of the backup")
         return self._shape(row)
 
-    def fetchall(self) -> list[tuple]:
-        return [self._shape(row) for row in self.cursor.fetchall()]
+    def fetchmany(self, size: int) -> list[tuple]:
+        try:
+            rows = self.cursor.fetchmany(size)
+        except sqlite3.DatabaseError as exc:
+            raise SourceError(f"reading rows failed ({exc}); the file is damaged") from None
+        return [self._shape(row) for row in rows]
 
 
 def _with_extras(row: tuple, k: int) -> tuple:
