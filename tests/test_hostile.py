@@ -46,6 +46,7 @@ CASES: list[tuple] = [
     ("bad-utf8-user", T, "?", "?", "?", (b"caf\xe9", None, GOOD[0], 0), ("reject", "invalid_utf8")),
     ("bad-utf8-meta", "?", T, "?", "?", (None, b'{"a": "\xff"}', GOOD[0], 0), ("reject", "invalid_utf8")),
     ("bad-nul-user", "?", "?", "?", "?", ("a\x00b", None, GOOD[0], 0), ("reject", "nul_character")),
+    ("bad-nul-meta", "?", "?", "?", "?", (None, '{"a": 1}\x00{"b": 2}', GOOD[0], 0), ("reject", "nul_character")),
     ("bad-blob-user", "?", "?", "?", "?", (b"\x01\x02", None, GOOD[0], 0), ("reject", "unexpected_blob")),
     ("bad-ts-words", "?", "?", "?", "?", (None, None, "last tuesday", 0), ("reject", "timestamp_unparseable")),
     ("bad-ts-date-only", "?", "?", "?", "?", (None, None, "2026-01-15", 0), ("reject", "timestamp_unparseable")),
