@@ -35,7 +35,6 @@ from .rollback import (
     record,
     rollback,
 )
-from .schema import TABLES, upgrade
 from .source import FileHash, open_backup
 from .transform import Rules
 
@@ -164,6 +163,8 @@ class PreflightResult:
 
 def preflight(s: Settings) -> PreflightResult:
     """Source readable and hashed, target reachable and writable: go or no-go."""
+    from . import schema
+
     checks: list[Check] = []
     sha = version = None
     existing: dict[str, int] = {}
@@ -219,7 +220,7 @@ def preflight(s: Settings) -> PreflightResult:
                     f"{s.target_schema}",
                 )
             )
-            for table in TABLES:
+            for table in schema.TABLES:
                 exists = conn.execute(
                     "SELECT to_regclass(%s) IS NOT NULL", (f'"{s.target_schema}"."{table}"',)
                 ).fetchone()[0]  # type: ignore[index]
@@ -368,9 +369,12 @@ def _require_sound(s: Settings, messages: list[str]) -> None:
 
 
 def _migrate_once(s: Settings, backup: Any, dsn: str, progress: bool) -> MigrateResult:
+    # Imported here, not at the top: SQLAlchemy's import then overlaps the source's hashing.
+    from . import schema
+
     with migration_lock(dsn, s.target_schema):
         try:
-            revision = upgrade(dsn, s.target_schema)
+            revision = schema.upgrade(dsn, s.target_schema)
         except Exception as exc:  # SQLAlchemy wraps driver errors in many types
             if "OperationalError" in type(exc).__name__:
                 raise TransientTargetError(f"creating the schema: {exc}") from None
