@@ -49,6 +49,8 @@ def test_every_row_lands_or_is_rejected_with_raw_values(small_backup, configure,
     result = steps.migrate(configure(small_backup), progress=False)
     good, bad = expected_rows(small_backup)
     assert (result.outcome.inserted, result.outcome.rejected) == (393, 7) == (len(good), len(bad))
+    # Bad bytes and bad JSON went to the server as they were; it refused, the span was redone.
+    assert result.outcome.spans_redone == 1
     stored = {
         r[0]: r
         for r in rows_of(
@@ -211,4 +213,10 @@ def test_two_runs_at_once_never_interleave(clean_backup, configure, dsn) -> None
     inserted = [o.inserted for o in outcomes if not isinstance(o, LockHeld)]
     # Either the second failed fast on the lock, or it ran after the first and changed nothing.
     assert sorted(inserted) in ([300], [0, 300])
+    assert rows_of(dsn, "SELECT count(*) FROM sessions") == [(300,)]
+
+
+def test_a_clean_backup_takes_the_fast_path_only(clean_backup, configure, dsn) -> None:
+    outcome = steps.migrate(configure(clean_backup), progress=False).outcome
+    assert (outcome.inserted, outcome.rejected, outcome.spans_redone) == (300, 0, 0)
     assert rows_of(dsn, "SELECT count(*) FROM sessions") == [(300,)]

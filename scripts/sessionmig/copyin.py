@@ -51,7 +51,7 @@ class Streamed:
 
     read: int = 0
     copied: int = 0
-    batches_redone: int = 0
+    spans_redone: int = 0
 
 
 SPAN_ROWS = 250_000
@@ -124,7 +124,7 @@ def _stream(
                 copy.set_types(WIRE_TYPES)
                 _fill(copy, span, chunks, clock, backup, rules, divert, progress)
         except REFUSALS:
-            stats.batches_redone += 1
+            stats.spans_redone += 1
             span = _by_the_rules(conn, statement, backup, span.first, span.last, rules, divert)
         if not span.rows:
             return stats

@@ -64,6 +64,7 @@ class LoadOutcome:
     committed: bool
     reject_counts: dict[str, int] = field(default_factory=dict)
     reject_examples: dict[str, list[Reject]] = field(default_factory=dict)
+    spans_redone: int = 0  # spans PostgreSQL refused a value in, redone by the rules
 
     @property
     def rows_per_second(self) -> float:
@@ -421,4 +422,5 @@ def _load(
         committed=not dry_run,
         reject_counts=dict(sink.reasons),
         reject_examples=sink.examples,
+        spans_redone=streamed.spans_redone,
     )
