@@ -16,7 +16,6 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -364,9 +363,7 @@ def _load(
         sink.flush()
         # Every read of the source is done: hash it again while the server works, and commit
         # only if it is unchanged.
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sessionmig-hash")
-        unchanged_source = pool.submit(backup.verify_unchanged)
-        pool.shutdown(wait=False)
+        unchanged_source = backup.verify_unchanged_later()
         if rebuild is not None:
             rebuild()
             inserted, unchanged, conflicting, updated = streamed.copied, 0, 0, 0

@@ -12,7 +12,6 @@ import re
 import socket
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,10 +26,11 @@ from papermill.exceptions import PapermillExecutionError
 from . import embedded, manifest, mask
 from . import params as P
 from .errors import EXIT_ERROR, EXIT_FAIL, EXIT_OK, ParameterError
+from .progress import PROGRESS_VARIABLE, ProgressEcho
 from .render import notebook_to_html, scrub_notebook
 from .report import RESULT_VARIABLE
 from .source import hash_files
-from .steps import PROGRESS_VARIABLE, current_operator, new_run_id
+from .steps import current_operator, new_run_id
 
 STEPS: dict[str, str] = {
     "preflight": "00_preflight.ipynb",
@@ -140,45 +140,6 @@ class KernelManager(AsyncKernelManager):
             kw.setdefault("stderr", self.log_file)
             kw.setdefault("stdout", self.log_file)
         await super().start_kernel(**kw)
-
-
-def last_progress(text: str) -> str | None:
-    """The latest progress line in what tqdm wrote (it redraws with carriage returns)."""
-    lines = [line.strip() for line in re.split(r"[\r\n]", text) if line.strip()]
-    return lines[-1] if lines else None
-
-
-class ProgressEcho(threading.Thread):
-    """Echo a step's progress file to the terminal while its notebook runs."""
-
-    def __init__(self, name: str, path: Path, out: Any = None, every: float = 1.0) -> None:
-        super().__init__(daemon=True)
-        self.label, self.path, self.out, self.every = name, path, out or sys.stderr, every
-        self.done = threading.Event()
-        self.shown: str | None = None
-
-    def run(self) -> None:
-        while not self.done.wait(self.every):
-            self.show()
-        self.show()
-        if self.shown:
-            self.out.write("\n")
-            self.out.flush()
-
-    def show(self) -> None:
-        try:
-            text = self.path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return
-        line = last_progress(text)
-        if line and line != self.shown:
-            self.out.write(f"\r  {self.label}: {line}")
-            self.out.flush()
-            self.shown = line
-
-    def stop(self) -> None:
-        self.done.set()
-        self.join()
 
 
 def execute_step(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -30,7 +29,7 @@ from psycopg import sql
 from .copyin import stream_backup
 from .errors import TargetError
 from .mask import mask_id
-from .source import Backup
+from .source import Backup, in_background
 from .transform import COLUMNS, Reject, Rules, raw_record
 
 PASS, WARN, FAIL = "PASS", "PASS_WITH_WARNINGS", "FAIL"
@@ -389,14 +388,12 @@ def reconcile(
         # transaction's snapshot while this one streams the source, on the server's idle core.
         zone = getattr(rules.zone, "key", "UTC")
         snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
-        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sessionmig-reconcile")
-        target_profile = pool.submit(_profile_in_snapshot, dsn, snapshot, schema, zone)
+        target_profile = in_background(_profile_in_snapshot, dsn, snapshot, schema, zone)
         side = _read_source(conn, backup, rules, rejects, tally, batch_rows, progress)
         parity = _parity(conn, backup, schema, as_of, rules, rejects)
         # The source is read (bar the rowids of differences to name): hash it again while the
         # server works.
-        unchanged_source = pool.submit(backup.verify_unchanged)
-        pool.shutdown(wait=False)
+        unchanged_source = backup.verify_unchanged_later()
         source = _profile(conn, sql.Identifier(SOURCE_TABLE), sql.Identifier("fingerprint"), zone)
         target = target_profile.result()
         if _same_rows(source, target):

@@ -12,14 +12,16 @@ import hashlib
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import SourceError
 from .transform import COLUMNS
+
+T = TypeVar("T")
 
 _STORAGE = {
     b"null": "null",
@@ -59,22 +61,23 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def hash_files(path: Path) -> tuple[FileHash, ...]:
-    """Hashes of the backup and of each side file present beside it."""
-    files = [path] + [Path(str(path) + s) for s in SIDE_FILES if Path(str(path) + s).exists()]
-    return tuple(FileHash(str(f), sha256_file(f), f.stat().st_size) for f in files)
-
-
 def side_files_of(path: Path) -> list[Path]:
     """The ``-wal``/``-journal`` files present beside a backup."""
     return [Path(str(path) + s) for s in SIDE_FILES if Path(str(path) + s).exists()]
 
 
-def hash_in_background(path: Path) -> Future[tuple[FileHash, ...]]:
-    """:func:`hash_files` on a worker thread (hashlib releases the GIL as it reads)."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sessionmig-hash")
+def hash_files(path: Path) -> tuple[FileHash, ...]:
+    """Hashes of the backup and of each side file present beside it."""
+    files = [path, *side_files_of(path)]
+    return tuple(FileHash(str(f), sha256_file(f), f.stat().st_size) for f in files)
+
+
+def in_background(work: Callable[..., T], *args: Any) -> Future[T]:
+    """``work(*args)`` on a thread of its own, so that reading goes on meanwhile (hashlib and
+    SQLite release the GIL while they work)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sessionmig")
     try:
-        return pool.submit(hash_files, path)
+        return pool.submit(work, *args)
     finally:
         pool.shutdown(wait=False)
 
@@ -125,24 +128,17 @@ class Backup:
     def quick_check_later(self) -> Future[list[str]]:
         """``PRAGMA quick_check`` (every page and b-tree sound, NOT NULLs held: what a full
         scan of the table relies on, at a tenth of :meth:`integrity_check`'s cost) on a
-        connection and thread of its own — SQLite releases the GIL while it checks — so that
-        reading goes on meanwhile. ``['ok']`` for a sound file."""
+        connection and thread of its own, beside the reading. ``['ok']`` for a sound file."""
+        return in_background(self._quick_check)
 
-        def check() -> list[str]:
-            connection = sqlite3.connect(self.uri, uri=True)
-            try:
-                rows = connection.execute("PRAGMA quick_check").fetchall()
-                return [r[0] for r in rows]
-            except sqlite3.DatabaseError as exc:
-                return [f"quick_check could not run: {exc}"]
-            finally:
-                connection.close()
-
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sessionmig-check")
+    def _quick_check(self) -> list[str]:
+        connection = sqlite3.connect(self.uri, uri=True)
         try:
-            return pool.submit(check)
+            return [r[0] for r in connection.execute("PRAGMA quick_check").fetchall()]
+        except sqlite3.DatabaseError as exc:
+            return [f"quick_check could not run: {exc}"]
         finally:
-            pool.shutdown(wait=False)
+            connection.close()
 
     def estimated_rows(self) -> int:
         """The largest rowid: the row count, or a little above it after deletions, at no cost
@@ -177,28 +173,7 @@ class Backup:
         unknown = [c for c in extra if c not in self.columns]
         if unknown:
             raise ValueError(f"no such columns: {unknown}")
-        names = (*COLUMNS, *extra)
-        # Column names come from the file's own schema, quoted as SQLite identifiers.
-        values = ", ".join('"' + c.replace('"', '""') + '"' for c in names)
-        types = ", ".join('typeof("' + c.replace('"', '""') + '")' for c in names)
-        cursor = self._query(f"SELECT rowid, {values}, {types} FROM sessions ORDER BY {order}")
-        while True:
-            try:
-                chunk = cursor.fetchmany(batch)
-            except sqlite3.DatabaseError as exc:
-                raise SourceError(
-                    f"{self.original}: reading rows failed ({exc}); the file is damaged — take "
-                    "a fresh backup"
-                ) from None
-            if not chunk:
-                return
-            # text_factory=bytes also makes typeof() bytes; the rules speak str.
-            yield [
-                row[:8] + tuple(map(_STORAGE.__getitem__, row[8:]))
-                if not extra
-                else _with_extras(row, len(extra))
-                for row in chunk
-            ]
+        yield from self._raw_batches(extra, f"ORDER BY {order}", (), batch)
 
     def plain_rows(self, batch: int = 10_000) -> Iterator[list[tuple]]:
         """Rows for the fast path, in rowid order: ``(rowid, session_id, user_id, jsonb wire
@@ -211,6 +186,37 @@ class Backup:
         cursor = self._query(
             f"SELECT rowid, {_PLAIN_COLUMNS}, {_PLAIN} FROM sessions ORDER BY rowid"
         )
+        yield from self._batches(cursor, batch)
+
+    def raw_row(self, rowid: int, extra: tuple[str, ...] = ()) -> tuple:
+        """One row in the form of :meth:`rows`."""
+        row = self._raw_cursor(extra, "WHERE rowid = ?", (rowid,)).fetchone()
+        if row is None:
+            raise SourceError(f"{self.original}: row {rowid} vanished while it was being read")
+        return _shaped(row, len(extra))
+
+    def raw_rows_between(
+        self, first: int, last: int, extra: tuple[str, ...] = (), batch: int = 10_000
+    ) -> Iterator[list[tuple]]:
+        """The rows with ``first <= rowid <= last``, in batches, in the form of :meth:`rows`."""
+        where = "WHERE rowid BETWEEN ? AND ? ORDER BY rowid"
+        yield from self._raw_batches(extra, where, (first, last), batch)
+
+    def _raw_batches(
+        self, extra: tuple[str, ...], where: str, params: tuple, batch: int
+    ) -> Iterator[list[tuple]]:
+        k = len(extra)
+        for chunk in self._batches(self._raw_cursor(extra, where, params), batch):
+            yield [_shaped(row, k) for row in chunk]
+
+    def _raw_cursor(self, extra: tuple[str, ...], where: str, params: tuple) -> sqlite3.Cursor:
+        names = (*COLUMNS, *extra)
+        # Column names come from the file's own schema, quoted as SQLite identifiers.
+        values = ", ".join('"' + c.replace('"', '""') + '"' for c in names)
+        types = ", ".join('typeof("' + c.replace('"', '""') + '")' for c in names)
+        return self._query(f"SELECT rowid, {values}, {types} FROM sessions {where}", params)
+
+    def _batches(self, cursor: sqlite3.Cursor, batch: int) -> Iterator[list[tuple]]:
         while True:
             try:
                 chunk = cursor.fetchmany(batch)
@@ -223,24 +229,9 @@ class Backup:
                 return
             yield chunk
 
-    def raw_row(self, rowid: int, extra: tuple[str, ...] = ()) -> tuple:
-        """One row in the form of :meth:`rows`."""
-        return self._raw(extra, "WHERE rowid = ?", (rowid,)).fetchone()
-
-    def raw_rows_between(
-        self, first: int, last: int, extra: tuple[str, ...] = (), batch: int = 10_000
-    ) -> Iterator[list[tuple]]:
-        """The rows with ``first <= rowid <= last``, in batches, in the form of :meth:`rows`."""
-        cursor = self._raw(extra, "WHERE rowid BETWEEN ? AND ? ORDER BY rowid", (first, last))
-        while chunk := cursor.fetchmany(batch):
-            yield chunk
-
-    def _raw(self, extra: tuple[str, ...], where: str, params: tuple) -> Any:
-        names = (*COLUMNS, *extra)
-        values = ", ".join('"' + c.replace('"', '""') + '"' for c in names)
-        types = ", ".join('typeof("' + c.replace('"', '""') + '")' for c in names)
-        cursor = self._query(f"SELECT rowid, {values}, {types} FROM sessions {where}", params)
-        return _Shaped(cursor, len(extra))
+    def verify_unchanged_later(self) -> Future[tuple[FileHash, ...]]:
+        """:meth:`verify_unchanged` beside other work, once every read is done."""
+        return in_background(self.verify_unchanged)
 
     def verify_unchanged(self) -> tuple[FileHash, ...]:
         """Re-hash the original files; raise if anything differs from before."""
@@ -280,29 +271,12 @@ _PLAIN = " AND ".join(
 )
 
 
-class _Shaped:
-    """A cursor over raw rows whose fetches return the shape :meth:`Backup.rows` yields."""
-
-    def __init__(self, cursor: sqlite3.Cursor, k: int) -> None:
-        self.cursor, self.k = cursor, k
-
-    def _shape(self, row: tuple) -> tuple:
-        if not self.k:
-            return row[:8] + tuple(map(_STORAGE.__getitem__, row[8:]))
-        return _with_extras(row, self.k)
-
-    def fetchone(self) -> tuple:
-        row = self.cursor.fetchone()
-        if row is None:
-            raise SourceError("a row vanished from the private copy of the backup")
-        return self._shape(row)
-
-    def fetchmany(self, size: int) -> list[tuple]:
-        try:
-            rows = self.cursor.fetchmany(size)
-        except sqlite3.DatabaseError as exc:
-            raise SourceError(f"reading rows failed ({exc}); the file is damaged") from None
-        return [self._shape(row) for row in rows]
+def _shaped(row: tuple, k: int) -> tuple:
+    """A fetched raw row in the form of :meth:`Backup.rows`. (``text_factory=bytes`` makes
+    ``typeof()`` bytes too; the rules speak str.)"""
+    if not k:
+        return row[:8] + tuple(map(_STORAGE.__getitem__, row[8:]))
+    return _with_extras(row, k)
 
 
 def _with_extras(row: tuple, k: int) -> tuple:
@@ -348,7 +322,7 @@ def open_backup(path: str | Path, workdir: str | Path | None = None) -> Backup:
         uri = copy.resolve().as_uri()
     else:
         # Hashed while the caller checks the file; any change is caught by the hash after.
-        before = hash_in_background(original)
+        before = in_background(hash_files, original)
         uri = original.resolve().as_uri() + "?mode=ro&immutable=1"
     # Used by one caller at a time, possibly from a worker thread.
     connection = sqlite3.connect(uri, uri=True, check_same_thread=False)

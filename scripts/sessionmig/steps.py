@@ -7,7 +7,6 @@ the result, the CLI prints it. Nothing here renders or writes reports.
 from __future__ import annotations
 
 import getpass
-import io
 import os
 import socket
 import sys
@@ -19,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
-from tqdm import tqdm
 
 from . import params as P
 from .errors import SourceError, TargetError, TransientTargetError
 from .inspection import InspectResult, inspect_backup
 from .load import AuditInfo, LoadOutcome, load, migration_lock
+from .progress import progress_bar
 from .reconcile import ReconcileResult, reconcile
 from .rollback import (
     FinalizeResult,
@@ -262,50 +261,6 @@ class MigrateResult:
         return "PASS_WITH_WARNINGS" if self.outcome.rejected else "PASS"
 
 
-PROGRESS_VARIABLE = "SESSIONMIG_PROGRESS_FILE"
-
-
-class _Tee(io.TextIOBase):
-    """A text stream that writes to several: the notebook, and the orchestrator's terminal."""
-
-    def __init__(self, *streams: Any) -> None:
-        self.streams = streams
-
-    def write(self, text: str) -> int:
-        for stream in self.streams:
-            stream.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        for stream in self.streams:
-            stream.flush()
-
-
-class _ProgressBar(tqdm):
-    """tqdm that closes the extra progress file it was given."""
-
-    extra: Any = None
-
-    def close(self) -> None:
-        super().close()
-        if self.extra is not None:
-            self.extra.close()
-            self.extra = None
-
-
-def progress_bar(total: int, enabled: bool) -> tqdm:
-    """Rows, rows/s and ETA on stderr; inside a ``sessionmig run`` kernel also appended to the
-    file named by ``SESSIONMIG_PROGRESS_FILE``, which the orchestrator echoes to its terminal."""
-    path = os.environ.get(PROGRESS_VARIABLE)
-    extra = open(path, "a", encoding="utf-8") if path and enabled else None  # noqa: SIM115
-    stream = _Tee(sys.stderr, extra) if extra else sys.stderr
-    bar = _ProgressBar(
-        total=total, unit="rows", unit_scale=True, mininterval=2, disable=not enabled, file=stream
-    )
-    bar.extra = extra
-    return bar
-
-
 def migrate(s: Settings, progress: bool = True) -> MigrateResult:
     """Create the schema with Alembic, then load every row in one transaction.
 
@@ -421,8 +376,8 @@ def _migrate_once(s: Settings, backup: Any, dsn: str, progress: bool) -> Migrate
             )
         finally:
             bar.close()
-    after = backup.hashes_after or backup.verify_unchanged()  # the load checked it
-    return MigrateResult(outcome, revision, backup.hashes_before, after, s, check)
+    # The load re-hashed the source before its commit.
+    return MigrateResult(outcome, revision, backup.hashes_before, backup.hashes_after, s, check)
 
 
 # --- reconcile -------------------------------------------------------------------------------
@@ -444,9 +399,7 @@ def reconcile_step(s: Settings, progress: bool = True) -> ReconcileResult:
                 batch_rows=s.batch_rows,
                 progress=bar.update,
             )
-        if not backup.hashes_after:
-            backup.verify_unchanged()
-        return result
+        return result  # reconcile re-hashed the source before it finished
     except psycopg.errors.UndefinedTable:
         raise TargetError(
             f"the target has no sessionmig tables in schema {s.target_schema!r}; run migrate first"
