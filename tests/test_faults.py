@@ -160,7 +160,8 @@ def test_a_damaged_file_is_caught_before_the_commit(tmp_path, target, dsn) -> No
     path = tmp_path / "damaged.db"
     sample.generate(path, rows=3000, seed=3, oddities=0)
     damage_index_page(path)
-    with pytest.raises(SourceError, match="quick_check failed.*Nothing was written"):
+    # Caught by quick_check beside the load, or already by the look-up of repeated keys.
+    with pytest.raises(SourceError, match="quick_check failed.*Nothing was written|damaged"):
         steps.migrate(target(path), progress=False)
     assert rows_of(dsn, "SELECT count(*) FROM sessions") == [(0,)]
     assert rows_of(dsn, "SELECT count(*) FROM session_migration_runs") == [(0,)]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gc
 import re
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import psycopg
@@ -59,6 +59,20 @@ SPAN_ROWS = 250_000
 so spans are long; a refused span is redone by the rules, at about 3 s per 250,000 rows."""
 
 
+@dataclass(frozen=True)
+class _Aside:
+    """Rows not to copy: diverted (handed over raw) or settled (rejects decided beforehand)."""
+
+    divert: Container[int]
+    settled: Mapping[int, Reject]
+
+    def __contains__(self, rowid: object) -> bool:
+        return rowid in self.divert or rowid in self.settled
+
+    def __bool__(self) -> bool:
+        return bool(self.divert) or bool(self.settled)
+
+
 @dataclass
 class _Span:
     """One savepoint's worth of rows: what to apply once its COPY has succeeded."""
@@ -80,12 +94,14 @@ def stream_backup(
     on_reject: Callable[[Reject], None],
     divert: Container[int] = frozenset(),
     on_diverted: Callable[[tuple], None] | None = None,
+    settled: Mapping[int, Reject] | None = None,
     batch_rows: int = 10_000,
     progress: Callable[[int], None] | None = None,
 ) -> Streamed:
     """COPY every row of ``backup`` that can land into ``table`` (the session columns, in
     ``COLUMNS`` order); hand each reject to ``on_reject``. Rows whose rowid is in ``divert`` are
-    not copied but handed raw to ``on_diverted``. Runs inside the caller's transaction."""
+    not copied but handed raw to ``on_diverted``; rows in ``settled`` are rejects decided
+    beforehand (``keys.duplicate_rejects``). Runs inside the caller's transaction."""
     statement = sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(table)
     # By type oid, psycopg finds the last dumper registered for bytea: DB-API's pure-Python
     # one. Put the C dumper of plain bytes back on top, for this connection only.
@@ -96,7 +112,15 @@ def stream_backup(
     gc.disable()
     try:
         return _stream(
-            conn, backup, rules, statement, on_reject, divert, on_diverted, batch_rows, progress
+            conn,
+            backup,
+            rules,
+            statement,
+            on_reject,
+            _Aside(divert, settled or {}),
+            on_diverted,
+            batch_rows,
+            progress,
         )
     finally:
         if collecting:
@@ -109,7 +133,7 @@ def _stream(
     rules: Rules,
     statement: sql.Composable,
     on_reject: Callable[[Reject], None],
-    divert: Container[int],
+    divert: _Aside,
     on_diverted: Callable[[tuple], None] | None,
     batch_rows: int,
     progress: Callable[[int], None] | None,
@@ -144,7 +168,7 @@ def _fill(
     clock: WallClock,
     backup: Backup,
     rules: Rules,
-    divert: Container[int],
+    divert: _Aside,
     progress: Callable[[int], None] | None,
 ) -> None:
     """Write chunks into the COPY until the span is full or the backup ends.
@@ -164,7 +188,10 @@ def _fill(
         span.rows += len(chunk)
         exact: list[int] = []
         if fast:
-            plain = [row for row in chunk if row[8] and row[0] not in divert]
+            if divert:
+                plain = [row for row in chunk if row[8] and row[0] not in divert]
+            else:  # the usual case, spared a membership test per row
+                plain = [row for row in chunk if row[8]]
             if len(plain) < len(chunk):
                 kept = {row[0] for row in plain}
                 exact = [row[0] for row in chunk if row[0] not in kept]
@@ -206,10 +233,13 @@ def _write_plain(
     return doubtful
 
 
-def _apply_rules(span: _Span, raw: tuple, rules: Rules, divert: Container[int]) -> WireRow | None:
+def _apply_rules(span: _Span, raw: tuple, rules: Rules, divert: _Aside) -> WireRow | None:
     """A row by the rules: its wire form, or None when it is diverted or rejected."""
-    if raw[0] in divert:
+    if raw[0] in divert.divert:
         span.diverted.append(raw)
+        return None
+    if raw[0] in divert.settled:
+        span.rejects.append(divert.settled[raw[0]])
         return None
     result = normalise(raw, rules)
     if isinstance(result, Reject):
@@ -225,7 +255,7 @@ def _by_the_rules(
     first: int,
     last: int,
     rules: Rules,
-    divert: Container[int],
+    divert: _Aside,
 ) -> _Span:
     """Redo a refused span, streaming, with every row normalised by the rules. A row the
     rules accept but the server still refuses is set aside as a reject, with the server's
@@ -255,9 +285,10 @@ def _by_the_rules(
                     "the backup and report this"
                 ) from None
             raw = backup.raw_row(copied[index], rules.extra_columns)
+            accepted = normalise(raw, rules)  # it was copied, so the rules accepted it
             refused[raw[0]] = Reject(
                 raw[0],
-                raw[1].decode("utf-8", "replace"),
+                None if isinstance(accepted, Reject) else accepted[0],
                 "refused_by_postgresql",
                 _message(exc),
                 raw_record(raw, rules.extra_columns),

@@ -49,3 +49,16 @@ class VerdictFailed(SessionmigError):
     """A step reached a verdict of FAIL: the data cannot be trusted as migrated."""
 
     exit_code = EXIT_FAIL
+
+
+# SQLSTATEs after which the same work may succeed on a new connection: the connection itself
+# (class 08), the server shutting down or starting (57P01-57P03), too many connections (53300).
+# A refusal of the data (22 data exception, 23 integrity, 54 program limit …) is never one:
+# retrying would refuse it again, and calling it a lost connection hides the reason.
+_TRANSIENT_STATES = ("57P01", "57P02", "57P03", "53300")
+
+
+def is_connection_loss(sqlstate: str | None) -> bool:
+    """Whether an error with this SQLSTATE means the connection, not the work, failed
+    (``None``: the client lost the connection before the server could say anything)."""
+    return sqlstate is None or sqlstate.startswith("08") or sqlstate in _TRANSIENT_STATES

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SourceError
+from .keys import duplicate_rejects
 from .mask import mask_id
-from .source import EXPECTED_SCHEMA, FileHash, open_backup
+from .source import EXPECTED_SCHEMA, Backup, FileHash, open_backup
 from .transform import (
     COLUMNS,
     TIMESTAMP_COLUMNS,
@@ -209,6 +210,32 @@ def findings_from(census: Census, zone_name: str) -> list[Finding]:
     return out
 
 
+def _duplicates(backup: Backup, rules: Rules) -> list[Finding]:
+    """Rows whose session_id an earlier row already has: migrate lands the first the rules
+    accept and rejects the others as ``duplicate_session_id``."""
+    try:
+        repeated = duplicate_rejects(backup, rules)
+    except SourceError as exc:
+        return [Finding("error", "unreadable_rows", 1, str(exc))]
+    if not repeated:
+        return []
+    examples = tuple(
+        f"rowid {r.rowid} ({mask_id(r.session_id)}): {r.message}"
+        for r in list(repeated.values())[:3]
+    )
+    return [
+        Finding(
+            "warning",
+            "reject:duplicate_session_id",
+            len(repeated),
+            f"{len(repeated)} rows repeat a session_id of an earlier row (the table does not "
+            "keep it unique); migrate lands the first copy the rules accept and keeps the "
+            "others in session_migration_rejects",
+            examples,
+        )
+    ]
+
+
 def inspect_backup(
     path: str | Path,
     rules: Rules,
@@ -296,6 +323,17 @@ def inspect_backup(
             except SourceError as exc:
                 findings.append(Finding("error", "unreadable_rows", 1, str(exc)))
             findings[:0] = findings_from(census, zone_name)
+            findings.extend(_duplicates(backup, rules))
+        if backup.rowids_by_key:
+            findings.append(
+                Finding(
+                    "info",
+                    "without_rowid",
+                    1,
+                    "sessions is a WITHOUT ROWID table: it is read from a private copy, and a "
+                    "reject's source rowid is the row's position in primary-key order",
+                )
+            )
         backup.verify_unchanged()
         files = backup.hashes_before
     finally:

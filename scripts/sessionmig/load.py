@@ -26,12 +26,23 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from .copyin import stream_backup
-from .errors import LockHeld, MigrationConflict, TransientTargetError
+from .errors import (
+    LockHeld,
+    MigrationConflict,
+    TargetError,
+    TransientTargetError,
+    is_connection_loss,
+)
+from .keys import duplicate_rejects
 from .source import Backup
 from .transform import Reject, Rules
 
 REJECT_TYPES = ["int8", "text", "text", "text", "text"]
 EXAMPLES_PER_REASON = 3
+LOCK_TIMEOUT = "5s"
+"""How long the load waits for a table lock before giving up. The target may be live: a
+migration that queued behind the app's transactions would queue every later request of the
+app behind itself, so it fails fast and says so instead."""
 
 
 @dataclass(frozen=True)
@@ -256,8 +267,8 @@ def _audit(
             """INSERT INTO {} (run_id, step, started_at, finished_at, dry_run, source_path,
                    source_sha256, source_timezone, rows_read, inserted, unchanged, conflicting,
                    updated, rejected, parameters, operator, host)
-               VALUES (%s, 'migrate', %s, now(), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
-                       %s, %s)"""
+               VALUES (%s, 'migrate', %s, clock_timestamp(), %s, %s, %s, %s, %s, %s, %s, %s,
+                       %s, %s, %s, %s, %s)"""
         ).format(_table(schema, "session_migration_runs")),
         (
             info.run_id,
@@ -310,10 +321,26 @@ def load(
             progress,
             before_commit,
         )
-    except psycopg.OperationalError as exc:
-        # The transaction died with the connection, so nothing of this run was committed (or,
-        # if the loss hit COMMIT itself, all of it was): a rerun is idempotent either way.
-        raise TransientTargetError(f"lost the connection to the target: {exc}".strip()) from None
+    except psycopg.errors.LockNotAvailable:
+        raise TargetError(
+            f"{schema}.sessions is locked by another session of the target for longer than "
+            f"{LOCK_TIMEOUT} (the app or a maintenance job); nothing was written. Run again when "
+            "it is idle, or look at pg_locks for who holds it"
+        ) from None
+    except psycopg.Error as exc:
+        if isinstance(exc, psycopg.OperationalError) and is_connection_loss(exc.sqlstate):
+            # The transaction died with the connection, so nothing of this run was committed
+            # (or, if the loss hit COMMIT itself, all of it was): a rerun is idempotent.
+            raise TransientTargetError(
+                f"lost the connection to the target: {exc}".strip()
+            ) from None
+        # The server refused the work itself: retrying would be refused again. The detail is
+        # left out, since it can quote a key (a session id).
+        raise TargetError(
+            f"PostgreSQL refused the load (SQLSTATE {exc.sqlstate}: "
+            f"{exc.diag.message_primary or type(exc).__name__}); nothing was written. Run "
+            "inspect on the backup and report this"
+        ) from None
 
 
 def _is_first_load(conn: psycopg.Connection, target: sql.Composed) -> bool:
@@ -343,7 +370,10 @@ def _load(
     clock = time.perf_counter()
     conn = psycopg.connect(dsn, application_name="sessionmig-migrate", connect_timeout=15)
     with conn:
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
         target = _table(schema, "sessions")
+        # Decided before any row is copied, so which copy lands never depends on row order.
+        settled = duplicate_rejects(backup, rules)
         first = _is_first_load(conn, target)
         _create_staging(conn, sessions=not first)
         rebuild = _drop_indexes(conn, schema) if first else None
@@ -357,6 +387,7 @@ def _load(
                 "request_count)"
             ).format(target if first else sql.Identifier("sessionmig_staging")),
             on_reject=sink,
+            settled=settled,
             batch_rows=batch_rows,
             progress=progress,
         )
@@ -368,7 +399,7 @@ def _load(
             rebuild()
             inserted, unchanged, conflicting, updated = streamed.copied, 0, 0, 0
         else:
-            _, unchanged, conflicting = _classify(conn, target)
+            new, unchanged, conflicting = _classify(conn, target)
             if conflicting and on_conflict == "fail":
                 conn.rollback()
                 raise MigrationConflict(
@@ -378,6 +409,14 @@ def _load(
                     "last_activity wins)"
                 )
             inserted, updated = _merge(conn, target, on_conflict)
+            if inserted != new:
+                # Sessions the app wrote meanwhile took some keys: ON CONFLICT skipped those
+                # rows, and a skipped row must never pass unnoticed.
+                conn.rollback()
+                raise MigrationConflict(
+                    f"{new - inserted} source sessions were written to {schema}.sessions by "
+                    "someone else while this load ran; nothing was written. Run again"
+                )
         rejected = sum(sink.reasons.values())
         conn.execute(
             sql.SQL(

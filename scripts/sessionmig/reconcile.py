@@ -17,6 +17,7 @@ dropped at the end.
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,21 +27,34 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .copyin import stream_backup
+from .copyin import REFUSALS, stream_backup
 from .errors import TargetError
 from .mask import mask_id
 from .source import Backup, in_background
-from .transform import COLUMNS, Reject, Rules, raw_record
+from .transform import COLUMNS, WIRE_TYPES, Reject, Rules, Session, as_wire, normalise, raw_record
 
 PASS, WARN, FAIL = "PASS", "PASS_WITH_WARNINGS", "FAIL"
 MAX_DIFFERENCES = 200
+KINDS: dict[str, str] = {
+    "matched": "in the source and in PostgreSQL with identical values",
+    "missing": "in the source, landable, not in PostgreSQL",
+    "extra": "in PostgreSQL, not in the source",
+    "changed": "in both, with a value that differs",
+    "both": "recorded as a reject and also present in PostgreSQL",
+    "reject_mismatch": "a reject whose raw values or reason do not match the source row",
+    "false_reject": "recorded as a reject although it should have landed",
+    "unaccounted": "cannot land and is not in the rejects table",
+    "orphan_reject": "a reject for a row the source does not have",
+    "duplicate": "source rows that share a session_id without being recorded as duplicates",
+}
+"""Every kind of count a reconciliation keeps; all but ``matched`` fail it."""
 
 
 @dataclass(frozen=True)
 class Difference:
     """One row that breaks the partition or differs, with the id hashed."""
 
-    kind: str  # missing | extra | changed | both | reject_mismatch | unaccounted | orphan_reject
+    kind: str  # one of KINDS
     session: str
     rowid: int | None
     detail: str
@@ -66,7 +80,16 @@ class ReconcileResult:
     @property
     def partition_holds(self) -> bool:
         return self.source_rows == self.migrated + self.rejected and not any(
-            self.counts[k] for k in ("both", "missing", "unaccounted", "orphan_reject")
+            self.counts[k]
+            for k in (
+                "both",
+                "missing",
+                "unaccounted",
+                "orphan_reject",
+                "false_reject",
+                "duplicate",
+                "reject_mismatch",
+            )
         )
 
 
@@ -81,8 +104,18 @@ def canonical_json(value: Any) -> Any:
     return {k: canonical_json(v) for k, v in value.items()}
 
 
+_SQL_NULL = ("sql", "NULL")  # never equal to any parsed JSON value, JSON null included
+
+
 def _json(text: str | None) -> Any:
-    return None if text is None else canonical_json(json.loads(text, parse_float=Decimal))
+    return _SQL_NULL if text is None else canonical_json(json.loads(text, parse_float=Decimal))
+
+
+def _shown_json(text: str | None, limit: int = 60) -> str:
+    """Metadata as a reviewer reads it: SQL NULL spelled out, long JSON cut short."""
+    if text is None:
+        return "SQL NULL"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def json_diff(left: Any, right: Any, path: str = "$") -> list[str]:
@@ -108,8 +141,11 @@ def field_diff(source: tuple, target: tuple) -> list[str]:
         if column == "metadata":
             ja, jb = _json(a), _json(b)
             if ja != jb:
-                paths = json_diff(ja, jb) if ja is not None and jb is not None else ["$ null"]
-                out.append(f"metadata: {', '.join(paths[:5])}")
+                where = json_diff(ja, jb) if _SQL_NULL not in (ja, jb) else []
+                paths = f" at {', '.join(where[:5])}" if where else ""
+                out.append(
+                    f"metadata{paths}: source {_shown_json(a)} vs target {_shown_json(b)}"
+                )
         elif isinstance(a, datetime) and isinstance(b, datetime):
             if a != b:
                 out.append(
@@ -117,9 +153,12 @@ def field_diff(source: tuple, target: tuple) -> list[str]:
                     f"(target - source = {b - a})"
                 )
         elif a != b or type(a) is not type(b):
-            shown = (lambda v: "NULL" if v is None else repr(v)) if column == "user_id" else repr
-            out.append(f"{column}: source {shown(a)} vs target {shown(b)}")
+            out.append(f"{column}: source {_shown(a)} vs target {_shown(b)}")
     return out
+
+
+def _shown(value: Any) -> str:
+    return "NULL" if value is None else repr(value)
 
 
 def latest_migrate_run(conn: psycopg.Connection, schema: str) -> str | None:
@@ -146,13 +185,18 @@ def rejects_of_run(conn: psycopg.Connection, schema: str, run_id: str | None) ->
 
 
 def _decoded_key(row: tuple) -> str | None:
+    """The row's session_id as PostgreSQL text could hold it, else None: such a key cannot be
+    in PostgreSQL, and its reject is matched by source rowid alone."""
     value, storage = row[1], row[8]
+    if storage == "integer":
+        return str(value)
     if storage != "text":
         return None
     try:
-        return value.decode("utf-8")
+        text = value.decode("utf-8")
     except UnicodeDecodeError:
         return None
+    return None if "\x00" in text else text
 
 
 SOURCE_TABLE = "sessionmig_source"
@@ -164,10 +208,13 @@ _SAME = """s.user_id IS NOT DISTINCT FROM t.user_id
 
 
 def _present(conn: psycopg.Connection, schema: str, keys: list[str]) -> set[str]:
+    """Those of ``keys`` that PostgreSQL holds although no landable source row has them (a key
+    can be both rejected and landed when another row of the backup shares it)."""
     found: set[str] = set()
-    query = sql.SQL("SELECT session_id FROM {} WHERE session_id = ANY(%s)").format(
-        sql.Identifier(schema, "sessions")
-    )
+    query = sql.SQL(
+        "SELECT session_id FROM {} t WHERE session_id = ANY(%s) AND NOT EXISTS "
+        "(SELECT 1 FROM {} s WHERE s.session_id = t.session_id)"
+    ).format(sql.Identifier(schema, "sessions"), sql.Identifier(SOURCE_TABLE))
     for start in range(0, len(keys), 5000):
         found |= {r[0] for r in conn.execute(query, (keys[start : start + 5000],))}
     return found
@@ -178,21 +225,7 @@ class _Tally:
     """Counts and named differences of one reconciliation, as it goes."""
 
     mask: Callable[[str | None], str]
-    counts: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(
-            (
-                "matched",
-                "missing",
-                "extra",
-                "changed",
-                "both",
-                "reject_mismatch",
-                "unaccounted",
-                "orphan_reject",
-            ),
-            0,
-        )
-    )
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     differences: list[Difference] = field(default_factory=list)
 
     def note(self, kind: str, key: str | None, rowid: int | None, detail: str) -> None:
@@ -206,19 +239,37 @@ class _SourceSide:
     """What the pass over the source learns besides the rows it copies."""
 
     rows: int = 0
-    rejected_keys: list[str] = field(default_factory=list)
+    rejected_keys: list[str] = field(default_factory=list)  # keys that must not be in the target
     seen_rejects: set[int] = field(default_factory=set)
+    refused: list[tuple[int, Session]] = field(default_factory=list)  # to offer the server again
+    duplicates: list[tuple[int, str]] = field(default_factory=list)  # (rowid, key) to check
 
 
-ROW_HASH = """hash_record_extended((session_id, user_id, metadata, created_at, expires_at,
-                                    last_activity, request_count), 0)"""
-"""A row's 64-bit fingerprint. Equal rows (jsonb by value) hash equal on both tables, since
-both are hashed by the same server with the same functions."""
+def row_hash(seed: int) -> sql.Composable:
+    """A row's 64-bit fingerprint under this run's secret ``seed``.
+
+    ``hash_record_extended`` alone combines its columns' hashes linearly (``31*h + hash(c)``),
+    so a *sum* of such hashes depends only on which values each column holds, not on which row
+    holds them: values swapped between two rows would cancel out. Hashing that hash again with
+    ``hashint8extended`` mixes the whole row non-linearly, so any change to any row moves the
+    sum unless 64-bit hashes collide; the seed is drawn per run, after the data is in place, so
+    no one can craft such a collision. Equal rows (jsonb by value) hash equal on both tables.
+    """
+    return sql.SQL(
+        "hashint8extended(hash_record_extended((session_id, user_id, metadata, created_at, "
+        "expires_at, last_activity, request_count), {seed}), {seed})"
+    ).format(seed=sql.Literal(seed))
 
 
-def _create_source_table(conn: psycopg.Connection) -> None:
+def new_seed() -> int:
+    """A fresh fingerprint seed (int8, non-negative)."""
+    return secrets.randbits(62)
+
+
+def _create_source_table(conn: psycopg.Connection, seed: int) -> None:
     # The fingerprint is a generated column, so the server computes it while the client is
-    # still reading the backup, instead of afterwards.
+    # still reading the backup, instead of afterwards. (DDL takes no bound parameters; the
+    # seed is an int of ours, as a literal.)
     conn.execute(
         sql.SQL(
             """CREATE TEMP TABLE {} (
@@ -226,7 +277,7 @@ def _create_source_table(conn: psycopg.Connection) -> None:
                    expires_at timestamptz, last_activity timestamptz, request_count int4,
                    fingerprint int8 GENERATED ALWAYS AS ({hash}) STORED
                ) ON COMMIT DROP"""
-        ).format(sql.Identifier(SOURCE_TABLE), hash=sql.SQL(ROW_HASH))
+        ).format(sql.Identifier(SOURCE_TABLE), hash=row_hash(seed))
     )
 
 
@@ -277,14 +328,39 @@ def _read_source(
         )
 
     def recorded(raw: tuple) -> None:
+        """Re-derive a recorded reject from the source row by the rules, never trusting the
+        rejects table: same raw values, same reason, or proof that it could not land."""
         rowid = raw[0]
         side.seen_rejects.add(rowid)
+        claim = rejects[rowid]
         key = _decoded_key(raw)
-        if key is not None:
-            side.rejected_keys.append(key)
-        if rejects[rowid]["raw"] != raw_record(raw, rules.extra_columns):
+        if key is not None and claim["reason"] != "duplicate_session_id":
+            side.rejected_keys.append(key)  # then no row of PostgreSQL may have it
+        if claim["raw"] != raw_record(raw, rules.extra_columns):
             tally.note(
                 "reject_mismatch", key, rowid, "the reject's raw values do not match the source row"
+            )
+            return
+        derived = normalise(raw, rules)
+        if isinstance(derived, Reject):
+            if derived.reason != claim["reason"]:
+                tally.note(
+                    "reject_mismatch",
+                    key,
+                    rowid,
+                    f"recorded as {claim['reason']}, but the rules reject it as {derived.reason}",
+                )
+        elif claim["reason"] == "refused_by_postgresql":
+            side.refused.append((rowid, derived))
+        elif claim["reason"] == "duplicate_session_id":
+            side.duplicates.append((rowid, derived[0]))
+        else:
+            tally.note(
+                "false_reject",
+                derived[0],
+                rowid,
+                f"recorded as {claim['reason']}, but the rules accept the row: it should have "
+                "landed",
             )
 
     streamed = stream_backup(
@@ -300,6 +376,77 @@ def _read_source(
     )
     side.rows = streamed.read
     return side
+
+
+def _offer_refused(conn: psycopg.Connection, side: _SourceSide, tally: _Tally) -> None:
+    """Offer each row recorded as ``refused_by_postgresql`` to the server again, in a
+    savepoint that is always rolled back: a reject the server would now take is false."""
+    statement = sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(
+        sql.Identifier(SOURCE_TABLE)
+    )
+    for rowid, session in side.refused:
+        try:
+            with (
+                conn.transaction(force_rollback=True),
+                conn.cursor() as cur,
+                cur.copy(statement) as copy,
+            ):
+                copy.set_types(WIRE_TYPES)
+                copy.write_row(as_wire(session))
+        except REFUSALS:
+            continue
+        tally.note(
+            "false_reject",
+            session[0],
+            rowid,
+            "recorded as refused_by_postgresql, but PostgreSQL accepts the row",
+        )
+
+
+def _check_duplicates(
+    backup: Backup, side: _SourceSide, rejects: dict[int, dict], tally: _Tally
+) -> None:
+    """A ``duplicate_session_id`` reject holds only when exactly one row with its session_id
+    landed, and that row comes earlier in the backup (the documented rule: first one lands).
+    Found in the backup itself, by SQLite's own reading of the key, not by migrate's code."""
+    keys = sorted({key for _, key in side.duplicates})
+    holders: dict[str, list[int]] = {}
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        marks = ", ".join("?" * len(chunk))
+        found = backup.query(
+            "SELECT rowid, CAST(session_id AS TEXT) FROM sessions "
+            f"WHERE CAST(session_id AS TEXT) IN ({marks})",
+            tuple(chunk),
+        )
+        for rowid, value in found:
+            holders.setdefault(value.decode("utf-8", "replace"), []).append(rowid)
+    for rowid, key in side.duplicates:
+        landed = sorted(r for r in holders.get(key, ()) if r not in rejects)
+        if len(landed) != 1 or landed[0] > rowid:
+            tally.note(
+                "false_reject",
+                key,
+                rowid,
+                "recorded as duplicate_session_id, but no earlier row with its session_id landed",
+            )
+
+
+def _repeated_keys(conn: psycopg.Connection, tally: _Tally) -> None:
+    """Source rows that would land under one session_id: the target can hold only one."""
+    query = sql.SQL(
+        "SELECT session_id, count(*) FROM {} GROUP BY session_id HAVING count(*) > 1 "
+        'ORDER BY session_id COLLATE "C"'
+    ).format(sql.Identifier(SOURCE_TABLE))
+    for key, n in conn.execute(query):
+        for _ in range(n - 1):
+            tally.note(
+                "duplicate",
+                key,
+                None,
+                f"{n} landable source rows share this session_id and only one is recorded as "
+                "landing",
+            )
 
 
 def _compare(conn: psycopg.Connection, schema: str) -> dict[str, int]:
@@ -376,6 +523,7 @@ def reconcile(
     except psycopg.OperationalError as exc:
         raise TargetError(f"cannot connect to the target: {exc}".strip()) from None
     tally = _Tally(mask)
+    seed = new_seed()
     with conn:
         # One snapshot for every query. Not READ ONLY: the source rows go to a temporary
         # table, which dies with the transaction; nothing else is written.
@@ -383,13 +531,17 @@ def reconcile(
         conn.execute("SELECT set_config('work_mem', %s, true)", (WORK_MEM,))
         run_id = run_id or latest_migrate_run(conn, schema)
         rejects = rejects_of_run(conn, schema, run_id)
-        _create_source_table(conn)
+        _create_source_table(conn, seed)
         # The target's profile needs no source row: a second connection computes it in this
         # transaction's snapshot while this one streams the source, on the server's idle core.
         zone = getattr(rules.zone, "key", "UTC")
         snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
-        target_profile = in_background(_profile_in_snapshot, dsn, snapshot, schema, zone)
+        target_profile = in_background(_profile_in_snapshot, dsn, snapshot, schema, zone, seed)
         side = _read_source(conn, backup, rules, rejects, tally, batch_rows, progress)
+        _offer_refused(conn, side, tally)
+        _check_duplicates(backup, side, rejects, tally)
+        if not backup.session_id_unique or _has_number_keys(backup):
+            _repeated_keys(conn, tally)
         parity = _parity(conn, backup, schema, as_of, rules, rejects)
         # The source is read (bar the rowids of differences to name): hash it again while the
         # server works.
@@ -439,18 +591,27 @@ def reconcile(
     )
 
 
-def _profile_in_snapshot(dsn: str, snapshot: str, schema: str, zone: str) -> dict[str, _Day]:
+def _has_number_keys(backup: Backup) -> bool:
+    """Whether any session_id is stored as a number (then ``1`` and ``'1'`` are one key)."""
+    found = backup.query("SELECT EXISTS (SELECT 1 FROM sessions WHERE session_id < '')")
+    return bool(found.fetchone()[0])
+
+
+def _profile_in_snapshot(
+    dsn: str, snapshot: str, schema: str, zone: str, seed: int
+) -> dict[str, _Day]:
     """:func:`_profile` of the target, on its own connection, in an exported snapshot."""
     with psycopg.connect(dsn, application_name="sessionmig-reconcile-target") as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         # A utility statement takes no bound parameters; the id is the server's, quoted.
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-        return _profile(conn, sql.Identifier(schema, "sessions"), sql.SQL(ROW_HASH), zone)
+        return _profile(conn, sql.Identifier(schema, "sessions"), row_hash(seed), zone)
 
 
 def _same_rows(source: dict[str, _Day], target: dict[str, _Day]) -> bool:
     """Whether both tables hold the same rows: every day's count and fingerprint sum agree
-    (a difference that cancels out needs 64-bit hashes to collide: about 1 in 2**64)."""
+    (a difference that cancels out needs seeded 64-bit hashes to collide: see
+    :func:`row_hash`)."""
     return source.keys() == target.keys() and all(
         (day.rows, day.fingerprint) == (target[d].rows, target[d].fingerprint)
         for d, day in source.items()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import SourceError
-from .transform import COLUMNS
+from .transform import COLUMNS, MAX_SESSION_ID_BYTES
 
 T = TypeVar("T")
 
@@ -93,6 +93,8 @@ class Backup:
     uri: str = ""  # what the connection opened, for checks on connections of their own
     columns: dict[str, str] = field(default_factory=dict)
     hashes_after: tuple[FileHash, ...] = ()
+    # A WITHOUT ROWID table is read from a copy whose rowids are primary-key positions.
+    rowids_by_key: bool = False
 
     @property
     def hashes_before(self) -> tuple[FileHash, ...]:
@@ -139,6 +141,47 @@ class Backup:
             return [f"quick_check could not run: {exc}"]
         finally:
             connection.close()
+
+    @property
+    def session_id_unique(self) -> bool:
+        """Whether the file itself keeps session_ids unique (a primary key or unique index on
+        exactly that column, whatever its collation: none is finer than byte equality)."""
+        for _, name, unique, _, partial in self._query("PRAGMA index_list(sessions)"):
+            if unique and not partial:
+                quoted = '"' + name.decode().replace('"', '""') + '"'
+                columns = [r[2] for r in self._query(f"PRAGMA index_info({quoted})")]
+                if columns == [b"session_id"]:
+                    return True
+        return False
+
+    def colliding_rowids(self) -> list[int]:
+        """Rowids of the rows that may share a session_id with another row once it is read as
+        text: numbers (``123`` and ``'123'`` are one key) and, unless the file keeps the column
+        unique, every row of a repeated value. Empty for a sound SessionManager file, where the
+        primary key's index answers this at no cost."""
+        numbers = self._query(
+            "SELECT rowid, session_id FROM sessions WHERE session_id < ''"
+        ).fetchall()
+        found = {rowid for rowid, _ in numbers}
+        spelled = sorted({repr(v) if isinstance(v, float) else str(v) for _, v in numbers})
+        for start in range(0, len(spelled), 500):
+            chunk = spelled[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            found.update(
+                r[0]
+                for r in self._query(
+                    f"SELECT rowid FROM sessions WHERE session_id IN ({marks})", tuple(chunk)
+                )
+            )
+        if not self.session_id_unique:
+            found.update(
+                r[0]
+                for r in self._query(
+                    "SELECT rowid FROM sessions WHERE session_id IN (SELECT session_id "
+                    "FROM sessions GROUP BY session_id HAVING count(*) > 1)"
+                )
+            )
+        return sorted(found)
 
     def estimated_rows(self) -> int:
         """The largest rowid: the row count, or a little above it after deletions, at no cost
@@ -257,11 +300,14 @@ _PLAIN_COLUMNS = (
 # Which rows the fast path may take: text where text belongs (in SQLite's ordering, text sorts
 # after numbers and before BLOBs, which is cheaper to test than typeof()), and a request_count
 # that is an integer within PostgreSQL's integer. Spellings are ``WallClock``'s to check.
+# Text is ">= ''" as well: numbers sort before text, and SQLite would print a REAL with 15
+# digits (0.30000000000000004 as 0.3) and hand an INTEGER over as a number.
 _PLAIN = " AND ".join(
     (
-        "session_id < x''",
-        "(user_id IS NULL OR user_id < x'')",
-        "(metadata IS NULL OR metadata < x'')",
+        "session_id >= '' AND session_id < x''",
+        f"length(CAST(session_id AS BLOB)) <= {MAX_SESSION_ID_BYTES}",
+        "(user_id IS NULL OR (user_id >= '' AND user_id < x''))",
+        "(metadata IS NULL OR (metadata >= '' AND metadata < x''))",
         "created_at >= '' AND created_at < x''",
         "expires_at >= '' AND expires_at < x''",
         "last_activity >= '' AND last_activity < x''",
@@ -330,6 +376,13 @@ def open_backup(path: str | Path, workdir: str | Path | None = None) -> Backup:
     backup = Backup(original, copy, before, connection, uri)
     try:
         info = connection.execute("PRAGMA table_info(sessions)").fetchall()
+        if info and not _has_rowid(connection):
+            backup.close()
+            copy = _rowid_copy(uri, info, workdir)
+            uri = copy.resolve().as_uri() + "?mode=ro"
+            connection = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            connection.text_factory = bytes
+            backup = Backup(original, copy, before, connection, uri, rowids_by_key=True)
     except sqlite3.DatabaseError as exc:
         backup.close()
         raise SourceError(
@@ -342,3 +395,44 @@ def open_backup(path: str | Path, workdir: str | Path | None = None) -> Backup:
         )
     backup.columns = {r[1].decode(): r[2].decode().upper() for r in info}
     return backup
+
+
+def _has_rowid(connection: sqlite3.Connection) -> bool:
+    try:
+        connection.execute("SELECT rowid FROM sessions LIMIT 0")
+    except sqlite3.OperationalError as exc:
+        if "rowid" in str(exc):
+            return False
+        raise
+    return True
+
+
+def _rowid_copy(uri: str, info: list[tuple], workdir: str | Path | None) -> Path:
+    """A private copy of a ``WITHOUT ROWID`` sessions table as an ordinary one, whose rowids
+    are the rows' positions in primary-key order (everything here addresses rows by rowid).
+    Columns keep their declared types, so every value keeps its storage class."""
+    copy = Path(tempfile.mkdtemp(prefix="sessionmig-src-", dir=workdir)) / "sessions.db"
+
+    def quoted(name: bytes) -> str:
+        return '"' + name.decode().replace('"', '""') + '"'
+
+    columns = ", ".join(quoted(r[1]) for r in info)
+    declared = ", ".join(f"{quoted(r[1])} {r[2].decode()}" for r in info)
+    key = ", ".join(quoted(r[1]) for r in sorted((r for r in info if r[5]), key=lambda r: r[5]))
+    # Opened as a URI, so that ATTACH reads the backup's URI (read-only, immutable) as one.
+    connection = sqlite3.connect(copy.resolve().as_uri(), uri=True)
+    try:
+        connection.execute("ATTACH DATABASE ? AS src", (uri,))
+        connection.execute(f"CREATE TABLE sessions ({declared})")
+        connection.execute(
+            f"INSERT INTO sessions ({columns}) SELECT {columns} FROM src.sessions "
+            f"ORDER BY {key or columns}"
+        )
+        connection.commit()
+        connection.execute("DETACH DATABASE src")
+    except sqlite3.DatabaseError:
+        connection.close()
+        shutil.rmtree(copy.parent, ignore_errors=True)
+        raise
+    connection.close()
+    return copy

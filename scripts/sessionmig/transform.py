@@ -13,9 +13,17 @@ operators in ``runbook/RUNBOOK.md``) are:
 * metadata: NULL stays NULL; text must be JSON that ``jsonb`` can hold (no NaN/Infinity, no
   ``\\u0000``, no lone surrogates), else reject (or keep it as a JSON string on request).
 * text (session_id, user_id): UTF-8 without NUL; a BLOB, bytes that are not UTF-8 or a NUL are
-  rejected with the raw bytes in hex. session_id NULL is rejected.
+  rejected with the raw bytes in hex. session_id NULL is rejected; an INTEGER session_id keeps
+  its digits; a session_id over :data:`MAX_SESSION_ID_BYTES` is rejected (no real token is that
+  long, and PostgreSQL's primary key cannot index one much longer).
+* metadata numbers keep every digit: a REAL (a ``JSON``-declared column has numeric affinity)
+  is printed in the shortest form that round-trips the double, and JSON text is never
+  re-serialised through Python floats or ints.
 * request_count: an integral value in any storage class, within PostgreSQL ``integer``;
-  NULL becomes 0 (the column default the legacy app relied on); anything else is rejected.
+  text must be ASCII digits (``'١٢'`` is not twelve); NULL becomes 0 (the column default the
+  legacy app relied on); anything else is rejected.
+* duplicates: when several rows share a session_id, the first (lowest rowid) that the rules
+  accept lands and every later one is rejected as ``duplicate_session_id`` (see ``duplicates``).
 """
 
 from __future__ import annotations
@@ -41,6 +49,10 @@ COLUMNS = (
 )
 TIMESTAMP_COLUMNS = ("created_at", "expires_at", "last_activity")
 INT4_MIN, INT4_MAX = -(2**31), 2**31 - 1
+MAX_SESSION_ID_BYTES = 2048
+"""Longest session_id that lands. PostgreSQL's btree refuses index entries over 2,704 bytes
+(less when the value does not compress), so a longer key would fail the primary key of every
+row; a fixed limit keeps whether a row lands independent of how well its bytes compress."""
 
 # A reject's reason code -> what an operator reads about it.
 REASONS: dict[str, str] = {
@@ -56,14 +68,20 @@ REASONS: dict[str, str] = {
     "count_not_integral": "request_count that is not a whole number",
     "count_out_of_range": "request_count outside PostgreSQL integer",
     "extra_columns_unplaceable": "extra columns to carry, but metadata is not a JSON object",
+    "session_id_too_long": f"a session_id longer than {MAX_SESSION_ID_BYTES} bytes",
+    "duplicate_session_id": "a session_id an earlier row of the backup already has",
+    "legacy_key_collision": "metadata already has the key the extra columns would go under",
     "refused_by_postgresql": "a value PostgreSQL refused although the rules above accept it",
 }
 LEGACY_KEY = "_legacy_columns"
 
+# ASCII only: ``\d`` and ``\s`` would also take other scripts' digits and spaces, which
+# ``int()`` and ``fromisoformat`` then read as if they were ASCII.
 _TIMESTAMP_SHAPE = re.compile(
-    r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?)?$"
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?"
+    r"(Z|[+-][0-9]{2}(:?[0-9]{2})?)?$"
 )
-_INTEGER_TEXT = re.compile(r"^\s*[+-]?\d+\s*$")
+_INTEGER_TEXT = re.compile(r"^[ \t\r\n]*[+-]?[0-9]+[ \t\r\n]*$")
 
 
 @dataclass(frozen=True)
@@ -139,18 +157,39 @@ def extra_value(value: Any, storage: str, column: str) -> Any:
 
 
 def with_extras(metadata: str | None, extras: dict[str, Any]) -> str:
-    """Metadata JSON with the extra columns under ``_legacy_columns`` (objects and NULL only)."""
+    """Metadata JSON with the extra columns under ``_legacy_columns`` (objects and NULL only).
+
+    The key is spliced into the JSON text as it is, so that no number of the original passes
+    through a Python float; an object that already has the key is refused, not overwritten.
+    """
     try:
-        base = {} if metadata is None else json.loads(metadata)
+        base = None if metadata is None else _json_loads(metadata)
     except RecursionError:
-        base = None  # too deep to parse here, and not an object we could extend anyway
-    if not isinstance(base, dict):
+        base = []  # too deep to parse here, and not an object we could extend anyway
+    if base is not None and not isinstance(base, dict):
         raise RowProblem(
             "extra_columns_unplaceable",
             "metadata",
             "metadata is not a JSON object, so the extra columns have nowhere to go",
         )
-    return json.dumps({**base, LEGACY_KEY: extras}, ensure_ascii=False)
+    if base and LEGACY_KEY in base:
+        raise RowProblem(
+            "legacy_key_collision",
+            "metadata",
+            f"metadata already has a {LEGACY_KEY!r} key; carrying the extra columns would "
+            "overwrite it",
+        )
+    carried = json.dumps(extras, ensure_ascii=False)
+    if not base:  # NULL or {}
+        return "{" + json.dumps(LEGACY_KEY) + ": " + carried + "}"
+    text = metadata.rstrip()  # type: ignore[union-attr]
+    return text[:-1] + ", " + json.dumps(LEGACY_KEY) + ": " + carried + "}"
+
+
+def _json_loads(text: str) -> Any:
+    """Parse JSON without converting numbers (Python's int limit and float rounding must not
+    decide whether a row lands), refusing NaN and Infinity, which jsonb cannot hold."""
+    return json.loads(text, parse_int=str, parse_float=str, parse_constant=_reject_constant)
 
 
 def _has_surrogate(text: str) -> bool:
@@ -173,8 +212,9 @@ def decode_text(value: Any, storage: str, column: str) -> str:
                 "invalid_utf8", column, f"{column} has a byte that is not UTF-8 at {exc.start}"
             ) from None
     else:
-        # INTEGER/REAL in a TEXT-affinity column cannot normally happen; keep their digits.
-        text = str(value)
+        # INTEGER/REAL where text was declared (numeric affinity, or a hand-made table): keep
+        # every digit. repr() of a float is the shortest text that round-trips the double.
+        text = repr(value) if isinstance(value, float) else str(value)
     if "\x00" in text:
         raise RowProblem("nul_character", column, f"{column} contains a NUL character")
     return text
@@ -214,9 +254,11 @@ def parse_metadata(value: Any, storage: str, on_invalid: str) -> str | None:
     """Metadata as JSON text ready for ``jsonb`` (NULL stays None)."""
     if storage == "null":
         return None
+    if storage == "real" and not math.isfinite(value):
+        raise RowProblem("invalid_json", "metadata", f"metadata is the number {value!r}")
     text = decode_text(value, storage, "metadata")
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = _json_loads(text)
     except RecursionError:
         # Nested deeper than Python's parser goes: PostgreSQL, which parses it anyway to store
         # it, is the judge (a refusal there makes the row a reject all the same).
@@ -249,6 +291,11 @@ def parse_count(value: Any, storage: str) -> int:
         if not _INTEGER_TEXT.match(text):
             raise RowProblem(
                 "count_not_integral", "request_count", f"request_count={text[:40]!r} is not whole"
+            )
+        digits = text.strip(" \t\r\n").lstrip("+-").lstrip("0")
+        if len(digits) > 10:  # beyond integer anyway; int() would refuse past 4,300 digits
+            raise RowProblem(
+                "count_out_of_range", "request_count", f"request_count has {len(digits)} digits"
             )
         number = int(text)
     if not INT4_MIN <= number <= INT4_MAX:
@@ -288,6 +335,13 @@ def normalise(row: tuple, rules: Rules) -> Session | Reject:
         if sid_t == "null":
             raise RowProblem("missing_session_id", "session_id", "session_id is NULL")
         session_id = decode_text(sid, sid_t, "session_id")
+        if len(session_id.encode("utf-8", "surrogatepass")) > MAX_SESSION_ID_BYTES:
+            raise RowProblem(
+                "session_id_too_long",
+                "session_id",
+                f"session_id is {len(session_id.encode('utf-8', 'surrogatepass'))} bytes long "
+                f"(at most {MAX_SESSION_ID_BYTES})",
+            )
         user_id = None if uid_t == "null" else decode_text(uid, uid_t, "user_id")
         metadata = parse_metadata(meta, meta_t, rules.on_invalid_metadata)
         if rules.extra_columns:
