@@ -143,9 +143,7 @@ def field_diff(source: tuple, target: tuple) -> list[str]:
             if ja != jb:
                 where = json_diff(ja, jb) if _SQL_NULL not in (ja, jb) else []
                 paths = f" at {', '.join(where[:5])}" if where else ""
-                out.append(
-                    f"metadata{paths}: source {_shown_json(a)} vs target {_shown_json(b)}"
-                )
+                out.append(f"metadata{paths}: source {_shown_json(a)} vs target {_shown_json(b)}")
         elif isinstance(a, datetime) and isinstance(b, datetime):
             if a != b:
                 out.append(
@@ -381,9 +379,7 @@ def _read_source(
 def _offer_refused(conn: psycopg.Connection, side: _SourceSide, tally: _Tally) -> None:
     """Offer each row recorded as ``refused_by_postgresql`` to the server again, in a
     savepoint that is always rolled back: a reject the server would now take is false."""
-    statement = sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(
-        sql.Identifier(SOURCE_TABLE)
-    )
+    statement = sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(sql.Identifier(SOURCE_TABLE))
     for rowid, session in side.refused:
         try:
             with (
