@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 
 import psycopg
@@ -583,3 +584,67 @@ def test_case23_a_load_never_queues_behind_a_lock(tmp_path, target, dsn) -> None
     assert gave_up, "the load queued behind the lock instead of failing fast"
     (error,) = outcome
     assert isinstance(error, TargetError) and "locked by another session" in str(error)
+
+
+# --- 7. reconcile does not share the code path it checks -------------------------------------
+
+
+def test_case7_a_fault_in_migrates_clock_is_caught_by_reconcile(
+    clean_backup, target, monkeypatch
+) -> None:
+    from sessionmig.transform import WallClock
+
+    real = WallClock._offset
+
+    def an_hour_off(self, hour):
+        offset = real(self, hour)
+        return None if offset is None else offset + 3_600_000_000
+
+    s = target(clean_backup)
+    monkeypatch.setattr(WallClock, "_offset", an_hour_off)  # a bug, there for both steps
+    steps.migrate(s, progress=False)
+    result = steps.reconcile_step(s)
+    assert result.verdict == FAIL
+    assert result.counts["changed"] == 300
+    assert "created_at: source" in result.differences[0].detail
+
+
+def test_case7_a_fault_in_migrates_plain_row_choice_is_caught_by_reconcile(
+    tmp_path, target, monkeypatch
+) -> None:
+    """Put back the old choice of plain rows (numbers counted as text, so SQLite printed a REAL
+    with 15 digits): reconcile, reading the backup its own way, sees the lost digits."""
+    from sessionmig import source
+
+    path = backup_of(tmp_path / "json.db", [*filler(3), plain("real", meta=0.1 + 0.2)], JSON_SCHEMA)
+    old = source._PLAIN.replace(
+        "(metadata IS NULL OR (metadata >= '' AND metadata < x''))",
+        "(metadata IS NULL OR metadata < x'')",
+    )
+    assert old != source._PLAIN
+    s = target(path)
+    monkeypatch.setattr(source, "_PLAIN", old)  # a bug, there for both steps
+    steps.migrate(s, progress=False)
+    result = steps.reconcile_step(s)
+    assert result.verdict == FAIL
+    (diff,) = result.differences
+    assert diff.session == mask_id("real") and "0.30000000000000004" in diff.detail
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)),
+    st.sampled_from(["Asia/Seoul", "America/New_York", "Australia/Lord_Howe", "Europe/Dublin"]),
+    st.booleans(),
+)
+def test_case7_reconciles_reading_agrees_with_the_rules(moment, zone_name, micros) -> None:
+    from zoneinfo import ZoneInfo
+
+    from sessionmig.expected import ExpectedPath
+    from sessionmig.transform import parse_timestamp, pg_micros
+
+    text = moment.isoformat(" ", timespec="microseconds" if micros else "seconds")
+    zone = ZoneInfo(zone_name)
+    values, ok = ExpectedPath(zone).instants([text.encode()])
+    if ok[0]:
+        assert values[0] == pg_micros(parse_timestamp(text, "text", "t", zone))

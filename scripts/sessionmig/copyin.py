@@ -17,6 +17,7 @@ import gc
 import re
 from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import psycopg
 from psycopg import sql
@@ -59,6 +60,36 @@ SPAN_ROWS = 250_000
 so spans are long; a refused span is redone by the rules, at about 3 s per 250,000 rows."""
 
 
+class FastPath(Protocol):
+    """How plain rows are read and written a batch at a time (rows the rules need not see).
+
+    ``rows`` yields batches in rowid order, each row ``(rowid, …, plain)`` with ``plain`` last;
+    ``write_plain`` writes those it is sure of as wire rows (``WIRE_TYPES``), adds them to
+    ``span.copied`` and returns the rowids of the others, which then take the rules.
+    """
+
+    def rows(self, backup: Backup, batch_rows: int) -> Iterator[list[tuple]]: ...
+
+    def write_plain(
+        self, write: Callable[[WireRow], None], span: _Span, rows: list[tuple]
+    ) -> list[int]: ...
+
+
+class MigratePath:
+    """Migrate's fast path: ``Backup.plain_rows`` and :class:`transform.WallClock`."""
+
+    def __init__(self, rules: Rules) -> None:
+        self.clock = WallClock(rules.zone)
+
+    def rows(self, backup: Backup, batch_rows: int) -> Iterator[list[tuple]]:
+        return backup.plain_rows(batch_rows)
+
+    def write_plain(
+        self, write: Callable[[WireRow], None], span: _Span, rows: list[tuple]
+    ) -> list[int]:
+        return _write_plain(write, span, rows, self.clock)
+
+
 @dataclass(frozen=True)
 class _Aside:
     """Rows not to copy: diverted (handed over raw) or settled (rejects decided beforehand)."""
@@ -95,13 +126,15 @@ def stream_backup(
     divert: Container[int] = frozenset(),
     on_diverted: Callable[[tuple], None] | None = None,
     settled: Mapping[int, Reject] | None = None,
+    fast: FastPath | None = None,
     batch_rows: int = 10_000,
     progress: Callable[[int], None] | None = None,
 ) -> Streamed:
     """COPY every row of ``backup`` that can land into ``table`` (the session columns, in
     ``COLUMNS`` order); hand each reject to ``on_reject``. Rows whose rowid is in ``divert`` are
     not copied but handed raw to ``on_diverted``; rows in ``settled`` are rejects decided
-    beforehand (``keys.duplicate_rejects``). Runs inside the caller's transaction."""
+    beforehand (``keys.duplicate_rejects``). ``fast`` reads and writes plain rows (migrate's
+    :class:`MigratePath` unless given). Runs inside the caller's transaction."""
     statement = sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(table)
     # By type oid, psycopg finds the last dumper registered for bytea: DB-API's pure-Python
     # one. Put the C dumper of plain bytes back on top, for this connection only.
@@ -119,6 +152,7 @@ def stream_backup(
             on_reject,
             _Aside(divert, settled or {}),
             on_diverted,
+            fast or MigratePath(rules),
             batch_rows,
             progress,
         )
@@ -135,18 +169,18 @@ def _stream(
     on_reject: Callable[[Reject], None],
     divert: _Aside,
     on_diverted: Callable[[tuple], None] | None,
+    fast: FastPath,
     batch_rows: int,
     progress: Callable[[int], None] | None,
 ) -> Streamed:
     stats = Streamed()
-    chunks = backup.plain_rows(batch_rows)
-    clock = WallClock(rules.zone)
+    chunks = fast.rows(backup, batch_rows)
     while True:
         span = _Span()
         try:
             with conn.transaction(), conn.cursor() as cur, cur.copy(statement) as copy:
                 copy.set_types(WIRE_TYPES)
-                _fill(copy, span, chunks, clock, backup, rules, divert, progress)
+                _fill(copy, span, chunks, fast, backup, rules, divert, progress)
         except REFUSALS:
             stats.spans_redone += 1
             span = _by_the_rules(conn, statement, backup, span.first, span.last, rules, divert)
@@ -165,7 +199,7 @@ def _fill(
     copy: psycopg.Copy,
     span: _Span,
     chunks: Iterator[list[tuple]],
-    clock: WallClock,
+    fast: FastPath,
     backup: Backup,
     rules: Rules,
     divert: _Aside,
@@ -177,7 +211,7 @@ def _fill(
     """
     write = copy.write_row
     # Extra columns change what metadata holds, so such rows all take the rules.
-    fast = not rules.extra_columns
+    plain_ones = not rules.extra_columns
     while span.rows < SPAN_ROWS:
         chunk = next(chunks, None)
         if chunk is None:
@@ -187,16 +221,16 @@ def _fill(
         span.last = chunk[-1][0]
         span.rows += len(chunk)
         exact: list[int] = []
-        if fast:
+        if plain_ones:
             if divert:
-                plain = [row for row in chunk if row[8] and row[0] not in divert]
+                plain = [row for row in chunk if row[-1] and row[0] not in divert]
             else:  # the usual case, spared a membership test per row
-                plain = [row for row in chunk if row[8]]
+                plain = [row for row in chunk if row[-1]]
             if len(plain) < len(chunk):
                 kept = {row[0] for row in plain}
                 exact = [row[0] for row in chunk if row[0] not in kept]
             if plain:
-                exact += _write_plain(write, span, plain, clock)
+                exact += fast.write_plain(write, span, plain)
         else:
             exact = [row[0] for row in chunk]
         for rowid in sorted(exact):

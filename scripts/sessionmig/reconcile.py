@@ -1,7 +1,8 @@
 """Prove the migration: every source row is in PostgreSQL with the same meaning, or rejected.
 
-The source is read again, raw, and normalised by the same rules migrate applies (``copyin``),
-into a temporary table on the target, so that nothing of the target is pulled into Python.
+The source is read again and normalised by the rules migrate applies — its plain rows by
+reconcile's own reading (``expected``), never by migrate's fast path — into a temporary table
+on the target, so that nothing of the target is pulled into Python.
 PostgreSQL fingerprints every row of both tables (a 64-bit hash of all columns — jsonb by
 value, times to the microsecond) and sums the fingerprints per day: when every day agrees, the
 tables hold the same rows. When one does not, a full join on ``session_id`` compares every
@@ -29,6 +30,7 @@ from psycopg import sql
 
 from .copyin import REFUSALS, stream_backup
 from .errors import TargetError
+from .expected import ExpectedPath
 from .mask import mask_id
 from .source import Backup, in_background
 from .transform import COLUMNS, WIRE_TYPES, Reject, Rules, Session, as_wire, normalise, raw_record
@@ -369,6 +371,7 @@ def _read_source(
         on_reject=unaccounted,
         divert=rejects,
         on_diverted=recorded,
+        fast=ExpectedPath(rules.zone),  # not migrate's fast path: see ``expected``
         batch_rows=batch_rows,
         progress=progress,
     )

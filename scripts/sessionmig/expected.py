@@ -1,0 +1,154 @@
+"""Reconcile's own reading of plain rows: what each should be in PostgreSQL, derived without
+migrate's fast path, so that a fault there cannot agree with itself.
+
+Migrate picks plain rows by SQLite's sort order, has SQLite print metadata, and converts
+timestamps with ``transform.WallClock`` (bytes checked and computed in NumPy integers, offsets
+probed four ways per hour). Here every choice is made another way:
+
+* which rows are plain: storage classes by ``typeof()`` and timestamp shapes by ``GLOB``;
+* metadata: SQLite's stored text bytes, wrapped into jsonb's binary form here;
+* timestamps: parsed by NumPy's own ISO-8601 reader, and each local hour's offset read from the
+  rules themselves (:func:`transform.parse_timestamp` at the hour's first and last
+  microsecond): an hour the rules map linearly takes that offset, any other hour (a transition
+  inside it) is left to the rules row by row.
+
+Everything that is not plain goes through the rules (:func:`transform.normalise`), the
+specification both engines answer to.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta, tzinfo
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import SourceError
+from .source import Backup
+from .transform import INT4_MAX, INT4_MIN, MAX_SESSION_ID_BYTES, RowProblem, parse_timestamp
+
+if TYPE_CHECKING:
+    from .copyin import _Span
+
+_DIGITS4 = "[0-9][0-9][0-9][0-9]"
+_DIGITS2 = "[0-9][0-9]"
+_SECONDS = f"{_DIGITS4}-{_DIGITS2}-{_DIGITS2} {_DIGITS2}:{_DIGITS2}:{_DIGITS2}"
+_MICROS = _SECONDS + ".[0-9][0-9][0-9][0-9][0-9][0-9]"
+
+
+def _timestamp(column: str) -> str:
+    # Year 0 is ISO's and NumPy's, not Python's: the rules reject it, so it is not plain.
+    return (
+        f"(typeof({column}) = 'text' AND {column} >= '0001' "
+        f"AND ({column} GLOB '{_SECONDS}' OR {column} GLOB '{_MICROS}'))"
+    )
+
+
+_QUERY = f"""SELECT rowid, session_id, user_id, metadata, created_at, expires_at, last_activity,
+       coalesce(request_count, 0),
+       typeof(session_id) = 'text' AND length(CAST(session_id AS BLOB)) <= {MAX_SESSION_ID_BYTES}
+       AND typeof(user_id) IN ('text', 'null') AND typeof(metadata) IN ('text', 'null')
+       AND {_timestamp("created_at")} AND {_timestamp("expires_at")}
+       AND {_timestamp("last_activity")}
+       AND (typeof(request_count) = 'null' OR (typeof(request_count) = 'integer'
+            AND request_count BETWEEN {INT4_MIN} AND {INT4_MAX}))
+FROM sessions ORDER BY rowid"""
+
+_HOUR = timedelta(hours=1)
+_US = timedelta(microseconds=1)
+_US_PER_HOUR = 3_600_000_000
+_UNIX = datetime(1970, 1, 1)
+_UNIX_TO_PG = (datetime(2000, 1, 1) - _UNIX) // _US
+
+
+class ExpectedPath:
+    """The fast path of reconcile (``copyin.FastPath``), as the module docstring says."""
+
+    def __init__(self, zone: tzinfo) -> None:
+        self.zone = zone
+        self._offsets: dict[int, int | None] = {}
+
+    def rows(self, backup: Backup, batch_rows: int) -> Iterator[list[tuple]]:
+        cursor = backup.query(_QUERY)
+        while True:
+            try:
+                chunk = cursor.fetchmany(batch_rows)
+            except sqlite3.DatabaseError as exc:
+                raise SourceError(
+                    f"{backup.original}: reading rows failed ({exc}); the file is damaged — "
+                    "take a fresh backup"
+                ) from None
+            if not chunk:
+                return
+            yield chunk
+
+    def write_plain(
+        self, write: Callable[[tuple], None], span: _Span, rows: list[tuple]
+    ) -> list[int]:
+        rowids, sids, uids, metas, created, expires, last, counts, _ = zip(*rows, strict=True)
+        c, c_ok = self.instants(created)
+        e, e_ok = self.instants(expires)
+        la, la_ok = self.instants(last)
+        sure = (c_ok & e_ok & la_ok).tolist()
+        jsonb = [None if m is None else b"\x01" + m for m in metas]
+        doubtful = []
+        for row in zip(rowids, sids, uids, jsonb, c, e, la, counts, sure, strict=True):
+            if row[8]:
+                write(row[1:8])
+                span.copied += 1
+            else:
+                doubtful.append(row[0])
+        return doubtful
+
+    def instants(self, texts: Sequence[bytes]) -> tuple[list[int], np.ndarray]:
+        """Each wall-clock text as ``timestamptz``'s binary value, and a mask of those that
+        are sure; where the mask is False the value is meaningless."""
+        local, ok = _parse(texts)
+        hours = local // _US_PER_HOUR
+        found, where = np.unique(hours, return_inverse=True)
+        offsets = [self._offset(int(hour)) for hour in found]
+        known = np.array([o is not None for o in offsets], dtype=bool)
+        shift = np.array([o or 0 for o in offsets], dtype=np.int64)
+        ok &= known[where]
+        return (local - shift[where] - _UNIX_TO_PG).tolist(), ok
+
+    def _offset(self, hour: int) -> int | None:
+        """The µs to subtract from every wall-clock time of a local hour (counted from 1970) to
+        get its instant, as the rules read the hour's first and last microsecond; None when
+        the rules do not map the hour linearly."""
+        if hour not in self._offsets:
+            offset = None
+            try:
+                start = _UNIX + hour * _HOUR
+                prefix = start.isoformat(" ")[:13]  # isoformat pads years to four digits
+                first = parse_timestamp(prefix + ":00:00", "text", "t", self.zone)
+                last = parse_timestamp(prefix + ":59:59.999999", "text", "t", self.zone)
+            except (OverflowError, ValueError, RowProblem):
+                pass
+            else:
+                if last - first == _HOUR - _US:
+                    offset = (start - first.astimezone(UTC).replace(tzinfo=None)) // _US
+            self._offsets[hour] = offset
+        return self._offsets[hour]
+
+
+def _parse(texts: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Microseconds since 1970 of each text by NumPy's ISO reader, and which it could read.
+    NumPy refuses a whole array for one impossible date, so such an array is read text by
+    text."""
+    table = np.array(texts, dtype="S26")
+    try:
+        return table.astype("datetime64[us]").astype(np.int64), np.ones(len(texts), dtype=bool)
+    except ValueError:
+        pass
+    values = np.zeros(len(texts), dtype=np.int64)
+    ok = np.zeros(len(texts), dtype=bool)
+    for i, text in enumerate(table):
+        try:
+            values[i] = np.datetime64(text.decode(), "us").astype(np.int64)
+        except ValueError:
+            continue
+        ok[i] = True
+    return values, ok
