@@ -31,6 +31,8 @@ def dsn_with_password(user: str, password: str, rest: str, scheme: str = "postgr
 
 
 os.environ.setdefault(embedded.PGDATA_VARIABLE, str(TEST_PGDATA))
+# Analysis copies (private, cached per backup) go to a cache of the test run's own.
+os.environ["XDG_CACHE_HOME"] = str(ROOT / ".sessionmig" / "test-cache")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

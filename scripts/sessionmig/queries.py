@@ -7,12 +7,29 @@ own rules into a private *analysis copy* (instants as UTC microseconds, metadata
 jsonb prints it, rows that cannot land left out — exactly what migrate would load), opened
 read-only, with small SQL functions for zone-aware bucketing. Session ids are masked in results
 unless asked otherwise.
+
+The analysis copy holds every session id in clear, so it lives in a private cache, never in a
+shared temporary directory: ``$XDG_CACHE_HOME/sessionmig/analysis`` (else
+``~/.cache/sessionmig/analysis``), mode 0700, one folder per backup named by the sha256 of the
+backup (and of its ``-wal``/``-journal``), of the rules and of this package's code, holding
+``analysis.db`` (0600). It is built once per backup — in a temporary folder inside the cache,
+renamed into place when complete, the temporary folder always removed — and reused by every
+later query on the same files and rules; a different backup, zone or code never reuses it.
+Copies unused for :data:`KEEP_UNUSED` are removed when the next one is built;
+:func:`remove_analysis_copies` removes them all, :meth:`AnalysisCopy.remove` one.
+
+Free SQL (:func:`run_free_sql`) is read-only on both stores and masks every session id in its
+result whatever the column is called: see :mod:`sessionmig.readonly`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import sqlite3
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,10 +44,11 @@ import psycopg
 from psycopg import sql
 
 from . import params as P
-from .errors import ParameterError, TargetError
+from . import readonly
+from .errors import ParameterError, SourceError, TargetError
 from .jsonb import metadata_text
 from .mask import mask_id
-from .source import open_backup
+from .source import FileHash, hash_files, open_backup
 from .transform import Reject, Rules, normalise
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -312,6 +330,90 @@ def _floordiv(a: int | None, b: int | None) -> int | None:
     return None if a is None or not b else a // b
 
 
+COPY_NAME = "analysis.db"
+META_NAME = "meta.json"
+BUILD_PREFIX = ".build-"
+# Long enough for a migration weekend's before/after queries; a copy holds raw tokens, so not
+# longer.
+KEEP_UNUSED = timedelta(days=3)
+# A build folder this old was left by a killed process (a build takes minutes at most).
+STALE_BUILD = timedelta(hours=6)
+
+
+def analysis_cache_dir() -> Path:
+    """Where analysis copies live: the user's cache (XDG), never a shared /tmp."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
+    return root / "sessionmig" / "analysis"
+
+
+def _private_dir(path: Path) -> Path:
+    """``path`` created 0700, owned by this user and not a symlink, or an error."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise SourceError(
+            f"{path}: not a directory of this user; the analysis copy holds session tokens, so "
+            "it is kept only in a private folder. Remove it or set XDG_CACHE_HOME"
+        )
+    if info.st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def _code_fingerprint() -> str:
+    """The package's code: a copy made by other rules' code is never reused."""
+    digest = hashlib.sha256()
+    for module in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(module.name.encode() + b"\0" + module.read_bytes())
+    return digest.hexdigest()
+
+
+def _copy_key(hashes: tuple[FileHash, ...], rules: Rules) -> str:
+    main = hashes[0]
+    digest = hashlib.sha256()
+    for side in hashes[1:]:  # a -wal or -journal holds rows too
+        digest.update(f"{side.path[len(main.path) :]}={side.sha256}\n".encode())
+    digest.update(repr(rules).encode() + b"\n" + _code_fingerprint().encode())
+    return f"{main.sha256}-{digest.hexdigest()[:16]}"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def _age(path: Path) -> timedelta:
+    return timedelta(seconds=max(0.0, time.time() - path.stat().st_mtime))
+
+
+def prune_analysis_copies(
+    older_than: timedelta = KEEP_UNUSED, cache_dir: str | Path | None = None
+) -> int:
+    """Remove the copies not used for ``older_than`` (and builds left by killed processes);
+    how many folders went."""
+    root = Path(cache_dir) if cache_dir else analysis_cache_dir()
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for entry in root.iterdir():
+        try:
+            limit = STALE_BUILD if entry.name.startswith(BUILD_PREFIX) else older_than
+            if _age(entry) < limit:
+                continue
+        except FileNotFoundError:
+            continue  # another process removed it meanwhile
+        shutil.rmtree(entry, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def remove_analysis_copies(cache_dir: str | Path | None = None) -> int:
+    """Remove every analysis copy (the next query on a backup builds it again); how many."""
+    return prune_analysis_copies(timedelta(0), cache_dir)
+
+
 @dataclass
 class AnalysisCopy:
     """The backup normalised for analysis (see the module docstring); a private file."""
@@ -319,57 +421,128 @@ class AnalysisCopy:
     path: Path
     rows: int
     left_out: int
+    built: bool = False  # whether this call built it (False: reused from the cache)
 
     @classmethod
-    def build(cls, sqlite_path: str | Path, rules: Rules, batch_rows: int = 10_000) -> AnalysisCopy:
-        workdir = Path(tempfile.mkdtemp(prefix="sessionmig-analysis-"))
-        path = workdir / "analysis.db"
-        out = sqlite3.connect(path)
+    def build(
+        cls,
+        sqlite_path: str | Path,
+        rules: Rules,
+        batch_rows: int = 10_000,
+        cache_dir: str | Path | None = None,
+    ) -> AnalysisCopy:
+        """The analysis copy of ``sqlite_path`` under ``rules``: the cached one when this
+        backup was already normalised by these rules and this code, else built now."""
+        root = _private_dir(Path(cache_dir) if cache_dir else analysis_cache_dir())
+        prune_analysis_copies(cache_dir=root)
+        original = Path(sqlite_path)
+        if not original.is_file():
+            raise SourceError(f"{original}: no such file; check sqlite_path")
+        hashes = hash_files(original)
+        entry = root / _copy_key(hashes, rules)
+        found = cls._cached(entry)
+        if found is not None:
+            return found
+        work = Path(tempfile.mkdtemp(prefix=BUILD_PREFIX, dir=root))
+        try:
+            kept, left_out = _fill(work / COPY_NAME, original, hashes, rules, batch_rows)
+            meta = {"rows": kept, "left_out": left_out, "backup": [h.sha256 for h in hashes]}
+            _write_private(work / META_NAME, json.dumps(meta).encode())
+            try:
+                # Atomic: a folder under the final name is always complete.
+                os.rename(work, entry)
+            except OSError:
+                found = cls._cached(entry)  # another process finished the same copy first
+                if found is None:
+                    raise
+                return found
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return cls(entry / COPY_NAME, kept, left_out, built=True)
+
+    @classmethod
+    def _cached(cls, entry: Path) -> AnalysisCopy | None:
+        try:
+            meta = json.loads((entry / META_NAME).read_text())
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except (OSError, ValueError):
+            shutil.rmtree(entry, ignore_errors=True)  # damaged: built again
+            return None
+        path = entry / COPY_NAME
+        if not path.is_file():
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
+        os.utime(entry)  # its last use, for pruning
+        return cls(path, meta["rows"], meta["left_out"])
+
+    def remove(self) -> None:
+        """Remove this copy (its folder in the cache)."""
+        if (self.path.parent / META_NAME).exists():
+            shutil.rmtree(self.path.parent, ignore_errors=True)
+
+    def connect(self, timeout_s: float) -> sqlite3.Connection:
+        return self.open(timeout_s)[0]
+
+    def open(self, timeout_s: float) -> tuple[sqlite3.Connection, readonly.SqliteGuard]:
+        """A connection that can only read the copy (see :func:`readonly.guard_sqlite`)."""
+        # immutable: SQLite never writes, locks or creates a side file for this file.
+        uri = self.path.resolve().as_uri() + "?mode=ro&immutable=1"
+        conn = sqlite3.connect(uri, uri=True)
+        conn.create_function("tz_bucket", 3, _tz_bucket, deterministic=True)
+        conn.create_function("iso", 1, _iso, deterministic=True)
+        conn.create_function("floordiv", 2, _floordiv, deterministic=True)
+        return conn, readonly.guard_sqlite(conn, timeout_s)
+
+
+def _fill(
+    path: Path, original: Path, hashes: tuple[FileHash, ...], rules: Rules, batch_rows: int
+) -> tuple[int, int]:
+    """Normalise the backup into a new file at ``path``; rows kept and left out."""
+    _write_private(path, b"")  # created 0600 before SQLite writes a byte into it
+    out = sqlite3.connect(path)
+    # Any private copy open_backup makes of a backup with side files goes into our folder.
+    backup = open_backup(original, workdir=path.parent)
+    kept = left_out = 0
+    try:
+        if backup.hashes_before != hashes:
+            raise SourceError(
+                f"{original}: changed while the analysis copy was being made; is the app still "
+                "writing to it? Stop it, take a new backup and start again"
+            )
         out.execute(
             "CREATE TABLE sessions (session_id TEXT PRIMARY KEY, user_id TEXT, "
             "metadata TEXT, created_at INTEGER, expires_at INTEGER, "
             "last_activity INTEGER, request_count INTEGER)"
         )
-        backup = open_backup(sqlite_path)
-        kept = left_out = 0
-        try:
-            for batch in backup.rows(batch_rows):
-                rows = []
-                for raw in batch:
-                    result = normalise(raw, rules)
-                    if isinstance(result, Reject):
-                        left_out += 1
-                        continue
-                    sid, user, meta, created, expires, last, count = result
-                    rows.append(
-                        (
-                            sid,
-                            user,
-                            None if meta is None else metadata_text(meta),
-                            _micros(created),
-                            _micros(expires),
-                            _micros(last),
-                            count,
-                        )
+        for batch in backup.rows(batch_rows):
+            rows = []
+            for raw in batch:
+                result = normalise(raw, rules)
+                if isinstance(result, Reject):
+                    left_out += 1
+                    continue
+                sid, user, meta, created, expires, last, count = result
+                rows.append(
+                    (
+                        sid,
+                        user,
+                        None if meta is None else metadata_text(meta),
+                        _micros(created),
+                        _micros(expires),
+                        _micros(last),
+                        count,
                     )
-                out.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-                kept += len(rows)
-            out.execute("CREATE INDEX idx_expires_at ON sessions(expires_at)")
-            out.commit()
-        finally:
-            out.close()
-            backup.close()
-        return cls(path, kept, left_out)
-
-    def connect(self, timeout_s: float) -> sqlite3.Connection:
-        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
-        conn.execute("PRAGMA query_only = ON")
-        conn.create_function("tz_bucket", 3, _tz_bucket, deterministic=True)
-        conn.create_function("iso", 1, _iso, deterministic=True)
-        conn.create_function("floordiv", 2, _floordiv, deterministic=True)
-        deadline = time.monotonic() + timeout_s
-        conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
-        return conn
+                )
+            out.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            kept += len(rows)
+        out.execute("CREATE INDEX idx_expires_at ON sessions(expires_at)")
+        out.commit()
+        backup.verify_unchanged()
+    finally:
+        out.close()
+        backup.close()
+    return kept, left_out
 
 
 @dataclass(frozen=True)
@@ -405,17 +578,13 @@ def run_sql_postgres(
 def run_sql_sqlite(
     statement: str, values: dict[str, Any], analysis: AnalysisCopy, timeout_s: float, limit: int
 ) -> pd.DataFrame:
-    conn = analysis.connect(timeout_s)
+    conn, guard = analysis.open(timeout_s)
     try:
         cur = conn.execute(statement, values)
         rows = cur.fetchmany(limit) if cur.description else []
         columns = [c[0] for c in cur.description or []]
-    except sqlite3.OperationalError as exc:
-        if "interrupted" in str(exc):
-            raise ParameterError(
-                f"the query ran longer than {timeout_s:.0f} s and was stopped"
-            ) from None
-        raise ParameterError(f"the query failed on SQLite: {exc}") from None
+    except sqlite3.Error as exc:
+        raise ParameterError(readonly.sqlite_message(exc, guard, timeout_s)) from None
     finally:
         conn.close()
     return _frame(columns, rows)
@@ -461,27 +630,33 @@ def run(
 def run_free_sql(
     text: str, source: str, backends: Backends, *, show_ids: bool = False, limit: int = 1000
 ) -> pd.DataFrame:
-    """An analyst's own read-only SQL (table ``sessions``; on PostgreSQL in ``target_schema``)."""
+    """An analyst's own SQL: one read-only statement over the table ``sessions`` (on
+    PostgreSQL in ``target_schema``), stopped at the timeout, with every session id in the
+    result masked unless ``show_ids`` (see :mod:`sessionmig.readonly`)."""
     if source == "postgres":
         if not backends.dsn:
             raise ParameterError("no PostgreSQL target configured")
-        statement = sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(backends.schema))
-        try:
-            conn = psycopg.connect(backends.dsn, connect_timeout=10)
-        except psycopg.OperationalError as exc:
-            raise TargetError(f"cannot connect to the target: {P.redact(str(exc))}") from None
-        with conn:
-            conn.read_only = True
-            conn.execute(f"SET statement_timeout = {int(backends.timeout_s * 1000)}")
-            conn.execute(statement)
-            cur = conn.execute(text.encode())  # an operator's text, run read-only
-            rows = cur.fetchmany(limit) if cur.description else []
-            frame = _frame([c.name for c in cur.description or []], rows)
-    elif backends.analysis is not None:
-        frame = run_sql_sqlite(text, {}, backends.analysis, backends.timeout_s, limit)
-    else:
+        columns, rows = readonly.run_postgres(
+            text, backends.dsn, backends.schema, backends.timeout_s, limit, show_ids
+        )
+        return _frame(columns, rows)
+    if source != "sqlite":
+        raise ParameterError(f"--source {source!r}: choose sqlite or postgres")
+    if backends.analysis is None:
         raise ParameterError("no SQLite backup configured")
-    return mask_ids(frame, show_ids)
+    conn, guard = backends.analysis.open(backends.timeout_s)
+    lookup = readonly.sqlite_lookup(conn)
+    try:
+        cur = conn.execute(text)  # sqlite3 refuses a text holding more than one statement
+        rows = cur.fetchmany(limit) if cur.description else []
+        columns = [c[0] for c in cur.description or []]
+        return _frame(columns, readonly.mask_rows(columns, rows, lookup, show_ids))
+    except (sqlite3.Error, ValueError) as exc:
+        error = exc if isinstance(exc, sqlite3.Error) else sqlite3.ProgrammingError(str(exc))
+        message = readonly.sqlite_message(error, guard, backends.timeout_s)
+        raise ParameterError(message if show_ids else readonly.mask_text(message, None)) from None
+    finally:
+        conn.close()
 
 
 def to_text(frame: pd.DataFrame, fmt: str) -> str:
