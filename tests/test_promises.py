@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -648,3 +649,33 @@ def test_case7_reconciles_reading_agrees_with_the_rules(moment, zone_name, micro
     values, ok = ExpectedPath(zone).instants([text.encode()])
     if ok[0]:
         assert values[0] == pg_micros(parse_timestamp(text, "text", "t", zone))
+
+
+# --- damaged targets: one clear error, never a traceback -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (
+            "ALTER TABLE sessions ALTER COLUMN metadata TYPE text",
+            "metadata is text (expected jsonb)",
+        ),
+        ("ALTER TABLE sessions DROP COLUMN user_id", "user_id is missing"),
+        ("ALTER TABLE sessions ALTER COLUMN request_count TYPE int8", "request_count is bigint"),
+        ("DROP TABLE session_migration_rejects", "session_migration_rejects"),
+    ],
+)
+def test_a_damaged_target_is_one_clear_error(migrated, dsn, damage, said) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute(damage)
+    with pytest.raises(TargetError, match=re.escape(said)):
+        steps.reconcile_step(migrated)
+
+
+def test_reconciling_a_backup_other_than_the_migrated_one_says_so(migrated, dsn) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE session_migration_runs SET source_sha256 = repeat('0', 64)")
+    result = steps.reconcile_step(migrated)
+    assert result.verdict == WARN
+    assert any("recorded source sha256 0000000000000000" in w for w in result.warnings)

@@ -172,6 +172,18 @@ def latest_migrate_run(conn: psycopg.Connection, schema: str) -> str | None:
     return row[0] if row else None
 
 
+def _recorded_sha256(conn: psycopg.Connection, schema: str, run_id: str | None) -> str | None:
+    if run_id is None:
+        return None
+    row = conn.execute(
+        sql.SQL("SELECT source_sha256 FROM {} WHERE run_id = %s").format(
+            sql.Identifier(schema, "session_migration_runs")
+        ),
+        (run_id,),
+    ).fetchone()
+    return row[0] if row else None
+
+
 def rejects_of_run(conn: psycopg.Connection, schema: str, run_id: str | None) -> dict[int, dict]:
     if run_id is None:
         return {}
@@ -521,6 +533,72 @@ def reconcile(
         conn = psycopg.connect(dsn, application_name="sessionmig-reconcile")
     except psycopg.OperationalError as exc:
         raise TargetError(f"cannot connect to the target: {exc}".strip()) from None
+    try:
+        return _reconcile(
+            conn, dsn, backup, rules, schema, as_of, batch_rows, run_id, mask, progress
+        )
+    except psycopg.Error as exc:
+        # A target damaged in a way the shape check cannot see, or lost mid-way: one line that
+        # says so, never a traceback. The detail is left out: it can quote a key.
+        raise TargetError(
+            f"reconcile could not read the target (SQLSTATE {exc.sqlstate}: "
+            f"{exc.diag.message_primary or type(exc).__name__}); nothing was changed. Check "
+            f"the target's {schema} tables against the Alembic revision and run again"
+        ) from None
+    finally:
+        conn.close()
+
+
+EXPECTED_TYPES = {
+    "session_id": "text",
+    "user_id": "text",
+    "metadata": "jsonb",
+    "created_at": "timestamp with time zone",
+    "expires_at": "timestamp with time zone",
+    "last_activity": "timestamp with time zone",
+    "request_count": "integer",
+}
+"""What every column of the target's sessions must be for a comparison to mean anything."""
+
+
+def _check_shape(conn: psycopg.Connection, schema: str) -> None:
+    """Refuse a target whose sessions table is not the migrated shape (a column dropped, or
+    retyped so that values would compare differently), naming each difference."""
+    found = dict(
+        conn.execute(
+            "SELECT a.attname, format_type(a.atttypid, NULL) FROM pg_attribute a "
+            "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+            (sql.Identifier(schema, "sessions").as_string(conn),),
+        ).fetchall()
+    )
+    wrong = [
+        f"{column} is {found[column]} (expected {kind})"
+        if column in found
+        else f"{column} is missing"
+        for column, kind in EXPECTED_TYPES.items()
+        if found.get(column) != kind
+    ]
+    if wrong:
+        raise TargetError(
+            f"the target's {schema}.sessions is not the table migrate wrote: "
+            + "; ".join(wrong)
+            + ". Restore it (alembic upgrade head on an empty schema, then migrate) before "
+            "reconciling"
+        )
+
+
+def _reconcile(
+    conn: psycopg.Connection,
+    dsn: str,
+    backup: Backup,
+    rules: Rules,
+    schema: str,
+    as_of: datetime,
+    batch_rows: int,
+    run_id: str | None,
+    mask: Callable[[str | None], str],
+    progress: Callable[[int], None] | None,
+) -> ReconcileResult:
     tally = _Tally(mask)
     seed = new_seed()
     with conn:
@@ -528,8 +606,10 @@ def reconcile(
         # table, which dies with the transaction; nothing else is written.
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         conn.execute("SELECT set_config('work_mem', %s, true)", (WORK_MEM,))
+        _check_shape(conn, schema)
         run_id = run_id or latest_migrate_run(conn, schema)
         rejects = rejects_of_run(conn, schema, run_id)
+        recorded_sha256 = _recorded_sha256(conn, schema, run_id)
         _create_source_table(conn, seed)
         # The target's profile needs no source row: a second connection computes it in this
         # transaction's snapshot while this one streams the source, on the server's idle core.
@@ -573,7 +653,14 @@ def reconcile(
     counts = tally.counts
     migrated = counts["matched"] + counts["changed"]
     rejected = len(side.seen_rejects)
-    verdict, reason, warnings = _verdict(counts, rejected, parity, run_id)
+    other_source = []
+    if recorded_sha256 is not None and recorded_sha256 != backup.sha256:
+        other_source.append(
+            f"migrate run {run_id} recorded source sha256 {recorded_sha256[:16]}…, but this "
+            f"backup is {backup.sha256[:16]}…: the rows match this file, not necessarily the "
+            "one that was migrated"
+        )
+    verdict, reason, warnings = _verdict(counts, rejected, parity, run_id, other_source)
     return ReconcileResult(
         run_id=run_id,
         source_rows=side.rows,
@@ -688,13 +775,17 @@ def _parity(
 
 
 def _verdict(
-    counts: dict[str, int], rejected: int, parity: dict[str, Any], run_id: str | None
+    counts: dict[str, int],
+    rejected: int,
+    parity: dict[str, Any],
+    run_id: str | None,
+    noted: list[str],
 ) -> tuple[str, str, list[str]]:
     broken = {k: v for k, v in counts.items() if k != "matched" and v}
     if broken:
         summary = ", ".join(f"{v} {k}" for k, v in broken.items())
-        return FAIL, f"rows differ or are unaccounted for: {summary}", []
-    warnings = []
+        return FAIL, f"rows differ or are unaccounted for: {summary}", list(noted)
+    warnings = list(noted)
     if run_id is None:
         warnings.append("no committed migrate run found on the target")
     if rejected:
