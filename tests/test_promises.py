@@ -593,7 +593,7 @@ def test_case23_a_load_never_queues_behind_a_lock(tmp_path, target, dsn) -> None
 def test_case7_a_fault_in_migrates_clock_is_caught_by_reconcile(
     clean_backup, target, monkeypatch
 ) -> None:
-    from sessionmig.transform import WallClock
+    from sessionmig.wire import WallClock
 
     real = WallClock._offset
 
@@ -615,16 +615,16 @@ def test_case7_a_fault_in_migrates_plain_row_choice_is_caught_by_reconcile(
 ) -> None:
     """Put back the old choice of plain rows (numbers counted as text, so SQLite printed a REAL
     with 15 digits): reconcile, reading the backup its own way, sees the lost digits."""
-    from sessionmig import source
+    from sessionmig import wire
 
     path = backup_of(tmp_path / "json.db", [*filler(3), plain("real", meta=0.1 + 0.2)], JSON_SCHEMA)
-    old = source._PLAIN.replace(
+    old = wire.PLAIN.replace(
         "(metadata IS NULL OR (metadata >= '' AND metadata < x''))",
         "(metadata IS NULL OR metadata < x'')",
     )
-    assert old != source._PLAIN
+    assert old != wire.PLAIN
     s = target(path)
-    monkeypatch.setattr(source, "_PLAIN", old)  # a bug, there for both steps
+    monkeypatch.setattr(wire, "PLAIN", old)  # a bug, there for both steps
     steps.migrate(s, progress=False)
     result = steps.reconcile_step(s)
     assert result.verdict == FAIL
@@ -642,7 +642,8 @@ def test_case7_reconciles_reading_agrees_with_the_rules(moment, zone_name, micro
     from zoneinfo import ZoneInfo
 
     from sessionmig.expected import ExpectedPath
-    from sessionmig.transform import parse_timestamp, pg_micros
+    from sessionmig.transform import parse_timestamp
+    from sessionmig.wire import pg_micros
 
     text = moment.isoformat(" ", timespec="microseconds" if micros else "seconds")
     zone = ZoneInfo(zone_name)

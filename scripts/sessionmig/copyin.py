@@ -25,16 +25,8 @@ from psycopg.types.string import BytesBinaryDumper
 
 from .errors import TargetError
 from .source import Backup
-from .transform import (
-    WIRE_TYPES,
-    Reject,
-    Rules,
-    WallClock,
-    WireRow,
-    as_wire,
-    normalise,
-    raw_record,
-)
+from .transform import Reject, Rules, normalise, raw_record
+from .wire import WIRE_TYPES, MigratePath, WireRow, as_wire
 
 # Errors that mean "this value cannot be stored", as opposed to a lost or broken connection.
 REFUSALS = (
@@ -64,30 +56,13 @@ class FastPath(Protocol):
     """How plain rows are read and written a batch at a time (rows the rules need not see).
 
     ``rows`` yields batches in rowid order, each row ``(rowid, …, plain)`` with ``plain`` last;
-    ``write_plain`` writes those it is sure of as wire rows (``WIRE_TYPES``), adds them to
-    ``span.copied`` and returns the rowids of the others, which then take the rules.
+    ``write_plain`` writes those it is sure of as wire rows (``wire.WIRE_TYPES``) and returns
+    the rowids of the others, which then take the rules.
     """
 
     def rows(self, backup: Backup, batch_rows: int) -> Iterator[list[tuple]]: ...
 
-    def write_plain(
-        self, write: Callable[[WireRow], None], span: _Span, rows: list[tuple]
-    ) -> list[int]: ...
-
-
-class MigratePath:
-    """Migrate's fast path: ``Backup.plain_rows`` and :class:`transform.WallClock`."""
-
-    def __init__(self, rules: Rules) -> None:
-        self.clock = WallClock(rules.zone)
-
-    def rows(self, backup: Backup, batch_rows: int) -> Iterator[list[tuple]]:
-        return backup.plain_rows(batch_rows)
-
-    def write_plain(
-        self, write: Callable[[WireRow], None], span: _Span, rows: list[tuple]
-    ) -> list[int]:
-        return _write_plain(write, span, rows, self.clock)
+    def write_plain(self, write: Callable[[WireRow], None], rows: list[tuple]) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -230,7 +205,9 @@ def _fill(
                 kept = {row[0] for row in plain}
                 exact = [row[0] for row in chunk if row[0] not in kept]
             if plain:
-                exact += fast.write_plain(write, span, plain)
+                doubtful = fast.write_plain(write, plain)
+                span.copied += len(plain) - len(doubtful)
+                exact += doubtful
         else:
             exact = [row[0] for row in chunk]
         for rowid in sorted(exact):
@@ -240,31 +217,6 @@ def _fill(
                 span.copied += 1
         if progress:
             progress(len(chunk))
-
-
-def _write_plain(
-    write: Callable[[WireRow], None], span: _Span, rows: list[tuple], clock: WallClock
-) -> list[int]:
-    """Write the plain rows whose times the clock is sure of; return the others' rowids."""
-    rowids, sids, uids, metas, created, expires, last, counts, _ = zip(*rows, strict=True)
-    c, c_ok = clock.utc(created)
-    e, e_ok = clock.utc(expires)
-    la, la_ok = clock.utc(last)
-    sure = c_ok & e_ok & la_ok
-    wire = zip(sids, uids, metas, c, e, la, counts, strict=True)
-    if sure.all():
-        for row in wire:
-            write(row)
-        span.copied += len(rows)
-        return []
-    doubtful = []
-    for row, rowid, ok in zip(wire, rowids, sure.tolist(), strict=True):
-        if ok:
-            write(row)
-            span.copied += 1
-        else:
-            doubtful.append(rowid)
-    return doubtful
 
 
 def _apply_rules(span: _Span, raw: tuple, rules: Rules, divert: _Aside) -> WireRow | None:

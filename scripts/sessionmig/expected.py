@@ -2,7 +2,7 @@
 migrate's fast path, so that a fault there cannot agree with itself.
 
 Migrate picks plain rows by SQLite's sort order, has SQLite print metadata, and converts
-timestamps with ``transform.WallClock`` (bytes checked and computed in NumPy integers, offsets
+timestamps with ``wire.WallClock`` (bytes checked and computed in NumPy integers, offsets
 probed four ways per hour). Here every choice is made another way:
 
 * which rows are plain: storage classes by ``typeof()`` and timestamp shapes by ``GLOB``;
@@ -18,19 +18,13 @@ specification both engines answer to.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import SourceError
 from .source import Backup
 from .transform import INT4_MAX, INT4_MIN, MAX_SESSION_ID_BYTES, RowProblem, parse_timestamp
-
-if TYPE_CHECKING:
-    from .copyin import _Span
 
 _DIGITS4 = "[0-9][0-9][0-9][0-9]"
 _DIGITS2 = "[0-9][0-9]"
@@ -71,22 +65,9 @@ class ExpectedPath:
         self._offsets: dict[int, int | None] = {}
 
     def rows(self, backup: Backup, batch_rows: int) -> Iterator[list[tuple]]:
-        cursor = backup.query(_QUERY)
-        while True:
-            try:
-                chunk = cursor.fetchmany(batch_rows)
-            except sqlite3.DatabaseError as exc:
-                raise SourceError(
-                    f"{backup.original}: reading rows failed ({exc}); the file is damaged — "
-                    "take a fresh backup"
-                ) from None
-            if not chunk:
-                return
-            yield chunk
+        return backup.batches(backup.query(_QUERY), batch_rows)
 
-    def write_plain(
-        self, write: Callable[[tuple], None], span: _Span, rows: list[tuple]
-    ) -> list[int]:
+    def write_plain(self, write: Callable[[tuple], None], rows: list[tuple]) -> list[int]:
         rowids, sids, uids, metas, created, expires, last, counts, _ = zip(*rows, strict=True)
         c, c_ok = self.instants(created)
         e, e_ok = self.instants(expires)
@@ -97,7 +78,6 @@ class ExpectedPath:
         for row in zip(rowids, sids, uids, jsonb, c, e, la, counts, sure, strict=True):
             if row[8]:
                 write(row[1:8])
-                span.copied += 1
             else:
                 doubtful.append(row[0])
         return doubtful

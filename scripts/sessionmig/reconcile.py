@@ -33,7 +33,8 @@ from .errors import TargetError
 from .expected import ExpectedPath
 from .mask import mask_id
 from .source import Backup, in_background
-from .transform import COLUMNS, WIRE_TYPES, Reject, Rules, Session, as_wire, normalise, raw_record
+from .transform import COLUMNS, Reject, Rules, Session, normalise, raw_record
+from .wire import WIRE_TYPES, as_wire
 
 PASS, WARN, FAIL = "PASS", "PASS_WITH_WARNINGS", "FAIL"
 MAX_DIFFERENCES = 200

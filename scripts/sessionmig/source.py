@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import SourceError
-from .transform import COLUMNS, MAX_SESSION_ID_BYTES
+from .transform import COLUMNS
 
 T = TypeVar("T")
 
@@ -218,19 +218,6 @@ class Backup:
             raise ValueError(f"no such columns: {unknown}")
         yield from self._raw_batches(extra, f"ORDER BY {order}", (), batch)
 
-    def plain_rows(self, batch: int = 10_000) -> Iterator[list[tuple]]:
-        """Rows for the fast path, in rowid order: ``(rowid, session_id, user_id, jsonb wire
-        metadata, created_at, expires_at, last_activity, request_count or 0, plain)``.
-
-        ``plain`` is 1 when every value has the storage class and spelling the fast path
-        handles (see ``transform.WallClock``); the other columns are then ready for COPY. For a
-        row that is not plain, fetch it with :meth:`raw_row` and apply the rules to that.
-        """
-        cursor = self._query(
-            f"SELECT rowid, {_PLAIN_COLUMNS}, {_PLAIN} FROM sessions ORDER BY rowid"
-        )
-        yield from self._batches(cursor, batch)
-
     def raw_row(self, rowid: int, extra: tuple[str, ...] = ()) -> tuple:
         """One row in the form of :meth:`rows`."""
         row = self._raw_cursor(extra, "WHERE rowid = ?", (rowid,)).fetchone()
@@ -249,7 +236,7 @@ class Backup:
         self, extra: tuple[str, ...], where: str, params: tuple, batch: int
     ) -> Iterator[list[tuple]]:
         k = len(extra)
-        for chunk in self._batches(self._raw_cursor(extra, where, params), batch):
+        for chunk in self.batches(self._raw_cursor(extra, where, params), batch):
             yield [_shaped(row, k) for row in chunk]
 
     def _raw_cursor(self, extra: tuple[str, ...], where: str, params: tuple) -> sqlite3.Cursor:
@@ -259,7 +246,8 @@ class Backup:
         types = ", ".join('typeof("' + c.replace('"', '""') + '")' for c in names)
         return self._query(f"SELECT rowid, {values}, {types} FROM sessions {where}", params)
 
-    def _batches(self, cursor: sqlite3.Cursor, batch: int) -> Iterator[list[tuple]]:
+    def batches(self, cursor: sqlite3.Cursor, batch: int) -> Iterator[list[tuple]]:
+        """A cursor's rows in lists of ``batch``; a read error is a :class:`SourceError`."""
         while True:
             try:
                 chunk = cursor.fetchmany(batch)
@@ -291,30 +279,6 @@ class Backup:
         self.connection.close()
         if self.copy is not None:
             shutil.rmtree(self.copy.parent, ignore_errors=True)
-
-
-_PLAIN_COLUMNS = (
-    "session_id, user_id, char(1) || metadata, created_at, expires_at, last_activity, "
-    "coalesce(request_count, 0)"
-)
-# Which rows the fast path may take: text where text belongs (in SQLite's ordering, text sorts
-# after numbers and before BLOBs, which is cheaper to test than typeof()), and a request_count
-# that is an integer within PostgreSQL's integer. Spellings are ``WallClock``'s to check.
-# Text is ">= ''" as well: numbers sort before text, and SQLite would print a REAL with 15
-# digits (0.30000000000000004 as 0.3) and hand an INTEGER over as a number.
-_PLAIN = " AND ".join(
-    (
-        "session_id >= '' AND session_id < x''",
-        f"length(CAST(session_id AS BLOB)) <= {MAX_SESSION_ID_BYTES}",
-        "(user_id IS NULL OR (user_id >= '' AND user_id < x''))",
-        "(metadata IS NULL OR (metadata >= '' AND metadata < x''))",
-        "created_at >= '' AND created_at < x''",
-        "expires_at >= '' AND expires_at < x''",
-        "last_activity >= '' AND last_activity < x''",
-        "(request_count IS NULL OR (typeof(request_count) = 'integer' "
-        "AND request_count BETWEEN -2147483648 AND 2147483647))",
-    )
-)
 
 
 def _shaped(row: tuple, k: int) -> tuple:
