@@ -39,7 +39,14 @@ COMMON = {
         '"fail"',
         "columns beyond the legacy schema: fail | into_metadata (kept under _legacy_columns)",
     ),
-    "dry_run": ("False", "True: do all the work, report what would happen, then roll back"),
+    "dry_run": (
+        "False",
+        "True: do all the work, report what would happen, then roll back (reconcile: skipped)",
+    ),
+    "run_steps": (
+        "[]",
+        "the steps of this run, whose privileges preflight checks; empty means preflight, inspect, migrate, reconcile",
+    ),
     "expected_sha256": (
         '""',
         "when set, refuse a backup whose sha256 differs (the reviewed file is the migrated file)",
@@ -127,17 +134,23 @@ SETUP = (
 nb(
     "notebooks/00_preflight.ipynb",
     "00 · Preflight",
-    "Is the source readable and what is its sha256? Is the target reachable, which server, may we create the tables, do they already hold rows? **Go** only when every check holds.",
+    "Is the source readable and what is its sha256? Is the target reachable, which server, does it hold every privilege and feature the steps of this run need, do the tables already hold rows? **Go** only when every check holds; what is missing is named with the exact `GRANT` to ask for.",
     [
         *TARGET,
+        "on_conflict",
         "expected_sha256",
+        "run_steps",
         "run_id",
     ],
     [
         SETUP,
         (
             "code",
-            'with report.step("preflight"):\n    result = steps.preflight(settings)\nreport.show(report.checks_table(result))',
+            'with report.step("preflight"):\n    result = steps.preflight(settings, run_steps)\nreport.show(report.checks_table(result))',
+        ),
+        (
+            "code",
+            'if result.grants:  # one place to copy them from, for the DBA\n    print("Missing privileges; ask the DBA to run:\\n" + "\\n".join(result.grants))',
         ),
         ("md", "Rows already in the target tables (empty when the tables do not exist yet):"),
         ("code", "report.show(result.existing_rows)"),
@@ -212,31 +225,35 @@ nb(
 nb(
     "notebooks/03_reconcile.ipynb",
     "03 · Reconcile",
-    "Compares the **raw backup** with PostgreSQL, every row and every column, and proves the partition: source rows = migrated + rejected, disjoint. Differences are named with hashed ids. A `FAIL` stops the run with a non-zero exit.",
+    "Compares the **raw backup** with PostgreSQL, every row and every column, and proves the partition: source rows = migrated + rejected, disjoint. Differences are named with hashed ids. A `FAIL` stops the run with a non-zero exit. In a dry run nothing was written, so there is nothing to compare: the step says `SKIPPED` and the run keeps migrate's verdict.",
     [
         *TARGET,
         "batch_rows",
         "on_invalid_metadata",
         "on_extra_columns",
+        "dry_run",
         "run_id",
     ],
     [
         SETUP,
         (
             "code",
-            'with report.step("reconcile"):\n    result = steps.reconcile_step(settings)\ntables = report.reconcile_tables(result)',
+            'with report.step("reconcile"):\n    result = steps.reconcile_step(settings)\ncompared = result.verdict != steps.SKIPPED\ntables = report.reconcile_tables(result)',
         ),
         ("md", "## Partition proof"),
-        ("code", 'report.show(tables["partition"])\nreport.show(tables["counts"])'),
+        (
+            "code",
+            'if compared:\n    report.show(tables["partition"])\n    report.show(tables["counts"])',
+        ),
         ("md", "## Differences (first 200, ids hashed)"),
-        ("code", 'report.show(tables["differences"])'),
+        ("code", 'if compared:\n    report.show(tables["differences"])'),
         (
             "md",
             "## Application-level parity\n\nThe new `SessionManager` is asked, read only, which sessions it accepts at `as_of`; the legacy rule and the distributions are compared on both sides.",
         ),
         (
             "code",
-            'app = steps.app_check(settings)\nreport.show(report.app_check_table(app))\nreport.show(tables["parity"])',
+            'app = steps.app_check(settings) if compared else None\nif app is not None:\n    report.show(report.app_check_table(app))\n    report.show(tables["parity"])',
         ),
         ("code", "report.conclude_reconcile(result, app)"),
     ],
@@ -288,7 +305,7 @@ nb(
 nb(
     "notebooks/04_session_analysis.ipynb",
     "04 · Session analysis",
-    "Named, documented queries over the sessions — on PostgreSQL, on the SQLite backup (normalised by the migration's own rules into a private read-only copy), or on both side by side. Read-only, with a statement timeout; session ids are hashed unless `show_ids` is set. `sessionmig query --list` lists the queries.",
+    "Named, documented queries over the sessions — on PostgreSQL, on the SQLite backup (normalised by the migration's own rules into a private read-only copy), or on both side by side. Read-only, with a statement timeout; session ids are hashed unless `show_ids` is set. `sessionmig query --list` lists the queries. The verdict says what was found: **ERROR** when a query failed (each named), **PASS_WITH_WARNINGS** when the two sources answer differently (each query named with its numbers — expected after cutover, a finding before it) or a source holds no session, **PASS** otherwise.",
     [
         *TARGET,
         "source",
@@ -306,24 +323,29 @@ nb(
         SETUP,
         (
             "code",
-            'from sessionmig import plots, queries\n\nsources = ("sqlite", "postgres") if source == "both" else (source,)\nbackends = queries.backends_for(settings, sources)\nwanted = query_names or [q.name for q in queries.QUERIES if q.name != "user_sessions" or user_id]\ncommon = {"start": window_start, "end": window_end, "unit": unit, "timezone": timezone, "user_id": user_id, "top_n": top_n}',
+            'from sessionmig import plots\n\nsources = ("sqlite", "postgres") if source == "both" else (source,)\ncommon = {"start": window_start, "end": window_end, "unit": unit, "timezone": timezone, "user_id": user_id, "top_n": top_n}',
         ),
         (
             "code",
-            'with report.step("analysis"):\n    results = queries.run_many(wanted, sources, backends, settings, common, show_ids=show_ids)',
+            'with report.step("analysis"):\n    result = steps.analysis(settings, sources, query_names, common, free_sql, show_ids=show_ids)',
         ),
         (
             "code",
-            "for name, frame in results.items():\n    report.show(report.query_header(name))\n    report.show(frame.head(200))\n    plots.plot_query(name, frame)",
+            "for name, frame in result.results.items():\n    report.show(report.query_header(name))\n    report.show(frame.head(200))\n    plots.plot_query(name, frame)",
         ),
         ("md", "## Free SQL (read-only; table `sessions`)"),
         (
             "code",
-            "if free_sql:\n    for s in sources:\n        report.show(queries.run_free_sql(free_sql, s, backends, show_ids=show_ids).head(200))",
+            "for frame in result.free.values():\n    report.show(frame.head(200))",
+        ),
+        ("md", "## What the queries found"),
+        (
+            "code",
+            "for line in [*result.differences, *result.warnings, *result.errors.values()]:\n    print(line)",
         ),
         (
             "code",
-            'report.conclude("analysis", "PASS", f"{len(results)} queries on {\', \'.join(sources)}")',
+            'report.conclude("analysis", result.verdict, result.reason, exit_code=result.exit_code)',
         ),
     ],
 )

@@ -39,8 +39,11 @@ class AppCheck:
 
 
 def combined_verdict(verdict: str, reason: str, app: AppCheck | None) -> tuple[str, str]:
-    """The reconcile verdict, turned to FAIL when the app would treat a session differently."""
-    if app is None or app.ok or verdict == "FAIL":
+    """The reconcile verdict, turned to FAIL when the app would treat a session differently.
+
+    A skipped reconcile (a dry run wrote nothing) stays skipped: the app was asked nothing.
+    """
+    if app is None or app.ok or verdict in ("FAIL", "SKIPPED"):
         return verdict, reason
     wrong = app.wrongly_rejected + app.wrongly_accepted
     return "FAIL", f"the new SessionManager disagrees with the source on {wrong} sessions at as_of"

@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 
 from . import params as P
-from .errors import SourceError, TargetError, TransientTargetError
+from .errors import EXIT_ERROR, SourceError, TargetError, TransientTargetError
 from .inspection import InspectResult, inspect_backup
 from .load import AuditInfo, LoadOutcome, load, migration_lock
 from .progress import progress_bar
@@ -34,7 +34,7 @@ from .rollback import (
     record,
     rollback,
 )
-from .source import FileHash, open_backup
+from .source import FileHash, extra_columns_of, open_backup
 from .transform import Rules
 
 if TYPE_CHECKING:  # the app check pulls in the async SessionManager; load it only for that step
@@ -85,11 +85,11 @@ class Settings:
 
     @property
     def rules(self) -> Rules:
-        return Rules(P.zone(self.source_timezone), self.on_invalid_metadata)
-
-    def rules_for(self, backup: Any) -> Rules:
-        """The rules for this backup: its extra columns are carried only when asked to."""
-        extra = tuple(backup.extra_columns) if self.on_extra_columns == "into_metadata" else ()
+        """The one way to build the rules: the backup's extra columns are carried into
+        metadata only when ``on_extra_columns=into_metadata`` says so, for every step alike
+        (migrate, reconcile, rollback, the analysis copy)."""
+        carry = self.on_extra_columns == "into_metadata" and self.sqlite_path
+        extra = extra_columns_of(self.sqlite_path) if carry else ()
         return Rules(P.zone(self.source_timezone), self.on_invalid_metadata, extra)
 
     def dsn(self) -> str:
@@ -154,22 +154,327 @@ class PreflightResult:
     source_sha256: str | None
     server_version: str | None
     existing_rows: dict[str, int] = field(default_factory=dict)
+    steps: tuple[str, ...] = ()  # the steps whose needs were checked
+    grants: tuple[str, ...] = ()  # the exact statements to ask the DBA for, when any
 
     @property
     def go(self) -> bool:
         return all(c.ok for c in self.checks)
 
 
-def preflight(s: Settings) -> PreflightResult:
-    """Source readable and hashed, target reachable and writable: go or no-go."""
+RUN_STEPS = ("preflight", "inspect", "migrate", "reconcile", "analysis", "rollback", "finalize")
+DEFAULT_RUN_STEPS = ("preflight", "inspect", "migrate", "reconcile")  # sessionmig run's default
+HASH_RECORD_EXTENDED = 140000
+"""server_version_num from which ``hash_record_extended`` exists (reconcile fingerprints rows
+with it; rollback reconciles too)."""
+ALEMBIC_VERSION = "alembic_version"
+# The tables whose rights the steps need (others the schema may hold are created by migrate).
+SESSIONS, REJECTS, RUNS = "sessions", "session_migration_rejects", "session_migration_runs"
+
+
+@dataclass(frozen=True)
+class TableFacts:
+    """What the connected role may do with one of the target's tables."""
+
+    name: str
+    exists: bool
+    owner: str | None = None
+    owned: bool = False  # the role has its owner's rights (needed to drop and rebuild keys)
+    privileges: frozenset[str] = frozenset()  # of SELECT, INSERT, UPDATE
+    rows: int | None = None  # None when it does not exist or the role cannot count it
+    sequence: tuple[str, str] | None = None  # (schema, name) of its id sequence, if any
+    sequence_usage: bool = True
+
+
+@dataclass(frozen=True)
+class TargetFacts:
+    """What preflight learns of the target; :func:`target_checks` judges it, so the rules can be
+    tested on facts no test server has (an old version)."""
+
+    role: str
+    database: str
+    schema: str
+    version_num: int
+    version: str
+    database_create: bool
+    database_temp: bool
+    schema_exists: bool
+    schema_usage: bool
+    schema_create: bool
+    tables: dict[str, TableFacts]
+
+
+def run_steps_of(given: Any) -> tuple[str, ...]:
+    """The steps a preflight checks for: a list or a comma-separated text; empty means the
+    default run's."""
+    if isinstance(given, str):
+        given = [p.strip() for p in given.split(",") if p.strip()]
+    names = tuple(given or DEFAULT_RUN_STEPS)
+    unknown = [n for n in names if n not in RUN_STEPS]
+    if unknown:
+        raise P.ParameterError(
+            f"run_steps={list(names)!r}: unknown step(s) {unknown}; choose from "
+            f"{', '.join(RUN_STEPS)}"
+        )
+    return names
+
+
+def target_facts(conn: psycopg.Connection, schema_name: str) -> TargetFacts:
+    """Read the connected role's rights on the target. Catalog lookups by name and oid only:
+    resolving ``schema.table`` text would itself fail without USAGE on the schema."""
     from . import schema
 
+    row = conn.execute(
+        """SELECT current_user, current_database(),
+                  current_setting('server_version_num')::int, current_setting('server_version'),
+                  has_database_privilege(current_database(), 'CREATE'),
+                  has_database_privilege(current_database(), 'TEMPORARY'),
+                  n.oid IS NOT NULL,
+                  coalesce(has_schema_privilege(n.oid, 'USAGE'), false),
+                  coalesce(has_schema_privilege(n.oid, 'CREATE'), false)
+           FROM (SELECT 1) AS one
+           LEFT JOIN pg_namespace n ON n.nspname = %s""",
+        (schema_name,),
+    ).fetchone()
+    assert row is not None
+    role, database, version_num, version, db_create, db_temp, exists, usage, create = row
+    tables: dict[str, TableFacts] = {}
+    for name in dict.fromkeys((SESSIONS, REJECTS, RUNS, *schema.TABLES, ALEMBIC_VERSION)):
+        found = conn.execute(
+            """SELECT c.oid, pg_get_userbyid(c.relowner), pg_has_role(c.relowner, 'USAGE'),
+                      has_table_privilege(c.oid, 'SELECT'), has_table_privilege(c.oid, 'INSERT'),
+                      has_table_privilege(c.oid, 'UPDATE')
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')""",
+            (schema_name, name),
+        ).fetchone()
+        if found is None:
+            tables[name] = TableFacts(name, False)
+            continue
+        oid, owner, owned, can_select, can_insert, can_update = found
+        held = frozenset(
+            p
+            for p, ok in (("SELECT", can_select), ("INSERT", can_insert), ("UPDATE", can_update))
+            if ok
+        )
+        rows = None
+        if usage and can_select and name != ALEMBIC_VERSION:
+            rows = conn.execute(
+                sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema_name, name))
+            ).fetchone()[0]  # type: ignore[index]
+        # The serial id sequence of the rejects table (its nextval needs USAGE; an identity
+        # column's would not), found by its dependency rather than by a name to resolve.
+        sequence = conn.execute(
+            """SELECT sn.nspname, s.relname, has_sequence_privilege(s.oid, 'USAGE')
+               FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+               JOIN pg_namespace sn ON sn.oid = s.relnamespace
+               WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+                 AND d.refobjid = %s AND d.deptype = 'a'
+               ORDER BY s.relname LIMIT 1""",
+            (oid,),
+        ).fetchone()
+        tables[name] = TableFacts(
+            name,
+            True,
+            owner,
+            bool(owned),
+            held,
+            rows,
+            (sequence[0], sequence[1]) if sequence else None,
+            bool(sequence[2]) if sequence else True,
+        )
+    return TargetFacts(
+        role,
+        database,
+        schema_name,
+        version_num,
+        version,
+        bool(db_create),
+        bool(db_temp),
+        bool(exists),
+        bool(usage),
+        bool(create),
+        tables,
+    )
+
+
+def _statement(template: str, *parts: sql.Composable) -> str:
+    return sql.SQL(template).format(*parts).as_string()
+
+
+def target_checks(
+    facts: TargetFacts, steps: tuple[str, ...], on_conflict: str = "fail"
+) -> tuple[list[Check], list[str]]:
+    """Every privilege and server feature ``steps`` need on the target, each as a check; and the
+    exact statements that would grant what is missing (the DBA runs them; preflight never does).
+    """
+    from . import manifest
+
     checks: list[Check] = []
+    grants: list[str] = []
+    role = sql.Identifier(facts.role)
+    database = sql.Identifier(facts.database)
+
+    def need(name: str, ok: bool, why: str, statement: str | None) -> None:
+        if ok or statement is None:
+            checks.append(Check(name, ok, why))
+            return
+        grants.append(statement)
+        # Without its ';' here: the reason joins the failed checks with '; '. The statement
+        # as it is to be run is in ``grants``.
+        checks.append(Check(name, False, f"{why}; ask for: {statement.removesuffix(';')}"))
+
+    def by(wanting: set[str]) -> str:
+        return ", ".join(s for s in RUN_STEPS if s in wanting)
+
+    selected = set(steps)
+    if wanting := selected & {"reconcile", "rollback"}:
+        ok = facts.version_num >= HASH_RECORD_EXTENDED
+        checks.append(
+            Check(
+                "server version",
+                ok,
+                f"PostgreSQL {facts.version}: {by(wanting)} fingerprint rows with "
+                "hash_record_extended, which needs PostgreSQL 14 or newer"
+                + ("" if ok else "; run them against a PostgreSQL 14+ server"),
+            )
+        )
+    if "migrate" in selected and not facts.schema_exists:
+        need(
+            f"CREATE on database {facts.database}",
+            facts.database_create,
+            f"migrate creates schema {facts.schema}, which does not exist yet",
+            _statement("GRANT CREATE ON DATABASE {} TO {};", database, role),
+        )
+    if wanting := selected & {"migrate", "reconcile", "rollback"}:
+        need(
+            f"TEMPORARY on database {facts.database}",
+            facts.database_temp,
+            f"{by(wanting)} stage rows in temporary tables",
+            _statement("GRANT TEMPORARY ON DATABASE {} TO {};", database, role),
+        )
+    on_target = selected & {"migrate", "reconcile", "analysis", "rollback", "finalize"}
+    if not on_target:
+        return checks, grants
+    # What each step does with each table (the load, the audit row, the rejects, the reads).
+    wanted: dict[str, dict[str, set[str]]] = {t: {} for t in facts.tables}
+
+    def want(step: str, table: str, *privileges: str) -> None:
+        if step in selected:
+            for p in privileges:
+                wanted[table].setdefault(p, set()).add(step)
+
+    sessions, rejects, runs = SESSIONS, REJECTS, RUNS
+    want("migrate", sessions, "SELECT", "INSERT")
+    if on_conflict == "keep_newer":
+        want("migrate", sessions, "UPDATE")
+    want("migrate", rejects, "INSERT")
+    want("migrate", runs, "INSERT")
+    want("migrate", ALEMBIC_VERSION, "SELECT")  # Alembic reads the revision on every run
+    for table in (sessions, rejects, runs):
+        want("reconcile", table, "SELECT")
+        want("rollback", table, "SELECT")
+    want("rollback", runs, "INSERT")
+    want("finalize", runs, "INSERT")
+    want("analysis", sessions, "SELECT")
+    # When a run ends, sessionmig run records its manifest's digest in the target's digest
+    # table, if it has one (see manifest.py): a run of any step that reaches the target.
+    digests = getattr(manifest, "DIGEST_TABLE", None)
+    if digests in facts.tables:
+        for step in on_target:
+            want(step, digests, "INSERT")
+    missing = [t for t, f in facts.tables.items() if not f.exists and t != ALEMBIC_VERSION]
+    if missing:
+        want("migrate", ALEMBIC_VERSION, "UPDATE")  # a pending revision: Alembic records it
+    schema_name = sql.Identifier(facts.schema)
+    if facts.schema_exists:
+        # Creating a table or an index checks CREATE on the schema: migrate creates the missing
+        # tables, and into an empty sessions it rebuilds the primary key and index after COPY.
+        rebuilds = facts.tables[sessions].rows == 0
+        creates = "migrate" in selected and (bool(missing) or rebuilds)
+        lacking = [] if facts.schema_usage else ["USAGE"]
+        if creates and not facts.schema_create:
+            lacking.append("CREATE")
+        why = f"{by(on_target)} use schema {facts.schema}"
+        if "migrate" in selected and missing:
+            why += f"; migrate creates {', '.join(missing)} in it"
+        elif creates:
+            why += f"; migrate rebuilds the keys of the empty {sessions} in it"
+        need(
+            f"schema {facts.schema}",
+            not lacking,
+            why,
+            _statement(f"GRANT {', '.join(lacking)} ON SCHEMA {{}} TO {{}};", schema_name, role),
+        )
+    elif "migrate" not in selected:
+        checks.append(
+            Check(
+                f"schema {facts.schema}",
+                False,
+                f"the target has no schema {facts.schema}; {by(on_target)} need the tables "
+                "migrate creates: run migrate first",
+            )
+        )
+        return checks, grants
+    for table, privileges in wanted.items():
+        if not privileges:
+            continue
+        t = facts.tables[table]
+        steps_here = set().union(*privileges.values())
+        if not t.exists:
+            if "migrate" not in selected and table in (SESSIONS, REJECTS, RUNS):
+                checks.append(
+                    Check(
+                        f"table {facts.schema}.{table}",
+                        False,
+                        f"missing; {by(steps_here)} cannot run without it: run migrate first",
+                    )
+                )
+            continue  # migrate creates it, owned by this role
+        lacking = sorted(set(privileges) - t.privileges, key=["SELECT", "INSERT", "UPDATE"].index)
+        target_table = sql.Identifier(facts.schema, table)
+        need(
+            f"table {facts.schema}.{table}",
+            not lacking,
+            "; ".join(
+                f"{p}: {by(privileges[p])}"
+                for p in sorted(privileges, key=["SELECT", "INSERT", "UPDATE"].index)
+            ),
+            _statement(f"GRANT {', '.join(lacking)} ON TABLE {{}} TO {{}};", target_table, role)
+            if lacking
+            else None,
+        )
+        if table == sessions and "migrate" in selected and t.rows == 0:
+            # Into an empty table migrate takes a SHARE ROW EXCLUSIVE lock, drops the primary
+            # key and index and rebuilds them after COPY: the owner's rights.
+            need(
+                f"owner of {facts.schema}.{table}",
+                t.owned,
+                f"{table} is empty, so migrate locks it, drops and rebuilds its keys "
+                f"(owner {t.owner})",
+                _statement("ALTER TABLE {} OWNER TO {};", target_table, role),
+            )
+        if table == rejects and "migrate" in selected and t.sequence is not None:
+            need(
+                f"sequence {'.'.join(t.sequence)}",
+                t.sequence_usage,
+                "migrate numbers each reject from it",
+                _statement("GRANT USAGE ON SEQUENCE {} TO {};", sql.Identifier(*t.sequence), role),
+            )
+    return checks, grants
+
+
+def preflight(s: Settings, run_steps: Any = ()) -> PreflightResult:
+    """Source readable and hashed; target reachable, recent enough, and every privilege the
+    selected steps (``run_steps``; empty means the default run's) need held: go or no-go.
+    What is missing is named with the exact GRANT to ask for."""
+    steps = run_steps_of(run_steps)
+    checks: list[Check] = []
+    grants: list[str] = []
     sha = version = None
     existing: dict[str, int] = {}
     try:
-        backup = open_backup(s.sqlite_path)
-        try:
+        with open_backup(s.sqlite_path) as backup:
             sha = backup.sha256
             checks.append(
                 Check(
@@ -188,8 +493,6 @@ def preflight(s: Settings) -> PreflightResult:
                     )
                 )
             backup.verify_unchanged()
-        finally:
-            backup.close()
     except SourceError as exc:
         checks.append(Check("source readable", False, str(exc)))
     if s.expected_sha256 and sha and sha != s.expected_sha256:
@@ -203,35 +506,17 @@ def preflight(s: Settings) -> PreflightResult:
     try:
         dsn = s.dsn()
         with psycopg.connect(dsn, connect_timeout=10) as conn:
-            version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
-            checks.append(Check("target reachable", True, f"PostgreSQL {version}"))
-            can_create = conn.execute(
-                """SELECT CASE WHEN to_regnamespace(%(s)s) IS NULL
-                               THEN has_database_privilege(current_database(), 'CREATE')
-                               ELSE has_schema_privilege(%(s)s, 'CREATE') END""",
-                {"s": s.target_schema},
-            ).fetchone()[0]  # type: ignore[index]
-            checks.append(
-                Check(
-                    "privileges",
-                    bool(can_create),
-                    f"{'can' if can_create else 'cannot'} create tables in schema "
-                    f"{s.target_schema}",
-                )
-            )
-            for table in schema.TABLES:
-                exists = conn.execute(
-                    "SELECT to_regclass(%s) IS NOT NULL", (f'"{s.target_schema}"."{table}"',)
-                ).fetchone()[0]  # type: ignore[index]
-                if exists:
-                    existing[table] = conn.execute(
-                        sql.SQL("SELECT count(*) FROM {}").format(
-                            sql.Identifier(s.target_schema, table)
-                        )
-                    ).fetchone()[0]  # type: ignore[index]
+            facts = target_facts(conn, s.target_schema)
+        version = facts.version
+        checks.append(
+            Check("target reachable", True, f"PostgreSQL {version}, as role {facts.role}")
+        )
+        more, grants = target_checks(facts, steps, s.on_conflict)
+        checks += more
+        existing = {t.name: t.rows for t in facts.tables.values() if t.rows is not None}
     except (psycopg.Error, P.ParameterError) as exc:
         checks.append(Check("target reachable", False, P.redact(str(exc)).strip()))
-    return PreflightResult(tuple(checks), sha, version, existing)
+    return PreflightResult(tuple(checks), sha, version, existing, steps, tuple(grants))
 
 
 # --- inspect ---------------------------------------------------------------------------------
@@ -268,8 +553,7 @@ def migrate(s: Settings, progress: bool = True) -> MigrateResult:
     each attempt is the whole, atomic, idempotent load, so a retry can neither duplicate nor
     half-write anything.
     """
-    backup = open_backup(s.sqlite_path)
-    try:
+    with open_backup(s.sqlite_path) as backup:
         _check_source(s, backup)
         dsn = s.dsn()
         for attempt in range(s.max_retries + 1):
@@ -288,8 +572,6 @@ def migrate(s: Settings, progress: bool = True) -> MigrateResult:
                 )
                 time.sleep(delay)
         raise AssertionError("unreachable")
-    finally:
-        backup.close()
 
 
 def _require_expected_sha256(s: Settings, backup: Any) -> None:
@@ -343,7 +625,7 @@ def _migrate_once(s: Settings, backup: Any, dsn: str, progress: bool) -> Migrate
             s.operator,
             socket.gethostname(),
         )
-        rules = s.rules_for(backup)
+        rules = s.rules
         # The file must be sound before anything commits. When it is byte for byte the one
         # inspect checked in full (expected_sha256), that check stands; otherwise
         # quick_check, which proves what the table scan reads, runs beside the load. The
@@ -383,29 +665,56 @@ def _migrate_once(s: Settings, backup: Any, dsn: str, progress: bool) -> Migrate
 # --- reconcile -------------------------------------------------------------------------------
 
 
+SKIPPED = "SKIPPED"
+DRY_RUN_NOTHING_TO_RECONCILE = (
+    "skipped: dry run, nothing was written (migrate rolled its rows back), so there is nothing "
+    "to reconcile; run without dry_run to migrate and reconcile"
+)
+
+
+def skipped_reconcile(reason: str) -> ReconcileResult:
+    """A reconcile that did not compare anything, and says so instead of a verdict on data."""
+    from . import reconcile as engine
+
+    # Every kind the engine counts, at zero (the report's tables read some of them by name).
+    kinds = getattr(engine, "KINDS", ("matched", "missing", "extra", "changed", "both"))
+    return ReconcileResult(
+        run_id=None,
+        source_rows=0,
+        target_rows=0,
+        migrated=0,
+        rejected=0,
+        matched=0,
+        counts=dict.fromkeys((*kinds, "unaccounted", "orphan_reject"), 0),
+        differences=[],
+        parity={},
+        verdict=SKIPPED,
+        reason=reason,
+    )
+
+
 def reconcile_step(s: Settings, progress: bool = True) -> ReconcileResult:
-    """Compare the raw backup with the target, every row and column."""
-    backup = open_backup(s.sqlite_path)
-    try:
+    """Compare the raw backup with the target, every row and column.
+
+    In a dry run migrate rolled back everything it loaded: comparing the backup with the
+    target would report every row missing (or check an earlier run's rows as if they were
+    this one's), so reconcile is skipped, with that said, and the run keeps migrate's verdict.
+    """
+    if s.dry_run:
+        return skipped_reconcile(DRY_RUN_NOTHING_TO_RECONCILE)
+    with open_backup(s.sqlite_path) as backup:
         if backup.missing_columns:
             raise SourceError(f"{s.sqlite_path}: missing columns {backup.missing_columns}")
         with progress_bar(backup.estimated_rows(), progress) as bar:
-            result = reconcile(
+            return reconcile(  # which re-hashes the source before it finishes
                 s.dsn(),
                 backup,
-                s.rules_for(backup),
+                s.rules,
                 schema=s.target_schema,
                 as_of=s.as_of,
                 batch_rows=s.batch_rows,
                 progress=bar.update,
             )
-        return result  # reconcile re-hashed the source before it finished
-    except psycopg.errors.UndefinedTable:
-        raise TargetError(
-            f"the target has no sessionmig tables in schema {s.target_schema!r}; run migrate first"
-        ) from None
-    finally:
-        backup.close()
 
 
 def settings_from(namespace: dict[str, Any]) -> Settings:
@@ -417,18 +726,165 @@ def app_check(s: Settings) -> AppCheck:
     """Ask the new SessionManager, read only, which sessions it accepts at ``as_of``."""
     from .appcheck import check_with_manager
 
-    backup = open_backup(s.sqlite_path)
-    try:
+    with open_backup(s.sqlite_path) as backup:
         return check_with_manager(
             s.dsn(),
             backup,
-            s.rules_for(backup),
+            s.rules,
             schema=s.target_schema,
             as_of=s.as_of,
             batch_rows=s.batch_rows,
         )
-    finally:
-        backup.close()
+
+
+# --- analysis --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """The named queries' answers on each source, what went wrong, and what they disagree on."""
+
+    sources: tuple[str, ...]
+    results: dict[str, Any]  # query name -> DataFrame (with a ``source`` column for two)
+    free: dict[str, Any]  # source -> DataFrame of the free SQL
+    errors: dict[str, str]  # query (or "free SQL on SOURCE") -> what went wrong
+    differences: tuple[str, ...]  # one line per query whose answers differ between sources
+    warnings: tuple[str, ...]
+
+    @property
+    def verdict(self) -> str:
+        if self.errors:
+            return "ERROR"
+        return "PASS_WITH_WARNINGS" if self.differences or self.warnings else "PASS"
+
+    @property
+    def exit_code(self) -> int:
+        """What the verdict means for the run: 2 when a query could not be carried out."""
+        return EXIT_ERROR if self.errors else 0
+
+    @property
+    def reason(self) -> str:
+        ran = f"{len(self.results)} queries on {', '.join(self.sources)}"
+        if self.errors:
+            failed = "; ".join(f"{name}: {message}" for name, message in self.errors.items())
+            return f"{len(self.errors)} failed ({failed}); {ran}"
+        found = list(self.warnings)
+        if self.differences:
+            found.insert(
+                0,
+                f"the sources differ on {len(self.differences)} of {len(self.results)} "
+                "queries: " + "; ".join(self.differences),
+            )
+        return (
+            "; ".join(found)
+            if found
+            else f"{ran}" + (", every answer the same on both" if len(self.sources) > 1 else "")
+        )
+
+
+def _plain(value: Any) -> Any:
+    """A cell as a comparable Python value: the drivers return Decimal, numpy or float where
+    the other side returns int for the same number."""
+    import math
+    from decimal import Decimal
+
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        value = value.item()  # numpy scalars
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, Decimal):
+        value = int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else round(value, 9)
+    return value
+
+
+def _rows(frame: Any) -> list[tuple]:
+    return [tuple(_plain(v) for v in row) for row in frame.itertuples(index=False)]
+
+
+def _difference(name: str, frame: Any, sources: tuple[str, ...]) -> str | None:
+    """How the two sources' answers to query ``name`` differ (None when they do not)."""
+    from collections import Counter
+
+    a, b = sources
+    sides = {
+        s: frame[frame["source"] == s].drop(columns="source").reset_index(drop=True)
+        for s in sources
+    }
+    rows = {s: _rows(sides[s]) for s in sources}
+    if Counter(rows[a]) == Counter(rows[b]):
+        return None
+    if len(rows[a]) == len(rows[b]) == 1:
+        # One row each (active_at, anomalies): name every measure that differs, with numbers.
+        columns = list(sides[a].columns)
+        changed = [
+            f"{c} {x} on {a} vs {y} on {b}"
+            for c, x, y in zip(columns, rows[a][0], rows[b][0], strict=True)
+            if x != y
+        ]
+        return f"{name}: " + ", ".join(changed)
+    only_a = sum((Counter(rows[a]) - Counter(rows[b])).values())
+    only_b = sum((Counter(rows[b]) - Counter(rows[a])).values())
+    return (
+        f"{name}: {len(rows[a])} rows on {a}, {len(rows[b])} on {b}; "
+        f"{only_a} only on {a}, {only_b} only on {b}"
+    )
+
+
+def analysis(
+    s: Settings,
+    sources: tuple[str, ...],
+    query_names: list[str],
+    common: dict[str, Any],
+    free_sql: str = "",
+    *,
+    show_ids: bool = False,
+) -> AnalysisResult:
+    """Run the named queries (and the free SQL) on each source; compare the sources.
+
+    Each query runs on its own, so one that fails is named without hiding the others'
+    answers; a failure makes the verdict ERROR. With two sources, every query whose answers
+    differ is named with its numbers (PASS_WITH_WARNINGS: after cutover PostgreSQL rightly
+    holds sessions the backup does not, so a difference is for the reader to judge, while
+    reconcile is the proof); so is a source that holds no session at all.
+    """
+    from . import queries
+
+    backends = queries.backends_for(s, sources)
+    wanted = list(query_names) or [
+        q.name for q in queries.QUERIES if q.name != "user_sessions" or common.get("user_id")
+    ]
+    results: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name in wanted:
+        try:
+            results.update(queries.run_many([name], sources, backends, s, common, show_ids))
+        except Exception as exc:  # any failure is reported by name; the run then says ERROR
+            errors[name] = P.redact(f"{type(exc).__name__}: {exc}".strip())
+    free: dict[str, Any] = {}
+    if free_sql:
+        for source in sources:
+            try:
+                free[source] = queries.run_free_sql(free_sql, source, backends, show_ids=show_ids)
+            except Exception as exc:
+                errors[f"free SQL on {source}"] = P.redact(f"{type(exc).__name__}: {exc}".strip())
+    differences = []
+    if len(sources) == 2:
+        for name, frame in results.items():
+            found = _difference(name, frame, sources)
+            if found:
+                differences.append(found)
+    warnings = []
+    if "anomalies" in results:
+        frame = results["anomalies"]
+        for source in sources:
+            part = frame[frame["source"] == source] if "source" in frame.columns else frame
+            if len(part) and _plain(part["rows"].iloc[0]) == 0:
+                warnings.append(f"{source} holds no sessions")
+    return AnalysisResult(
+        tuple(sources), results, free, errors, tuple(differences), tuple(warnings)
+    )
 
 
 # --- rollback and finalize -------------------------------------------------------------------
