@@ -174,3 +174,29 @@ def test_rollback_and_finalize_notebooks_run(migrated_run, dsn, tmp_path) -> Non
     assert manifest["steps"][0]["verdict"] == "PASS"
     refused = orchestrate.run(str(env), ["finalize"], finalize, tmp_path / "reports")
     assert refused.exit_code == 2 and "no such file" in refused.message
+
+
+def test_rollback_after_extra_columns_were_carried_changes_nothing(
+    tmp_path: Path, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rollback builds its rules the one way every step does: with ``into_metadata`` the
+    carried columns are expected in metadata, so untouched sessions are not 'changed'."""
+    import sqlite3
+
+    backup = tmp_path / "extra.db"
+    generate(backup, rows=120, seed=4, oddities=0)
+    conn = sqlite3.connect(backup)
+    conn.execute("ALTER TABLE sessions ADD COLUMN ip TEXT")
+    conn.execute("UPDATE sessions SET ip = '10.0.0.' || rowid")
+    conn.commit()
+    conn.close()
+    monkeypatch.setenv("SMTEST_DSN", dsn)
+    env = env_file(tmp_path, backup, on_extra_columns="into_metadata")
+    outcome = orchestrate.run(str(env), ["migrate", "reconcile"], {}, tmp_path / "reports")
+    assert outcome.exit_code == 0, outcome.message
+    settings = steps.settings(**yaml.safe_load(env.read_text()))
+    restored, check = steps.rollback_step(
+        settings, restore_path=str(tmp_path / "app.db"), migrate_manifest=str(outcome.run_dir)
+    )
+    assert (restored.carried_new, restored.carried_changed, restored.carried_ended) == (0, 0, 0)
+    assert check.counts["changed"] == 0

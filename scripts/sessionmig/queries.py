@@ -24,6 +24,7 @@ result whatever the column is called: see :mod:`sessionmig.readonly`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -47,6 +48,7 @@ from . import params as P
 from . import readonly
 from .errors import ParameterError, SourceError, TargetError
 from .jsonb import metadata_text
+from .keys import duplicate_rejects
 from .mask import mask_id
 from .source import FileHash, hash_files, open_backup
 from .transform import Reject, Rules, normalise
@@ -500,11 +502,12 @@ def _fill(
 ) -> tuple[int, int]:
     """Normalise the backup into a new file at ``path``; rows kept and left out."""
     _write_private(path, b"")  # created 0600 before SQLite writes a byte into it
-    out = sqlite3.connect(path)
-    # Any private copy open_backup makes of a backup with side files goes into our folder.
-    backup = open_backup(original, workdir=path.parent)
     kept = left_out = 0
-    try:
+    # Any private copy open_backup makes of a backup with side files goes into our folder.
+    with (
+        open_backup(original, workdir=path.parent) as backup,
+        contextlib.closing(sqlite3.connect(path)) as out,
+    ):
         if backup.hashes_before != hashes:
             raise SourceError(
                 f"{original}: changed while the analysis copy was being made; is the app still "
@@ -515,11 +518,13 @@ def _fill(
             "metadata TEXT, created_at INTEGER, expires_at INTEGER, "
             "last_activity INTEGER, request_count INTEGER)"
         )
-        for batch in backup.rows(batch_rows):
+        # Exactly what migrate lands: a repeated session_id only once, by the same rule.
+        repeated = duplicate_rejects(backup, rules)
+        for batch in backup.rows(batch_rows, extra=rules.extra_columns):
             rows = []
             for raw in batch:
                 result = normalise(raw, rules)
-                if isinstance(result, Reject):
+                if isinstance(result, Reject) or raw[0] in repeated:
                     left_out += 1
                     continue
                 sid, user, meta, created, expires, last, count = result
@@ -539,9 +544,6 @@ def _fill(
         out.execute("CREATE INDEX idx_expires_at ON sessions(expires_at)")
         out.commit()
         backup.verify_unchanged()
-    finally:
-        out.close()
-        backup.close()
     return kept, left_out
 
 

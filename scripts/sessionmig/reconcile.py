@@ -565,11 +565,17 @@ EXPECTED_TYPES = {
 def _check_shape(conn: psycopg.Connection, schema: str) -> None:
     """Refuse a target whose sessions table is not the migrated shape (a column dropped, or
     retyped so that values would compare differently), naming each difference."""
+    table = sql.Identifier(schema, "sessions").as_string(conn)
+    if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone() == (None,):
+        raise TargetError(
+            f"the target has no sessions table in schema {schema!r}; run migrate first (or "
+            "check target_schema and the DSN's database)"
+        )
     found = dict(
         conn.execute(
             "SELECT a.attname, format_type(a.atttypid, NULL) FROM pg_attribute a "
             "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
-            (sql.Identifier(schema, "sessions").as_string(conn),),
+            (table,),
         ).fetchall()
     )
     wrong = [

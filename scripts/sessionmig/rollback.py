@@ -116,7 +116,7 @@ def _carry_back(
         "UPDATE sessions SET user_id = ?, metadata = ?, created_at = ?, expires_at = ?, "
         "last_activity = ?, request_count = ? WHERE session_id = ?"
     )
-    for rows in backup.rows(batch, order="session_id"):
+    for rows in backup.rows(batch, order="session_id", extra=rules.extra_columns):
         for raw in rows:
             if raw[0] in rejects:
                 kept += 1
@@ -171,8 +171,7 @@ def rollback(
             f"restore_path {target} exists; rerun with -p confirm=true to "
             "replace it (its current content is then lost)"
         )
-    backup = open_backup(backup_path)
-    try:
+    with open_backup(backup_path) as backup:
         if backup.sha256 != expected_sha256:
             raise SourceError(
                 f"{backup_path}: sha256 is {backup.sha256}, but the migrate run recorded "
@@ -192,8 +191,6 @@ def rollback(
         for side in ("-wal", "-shm", "-journal"):
             Path(str(target) + side).unlink(missing_ok=True)
         os.replace(partial, target)
-    finally:
-        backup.close()
     return RollbackResult(str(target), backup.sha256, sha256_file(target), *counts)
 
 

@@ -14,6 +14,7 @@ import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -84,7 +85,7 @@ def in_background(work: Callable[..., T], *args: Any) -> Future[T]:
 
 @dataclass
 class Backup:
-    """An open backup, read only; use :func:`open_backup`."""
+    """An open backup, read only: ``with open_backup(path) as backup:``."""
 
     original: Path
     copy: Path | None  # the private copy, when side files made one necessary
@@ -275,7 +276,14 @@ class Backup:
             )
         return self.hashes_after
 
+    def __enter__(self) -> Backup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Close the file and remove the private copy, if one was made."""
         self.connection.close()
         if self.copy is not None:
             shutil.rmtree(self.copy.parent, ignore_errors=True)
@@ -359,6 +367,18 @@ def open_backup(path: str | Path, workdir: str | Path | None = None) -> Backup:
         )
     backup.columns = {r[1].decode(): r[2].decode().upper() for r in info}
     return backup
+
+
+def extra_columns_of(path: str | Path) -> tuple[str, ...]:
+    """The columns of a backup's sessions table beyond the legacy schema, read from its schema
+    alone (read only and immutable, no hash): what ``on_extra_columns`` decides about."""
+    uri = Path(path).resolve().as_uri() + "?mode=ro&immutable=1"
+    try:
+        with closing(sqlite3.connect(uri, uri=True)) as connection:
+            info = connection.execute("PRAGMA table_info(sessions)").fetchall()
+    except sqlite3.DatabaseError:
+        return ()  # open_backup says what is wrong with the file, with the file's name
+    return tuple(r[1] for r in info if r[1] not in EXPECTED_SCHEMA)
 
 
 def _has_rowid(connection: sqlite3.Connection) -> bool:
