@@ -317,13 +317,13 @@ def test_case5_a_refusal_after_copy_is_one_clear_error_not_retries(
     attempts = []
     from sessionmig import load as load_module
 
-    original = load_module._load
+    original = load_module._is_first_load
 
     def counting(*args, **kw):
         attempts.append(1)
         return original(*args, **kw)
 
-    monkeypatch.setattr(load_module, "_load", counting)
+    monkeypatch.setattr(load_module, "_is_first_load", counting)
     with pytest.raises(TargetError) as caught:
         steps.migrate(target(path, max_retries=3), progress=False)
     assert not isinstance(caught.value, TransientTargetError)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import re
 from collections.abc import Callable, Container, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -114,60 +115,42 @@ def stream_backup(
     # By type oid, psycopg finds the last dumper registered for bytea: DB-API's pure-Python
     # one. Put the C dumper of plain bytes back on top, for this connection only.
     conn.adapters.register_dumper(bytes, BytesBinaryDumper)
-    # Millions of short-lived tuples, none in a cycle: the cyclic collector would only
-    # rescan them.
+    aside = _Aside(divert, settled or {})
+    fast = fast or MigratePath(rules)
+    stats = Streamed()
+    chunks = fast.rows(backup, batch_rows)
+    with gc_paused():
+        while True:
+            span = _Span()
+            try:
+                with conn.transaction(), conn.cursor() as cur, cur.copy(statement) as copy:
+                    copy.set_types(WIRE_TYPES)
+                    _fill(copy, span, chunks, fast, backup, rules, aside, progress)
+            except REFUSALS:
+                stats.spans_redone += 1
+                span = _by_the_rules(conn, statement, backup, span.first, span.last, rules, aside)
+            if not span.rows:
+                return stats
+            for reject in span.rejects:
+                on_reject(reject)
+            if on_diverted:
+                for raw in span.diverted:
+                    on_diverted(raw)
+            stats.read += span.rows
+            stats.copied += span.copied
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for a while: millions of short-lived tuples, none in a
+    cycle, which it would only rescan."""
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _stream(
-            conn,
-            backup,
-            rules,
-            statement,
-            on_reject,
-            _Aside(divert, settled or {}),
-            on_diverted,
-            fast or MigratePath(rules),
-            batch_rows,
-            progress,
-        )
+        yield
     finally:
         if collecting:
             gc.enable()
-
-
-def _stream(
-    conn: psycopg.Connection,
-    backup: Backup,
-    rules: Rules,
-    statement: sql.Composable,
-    on_reject: Callable[[Reject], None],
-    divert: _Aside,
-    on_diverted: Callable[[tuple], None] | None,
-    fast: FastPath,
-    batch_rows: int,
-    progress: Callable[[int], None] | None,
-) -> Streamed:
-    stats = Streamed()
-    chunks = fast.rows(backup, batch_rows)
-    while True:
-        span = _Span()
-        try:
-            with conn.transaction(), conn.cursor() as cur, cur.copy(statement) as copy:
-                copy.set_types(WIRE_TYPES)
-                _fill(copy, span, chunks, fast, backup, rules, divert, progress)
-        except REFUSALS:
-            stats.spans_redone += 1
-            span = _by_the_rules(conn, statement, backup, span.first, span.last, rules, divert)
-        if not span.rows:
-            return stats
-        for reject in span.rejects:
-            on_reject(reject)
-        if on_diverted:
-            for raw in span.diverted:
-                on_diverted(raw)
-        stats.read += span.rows
-        stats.copied += span.copied
 
 
 def _fill(

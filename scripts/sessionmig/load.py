@@ -290,37 +290,12 @@ def _audit(
     )
 
 
-def load(
-    dsn: str,
-    backup: Backup,
-    rules: Rules,
-    audit: AuditInfo,
-    *,
-    schema: str = "public",
-    on_conflict: str = "fail",
-    dry_run: bool = False,
-    batch_rows: int = 10_000,
-    progress: Callable[[int], None] | None = None,
-    before_commit: Callable[[], None] | None = None,
-) -> LoadOutcome:
-    """Normalise and load every row of ``backup``; commit once (or roll back).
-
-    ``before_commit`` runs last inside the transaction; whatever it raises rolls it all back.
-    A lost connection raises :class:`TransientTargetError`; the target is then as it was.
-    """
+@contextmanager
+def target_errors(schema: str) -> Iterator[None]:
+    """What PostgreSQL raises during a load, as the package's exceptions: a lost connection is
+    transient (the whole load may be retried), anything the server refused is not."""
     try:
-        return _load(
-            dsn,
-            backup,
-            rules,
-            audit,
-            schema,
-            on_conflict,
-            dry_run,
-            batch_rows,
-            progress,
-            before_commit,
-        )
+        yield
     except psycopg.errors.LockNotAvailable:
         raise TargetError(
             f"{schema}.sessions is locked by another session of the target for longer than "
@@ -354,109 +329,116 @@ def _is_first_load(conn: psycopg.Connection, target: sql.Composed) -> bool:
     return _is_empty(conn, target)
 
 
-def _load(
+def load(
     dsn: str,
     backup: Backup,
     rules: Rules,
     audit: AuditInfo,
-    schema: str,
-    on_conflict: str,
-    dry_run: bool,
-    batch_rows: int,
-    progress: Callable[[int], None] | None,
-    before_commit: Callable[[], None] | None,
+    *,
+    schema: str = "public",
+    on_conflict: str = "fail",
+    dry_run: bool = False,
+    batch_rows: int = 10_000,
+    progress: Callable[[int], None] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> LoadOutcome:
-    started = datetime.now(UTC)
-    clock = time.perf_counter()
-    conn = psycopg.connect(dsn, application_name="sessionmig-migrate", connect_timeout=15)
-    with conn:
-        conn.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
-        target = _table(schema, "sessions")
-        # Decided before any row is copied, so which copy lands never depends on row order.
-        settled = duplicate_rejects(backup, rules)
-        first = _is_first_load(conn, target)
-        _create_staging(conn, sessions=not first)
-        rebuild = _drop_indexes(conn, schema) if first else None
-        sink = _RejectSink(conn)
-        streamed = stream_backup(
-            conn,
-            backup,
-            rules,
-            sql.SQL(
-                "{} (session_id, user_id, metadata, created_at, expires_at, last_activity, "
-                "request_count)"
-            ).format(target if first else sql.Identifier("sessionmig_staging")),
-            on_reject=sink,
-            settled=settled,
-            batch_rows=batch_rows,
-            progress=progress,
-        )
-        sink.flush()
-        # Every read of the source is done: hash it again while the server works, and commit
-        # only if it is unchanged.
-        unchanged_source = backup.verify_unchanged_later()
-        if rebuild is not None:
-            rebuild()
-            inserted, unchanged, conflicting, updated = streamed.copied, 0, 0, 0
-        else:
-            new, unchanged, conflicting = _classify(conn, target)
-            if conflicting and on_conflict == "fail":
+    """Normalise and load every row of ``backup``; commit once (or roll back).
+
+    ``before_commit`` runs last inside the transaction; whatever it raises rolls it all back.
+    A lost connection raises :class:`TransientTargetError`; the target is then as it was.
+    """
+    with target_errors(schema):
+        started = datetime.now(UTC)
+        clock = time.perf_counter()
+        conn = psycopg.connect(dsn, application_name="sessionmig-migrate", connect_timeout=15)
+        with conn:
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
+            target = _table(schema, "sessions")
+            # Decided before any row is copied, so which copy lands never depends on row order.
+            settled = duplicate_rejects(backup, rules)
+            first = _is_first_load(conn, target)
+            _create_staging(conn, sessions=not first)
+            rebuild = _drop_indexes(conn, schema) if first else None
+            sink = _RejectSink(conn)
+            streamed = stream_backup(
+                conn,
+                backup,
+                rules,
+                sql.SQL(
+                    "{} (session_id, user_id, metadata, created_at, expires_at, last_activity, "
+                    "request_count)"
+                ).format(target if first else sql.Identifier("sessionmig_staging")),
+                on_reject=sink,
+                settled=settled,
+                batch_rows=batch_rows,
+                progress=progress,
+            )
+            sink.flush()
+            # Every read of the source is done: hash it again while the server works, and commit
+            # only if it is unchanged.
+            unchanged_source = backup.verify_unchanged_later()
+            if rebuild is not None:
+                rebuild()
+                inserted, unchanged, conflicting, updated = streamed.copied, 0, 0, 0
+            else:
+                new, unchanged, conflicting = _classify(conn, target)
+                if conflicting and on_conflict == "fail":
+                    conn.rollback()
+                    raise MigrationConflict(
+                        f"{conflicting} source rows differ from rows already in "
+                        f"{schema}.sessions (e.g. sessions the new app wrote during cutover); "
+                        "nothing was written. Rerun with on_conflict=skip (keep the target's "
+                        "rows) or keep_newer (newest last_activity wins)"
+                    )
+                inserted, updated = _merge(conn, target, on_conflict)
+                if inserted != new:
+                    # Sessions the app wrote meanwhile took some keys: ON CONFLICT skipped those
+                    # rows, and a skipped row must never pass unnoticed.
+                    conn.rollback()
+                    raise MigrationConflict(
+                        f"{new - inserted} source sessions were written to {schema}.sessions by "
+                        "someone else while this load ran; nothing was written. Run again"
+                    )
+            rejected = sum(sink.reasons.values())
+            conn.execute(
+                sql.SQL(
+                    """INSERT INTO {} (run_id, source_rowid, session_id, reason, message, raw)
+                       SELECT %s, source_rowid, session_id, reason, message, raw::jsonb
+                       FROM sessionmig_staging_rejects"""
+                ).format(_table(schema, "session_migration_rejects")),
+                (audit.run_id,),
+            )
+            counts = dict(
+                rows_read=streamed.read,
+                inserted=inserted,
+                unchanged=unchanged,
+                conflicting=conflicting,
+                updated=updated,
+                rejected=rejected,
+                dry_run=dry_run,
+            )
+            # The sha256 is read only now: it was computed on a worker thread beside the load.
+            _audit(conn, schema, audit, backup.sha256, started, counts)
+            unchanged_source.result()  # raises SourceError, which rolls everything back
+            if before_commit is not None:
+                before_commit()
+            if dry_run:
                 conn.rollback()
-                raise MigrationConflict(
-                    f"{conflicting} source rows differ from rows already in {schema}.sessions "
-                    f"(e.g. sessions the new app wrote during cutover); nothing was written. "
-                    "Rerun with on_conflict=skip (keep the target's rows) or keep_newer (newest "
-                    "last_activity wins)"
-                )
-            inserted, updated = _merge(conn, target, on_conflict)
-            if inserted != new:
-                # Sessions the app wrote meanwhile took some keys: ON CONFLICT skipped those
-                # rows, and a skipped row must never pass unnoticed.
-                conn.rollback()
-                raise MigrationConflict(
-                    f"{new - inserted} source sessions were written to {schema}.sessions by "
-                    "someone else while this load ran; nothing was written. Run again"
-                )
-        rejected = sum(sink.reasons.values())
-        conn.execute(
-            sql.SQL(
-                """INSERT INTO {} (run_id, source_rowid, session_id, reason, message, raw)
-                   SELECT %s, source_rowid, session_id, reason, message, raw::jsonb
-                   FROM sessionmig_staging_rejects"""
-            ).format(_table(schema, "session_migration_rejects")),
-            (audit.run_id,),
-        )
-        counts = dict(
+            else:
+                conn.commit()
+        return LoadOutcome(
+            run_id=audit.run_id,
             rows_read=streamed.read,
             inserted=inserted,
             unchanged=unchanged,
             conflicting=conflicting,
             updated=updated,
+            skipped=conflicting - updated,
             rejected=rejected,
+            seconds=time.perf_counter() - clock,
             dry_run=dry_run,
+            committed=not dry_run,
+            reject_counts=dict(sink.reasons),
+            reject_examples=sink.examples,
+            spans_redone=streamed.spans_redone,
         )
-        # The sha256 is read only now: it was computed on a worker thread beside the load.
-        _audit(conn, schema, audit, backup.sha256, started, counts)
-        unchanged_source.result()  # raises SourceError, which rolls everything back
-        if before_commit is not None:
-            before_commit()
-        if dry_run:
-            conn.rollback()
-        else:
-            conn.commit()
-    return LoadOutcome(
-        run_id=audit.run_id,
-        rows_read=streamed.read,
-        inserted=inserted,
-        unchanged=unchanged,
-        conflicting=conflicting,
-        updated=updated,
-        skipped=conflicting - updated,
-        rejected=rejected,
-        seconds=time.perf_counter() - clock,
-        dry_run=dry_run,
-        committed=not dry_run,
-        reject_counts=dict(sink.reasons),
-        reject_examples=sink.examples,
-        spans_redone=streamed.spans_redone,
-    )
