@@ -14,10 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from .keys import duplicate_rejects
 from .mask import mask_id
 from .source import Backup
 from .store import SessionManager
-from .transform import Reject, Rules, normalise
+from .transform import ROWID, Reject, Rules, normalise
 
 EXAMPLES = 10
 
@@ -62,15 +63,18 @@ async def _check(
     checked = expected = accepted = rejected_wrongly = accepted_wrongly = 0
     examples: list[str] = []
     try:
+        repeated = duplicate_rejects(backup, rules)  # later copies of a session_id never land
         for batch in backup.rows(batch_rows, extra=rules.extra_columns):
             rows = [
-                r for r in (normalise(raw, rules) for raw in batch) if not isinstance(r, Reject)
+                r
+                for r in (normalise(raw, rules) for raw in batch if raw[ROWID] not in repeated)
+                if not isinstance(r, Reject)
             ]
-            active = await manager.active_among([r[0] for r in rows], as_of)
+            active = await manager.active_among([r.session_id for r in rows], as_of)
             for row in rows:
                 checked += 1
-                should = row[4] > as_of
-                does = row[0] in active
+                should = row.expires_at > as_of
+                does = row.session_id in active
                 expected += should
                 accepted += does
                 if should != does:
@@ -80,7 +84,7 @@ async def _check(
                         accepted_wrongly += 1
                     if len(examples) < EXAMPLES:
                         examples.append(
-                            f"{mask(row[0])}: source says "
+                            f"{mask(row.session_id)}: source says "
                             f"{'active' if should else 'expired'}, the app says "
                             f"{'active' if does else 'not active'}"
                         )

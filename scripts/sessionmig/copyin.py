@@ -257,7 +257,7 @@ def _by_the_rules(
             accepted = normalise(raw, rules)  # it was copied, so the rules accepted it
             refused[raw[0]] = Reject(
                 raw[0],
-                None if isinstance(accepted, Reject) else accepted[0],
+                None if isinstance(accepted, Reject) else accepted.session_id,
                 "refused_by_postgresql",
                 _message(exc),
                 raw_record(raw, rules.extra_columns),

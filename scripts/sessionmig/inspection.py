@@ -19,7 +19,9 @@ from .mask import mask_id
 from .source import EXPECTED_SCHEMA, Backup, FileHash, open_backup
 from .transform import (
     COLUMNS,
+    STORAGE,
     TIMESTAMP_COLUMNS,
+    VALUE,
     Reject,
     Rules,
     normalise,
@@ -28,7 +30,7 @@ from .transform import (
 )
 
 EXAMPLES = 3
-TIMESTAMP_INDEX = {c: 1 + COLUMNS.index(c) for c in TIMESTAMP_COLUMNS}
+TIMESTAMP_INDEX = {c: VALUE[c] for c in TIMESTAMP_COLUMNS}
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class Census:
                 self.empties[column] += 1
         for column, index in TIMESTAMP_INDEX.items():
             self._timestamp(column, raw[index], raw[index + n])
-        self.metadata[raw[8 + 2]] += 1  # storage class of metadata
+        self.metadata[raw[STORAGE["metadata"]]] += 1
         result = normalise(raw, self.rules)
         if isinstance(result, Reject):
             self.rejects[result.reason] += 1

@@ -23,7 +23,7 @@ def duplicate_rejects(backup: Backup, rules: Rules) -> dict[int, Reject]:
         result = normalise(raw, rules)
         if isinstance(result, Reject):
             continue
-        key = result[0]
+        key = result.session_id
         if key not in landed:
             landed[key] = rowid
             continue

@@ -33,7 +33,7 @@ from .errors import TargetError
 from .expected import ExpectedPath
 from .mask import mask_id
 from .source import Backup, in_background
-from .transform import COLUMNS, Reject, Rules, Session, normalise, raw_record
+from .transform import COLUMNS, STORAGE, VALUE, Reject, Rules, Session, normalise, raw_record
 from .wire import WIRE_TYPES, as_wire
 
 PASS, WARN, FAIL = "PASS", "PASS_WITH_WARNINGS", "FAIL"
@@ -200,7 +200,7 @@ def rejects_of_run(conn: psycopg.Connection, schema: str, run_id: str | None) ->
 def _decoded_key(row: tuple) -> str | None:
     """The row's session_id as PostgreSQL text could hold it, else None: such a key cannot be
     in PostgreSQL, and its reject is matched by source rowid alone."""
-    value, storage = row[1], row[8]
+    value, storage = row[VALUE["session_id"]], row[STORAGE["session_id"]]
     if storage == "integer":
         return str(value)
     if storage != "text":
@@ -366,11 +366,11 @@ def _read_source(
         elif claim["reason"] == "refused_by_postgresql":
             side.refused.append((rowid, derived))
         elif claim["reason"] == "duplicate_session_id":
-            side.duplicates.append((rowid, derived[0]))
+            side.duplicates.append((rowid, derived.session_id))
         else:
             tally.note(
                 "false_reject",
-                derived[0],
+                derived.session_id,
                 rowid,
                 f"recorded as {claim['reason']}, but the rules accept the row: it should have "
                 "landed",
@@ -409,7 +409,7 @@ def _offer_refused(conn: psycopg.Connection, side: _SourceSide, tally: _Tally) -
             continue
         tally.note(
             "false_reject",
-            session[0],
+            session.session_id,
             rowid,
             "recorded as refused_by_postgresql, but PostgreSQL accepts the row",
         )

@@ -125,7 +125,7 @@ def _carry_back(
             if isinstance(result, Reject):
                 kept += 1
                 continue
-            key = result[0]
+            key = result.session_id
             while target is not None and target[0] < key:
                 restored.execute(insert, legacy_row(target, rules.zone))
                 new += 1

@@ -33,7 +33,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
-from typing import Any
+from typing import Any, NamedTuple
 
 COLUMNS = (
     "session_id",
@@ -302,7 +302,25 @@ def parse_count(value: Any, storage: str) -> int:
     return number
 
 
-Session = tuple[str, str | None, str | None, datetime, datetime, datetime, int]
+class Session(NamedTuple):
+    """A normalised session, in ``COLUMNS`` order (a tuple still: COPY and ``executemany``
+    take it as it is)."""
+
+    session_id: str
+    user_id: str | None
+    metadata: str | None
+    created_at: datetime
+    expires_at: datetime
+    last_activity: datetime
+    request_count: int
+
+
+ROWID = 0
+"""Where a raw row (see the module docstring) keeps its rowid."""
+VALUE = {column: 1 + i for i, column in enumerate(COLUMNS)}
+"""Where a raw row keeps each column's value …"""
+STORAGE = {column: 1 + len(COLUMNS) + i for i, column in enumerate(COLUMNS)}
+"""… and each column's SQLite storage class."""
 
 
 def normalise(row: tuple, rules: Rules) -> Session | Reject:
@@ -348,7 +366,7 @@ def normalise(row: tuple, rules: Rules) -> Session | Reject:
                 for i, col in enumerate(rules.extra_columns)
             }
             metadata = with_extras(metadata, extras)
-        return (
+        return Session(
             session_id,
             user_id,
             metadata,
