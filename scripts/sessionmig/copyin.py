@@ -219,7 +219,7 @@ def _apply_rules(span: _Span, raw: tuple, rules: Rules, divert: _Aside) -> WireR
 
 def _by_the_rules(
     conn: psycopg.Connection,
-    statement: sql.Composable,
+    statement: sql.Composed,
     backup: Backup,
     first: int,
     last: int,

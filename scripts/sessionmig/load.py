@@ -81,7 +81,7 @@ class LoadOutcome:
         return self.rows_read / self.seconds if self.seconds else 0.0
 
 
-def _table(schema: str, name: str) -> sql.Composed:
+def _table(schema: str, name: str) -> sql.Identifier:
     return sql.Identifier(schema, name)
 
 
@@ -171,12 +171,12 @@ _SAME = """t.user_id IS NOT DISTINCT FROM s.user_id
        AND t.last_activity = s.last_activity AND t.request_count = s.request_count"""
 
 
-def _is_empty(conn: psycopg.Connection, target: sql.Composed) -> bool:
+def _is_empty(conn: psycopg.Connection, target: sql.Identifier) -> bool:
     row = conn.execute(sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(target)).fetchone()
     return bool(row and row[0])
 
 
-def _classify(conn: psycopg.Connection, target: sql.Composed) -> tuple[int, int, int]:
+def _classify(conn: psycopg.Connection, target: sql.Identifier) -> tuple[int, int, int]:
     """(new, unchanged, conflicting) staged rows against what the target already holds."""
     query = sql.SQL(
         """SELECT count(*) FILTER (WHERE t.session_id IS NULL),
@@ -228,7 +228,7 @@ def _drop_indexes(conn: psycopg.Connection, schema: str) -> Callable[[], None]:
     return rebuild
 
 
-def _merge(conn: psycopg.Connection, target: sql.Composed, on_conflict: str) -> tuple[int, int]:
+def _merge(conn: psycopg.Connection, target: sql.Identifier, on_conflict: str) -> tuple[int, int]:
     inserted = conn.execute(
         sql.SQL(
             """INSERT INTO {target} (session_id, user_id, metadata, created_at, expires_at,
@@ -318,7 +318,7 @@ def target_errors(schema: str) -> Iterator[None]:
         ) from None
 
 
-def _is_first_load(conn: psycopg.Connection, target: sql.Composed) -> bool:
+def _is_first_load(conn: psycopg.Connection, target: sql.Identifier) -> bool:
     """True when the target is empty, and then locked so that it stays empty until commit.
 
     A target that already has rows (the app may be live on it) is merged without the lock.

@@ -226,9 +226,9 @@ def _transient_reader(
     try:
         # The server stores (and may log) only the verifier libpq computes here.
         verifier = owner.pgconn.encrypt_password(password.encode(), name.encode()).decode()
-        until = owner.execute(
+        (until,) = owner.execute(
             "SELECT (now() + make_interval(secs => %s))::text", (READER_VALID_S,)
-        ).fetchone()[0]
+        ).fetchone() or (None,)
         # Never queue the application behind a catalog lock.
         owner.execute("SET lock_timeout = '5s'")
         owner.execute(
@@ -248,7 +248,7 @@ def _transient_reader(
             owner.execute(
                 sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(schema, "sessions"), role)
             )
-        database, connects = owner.execute(
+        database, connects = owner.execute(  # type: ignore[misc]  # one row, always
             "SELECT current_database(), has_database_privilege(%s, current_database(), 'CONNECT')",
             (name,),
         ).fetchone()

@@ -571,7 +571,7 @@ def _check_shape(conn: psycopg.Connection, schema: str) -> None:
             f"the target has no sessions table in schema {schema!r}; run migrate first (or "
             "check target_schema and the DSN's database)"
         )
-    found = dict(
+    found: dict[str, str] = dict(
         conn.execute(
             "SELECT a.attname, format_type(a.atttypid, NULL) FROM pg_attribute a "
             "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
