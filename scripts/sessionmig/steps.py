@@ -7,9 +7,9 @@ the result, the CLI prints it. Nothing here renders or writes reports.
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import socket
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -36,6 +36,8 @@ from .rollback import (
 )
 from .source import FileHash, extra_columns_of, open_backup
 from .transform import Rules
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # the app check pulls in the async SessionManager; load it only for that step
     from .appcheck import AppCheck
@@ -566,10 +568,7 @@ def migrate(s: Settings, progress: bool = True) -> MigrateResult:
                         "target holds nothing of this run. Check the server and run again"
                     ) from None
                 delay = RETRY_BACKOFF_S * 2**attempt
-                print(
-                    f"connection lost ({P.redact(str(exc))}); retrying in {delay:.0f} s",
-                    file=sys.stderr,
-                )
+                log.warning("connection lost (%s); retrying in %.0f s", P.redact(str(exc)), delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
