@@ -35,6 +35,8 @@ from sessionmig.source import sha256_file
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
 UNREVIEWED = "sessionmig migrate, no expected_sha256"
+BASELINE_MIGRATE = "baseline migrate"
+BASELINE_RECONCILE = "baseline reconcile"
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int]:
@@ -141,6 +143,12 @@ def main() -> int:
     parser.add_argument("--batch-rows", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians")
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. a git worktree of an earlier commit) whose migrate and "
+        "reconcile run beside this one's in every round, for a before/after ratio",
+    )
+    parser.add_argument(
         "--unreviewed",
         action="store_true",
         help="also migrate without expected_sha256 (quick_check runs beside the load)",
@@ -208,6 +216,22 @@ def main() -> int:
             timed([*cli, "reconcile", "--env", str(env_file)], env)
         )
         arrived["sessionmig reconcile"] = arrived["sessionmig migrate"]
+        if args.baseline:
+            before = {**env, "PYTHONPATH": str(args.baseline.resolve() / "scripts")}
+            embedded.ensure_database(url, "sessionmig_bench", fresh=True)
+            checkpoint(url)
+            runs.setdefault(BASELINE_MIGRATE, []).append(
+                timed(
+                    [*cli, "migrate", "--env", str(env_file), "-p", f"expected_sha256={sha}"],
+                    before,
+                )
+            )
+            arrived[BASELINE_MIGRATE] = landed(url, "sessionmig_bench")
+            checkpoint(url)
+            runs.setdefault(BASELINE_RECONCILE, []).append(
+                timed([*cli, "reconcile", "--env", str(env_file)], before)
+            )
+            arrived[BASELINE_RECONCILE] = arrived[BASELINE_MIGRATE]
         checkpoint(url)
         loaded = pgloader(backup, url, "Asia/Seoul")
         if loaded:
@@ -234,6 +258,14 @@ def main() -> int:
         pairs = zip(runs["sessionmig migrate"], runs["pgloader"], strict=True)
         per_round = [f"{p[0] / m[0]:.2f}" for m, p in pairs]
         print(f"\nmigrate × pgloader per round: {', '.join(per_round)}")
+    for way, baseline in (
+        ("sessionmig migrate", BASELINE_MIGRATE),
+        ("sessionmig reconcile", BASELINE_RECONCILE),
+    ):
+        if baseline in runs:
+            pairs = zip(runs[way], runs[baseline], strict=True)
+            ratios = ", ".join(f"{now[0] / then[0]:.2f}" for now, then in pairs)
+            print(f"{way} time ÷ baseline's, per round: {ratios}")
     overhead = papermill_overhead(env_file, env)
     print(f"\npapermill step overhead (kernel start + rendering): {overhead:.1f} s")
     return max(code for _, _, code in results.values())

@@ -680,3 +680,26 @@ def test_reconciling_a_backup_other_than_the_migrated_one_says_so(migrated, dsn)
     result = steps.reconcile_step(migrated)
     assert result.verdict == WARN
     assert any("recorded source sha256 0000000000000000" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"2026-01-15T10:00:00",
+        b"2026-01-15 10:00:00Z",
+        b"2026-01-15 10:00:00.1+0530",
+        b"2026-01-15 10:00",
+        b"0000-01-01 00:00:00",
+        b"2026-02-30 10:00:00",
+        b"2026-01-15 24:00:00",
+        b"\xd9\xa2026-01-15 10:00:00",
+        b"2026-01-15 10:00:00.12345x",
+    ],
+)
+def test_case7_reconciles_reading_leaves_every_other_spelling_to_the_rules(text) -> None:
+    from zoneinfo import ZoneInfo
+
+    from sessionmig.expected import ExpectedPath
+
+    values, ok = ExpectedPath(ZoneInfo("Asia/Seoul")).instants([b"2026-01-15 10:00:00", text])
+    assert ok.tolist() == [True, False]

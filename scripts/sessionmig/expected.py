@@ -5,7 +5,7 @@ Migrate picks plain rows by SQLite's sort order, has SQLite print metadata, and 
 timestamps with ``wire.WallClock`` (bytes checked and computed in NumPy integers, offsets
 probed four ways per hour). Here every choice is made another way:
 
-* which rows are plain: storage classes by ``typeof()`` and timestamp shapes by ``GLOB``;
+* which rows are plain: storage classes by ``typeof()``, timestamp spellings byte by byte;
 * metadata: SQLite's stored text bytes, wrapped into jsonb's binary form here;
 * timestamps: parsed by NumPy's own ISO-8601 reader, and each local hour's offset read from the
   rules themselves (:func:`transform.parse_timestamp` at the hour's first and last
@@ -26,29 +26,17 @@ import numpy as np
 from .source import Backup
 from .transform import INT4_MAX, INT4_MIN, MAX_SESSION_ID_BYTES, RowProblem, parse_timestamp
 
-_DIGITS4 = "[0-9][0-9][0-9][0-9]"
-_DIGITS2 = "[0-9][0-9]"
-_SECONDS = f"{_DIGITS4}-{_DIGITS2}-{_DIGITS2} {_DIGITS2}:{_DIGITS2}:{_DIGITS2}"
-_MICROS = _SECONDS + ".[0-9][0-9][0-9][0-9][0-9][0-9]"
-
-
-def _timestamp(column: str) -> str:
-    # Year 0 is ISO's and NumPy's, not Python's: the rules reject it, so it is not plain.
-    return (
-        f"(typeof({column}) = 'text' AND {column} >= '0001' "
-        f"AND ({column} GLOB '{_SECONDS}' OR {column} GLOB '{_MICROS}'))"
-    )
-
-
 _QUERY = f"""SELECT rowid, session_id, user_id, metadata, created_at, expires_at, last_activity,
        coalesce(request_count, 0),
        typeof(session_id) = 'text' AND length(CAST(session_id AS BLOB)) <= {MAX_SESSION_ID_BYTES}
        AND typeof(user_id) IN ('text', 'null') AND typeof(metadata) IN ('text', 'null')
-       AND {_timestamp("created_at")} AND {_timestamp("expires_at")}
-       AND {_timestamp("last_activity")}
+       AND typeof(created_at) = 'text' AND typeof(expires_at) = 'text'
+       AND typeof(last_activity) = 'text'
        AND (typeof(request_count) = 'null' OR (typeof(request_count) = 'integer'
             AND request_count BETWEEN {INT4_MIN} AND {INT4_MAX}))
 FROM sessions ORDER BY rowid"""
+"""Every row, with whether its storage classes are the plain ones; the timestamps' spelling is
+checked by :func:`_parse`."""
 
 _HOUR = timedelta(hours=1)
 _US = timedelta(microseconds=1)
@@ -114,21 +102,42 @@ class ExpectedPath:
         return self._offsets[hour]
 
 
+_SHAPE = b"0000-00-00 00:00:00.000000"
+_DIGIT_AT = np.array([i for i, c in enumerate(_SHAPE) if c == ord("0")])
+_SEPARATORS = {i: c for i, c in enumerate(_SHAPE) if c != ord("0")}
+
+
 def _parse(texts: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
     """Microseconds since 1970 of each text by NumPy's ISO reader, and which it could read.
-    NumPy refuses a whole array for one impossible date, so such an array is read text by
-    text."""
+
+    Only ``YYYY-MM-DD HH:MM:SS`` and ``YYYY-MM-DD HH:MM:SS.ffffff`` count (NumPy would also take
+    other spellings, offsets among them, which the rules read differently); year 0 is ISO's, not
+    the rules'. NumPy refuses a whole array for one impossible date, so then each text is read
+    alone.
+    """
+    n = len(texts)
+    sizes = np.fromiter(map(len, texts), dtype=np.int64, count=n)
     table = np.array(texts, dtype="S26")
+    u = table.view(np.uint8).reshape(n, 26)
+    long = sizes == 26
+    digits = u[:, _DIGIT_AT]
+    ok = (sizes == 19) | long
+    ok &= ((digits[:, :14] >= 48) & (digits[:, :14] <= 57)).all(axis=1)
+    ok &= ~long | ((digits[:, 14:] >= 48) & (digits[:, 14:] <= 57)).all(axis=1)
+    for position, byte in _SEPARATORS.items():
+        ok &= (u[:, position] == byte) | ((position == 19) & ~long)
+    ok &= table >= b"0001"
+    table = np.where(ok, table, b"2000-01-01 00:00:00")  # others are left to the rules
     try:
-        return table.astype("datetime64[us]").astype(np.int64), np.ones(len(texts), dtype=bool)
+        return table.astype("datetime64[us]").astype(np.int64), ok
     except ValueError:
         pass
-    values = np.zeros(len(texts), dtype=np.int64)
-    ok = np.zeros(len(texts), dtype=bool)
+    values = np.zeros(n, dtype=np.int64)
     for i, text in enumerate(table):
+        if not ok[i]:
+            continue
         try:
             values[i] = np.datetime64(text.decode(), "us").astype(np.int64)
         except ValueError:
-            continue
-        ok[i] = True
+            ok[i] = False
     return values, ok
