@@ -19,6 +19,7 @@ from .mask import mask_id
 from .source import Backup
 from .store import SessionManager
 from .transform import ROWID, Reject, Rules, normalise
+from .verdict import Verdict
 
 EXAMPLES = 10
 
@@ -44,10 +45,13 @@ def combined_verdict(verdict: str, reason: str, app: AppCheck | None) -> tuple[s
 
     A skipped reconcile (a dry run wrote nothing) stays skipped: the app was asked nothing.
     """
-    if app is None or app.ok or verdict in ("FAIL", "SKIPPED"):
+    if app is None or app.ok or verdict in (Verdict.FAIL, Verdict.SKIPPED):
         return verdict, reason
     wrong = app.wrongly_rejected + app.wrongly_accepted
-    return "FAIL", f"the new SessionManager disagrees with the source on {wrong} sessions at as_of"
+    return (
+        Verdict.FAIL,
+        f"the new SessionManager disagrees with the source on {wrong} sessions at as_of",
+    )
 
 
 async def _check(

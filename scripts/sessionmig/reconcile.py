@@ -34,9 +34,10 @@ from .expected import ExpectedPath
 from .mask import mask_id
 from .source import Backup, in_background
 from .transform import COLUMNS, STORAGE, VALUE, Reject, Rules, Session, normalise, raw_record
+from .verdict import Verdict
 from .wire import WIRE_TYPES, as_wire
 
-PASS, WARN, FAIL = "PASS", "PASS_WITH_WARNINGS", "FAIL"
+PASS, WARN, FAIL = Verdict.PASS, Verdict.PASS_WITH_WARNINGS, Verdict.FAIL
 MAX_DIFFERENCES = 200
 KINDS: dict[str, str] = {
     "matched": "in the source and in PostgreSQL with identical values",

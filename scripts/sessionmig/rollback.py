@@ -29,8 +29,9 @@ from .manifest import verify
 from .reconcile import field_diff, latest_migrate_run, rejects_of_run
 from .source import Backup, hash_files, open_backup, sha256_file
 from .transform import Reject, Rules, normalise
+from .verdict import Verdict
 
-OK_VERDICTS = ("PASS", "PASS_WITH_WARNINGS")
+OK_VERDICTS = (Verdict.PASS, Verdict.PASS_WITH_WARNINGS)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

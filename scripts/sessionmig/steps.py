@@ -36,6 +36,7 @@ from .rollback import (
 )
 from .source import FileHash, extra_columns_of, open_backup
 from .transform import Rules
+from .verdict import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -545,7 +546,7 @@ class MigrateResult:
 
     @property
     def verdict(self) -> str:
-        return "PASS_WITH_WARNINGS" if self.outcome.rejected else "PASS"
+        return Verdict.PASS_WITH_WARNINGS if self.outcome.rejected else Verdict.PASS
 
 
 def migrate(s: Settings, progress: bool = True) -> MigrateResult:
@@ -664,7 +665,7 @@ def _migrate_once(s: Settings, backup: Any, dsn: str, progress: bool) -> Migrate
 # --- reconcile -------------------------------------------------------------------------------
 
 
-SKIPPED = "SKIPPED"
+SKIPPED = Verdict.SKIPPED
 DRY_RUN_NOTHING_TO_RECONCILE = (
     "skipped: dry run, nothing was written (migrate rolled its rows back), so there is nothing "
     "to reconcile; run without dry_run to migrate and reconcile"
@@ -753,8 +754,8 @@ class AnalysisResult:
     @property
     def verdict(self) -> str:
         if self.errors:
-            return "ERROR"
-        return "PASS_WITH_WARNINGS" if self.differences or self.warnings else "PASS"
+            return Verdict.ERROR
+        return Verdict.PASS_WITH_WARNINGS if self.differences or self.warnings else Verdict.PASS
 
     @property
     def exit_code(self) -> int:

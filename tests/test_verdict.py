@@ -1,0 +1,44 @@
+"""The one verdict vocabulary: how verdicts combine and what each means for the exit code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sessionmig.verdict import Verdict, worst
+
+
+def test_a_verdict_is_its_plain_text() -> None:
+    assert Verdict.FAIL == "FAIL" and Verdict("NO-GO") is Verdict.NO_GO
+    assert (
+        json.dumps({"verdict": Verdict.PASS_WITH_WARNINGS}) == '{"verdict": "PASS_WITH_WARNINGS"}'
+    )
+
+
+@pytest.mark.parametrize(
+    ("verdicts", "expected"),
+    [
+        ([], Verdict.SKIPPED),
+        (["PASS", "SKIPPED"], Verdict.PASS),
+        (["GO", "PASS", "PASS_WITH_WARNINGS"], Verdict.PASS_WITH_WARNINGS),
+        (["PASS_WITH_WARNINGS", "FAIL", "PASS"], Verdict.FAIL),
+        (["NO-GO", "PASS"], Verdict.NO_GO),
+        (["FAIL", "ERROR", "PASS"], Verdict.ERROR),
+    ],
+)
+def test_worst(verdicts, expected) -> None:
+    assert worst(verdicts) is expected
+
+
+def test_exit_codes_follow_the_runbook() -> None:
+    assert [Verdict(v).exit_code for v in ("PASS", "GO", "PASS_WITH_WARNINGS", "SKIPPED")] == [
+        0
+    ] * 4
+    assert Verdict.FAIL.exit_code == Verdict.NO_GO.exit_code == 1
+    assert Verdict.ERROR.exit_code == 2
+
+
+def test_an_unknown_verdict_is_refused() -> None:
+    with pytest.raises(ValueError):
+        worst(["PASS", "OK"])
