@@ -23,8 +23,8 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
+from .audit import RunRow, write_run
 from .copyin import stream_backup
 from .errors import (
     LockHeld,
@@ -254,42 +254,6 @@ def _merge(conn: psycopg.Connection, target: sql.Identifier, on_conflict: str) -
     return inserted, updated
 
 
-def _audit(
-    conn: psycopg.Connection,
-    schema: str,
-    info: AuditInfo,
-    source_sha256: str,
-    started: datetime,
-    counts: dict,
-) -> None:
-    conn.execute(
-        sql.SQL(
-            """INSERT INTO {} (run_id, step, started_at, finished_at, dry_run, source_path,
-                   source_sha256, source_timezone, rows_read, inserted, unchanged, conflicting,
-                   updated, rejected, parameters, operator, host)
-               VALUES (%s, 'migrate', %s, clock_timestamp(), %s, %s, %s, %s, %s, %s, %s, %s,
-                       %s, %s, %s, %s, %s)"""
-        ).format(_table(schema, "session_migration_runs")),
-        (
-            info.run_id,
-            started,
-            counts["dry_run"],
-            info.source_path,
-            source_sha256,
-            info.source_timezone,
-            counts["rows_read"],
-            counts["inserted"],
-            counts["unchanged"],
-            counts["conflicting"],
-            counts["updated"],
-            counts["rejected"],
-            Jsonb(info.parameters),
-            info.operator,
-            info.host,
-        ),
-    )
-
-
 @contextmanager
 def target_errors(schema: str) -> Iterator[None]:
     """What PostgreSQL raises during a load, as the package's exceptions: a lost connection is
@@ -418,7 +382,22 @@ def load(
                 dry_run=dry_run,
             )
             # The sha256 is read only now: it was computed on a worker thread beside the load.
-            _audit(conn, schema, audit, backup.sha256, started, counts)
+            write_run(
+                conn,
+                schema,
+                RunRow(
+                    run_id=audit.run_id,
+                    step="migrate",
+                    started_at=started,
+                    source_path=audit.source_path,
+                    source_sha256=backup.sha256,
+                    source_timezone=audit.source_timezone,
+                    parameters=audit.parameters,
+                    operator=audit.operator,
+                    host=audit.host,
+                    **counts,
+                ),
+            )
             unchanged_source.result()  # raises SourceError, which rolls everything back
             if before_commit is not None:
                 before_commit()

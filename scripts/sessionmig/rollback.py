@@ -22,8 +22,8 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
+from .audit import RunRow, write_run
 from .errors import ParameterError, SourceError, VerdictFailed
 from .manifest import verify
 from .reconcile import field_diff, latest_migrate_run, rejects_of_run
@@ -210,31 +210,23 @@ def record(
     started: datetime,
 ) -> None:
     """One audit row in ``session_migration_runs`` for a rollback or finalize."""
+    row = RunRow(
+        run_id=f"{run_id}-{step}",
+        step=step,
+        started_at=started,
+        source_path=path,
+        source_sha256=sha256,
+        source_timezone=zone,
+        rows_read=counts.get("rows", 0),
+        inserted=counts.get("inserted", 0),
+        unchanged=counts.get("unchanged", 0),
+        updated=counts.get("updated", 0),
+        parameters=parameters,
+        operator=operator,
+        host=host,
+    )
     with psycopg.connect(dsn) as conn:
-        conn.execute(
-            sql.SQL(
-                """INSERT INTO {} (run_id, step, started_at, finished_at, dry_run, source_path,
-                       source_sha256, source_timezone, rows_read, inserted, unchanged,
-                       conflicting, updated, rejected, parameters, operator, host)
-                   VALUES (%s, %s, %s, now(), false, %s, %s, %s, %s, %s, %s, 0, %s, 0, %s, %s,
-                           %s)"""
-            ).format(sql.Identifier(schema, "session_migration_runs")),
-            (
-                f"{run_id}-{step}",
-                step,
-                started,
-                path,
-                sha256,
-                zone,
-                counts.get("rows", 0),
-                counts.get("inserted", 0),
-                counts.get("unchanged", 0),
-                counts.get("updated", 0),
-                Jsonb(parameters),
-                operator,
-                host,
-            ),
-        )
+        write_run(conn, schema, row)
 
 
 @dataclass(frozen=True)
