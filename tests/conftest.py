@@ -119,3 +119,17 @@ def target(dsn: str, monkeypatch: pytest.MonkeyPatch):
 def rows_of(url: str, query: str, params: tuple = ()) -> list[tuple]:
     with psycopg.connect(url) as conn:
         return conn.execute(query, params).fetchall()
+
+
+def sessionmig_tables(url: str, schema: str = "public") -> list[str]:
+    """The sessionmig tables that exist in ``schema`` (none after a first run that failed)."""
+    with psycopg.connect(url) as conn:
+        return [
+            r[0]
+            for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s "
+                "AND (table_name = 'sessions' OR table_name LIKE 'session\\_migration\\_%%') "
+                "ORDER BY 1",
+                (schema,),
+            )
+        ]

@@ -103,3 +103,64 @@ def test_redaction_hides_passwords_everywhere() -> None:
         "app", "***", "h/db"
     )
     assert P.sqlalchemy_url("postgresql://h/db") == "postgresql+psycopg://h/db"
+
+
+@pytest.mark.parametrize(
+    ("pair", "expected"),
+    [
+        ("sqlite_path=x #c.db", "x #c.db"),  # YAML would cut at the comment
+        ("sqlite_path=on", "on"),  # YAML 1.1 would make it True
+        ("sqlite_path=~", "~"),
+        ("sqlite_path=[a].db", "[a].db"),
+        ("sqlite_path= spaced.db ", " spaced.db "),
+        ("restore_path=null", "null"),
+        ("migrate_manifest=reports/prod/1", "reports/prod/1"),
+        ("run_id=0123", "0123"),
+        ("expected_sha256=" + "1" * 64, "1" * 64),
+        ("expected_sha256=1e5", "1e5"),
+        ("target_schema=yes", "yes"),
+        ("source_timezone=Etc/GMT+9", "Etc/GMT+9"),
+        ("operator=no", "no"),
+        ("user_id=007", "007"),
+    ],
+)
+def test_case22_string_parameters_keep_the_text_as_typed(pair: str, expected: str) -> None:
+    name = pair.partition("=")[0]
+    assert P.parse_overrides([pair]) == {name: expected}
+
+
+def test_case22_typed_parameters_are_still_typed() -> None:
+    got = P.parse_overrides(
+        [
+            "dry_run=false",
+            "confirm=True",
+            "show_ids=yes",
+            "batch_rows=10_000",
+            "max_retries=0",
+            "top_n=5",
+            "soak_hours=1.5",
+            "query_names=active_at, ttl_used",
+            "database_url_env=~",
+            "batch_rows_typo=12",
+        ]
+    )
+    assert got == {
+        "dry_run": False,
+        "confirm": True,
+        "show_ids": True,
+        "batch_rows": 10_000,
+        "max_retries": 0,
+        "top_n": 5,
+        "soak_hours": 1.5,
+        "query_names": ["active_at", "ttl_used"],
+        "database_url_env": None,
+        "batch_rows_typo": "12",
+    }
+    assert P.parse_overrides(["query_names=[active_at]"]) == {"query_names": ["active_at"]}
+    # Text that is not of the parameter's type is kept, so its check names it with the fix.
+    bad = P.parse_overrides(["dry_run=on", "batch_rows=many"])
+    assert bad == {"dry_run": "on", "batch_rows": "many"}
+    with pytest.raises(ParameterError, match="dry_run='on' must be true or false"):
+        P.validate({"dry_run": bad["dry_run"]})
+    with pytest.raises(ParameterError, match="batch_rows='many' must be a whole number"):
+        P.validate({"batch_rows": bad["batch_rows"]})

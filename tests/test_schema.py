@@ -7,11 +7,11 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
 from sessionmig.params import sqlalchemy_url
-from sessionmig.schema import Base, SessionRecord, upgrade
+from sessionmig.schema import HEAD, Base, SessionRecord, upgrade
 
 
 def test_autogenerate_against_a_migrated_database_finds_no_diff(dsn) -> None:
-    assert upgrade(dsn) == "0002"
+    assert upgrade(dsn) == HEAD
     engine = create_engine(sqlalchemy_url(dsn))
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
@@ -31,8 +31,8 @@ def test_session_ids_sort_bytewise(dsn) -> None:
 
 
 def test_upgrade_is_idempotent_and_honours_the_schema(dsn) -> None:
-    assert upgrade(dsn, "sessions_v2") == "0002"
-    assert upgrade(dsn, "sessions_v2") == "0002"
+    assert upgrade(dsn, "sessions_v2") == HEAD
+    assert upgrade(dsn, "sessions_v2") == HEAD
     engine = create_engine(sqlalchemy_url(dsn))
     with engine.connect() as conn:
         tables = set(inspect(conn).get_table_names(schema="sessions_v2"))

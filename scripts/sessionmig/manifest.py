@@ -3,6 +3,15 @@
 The manifest lists every report file with its sha256, and carries its own digest (sha256 of
 its canonical JSON without the digest field), so editing any byte of any listed file — or of
 the manifest — is detected by :func:`verify`.
+
+A digest alone has no key: whoever can edit a folder can re-seal it. So when a run ends, its
+digest is also recorded in the target (``session_migration_manifests``, which only the
+migration's role writes), and ``sessionmig verify RUN_DIR --env ENV`` compares the two
+(:func:`check_recorded`). Reviewers who want a signature can add one with an SSH key
+(``ssh-keygen -Y sign``, as git does; :func:`sign`).
+
+A run folder is evidence: it is written ``0750`` and its files ``0640`` (owner and group read;
+nobody else), and the manifest says so.
 """
 
 from __future__ import annotations
@@ -10,13 +19,16 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import os
 import subprocess
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from string import Template
 from typing import Any
 
+from . import mask
 from .source import sha256_file
 
 PACKAGES = (
@@ -32,6 +44,16 @@ PACKAGES = (
 )
 DIGEST_FIELD = "manifest_sha256"
 TEMPLATE = Path(__file__).parent / "templates" / "index.html"
+FILE_MODE = 0o640
+DIR_MODE = 0o750
+PERMISSIONS = {
+    "files": f"{FILE_MODE:04o}",
+    "directories": f"{DIR_MODE:04o}",
+    "why": "a run folder is evidence: owner and group may read it, nobody else",
+}
+SIGNATURE = "manifest.json.sig"
+SIGNATURE_NAMESPACE = "sessionmig-manifest"
+DIGEST_TABLE = "session_migration_manifests"
 
 
 def package_versions() -> dict[str, str]:
@@ -67,38 +89,69 @@ def canonical(data: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
+def restrict(run_dir: Path) -> None:
+    """Give the run folder and everything in it the evidence modes (0750 / 0640)."""
+    for path in [run_dir, *run_dir.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod(DIR_MODE if path.is_dir() else FILE_MODE)
+
+
 def write_manifest(run_dir: Path, data: dict[str, Any]) -> Path:
-    """Hash every file in ``run_dir`` into ``data['files']``, seal and write ``manifest.json``."""
+    """Hash every file in ``run_dir`` into ``data['files']``, seal and write ``manifest.json``.
+
+    Every string is passed through the one redaction path first, and the folder is given its
+    evidence modes before the manifest is written (and the manifest after)."""
+    restrict(run_dir)
     files = {
         str(p.relative_to(run_dir)): sha256_file(p)
         for p in sorted(run_dir.rglob("*"))
-        if p.is_file() and p.name != "manifest.json"
+        if p.is_file() and p.name not in ("manifest.json", SIGNATURE)
     }
-    sealed = {**data, "files": files}
+    sealed = {**mask.scrub(data), "permissions": PERMISSIONS, "files": files}
     sealed[DIGEST_FIELD] = hashlib.sha256(canonical(sealed)).hexdigest()
     path = run_dir / "manifest.json"
     path.write_text(json.dumps(sealed, indent=2, default=str), encoding="utf-8")
+    path.chmod(FILE_MODE)
     return path
+
+
+def digest_of(run_dir: Path) -> str | None:
+    """The digest ``manifest.json`` carries (None when there is none)."""
+    try:
+        return json.loads((run_dir / "manifest.json").read_text(encoding="utf-8")).get(DIGEST_FIELD)
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
 class Verification:
-    """What :func:`verify` found: an empty ``problems`` list means every file is as recorded."""
+    """What :func:`verify` found: an empty ``problems`` list means every file is as recorded.
+
+    ``found`` is False when there was no manifest to check at all (nothing was verified)."""
 
     run_dir: str
     checked: int
     problems: tuple[str, ...]
+    found: bool = True
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return self.found and not self.problems
 
 
 def verify(run_dir: Path) -> Verification:
     """Re-hash every file listed in the manifest and the manifest itself."""
     path = run_dir / "manifest.json"
+    if not run_dir.is_dir():
+        return Verification(str(run_dir), 0, (f"{run_dir}: no such folder",), found=False)
     if not path.exists():
-        return Verification(str(run_dir), 0, (f"{path}: no manifest.json here",))
+        return Verification(
+            str(run_dir),
+            0,
+            (f"{path}: no manifest.json here; give the folder of one run (reports/ENV/RUN_ID)",),
+            found=False,
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
@@ -115,13 +168,267 @@ def verify(run_dir: Path) -> Verification:
     listed = set(data.get("files", {}))
     for file in sorted(run_dir.rglob("*")):
         rel = str(file.relative_to(run_dir))
-        if file.is_file() and rel != "manifest.json" and rel not in listed:
+        # The signature is made after sealing, by whoever signs: it cannot be listed.
+        if file.is_file() and rel not in ("manifest.json", SIGNATURE) and rel not in listed:
             problems.append(f"{rel}: not listed in the manifest (added)")
     return Verification(str(run_dir), len(listed), tuple(problems))
 
 
+# --- the target's own record: who received the data, and the digest of the run's manifest ----
+
+
+def target_identity(conn: Any) -> dict[str, Any]:
+    """Which database this connection reached: host, port, name, version, system identifier.
+
+    Never the user or the password. ``pg_control_system()`` is restricted on many servers;
+    its absence is recorded, not guessed."""
+    info = conn.info
+    version = conn.execute("SHOW server_version").fetchone()[0]
+    try:
+        with conn.transaction():
+            system = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
+        identifier: str = str(system[0]) if system else "unknown"
+    except Exception as exc:  # psycopg.errors.InsufficientPrivilege, or a server without it
+        name = type(exc).__name__
+        identifier = (
+            "unknown (no privilege)" if "Privilege" in name else f"unknown ({mask.redact(name)})"
+        )
+    return {
+        "host": info.host,
+        "port": info.port,
+        "dbname": info.dbname,
+        "server_version": version,
+        "system_identifier": identifier,
+    }
+
+
+def describe_target(identity: dict[str, Any] | None) -> str:
+    """One line naming a target database for the index and messages."""
+    if not identity:
+        return "not recorded"
+    return (
+        f"{identity.get('dbname')} on {identity.get('host')}:{identity.get('port')} "
+        f"(PostgreSQL {identity.get('server_version')}, system identifier "
+        f"{identity.get('system_identifier')})"
+    )
+
+
+def _regclass(conn: Any, schema: str, table: str) -> bool:
+    row = conn.execute(
+        "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL", (schema, table)
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def audit_rows(conn: Any, schema: str, run_id: str) -> list[dict[str, Any]]:
+    """The target's audit rows for ``run_id`` (what was committed, by the database's word)."""
+    from psycopg import sql
+    from psycopg.rows import dict_row
+
+    if not _regclass(conn, schema, "session_migration_runs"):
+        return []
+    query = sql.SQL(
+        """SELECT step, started_at, finished_at, dry_run, source_sha256, rows_read, inserted,
+                  unchanged, conflicting, updated, rejected
+           FROM {} WHERE run_id = %s ORDER BY started_at"""
+    ).format(sql.Identifier(schema, "session_migration_runs"))
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(query, (run_id,)).fetchall()
+    return [
+        {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
+        for row in rows
+    ]
+
+
+def settle(conn: Any, timeout_s: float = 10.0) -> bool:
+    """Wait until no sessionmig load or lock connection is left on this database.
+
+    After an interrupt the kernel's connections are closing; the server finishes whatever it
+    had received (a COMMIT included) before their backends go. Only then does the audit row
+    tell the truth. False when they are still there after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        row = conn.execute(
+            """SELECT count(*) FROM pg_stat_activity
+               WHERE datname = current_database() AND pid <> pg_backend_pid()
+                 AND application_name IN ('sessionmig-migrate', 'sessionmig-lock')"""
+        ).fetchone()
+        if not row or not row[0]:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+def digest_table_ready(conn: Any, schema: str) -> bool:
+    """True when the target has the table the run's digest is recorded in (revision 0003)."""
+    return _regclass(conn, schema, DIGEST_TABLE)
+
+
+def record_digest(
+    conn: Any, schema: str, run_id: str, digest: str, environment: str, verdict: str
+) -> None:
+    """Record a sealed run's manifest digest in the target (one row per run, never replaced)."""
+    from psycopg import sql
+
+    conn.execute("SET LOCAL lock_timeout = '5s'")
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {} (run_id, manifest_sha256, environment, verdict) VALUES (%s, %s, %s, %s)"
+        ).format(sql.Identifier(schema, DIGEST_TABLE)),
+        (run_id, digest, environment, verdict),
+    )
+
+
+def recorded_digest(conn: Any, schema: str, run_id: str) -> tuple[str, str] | None:
+    """(digest, sealed_at) the target recorded for ``run_id``; None when it has none."""
+    from psycopg import sql
+
+    if not digest_table_ready(conn, schema):
+        return None
+    row = conn.execute(
+        sql.SQL("SELECT manifest_sha256, sealed_at FROM {} WHERE run_id = %s").format(
+            sql.Identifier(schema, DIGEST_TABLE)
+        ),
+        (run_id,),
+    ).fetchone()
+    return (row[0], row[1].isoformat()) if row else None
+
+
+@dataclass(frozen=True)
+class RecordCheck:
+    """What :func:`check_recorded` found in the target."""
+
+    problems: tuple[str, ...]
+    note: str
+
+
+def check_recorded(run_dir: Path, conn: Any, schema: str) -> RecordCheck:
+    """Compare the folder's manifest digest with the one its run recorded in the target."""
+    data = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    run_id = str(data.get("run_id"))
+    problems: list[str] = []
+    here = target_identity(conn)
+    sealed_for = data.get("target_database") or {}
+    known = sealed_for.get("system_identifier", "unknown")
+    if (
+        sealed_for
+        and not str(known).startswith("unknown")
+        and not str(here["system_identifier"]).startswith("unknown")
+        and (known, sealed_for.get("dbname")) != (here["system_identifier"], here["dbname"])
+    ):
+        problems.append(
+            f"the run's target was {describe_target(sealed_for)}, but --env reaches "
+            f"{describe_target(here)}: check the environment"
+        )
+    recorded = recorded_digest(conn, schema, run_id)
+    if recorded is None:
+        said = (data.get("manifest_record") or {}).get("status", "no word in the manifest")
+        problems.append(
+            f"manifest.json: the target ({describe_target(here)}, schema {schema}) has no "
+            f"recorded digest for run {run_id} (the manifest says: {said}); nothing proves this "
+            "folder is the one the run sealed"
+        )
+        return RecordCheck(tuple(problems), "")
+    digest, sealed_at = recorded
+    if digest != data.get(DIGEST_FIELD):
+        problems.append(
+            f"manifest.json: its digest is not the one run {run_id} recorded in the target at "
+            f"{sealed_at} ({digest[:16]}…): the folder was re-sealed after the run"
+        )
+        return RecordCheck(tuple(problems), "")
+    return RecordCheck(
+        tuple(problems),
+        f"its digest is the one run {run_id} recorded in {describe_target(here)} at {sealed_at}",
+    )
+
+
+# --- SSH signatures (optional, for reviewers who sign) -----------------------------------------
+
+
+def sign(run_dir: Path, key: Path) -> Path:
+    """Sign ``manifest.json`` with an SSH key (``ssh-keygen -Y sign``); returns the .sig path."""
+    manifest = run_dir / "manifest.json"
+    done = subprocess.run(
+        ["ssh-keygen", "-Y", "sign", "-f", str(key), "-n", SIGNATURE_NAMESPACE, str(manifest)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    if done.returncode != 0:
+        from .errors import SessionmigError
+
+        raise SessionmigError(
+            f"ssh-keygen could not sign {manifest} with {key}: "
+            f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+        )
+    signature = run_dir / SIGNATURE
+    signature.chmod(FILE_MODE)
+    return signature
+
+
+def check_signature(
+    run_dir: Path, allowed_signers: Path | None, identity: str | None = None
+) -> tuple[list[str], str]:
+    """(problems, note) for ``manifest.json.sig``: verified against ``allowed_signers`` when
+    given (``ssh-keygen -Y verify``), else only checked to match the manifest."""
+    manifest = run_dir / "manifest.json"
+    signature = run_dir / SIGNATURE
+    if not signature.exists():
+        if allowed_signers:
+            return [f"{SIGNATURE}: missing, but --allowed-signers asks for a signature"], ""
+        return [], ""
+
+    def ssh_keygen(*args: str) -> subprocess.CompletedProcess:
+        with manifest.open("rb") as data:
+            return subprocess.run(
+                ["ssh-keygen", "-Y", *args], stdin=data, capture_output=True, text=True
+            )
+
+    if allowed_signers is None:
+        done = ssh_keygen("check-novalidate", "-n", SIGNATURE_NAMESPACE, "-s", str(signature))
+        if done.returncode != 0:
+            return [f"{SIGNATURE}: does not match manifest.json (edited or re-sealed)"], ""
+        return [], "signed (signature intact; give --allowed-signers to check who signed)"
+    principals = [identity] if identity else []
+    if not principals:
+        found = subprocess.run(
+            ["ssh-keygen", "-Y", "find-principals", "-f", str(allowed_signers)]
+            + ["-s", str(signature)],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+        principals = found.stdout.split() if found.returncode == 0 else []
+    if not principals:
+        return [f"{SIGNATURE}: not made by any key in {allowed_signers}"], ""
+    for principal in principals:
+        done = ssh_keygen(
+            "verify",
+            "-f",
+            str(allowed_signers),
+            "-I",
+            principal,
+            "-n",
+            SIGNATURE_NAMESPACE,
+            "-s",
+            str(signature),
+        )
+        if done.returncode == 0:
+            return [], f"signed by {principal} (verified against {allowed_signers})"
+    return [f"{SIGNATURE}: does not verify for {', '.join(principals)} (edited or re-sealed)"], ""
+
+
+# --- index.html --------------------------------------------------------------------------------
+
+
+def _row(label: str, value: str) -> str:
+    return f"<tr><th>{html.escape(label)}</th><td>{html.escape(value)}</td></tr>"
+
+
 def write_index(run_dir: Path, data: dict[str, Any]) -> Path:
     """A self-contained page linking every step's report (relative links) with its verdict."""
+    data = mask.scrub(data)
     rows = []
     for step in data["steps"]:
         links = " · ".join(
@@ -136,6 +443,21 @@ def write_index(run_dir: Path, data: dict[str, Any]) -> Path:
             f"<td>{step.get('duration_s', 0):.1f} s</td><td>{links}</td></tr>"
         )
     source = data.get("source", {})
+    facts = []
+    if "target_database" in data:
+        facts.append(_row("target database", describe_target(data.get("target_database"))))
+    if data.get("interrupted"):
+        facts.append(_row("interrupted", str(data["interrupted"].get("what_happened", ""))))
+    record = data.get("manifest_record")
+    if record:
+        facts.append(_row("manifest digest in the target", str(record.get("status", ""))))
+    facts.append(
+        _row(
+            "permissions",
+            f"folder {PERMISSIONS['directories']}, files {PERMISSIONS['files']}: "
+            f"{PERMISSIONS['why']}",
+        )
+    )
     page = Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
         run_id=html.escape(data["run_id"]),
         environment=html.escape(data["environment"]),
@@ -147,8 +469,10 @@ def write_index(run_dir: Path, data: dict[str, Any]) -> Path:
         source=html.escape(str(source.get("path"))),
         sha_before=html.escape(str(source.get("sha256_before"))),
         sha_after=html.escape(str(source.get("sha256_after"))),
+        facts="\n".join(facts),
         rows="\n".join(rows),
     )
     path = run_dir / "index.html"
     path.write_text(page, encoding="utf-8")
+    os.chmod(path, FILE_MODE)
     return path

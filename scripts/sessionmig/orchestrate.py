@@ -2,22 +2,29 @@
 
 ``run()`` reads as the procedure: resolve parameters, check them against what the notebooks
 declare, prepare the target, execute each step, render it, then seal the manifest and index.
+
+Whatever happens after the run folder exists — a step fails, the operator presses Ctrl-C, the
+process gets SIGTERM — the folder is sealed with what happened. What a step committed is taken
+from the target's own audit row, never assumed. The folder is ``0750``, its files ``0640``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import re
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import papermill
 from jupyter_client.manager import AsyncKernelManager
@@ -25,7 +32,7 @@ from papermill.exceptions import PapermillExecutionError
 
 from . import embedded, manifest, mask
 from . import params as P
-from .errors import EXIT_ERROR, EXIT_FAIL, EXIT_OK, ParameterError
+from .errors import EXIT_ERROR, EXIT_FAIL, EXIT_OK, ParameterError, SessionmigError
 from .progress import PROGRESS_VARIABLE, ProgressEcho
 from .render import notebook_to_html, scrub_notebook
 from .report import RESULT_VARIABLE
@@ -42,6 +49,10 @@ STEPS: dict[str, str] = {
     "finalize": "06_finalize.ipynb",
 }
 DEFAULT_STEPS = ("preflight", "inspect", "migrate", "reconcile")
+# Steps that never connect to the target: a run of only these has no target to describe.
+SOURCE_ONLY_STEPS = frozenset({"inspect"})
+# How long an interrupted step may take to stop before its kernel is killed.
+KILL_AFTER_S = 30.0
 
 
 def notebooks_dir() -> Path:
@@ -65,6 +76,7 @@ class StepRecord:
     duration_s: float = 0.0
     outputs: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    interrupted: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,21 +114,27 @@ def resolve_parameters(env: str, overrides: dict[str, Any], steps: list[str]) ->
 
 
 def secrets_of(merged: dict[str, Any]) -> tuple[str, ...]:
-    """The target's password (in the DSN, or libpq's PGPASSWORD), to scrub from reports even
-    where no pattern would find it."""
+    """The target's password as libpq reads it (in the DSN, or libpq's PGPASSWORD), to scrub
+    from reports even where no pattern would find it. The redaction path also derives the
+    pieces of a malformed DSN itself (:func:`mask.dsn_secrets`)."""
     name = merged.get("database_url_env")
     value = os.environ.get(name, "") if name else ""
-    password = urlsplit(value).password if "://" in value else None
-    if password is None and "password" in value:
-        found = re.search(r"password\s*=\s*('[^']*'|\S+)", value)
-        password = found.group(1).strip("'") if found else None
-    candidates = (password, os.environ.get("PGPASSWORD"))
-    return tuple(p for p in candidates if p and len(p) >= 4)
+    found = list(mask.dsn_secrets(value).passwords) if value else []
+    if value:
+        mask.register_dsn(value)
+    found.append(os.environ.get("PGPASSWORD", ""))
+    unique = dict.fromkeys(p for p in found if p and len(p) >= mask.MIN_SECRET)
+    # libpq's reading first: it is the value actually sent, and the one tests pin.
+    return tuple(unique)
+
+
+def _target_name(merged: dict[str, Any]) -> str | None:
+    return merged.get("database_url_env", "DATABASE_URL")
 
 
 def prepare_target(merged: dict[str, Any], fresh: bool) -> str:
     """Start the embedded server (``database_url_env: null``) or check the named variable."""
-    name = merged.get("database_url_env", "DATABASE_URL")
+    name = _target_name(merged)
     if name is None:
         server = embedded.start()
         base = server.get_uri("postgres")
@@ -131,15 +149,79 @@ def prepare_target(merged: dict[str, Any], fresh: bool) -> str:
 
 class KernelManager(AsyncKernelManager):
     """A kernel whose own process log (not the notebook's output) goes to a file, so the
-    operator's terminal shows the run's outcome rather than ipykernel's start-up warnings."""
+    operator's terminal shows the run's outcome rather than ipykernel's start-up warnings.
+    It remembers the kernel's pid, so an interrupt can reach the running cell."""
 
     log_file: Any = None
+    kernel_pid: int | None = None
 
     async def start_kernel(self, **kw: Any) -> None:
         if self.log_file is not None:
             kw.setdefault("stderr", self.log_file)
             kw.setdefault("stdout", self.log_file)
         await super().start_kernel(**kw)
+        self.kernel_pid = getattr(self.provisioner, "pid", None)
+
+
+def _signal_kernel(km: KernelManager, signum: int) -> None:
+    if km.kernel_pid:
+        with suppress(ProcessLookupError):  # it ended on its own meanwhile
+            os.kill(km.kernel_pid, signum)
+
+
+def _execute(km: KernelManager, record: StepRecord, **papermill_args: Any) -> BaseException | None:
+    """Run papermill on a worker thread and turn Ctrl-C into an interrupt of the running cell.
+
+    On the main thread nbclient would take SIGINT for itself and let the cell run on; here the
+    main thread keeps it: the first Ctrl-C interrupts the cell (a load then rolls back, unless
+    it already committed), the second kills the kernel, the third stops waiting for it.
+    Returns what papermill raised, if anything."""
+    outcome: dict[str, BaseException] = {}
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            papermill.execute_notebook(km=km, **papermill_args)
+        except BaseException as exc:  # handed to the main thread
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=work, name=f"sessionmig-{record.name}", daemon=True)
+    worker.start()
+    presses = 0
+    interrupted_at = 0.0
+    # Polled with sleep, not Thread.join: a KeyboardInterrupt inside join() can leave the
+    # thread marked as stopped while it still runs (CPython's bpo-45274 handling).
+    while not done.is_set():
+        try:
+            time.sleep(0.1)
+        except KeyboardInterrupt:
+            presses += 1
+            record.interrupted = True
+            if presses == 1:
+                interrupted_at = time.monotonic()
+                print(
+                    f"\nsessionmig run: interrupting {record.name}; the run folder will be "
+                    "sealed with what happened (Ctrl-C again stops the step at once)",
+                    file=sys.stderr,
+                )
+                _signal_kernel(km, signal.SIGINT)
+            elif presses == 2:
+                _signal_kernel(km, signal.SIGKILL)
+            else:
+                break
+        if presses == 1 and time.monotonic() - interrupted_at > KILL_AFTER_S:
+            # An interrupt that lands in the kernel's own machinery (writing an output, say)
+            # can leave it waiting forever; the database already rolled back or committed.
+            print(
+                f"sessionmig run: {record.name} did not stop within {KILL_AFTER_S:.0f} s of "
+                "the interrupt; stopping its kernel",
+                file=sys.stderr,
+            )
+            presses = 2
+            _signal_kernel(km, signal.SIGKILL)
+    return outcome.get("error")
 
 
 def execute_step(
@@ -149,8 +231,13 @@ def execute_step(
     results: Path,
     secrets: tuple[str, ...] = (),
 ) -> None:
-    """Execute one notebook with papermill, render it, and fill ``record``."""
+    """Execute one notebook with papermill, render it, and fill ``record``.
+
+    papermill writes the executed notebook to the private ``results`` folder; only its
+    scrubbed copy enters the run folder, so a run killed mid-step never leaves a secret there.
+    """
     source = notebooks_dir() / record.notebook
+    raw = results / record.notebook
     output = run_dir / record.notebook
     result_file = results / f"{record.name}.json"
     os.environ[RESULT_VARIABLE] = str(result_file)
@@ -166,20 +253,33 @@ def execute_step(
         echo = ProgressEcho(record.name, progress)
         echo.start()
     try:
-        papermill.execute_notebook(
-            str(source),
-            str(output),
+        error = _execute(
+            km,
+            record,
+            input_path=str(source),
+            output_path=str(raw),
             parameters={k: v for k, v in parameters.items() if k in declared},
             cwd=os.getcwd(),
             progress_bar=False,
             log_output=False,
-            km=km,
         )
-        record.status = "passed"
-    except PapermillExecutionError as exc:
-        record.status = "failed"
-        record.reason = f"{exc.ename}: {exc.evalue}"
-        record.exit_code = EXIT_ERROR
+        cut = record.interrupted or (
+            isinstance(error, PapermillExecutionError) and error.ename == "KeyboardInterrupt"
+        )
+        if error is None:
+            record.status = "passed"  # a Ctrl-C between its last cells let it finish
+        elif cut:
+            record.status, record.interrupted = "interrupted", True
+            record.reason = "interrupted by the operator"
+            record.exit_code = EXIT_ERROR
+        elif isinstance(error, PapermillExecutionError):
+            record.status = "failed"
+            record.reason = f"{error.ename}: {error.evalue}"
+            record.exit_code = EXIT_ERROR
+        else:
+            record.status = "failed"
+            record.reason = f"{type(error).__name__}: {error}"
+            record.exit_code = EXIT_ERROR
     finally:
         record.duration_s = time.perf_counter() - started
         os.environ.pop(RESULT_VARIABLE, None)
@@ -193,10 +293,224 @@ def execute_step(
         record.summary = data.get("summary", {})
         if record.status == "failed":
             record.exit_code = data.get("exit_code") or EXIT_ERROR
-    if output.exists():
-        scrub_notebook(output, secrets)
-        html_path = notebook_to_html(output, output.with_suffix(".html"))
-        record.outputs = [html_path.name, output.name]
+        if record.status == "interrupted":
+            record.reason = f"interrupted after it concluded {record.verdict}: {record.reason}"
+    if raw.exists():
+        # A Ctrl-C now waits until both files are whole: a half-written report is no evidence.
+        with _deferred_interrupt(record):
+            scrub_notebook(raw, secrets, dest=output)
+            html_path = notebook_to_html(output, output.with_suffix(".html"))
+            record.outputs = [html_path.name, output.name]
+    record.reason = P.redact(record.reason) if record.reason else record.reason
+
+
+@contextmanager
+def _deferred_interrupt(record: StepRecord) -> Iterator[None]:
+    """Ctrl-C or SIGTERM inside the block marks ``record`` interrupted once it has finished."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def later(signum: int, frame: Any) -> None:
+        record.interrupted = True
+
+    previous = {s: signal.signal(s, later) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a stopped CI job, a closed session) is handled as Ctrl-C: sealed, not lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _sealing() -> Iterator[None]:
+    """While the folder is sealed, further Ctrl-C and SIGTERM wait: sealing is the point."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def later(signum: int, frame: Any) -> None:
+        print("sessionmig run: sealing the run folder first; a moment", file=sys.stderr)
+
+    previous = {s: signal.signal(s, later) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def make_run_dir(reports_dir: str | Path, env: str, run_id: str) -> Path:
+    """``REPORTS/ENV/RUN_ID``, each folder it creates ``0750``; a folder that cannot be
+    written is a parameter problem (exit 2), named in one line.
+
+    Modes are set on what the run writes, not through the process umask: the steps' own files
+    (a restored sessions.db, an archive) keep the modes their readers need."""
+    run_dir = Path(reports_dir) / Path(env).stem / run_id
+    try:
+        missing = [p for p in (*reversed(run_dir.parents), run_dir) if not p.exists()]
+        for folder in missing:
+            folder.mkdir(mode=manifest.DIR_MODE)
+            folder.chmod(manifest.DIR_MODE)
+        if run_dir not in missing:
+            raise FileExistsError(errno.EEXIST, "a run folder of that id exists", str(run_dir))
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ParameterError(
+            f"--reports-dir {reports_dir}: cannot write the run folder {run_dir} "
+            f"({exc.strerror or exc}); give a folder you can write to, e.g. "
+            "--reports-dir ~/sessionmig-reports"
+        ) from None
+    return run_dir
+
+
+@dataclass
+class TargetFacts:
+    """What the target says at the end of a run (all None when it could not be asked)."""
+
+    identity: dict[str, Any] | None = None
+    audit: list[dict[str, Any]] | None = None
+    settled: bool = True
+    digest_ready: bool = False
+    problem: str | None = None
+    conn: Any = None
+
+
+def _ask_target(merged: dict[str, Any], steps: list[str], interrupted: bool) -> TargetFacts:
+    """Connect to the run's target and read who it is, this run's audit rows, and whether the
+    manifest's digest can be recorded there. The connection stays open for the record."""
+    if set(steps) <= SOURCE_ONLY_STEPS:
+        return TargetFacts(problem="the run's steps do not use a target")
+    import psycopg
+
+    try:
+        dsn = P.database_url(_target_name(merged))
+        # Autocommit: pg_stat_activity is read afresh by each statement only outside a
+        # transaction (settle polls it); the digest is then written in a transaction of its own.
+        conn = psycopg.connect(
+            dsn, connect_timeout=10, autocommit=True, application_name="sessionmig-seal"
+        )
+    except (psycopg.Error, ParameterError) as exc:
+        return TargetFacts(problem=f"the target could not be reached: {mask.redact(str(exc))}")
+    schema = str(merged.get("target_schema") or "public")
+    try:
+        conn.execute("SET statement_timeout = '30s'")
+        settled = manifest.settle(conn) if interrupted else True
+        facts = TargetFacts(
+            identity=manifest.target_identity(conn),
+            audit=manifest.audit_rows(conn, schema, merged["run_id"]),
+            settled=settled,
+            digest_ready=manifest.digest_table_ready(conn, schema),
+            conn=conn,
+        )
+        return facts
+    except psycopg.Error as exc:
+        conn.close()
+        return TargetFacts(problem=f"the target could not be asked: {mask.redact(str(exc))}")
+
+
+def _account_for_interrupt(
+    records: list[StepRecord], facts: TargetFacts, run_id: str
+) -> dict[str, Any]:
+    """Set each interrupted step's status from the target's audit rows; say what happened."""
+    step = next((r for r in records if r.interrupted), None)
+    committed = [
+        row for row in facts.audit or [] if row.get("step") == "migrate" and not row.get("dry_run")
+    ]
+    migrate = next((r for r in records if r.name == "migrate"), None)
+    if facts.audit is None:
+        happened = (
+            "whether anything was committed is unknown: "
+            f"{facts.problem or 'the target could not be asked'}; look for run "
+            f"{run_id} in session_migration_runs before running again"
+        )
+    elif committed:
+        row = committed[0]
+        happened = (
+            f"migrate had committed: the target's audit row for this run records "
+            f"{row['rows_read']} read, {row['inserted']} inserted, {row['unchanged']} "
+            f"unchanged, {row['updated']} updated, {row['rejected']} rejected "
+            f"(finished {row['finished_at']})"
+        )
+        if migrate is not None and migrate.status in ("interrupted", "skipped", "failed"):
+            # The commit is the step's work; its report was cut short, not its effect.
+            migrate.status = "passed"
+            migrate.verdict = "PASS_WITH_WARNINGS" if row["rejected"] else "PASS"
+            migrate.reason = (
+                f"committed, then interrupted before its report was complete: {happened}"
+            )
+            migrate.exit_code = EXIT_OK
+            migrate.summary = {**migrate.summary, **{k: v for k, v in row.items()}}
+    else:
+        happened = "nothing of this run was committed: the target has no audit row for it" + (
+            "" if facts.settled else " (its connections were still closing)"
+        )
+    return {
+        "step": step.name if step else None,
+        "committed": None if facts.audit is None else bool(committed),
+        "what_happened": happened,
+        "audit_rows": facts.audit,
+    }
+
+
+def _record_digest(
+    facts: TargetFacts, merged: dict[str, Any], run_dir: Path, env: str, verdict: str
+) -> str | None:
+    """Record the sealed manifest's digest in the target; a problem's text, or None."""
+    if facts.conn is None:
+        return None
+    digest = manifest.digest_of(run_dir)
+    schema = str(merged.get("target_schema") or "public")
+    try:
+        if not facts.digest_ready:
+            return None  # the manifest says why
+        with facts.conn.transaction():
+            manifest.record_digest(
+                facts.conn, schema, merged["run_id"], str(digest), Path(env).stem, verdict
+            )
+        return None
+    except Exception as exc:
+        return f"the manifest's digest could not be recorded in the target: {mask.redact(str(exc))}"
+    finally:
+        facts.conn.close()
+
+
+def _record_status(facts: TargetFacts, merged: dict[str, Any]) -> dict[str, Any]:
+    schema = str(merged.get("target_schema") or "public")
+    table = f"{schema}.{manifest.DIGEST_TABLE}"
+    if facts.conn is not None and facts.digest_ready:
+        status = f"recorded in {table} when this manifest was sealed"
+    elif facts.conn is not None:
+        status = (
+            f"not recorded: the target has no {table} (no migrate has brought it to revision "
+            "0003); only this folder's self-consistency can be verified"
+        )
+    else:
+        status = f"not recorded: {facts.problem}"
+    return {
+        "table": table,
+        "status": status,
+        "recorded": facts.conn is not None and facts.digest_ready,
+    }
 
 
 def run(
@@ -215,27 +529,74 @@ def run(
     merged["as_of"] = P.resolve_as_of(merged.get("as_of"), started).isoformat()
     merged["sqlite_path"] = str(Path(merged["sqlite_path"]).resolve())
     merged["operator"] = merged.get("operator") or current_operator()
-    run_dir = Path(reports_dir) / Path(env).stem / run_id
-    run_dir.mkdir(parents=True, exist_ok=False)
-    os.environ[mask.SALT_VARIABLE] = salt = os.urandom(16).hex()
-    before = hash_files(Path(merged["sqlite_path"]))
-    records = [StepRecord(name, STEPS[name]) for name in steps]
-    exit_code = EXIT_OK
-    target = None
-    try:
-        target = prepare_target(merged, fresh)
-        with tempfile.TemporaryDirectory(prefix="sessionmig-results-") as results:
-            for record in records:
-                execute_step(record, run_dir, merged, Path(results), secrets_of(merged))
-                if record.status == "failed":
-                    exit_code = record.exit_code
-                    break
-    finally:
-        if merged.get("database_url_env", "DATABASE_URL") is None:
-            embedded.stop()
-            os.environ.pop(embedded.URL_VARIABLE, None)
+    merged["run_steps"] = steps  # preflight checks what these steps need, and only that
+    secrets = secrets_of(merged)
+    with _terminate_as_interrupt():
+        run_dir = make_run_dir(reports_dir, env, run_id)
+        os.environ[mask.SALT_VARIABLE] = salt = os.urandom(16).hex()
+        records = [StepRecord(name, STEPS[name]) for name in steps]
+        exit_code = EXIT_OK
+        target = None
+        interrupted = False
+        before: tuple = ()
+        try:
+            try:
+                before = hash_files(Path(merged["sqlite_path"]))
+                target = prepare_target(merged, fresh)
+                with tempfile.TemporaryDirectory(prefix="sessionmig-results-") as results:
+                    for record in records:
+                        execute_step(record, run_dir, merged, Path(results), secrets)
+                        if record.interrupted:
+                            interrupted = True
+                            break
+                        if record.status == "failed":
+                            exit_code = record.exit_code
+                            break
+            except KeyboardInterrupt:
+                interrupted = True
+            except Exception as exc:  # sealed with what stopped it, then reported in one line
+                code = getattr(exc, "exit_code", EXIT_ERROR)
+                reason = (
+                    str(exc) if isinstance(exc, SessionmigError) else f"{type(exc).__name__}: {exc}"
+                )
+                records.append(StepRecord("run", "", "failed", "ERROR", P.redact(reason), code))
+                exit_code = code
+            with _sealing():
+                return _seal(
+                    env,
+                    steps,
+                    merged,
+                    run_dir,
+                    records,
+                    started,
+                    before,
+                    target,
+                    salt,
+                    interrupted,
+                    exit_code,
+                )
+        finally:
+            if _target_name(merged) is None:
+                embedded.stop()
+                os.environ.pop(embedded.URL_VARIABLE, None)
+
+
+def _seal(
+    env: str,
+    steps: list[str],
+    merged: dict[str, Any],
+    run_dir: Path,
+    records: list[StepRecord],
+    started: datetime,
+    before: tuple,
+    target: str | None,
+    salt: str,
+    interrupted: bool,
+    exit_code: int,
+) -> RunOutcome:
+    """Write index.html and manifest.json for what happened, and record the digest."""
     after = hash_files(Path(merged["sqlite_path"]))
-    if after != before:
+    if before and after != before:
         exit_code = EXIT_ERROR
         records.append(
             StepRecord(
@@ -247,45 +608,65 @@ def run(
                 EXIT_ERROR,
             )
         )
-    failed = [r for r in records if r.status == "failed"]
-    verdict = (
-        "FAIL"
-        if exit_code == EXIT_FAIL
-        else "ERROR"
-        if exit_code
-        else "PASS_WITH_WARNINGS"
-        if any(r.verdict == "PASS_WITH_WARNINGS" for r in records)
-        else "PASS"
+    facts = (
+        _ask_target(merged, steps, interrupted)
+        if target is not None
+        else TargetFacts(problem="the target was not prepared")
     )
-    data = {
-        "run_id": run_id,
+    interruption = _account_for_interrupt(records, facts, merged["run_id"]) if interrupted else None
+    failed = [r for r in records if r.status == "failed"]
+    if interrupted:
+        exit_code = EXIT_ERROR
+        verdict = "INTERRUPTED"
+    else:
+        verdict = (
+            "FAIL"
+            if exit_code == EXIT_FAIL
+            else "ERROR"
+            if exit_code
+            else "PASS_WITH_WARNINGS"
+            if any(r.verdict == "PASS_WITH_WARNINGS" for r in records)
+            else "PASS"
+        )
+    data: dict[str, Any] = {
+        "run_id": merged["run_id"],
         "environment": Path(env).stem,
         "started_at": started.isoformat(),
         "finished_at": datetime.now(UTC).isoformat(),
         "verdict": verdict,
         "exit_code": exit_code,
         "target": target,
+        "target_database": facts.identity,
         "operator": merged["operator"],
         "host": socket.gethostname(),
         "git": manifest.git_state(),
         "python": sys.version.split()[0],
         "packages": manifest.package_versions(),
-        "parameters": {k: P.redact(v) if isinstance(v, str) else v for k, v in merged.items()},
+        "parameters": dict(merged.items()),
         "id_salt_sha256": mask.salt_fingerprint(salt),
         "source": {
             "path": merged["sqlite_path"],
-            "sha256_before": before[0].sha256,
+            "sha256_before": before[0].sha256 if before else None,
             "sha256_after": after[0].sha256,
             "files_before": [vars(h) for h in before],
             "files_after": [vars(h) for h in after],
         },
         "steps": [vars(r) for r in records],
+        "manifest_record": _record_status(facts, merged),
     }
+    if interruption is not None:
+        data["interrupted"] = interruption
     index = manifest.write_index(run_dir, data)
     manifest.write_manifest(run_dir, data)
-    message = (
-        f"{verdict}: {failed[0].name}: {failed[0].reason}"
-        if failed
-        else f"{verdict}: every step passed"
-    )
+    problem = _record_digest(facts, merged, run_dir, env, verdict)
+    if interruption is not None:
+        where = f" during {interruption['step']}" if interruption["step"] else ""
+        message = f"INTERRUPTED{where}: {interruption['what_happened']}"
+    elif failed:
+        message = f"{verdict}: {failed[0].name}: {failed[0].reason}"
+    else:
+        message = f"{verdict}: every step passed"
+    if problem:
+        exit_code = exit_code or EXIT_ERROR
+        message += f"; {problem}"
     return RunOutcome(exit_code, run_dir, index, P.redact(message))

@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from . import mask
 from .errors import ParameterError
 
 ENVIRONMENTS_DIR = Path("runbook") / "environments"
@@ -57,21 +58,60 @@ def load_environment(env: str, root: Path | None = None) -> dict[str, Any]:
     return data
 
 
+# How ``-p name=value`` text becomes a value. Every parameter not named here is a string, kept
+# exactly as typed: a path, a zone, a schema, a digest or an id is never read as YAML (where
+# ``x #c.db`` is ``x`` and ``on`` is ``True``).
+BOOLEAN_PARAMETERS = frozenset({"dry_run", "confirm", "show_ids"})
+INTEGER_PARAMETERS = frozenset({"batch_rows", "max_retries", "top_n", "width", "hours", "limit"})
+NUMBER_PARAMETERS = frozenset({"soak_hours"})
+LIST_PARAMETERS = frozenset({"query_names"})
+# The DSN variable's name, or null for the embedded server.
+NULLABLE_PARAMETERS = frozenset({"database_url_env"})
+_TRUE = ("true", "yes")
+_FALSE = ("false", "no")
+_NULL = ("null", "~", "none")
+
+
+def parse_value(name: str, raw: str) -> Any:
+    """``raw`` typed as parameter ``name`` expects; text that is not of that type is kept as
+    text, so the parameter's check names it with the fix."""
+    text = raw.strip()
+    if name in BOOLEAN_PARAMETERS:
+        lowered = text.lower()
+        return True if lowered in _TRUE else False if lowered in _FALSE else raw
+    if name in INTEGER_PARAMETERS:
+        try:
+            return int(text)
+        except ValueError:
+            return raw
+    if name in NUMBER_PARAMETERS:
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return raw
+    if name in LIST_PARAMETERS:
+        if text.startswith("["):
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                return raw
+            return [str(v) for v in value] if isinstance(value, list) else raw
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if name in NULLABLE_PARAMETERS and text.lower() in _NULL:
+        return None
+    return raw
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """Turn ``-p name=value`` strings into values, typed as YAML would type them."""
+    """Turn ``-p name=value`` strings into values: see :func:`parse_value`."""
     out: dict[str, Any] = {}
     for pair in pairs:
         name, sep, raw = pair.partition("=")
         if not sep or not name.strip():
             raise ParameterError(f"-p {pair!r}: expected name=value, e.g. -p batch_rows=5000")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        # ISO timestamps are instants to us, not YAML datetimes; keep the operator's text.
-        if isinstance(value, datetime):
-            value = raw
-        out[name.strip()] = value
+        out[name.strip()] = parse_value(name.strip(), raw)
     return out
 
 
@@ -243,13 +283,14 @@ def database_url(database_url_env: str | None) -> str:
             f"export {database_url_env}=postgresql://user@host:5432/dbname and keep the "
             "password in ~/.pgpass or PGPASSWORD"
         )
+    # From here on every output of this process hides this DSN's password, however malformed.
+    mask.register_dsn(value)
     return value
 
 
 def redact(text: str) -> str:
-    """Replace the password of every URL-style DSN (and password=... pairs) in ``text``."""
-    text = re.sub(r"(?i)(password\s*=\s*)('[^']*'|\S+)", r"\1***", text)
-    return re.sub(r"(postgres(?:ql)?(?:\+\w+)?://[^:/@\s]*:)[^@\s]*(@)", r"\1***\2", text)
+    """``text`` without any password: the one redaction path (see :func:`mask.redact`)."""
+    return mask.redact(text)
 
 
 def redact_url(url: str) -> str:

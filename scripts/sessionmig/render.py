@@ -3,43 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import nbformat
 from nbconvert import HTMLExporter
 
-from .params import redact
+from . import mask
 
 TEMPLATES = Path(__file__).parent / "templates" / "nbconvert"
 
 
 def scrub_text(text: str, secrets: tuple[str, ...] = ()) -> str:
     """Text with every DSN password and every known secret value replaced."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return redact(text)
+    return mask.redact(text, secrets)
 
 
-def _scrub(value: Any, secrets: tuple[str, ...]) -> Any:
-    if isinstance(value, str):
-        return scrub_text(value, secrets)
-    if isinstance(value, list):
-        return [_scrub(v, secrets) for v in value]
-    if isinstance(value, dict):
-        return {k: _scrub(v, secrets) for k, v in value.items()}
-    return value
-
-
-def scrub_notebook(notebook: Path, secrets: tuple[str, ...] = ()) -> None:
-    """Rewrite an executed notebook with secrets removed from every cell's source and outputs,
-    tracebacks included — a failing cell's exception text is not ours to trust."""
+def scrub_notebook(notebook: Path, secrets: tuple[str, ...] = (), dest: Path | None = None) -> Path:
+    """Write ``notebook`` (to ``dest``, else in place) with secrets removed from everything it
+    holds: cell sources, outputs and tracebacks (a failing cell's exception text is not ours to
+    trust), and the metadata where papermill keeps parameters and the exception."""
     node = nbformat.read(notebook, as_version=4)
-    for cell in node.cells:
-        cell.source = scrub_text(cell.source, secrets)
-        if cell.get("outputs"):
-            cell.outputs = [nbformat.from_dict(_scrub(dict(o), secrets)) for o in cell.outputs]
-    nbformat.write(node, notebook)
+    clean = nbformat.from_dict(mask.scrub(dict(node), secrets))
+    out = dest or notebook
+    nbformat.write(clean, out)
+    return out
 
 
 def notebook_to_html(notebook: Path, html_path: Path) -> Path:
@@ -49,5 +35,5 @@ def notebook_to_html(notebook: Path, html_path: Path) -> Path:
     exporter = HTMLExporter(template_name="offline", extra_template_basedirs=[str(TEMPLATES)])
     exporter.embed_images = True
     body, _ = exporter.from_notebook_node(node, resources={"metadata": {"name": notebook.stem}})
-    html_path.write_text(redact(body), encoding="utf-8")
+    html_path.write_text(mask.redact_html(body), encoding="utf-8")
     return html_path

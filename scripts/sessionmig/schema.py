@@ -4,10 +4,22 @@
 (mapped to the attribute ``metadata_``, since SQLAlchemy reserves ``metadata`` on declarative
 classes) and the id columns are ``text`` rather than ``varchar(100)``, so that no valid source
 value is ever truncated or refused for its length.
+
+The target may be live: every statement here that takes a lock does so under ``lock_timeout``
+(:data:`LOCK_TIMEOUT`), so a migration that meets a lock the application holds gives up with a
+clear message instead of queueing the application behind it. :func:`provisional` creates the
+schema for a load and removes what it created when that load does not complete, so an
+interrupted first run leaves the target exactly as it was.
 """
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,6 +39,9 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+HEAD = "0003"
+# How long any DDL waits for a lock before giving up (PostgreSQL interval syntax).
+LOCK_TIMEOUT = "5s"
 
 
 class Base(DeclarativeBase):
@@ -88,30 +103,183 @@ class MigrationRun(Base):
     host: Mapped[str | None] = mapped_column(Text)
 
 
-TABLES = ("sessions", "session_migration_rejects", "session_migration_runs")
+class MigrationManifest(Base):
+    """The digest of each run's sealed manifest, so a re-sealed run folder is caught (0003)."""
+
+    __tablename__ = "session_migration_manifests"
+    run_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    manifest_sha256: Mapped[str] = mapped_column(Text, nullable=False)
+    environment: Mapped[str | None] = mapped_column(Text)
+    verdict: Mapped[str | None] = mapped_column(Text)
+    sealed_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
 
 
-def upgrade(dsn: str, target_schema: str = "public") -> str:
-    """``alembic upgrade head`` on ``target_schema`` (created if missing); returns the revision."""
+TABLES = (
+    "sessions",
+    "session_migration_rejects",
+    "session_migration_runs",
+    "session_migration_manifests",
+)
+VERSION_TABLE = "alembic_version"
+
+
+@dataclass(frozen=True)
+class Upgraded:
+    """What one :func:`upgrade` did: the revision now in force and what it created."""
+
+    revision: str
+    created_schema: bool
+    created_tables: tuple[str, ...]
+
+
+def _present(conn: Any, schema: str) -> tuple[bool, set[str]]:
+    """(schema exists, which of our tables and the version table exist) in ``schema``."""
+    exists = conn.execute(
+        text("SELECT to_regnamespace(:s) IS NOT NULL"), {"s": _quoted(conn, schema)}
+    ).scalar()
+    tables = {
+        name
+        for (name,) in conn.execute(
+            text("SELECT tablename FROM pg_tables WHERE schemaname = :s"), {"s": schema}
+        )
+    }
+    return bool(exists), tables & {*TABLES, VERSION_TABLE}
+
+
+def upgrade_detail(dsn: str, target_schema: str = "public", revision: str = "head") -> Upgraded:
+    """``alembic upgrade`` on ``target_schema`` (created if missing), under ``lock_timeout``."""
     from alembic import command
     from alembic.config import Config
     from alembic.runtime.migration import MigrationContext
 
-    from .params import sqlalchemy_url
+    from .errors import TargetError
+    from .params import redact, sqlalchemy_url
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["target_schema"] = target_schema
+    config.attributes["lock_timeout"] = LOCK_TIMEOUT
     engine = create_engine(sqlalchemy_url(dsn))
     try:
         with engine.begin() as conn:
-            conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {_quoted(conn, target_schema)}"))
+            conn.execute(text("SELECT set_config('lock_timeout', :v, true)"), {"v": LOCK_TIMEOUT})
+            schema_existed, before = _present(conn, target_schema)
+            # Only when missing: CREATE SCHEMA IF NOT EXISTS would need the database-level
+            # CREATE privilege even for a schema that is already there.
+            if not schema_existed:
+                conn.execute(text(f"CREATE SCHEMA {_quoted(conn, target_schema)}"))
             config.attributes["connection"] = conn
-            command.upgrade(config, "head")
+            command.upgrade(config, revision)
             context = MigrationContext.configure(conn, opts={"version_table_schema": target_schema})
-            return context.get_current_revision() or ""
+            _, after = _present(conn, target_schema)
+            return Upgraded(
+                context.get_current_revision() or "",
+                not schema_existed,
+                tuple(sorted(after - before)),
+            )
+    except Exception as exc:
+        if _is_lock_timeout(exc):
+            raise TargetError(
+                f"creating the tables in schema {target_schema!r}: a lock held by another "
+                f"session (the application?) was not released within lock_timeout "
+                f"{LOCK_TIMEOUT}; nothing was changed. Run again when the target is quiet "
+                f"({redact(_first_line(exc))})"
+            ) from None
+        raise
     finally:
         engine.dispose()
+
+
+def upgrade(dsn: str, target_schema: str = "public", revision: str = "head") -> str:
+    """``alembic upgrade head`` on ``target_schema`` (created if missing); returns the revision."""
+    return upgrade_detail(dsn, target_schema, revision).revision
+
+
+@contextmanager
+def provisional(dsn: str, target_schema: str = "public") -> Iterator[str]:
+    """Upgrade the schema for a load; if the block does not complete, remove what this call
+    created (still empty: nothing was committed into it), so an interrupted or failed first
+    run leaves the target exactly as it was. Yields the revision in force.
+
+    Kept apart from the load's own transaction because Alembic runs on its own connection; the
+    caller holds the migration lock around both, so nobody else sees the tables come and go
+    except an application that would have found them empty anyway.
+    """
+    done = upgrade_detail(dsn, target_schema)
+    try:
+        yield done.revision
+    except BaseException:
+        if done.created_tables or done.created_schema:
+            with _shielded():
+                remove_created(dsn, target_schema, done)
+        raise
+
+
+def remove_created(dsn: str, target_schema: str, done: Upgraded) -> bool:
+    """Drop the tables (and schema) ``done`` created, if every one of them is still empty.
+
+    Returns True when removed. Never raises: it runs while another error is on its way up,
+    and says on stderr what it could not do."""
+    import psycopg
+    from psycopg import sql
+
+    from .params import redact
+
+    try:
+        with psycopg.connect(dsn, connect_timeout=10, application_name="sessionmig-undo") as conn:
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
+            for table in done.created_tables:
+                name = sql.Identifier(target_schema, table)
+                conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(name))
+                row = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(name))
+                if table != VERSION_TABLE and row.fetchone()[0]:  # type: ignore[index]
+                    conn.rollback()  # something was committed after all: keep everything
+                    return False
+            for table in done.created_tables:
+                conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(target_schema, table)))
+            if done.created_schema:
+                # RESTRICT: a schema someone else put objects in meanwhile is kept.
+                conn.execute("SAVEPOINT keep_schema")
+                try:
+                    conn.execute(
+                        sql.SQL("DROP SCHEMA {} RESTRICT").format(sql.Identifier(target_schema))
+                    )
+                except psycopg.errors.DependentObjectsStillExist:
+                    conn.execute("ROLLBACK TO SAVEPOINT keep_schema")
+        return True
+    except Exception as exc:
+        print(
+            f"sessionmig: the empty tables this run created in schema {target_schema!r} could "
+            f"not be removed ({redact(_first_line(exc))}); they are harmless, the next run "
+            "uses them",
+            file=sys.stderr,
+        )
+        return False
+
+
+@contextmanager
+def _shielded() -> Iterator[None]:
+    """Hold off a second Ctrl-C while the undo runs (bounded by connect and lock timeouts)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _is_lock_timeout(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", exc)
+    return getattr(orig, "sqlstate", None) == "55P03"  # lock_not_available
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _quoted(conn: Any, name: str) -> str:

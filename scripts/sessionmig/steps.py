@@ -6,6 +6,7 @@ the result, the CLI prints it. Nothing here renders or writes reports.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import os
@@ -609,9 +610,11 @@ def _migrate_once(s: Settings, backup: Any, dsn: str, progress: bool) -> Migrate
     # Imported here, not at the top: SQLAlchemy's import then overlaps the source's hashing.
     from . import schema
 
-    with migration_lock(dsn, s.target_schema):
+    with migration_lock(dsn, s.target_schema), contextlib.ExitStack() as undo:
         try:
-            revision = schema.upgrade(dsn, s.target_schema)
+            # Removed again if the load does not commit (an interrupted first run), so the
+            # target is left exactly as it was.
+            revision = undo.enter_context(schema.provisional(dsn, s.target_schema))
         except Exception as exc:  # SQLAlchemy wraps driver errors in many types
             if "OperationalError" in type(exc).__name__:
                 raise TransientTargetError(f"creating the schema: {exc}") from None
