@@ -98,25 +98,41 @@ COMMON = {
         '""',
         "who runs this step, for the audit row; empty means the USER environment variable",
     ),
+    "state_dir": (
+        '""',
+        "private directory (0700, never a report folder) keeping each pass's snapshot: the next pass's base",
+    ),
+    "lock_timeout": (
+        '"5s"',
+        "longest wait for a row the app holds before the pass gives up, committing nothing (500ms, 5s, 1min)",
+    ),
+}
+# A parameter whose meaning differs in one step: its help there.
+CATCHUP_HELP = {
+    "sqlite_path": "the migrated snapshot: the first pass's base (its sha256 must be the latest migrate run's)",
+    "live_sqlite_path": "the SQLite store the old colour still writes to (read only, through SQLite's backup API)",
+    "dry_run": "True: do the whole pass, prove it, report it, then roll back (nothing recorded)",
+    "max_retries": "a pass that met the app's row locks (lock_timeout, deadlock) is redone from scratch this many times",
 }
 
 
-def params_cell(names):
+def params_cell(names, helps=None):
+    helps = helps or {}
     width = max(len(f"{n} = {COMMON[n][0]}") for n in names)
     lines = ["# Parameters: papermill injects overrides in a cell right after this one."]
     for n in names:
         code = f"{n} = {COMMON[n][0]}"
-        lines.append(f"{code.ljust(width)}  # {COMMON[n][1]}")
+        lines.append(f"{code.ljust(width)}  # {helps.get(n, COMMON[n][1])}")
     c = new_code_cell("\n".join(lines))
     c.metadata["tags"] = ["parameters"]
     return c
 
 
-def nb(path, title, intro, names, body):
+def nb(path, title, intro, names, body, helps=None):
     n = new_notebook()
     n.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     n.metadata["language_info"] = {"name": "python"}
-    cells = [params_cell(names), new_markdown_cell(f"# {title}\n\n{intro}")]
+    cells = [params_cell(names, helps), new_markdown_cell(f"# {title}\n\n{intro}")]
     for kind, src in body:
         cells.append(new_markdown_cell(src) if kind == "md" else new_code_cell(src))
     # Stable ids, so regenerating an unchanged notebook changes nothing in git.
@@ -348,4 +364,51 @@ nb(
             'report.conclude("analysis", result.verdict, result.reason, exit_code=result.exit_code)',
         ),
     ],
+)
+
+nb(
+    "notebooks/07_catchup.ipynb",
+    "07 · Catch-up: carry the old colour's changes into PostgreSQL",
+    "While both colours serve, each pass takes a consistent snapshot of the live SQLite store (SQLite's online backup API; the app's writers never fail) and merges it three ways: **base** = the snapshot the last pass carried (the migrated one, first), **live** = the new snapshot, **target** = PostgreSQL now. Sessions created on the old colour are inserted, its changes go *on top of* PostgreSQL's rows (`request_count` gains live − base, instants take the later value), sessions it ended are ended; what only PostgreSQL changed is never touched. One transaction per pass, proven inside itself before it commits, recorded in `session_migration_runs` with both sha256s: **exactly once** — run the same command again for the next pass. Session ids are shown only as keyed hashes.",
+    [
+        *TARGET,
+        "live_sqlite_path",
+        "state_dir",
+        "lock_timeout",
+        "batch_rows",
+        "on_invalid_metadata",
+        "on_extra_columns",
+        "dry_run",
+        "max_retries",
+        "run_id",
+        "operator",
+    ],
+    [
+        SETUP,
+        (
+            "code",
+            'from sessionmig import catchup\n\nwith report.step("catchup"):\n    result = catchup.catchup_step(\n        settings, live_sqlite_path, state_dir, lock_timeout=lock_timeout\n    )\ntables = catchup.catchup_tables(result)',
+        ),
+        ("md", "## What this pass carried"),
+        ("code", 'report.show(tables["counts"])'),
+        (
+            "md",
+            "## The chain of snapshots\n\nThe base must be the snapshot the previous pass recorded (else the pass is refused: nothing is applied twice); the live snapshot, kept in `state_dir`, is the next pass's base.",
+        ),
+        ("code", 'report.show(tables["snapshots"])'),
+        ("md", "## Conflicts: changed on both colours (ids hashed; the newer `last_activity` won)"),
+        ("code", 'report.show(tables["conflicts"])'),
+        ("md", "## Examples (ids hashed)"),
+        ("code", 'report.show(tables["examples"])'),
+        (
+            "md",
+            "## Proof and time\n\nChecked inside the pass's own transaction, before its commit: every touched session equals the merge rules' outcome from PostgreSQL's row as it was, each statement touched exactly its sessions, and no other row carries the pass's writes. A mismatch rolls the whole pass back (**FAIL**).",
+        ),
+        ("code", 'report.show(tables["proof"])\nreport.show(tables["timing"])'),
+        (
+            "code",
+            'report.conclude(\n    "catchup",\n    result.verdict,\n    result.reason,\n    pass_number=result.pass_number,\n    base_sha256=result.base_sha256,\n    live_sha256=result.live_sha256,\n    counts=result.counts,\n)',
+        ),
+    ],
+    helps=CATCHUP_HELP,
 )

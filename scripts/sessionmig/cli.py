@@ -161,6 +161,44 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return Verdict(result.verdict).exit_code
 
 
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    """Copy the live SQLite store while the app keeps writing to it (SQLite's online backup
+    API; the app's writes never fail because of it). Prints the copy's sha256."""
+    from .snapshot import snapshot
+
+    result = snapshot(args.live, args.out)
+    print(
+        f"{result.path}: {result.sessions} sessions, journal mode {result.journal_mode}, "
+        f"waited {result.waited_s:.1f} s for the app's locks, {result.seconds:.1f} s in all"
+    )
+    print(f"sha256 {result.sha256}")
+    return EXIT_OK
+
+
+CATCHUP_ONLY = ("live_sqlite_path", "state_dir", "lock_timeout")
+
+
+def cmd_catchup(args: argparse.Namespace) -> int:
+    """One catch-up pass of a live cutover: carry into PostgreSQL what the old colour changed
+    since the last pass (run the same command each pass; see RUNBOOK "Live cutover")."""
+    from . import steps
+    from .catchup import LOCK_TIMEOUT, catchup_step
+
+    merged = {**P.load_environment(args.env), **P.parse_overrides(args.param)}
+    live, state, lock = (merged.pop(name, None) for name in CATCHUP_ONLY)
+    unknown = sorted(set(merged) - set(steps.Settings.__dataclass_fields__))
+    if unknown:
+        raise P.ParameterError(f"unknown parameter(s) {unknown} for catchup")
+    result = catchup_step(
+        steps.settings(**merged),
+        str(live or ""),
+        str(state or ""),
+        lock_timeout=lock or LOCK_TIMEOUT,
+    )
+    print(f"{result.verdict}: {result.reason}")
+    return result.exit_code
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     """Run a named analysis query on the backup or on PostgreSQL (read only)."""
     from . import queries, steps
@@ -290,7 +328,11 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help=cmd_run.__doc__)
     _env_args(p)
-    p.add_argument("--steps", help="comma-separated: preflight,inspect,migrate,reconcile")
+    p.add_argument(
+        "--steps",
+        help="comma-separated, in the order to run: preflight, inspect, migrate, reconcile "
+        "(the default run), catchup, analysis, rollback, finalize",
+    )
     p.add_argument("--reports-dir", default="reports")
     p.add_argument(
         "--fresh", action="store_true", help="embedded server only: start from an empty database"
@@ -310,6 +352,15 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(verb, help=func.__doc__)
         _env_args(p)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("snapshot", help=cmd_snapshot.__doc__)
+    p.add_argument("live", help="the SQLite file the app writes to")
+    p.add_argument("out", help="where the copy goes (a new file, written 0600)")
+    p.set_defaults(func=cmd_snapshot)
+
+    p = sub.add_parser("catchup", help=cmd_catchup.__doc__)
+    _env_args(p)
+    p.set_defaults(func=cmd_catchup)
 
     p = sub.add_parser("query", help=cmd_query.__doc__)
     p.add_argument("name", nargs="?", help="query name (see --list)")

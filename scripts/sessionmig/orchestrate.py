@@ -44,6 +44,7 @@ STEPS: dict[str, str] = {
     "inspect": "01_inspect.ipynb",
     "migrate": "02_migrate.ipynb",
     "reconcile": "03_reconcile.ipynb",
+    "catchup": "07_catchup.ipynb",
     "analysis": "04_session_analysis.ipynb",
     "rollback": "05_rollback.ipynb",
     "finalize": "06_finalize.ipynb",

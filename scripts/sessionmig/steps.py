@@ -166,7 +166,17 @@ class PreflightResult:
         return all(c.ok for c in self.checks)
 
 
-RUN_STEPS = ("preflight", "inspect", "migrate", "reconcile", "analysis", "rollback", "finalize")
+RUN_STEPS = (
+    "preflight",
+    "inspect",
+    "migrate",
+    "reconcile",
+    "catchup",
+    "analysis",
+    "rollback",
+    "finalize",
+)
+PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
 DEFAULT_RUN_STEPS = ("preflight", "inspect", "migrate", "reconcile")  # sessionmig run's default
 HASH_RECORD_EXTENDED = 140000
 """server_version_num from which ``hash_record_extended`` exists (reconcile fingerprints rows
@@ -247,7 +257,7 @@ def target_facts(conn: psycopg.Connection, schema_name: str) -> TargetFacts:
         found = conn.execute(
             """SELECT c.oid, pg_get_userbyid(c.relowner), pg_has_role(c.relowner, 'USAGE'),
                       has_table_privilege(c.oid, 'SELECT'), has_table_privilege(c.oid, 'INSERT'),
-                      has_table_privilege(c.oid, 'UPDATE')
+                      has_table_privilege(c.oid, 'UPDATE'), has_table_privilege(c.oid, 'DELETE')
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')""",
             (schema_name, name),
@@ -255,10 +265,12 @@ def target_facts(conn: psycopg.Connection, schema_name: str) -> TargetFacts:
         if found is None:
             tables[name] = TableFacts(name, False)
             continue
-        oid, owner, owned, can_select, can_insert, can_update = found
+        oid, owner, owned, can_select, can_insert, can_update, can_delete = found
         held = frozenset(
             p
-            for p, ok in (("SELECT", can_select), ("INSERT", can_insert), ("UPDATE", can_update))
+            for p, ok in zip(
+                PRIVILEGES, (can_select, can_insert, can_update, can_delete), strict=True
+            )
             if ok
         )
         rows = None
@@ -350,14 +362,14 @@ def target_checks(
             f"migrate creates schema {facts.schema}, which does not exist yet",
             _statement("GRANT CREATE ON DATABASE {} TO {};", database, role),
         )
-    if wanting := selected & {"migrate", "reconcile", "rollback"}:
+    if wanting := selected & {"migrate", "reconcile", "rollback", "catchup"}:
         need(
             f"TEMPORARY on database {facts.database}",
             facts.database_temp,
             f"{by(wanting)} stage rows in temporary tables",
             _statement("GRANT TEMPORARY ON DATABASE {} TO {};", database, role),
         )
-    on_target = selected & {"migrate", "reconcile", "analysis", "rollback", "finalize"}
+    on_target = selected & {"migrate", "reconcile", "catchup", "analysis", "rollback", "finalize"}
     if not on_target:
         return checks, grants
     # What each step does with each table (the load, the audit row, the rejects, the reads).
@@ -380,6 +392,9 @@ def target_checks(
         want("rollback", table, "SELECT")
     want("rollback", runs, "INSERT")
     want("finalize", runs, "INSERT")
+    # A catch-up pass inserts, changes and ends sessions, and records itself.
+    want("catchup", sessions, "SELECT", "INSERT", "UPDATE", "DELETE")
+    want("catchup", runs, "SELECT", "INSERT")
     want("analysis", sessions, "SELECT")
     # When a run ends, sessionmig run records its manifest's digest in the target's digest
     # table, if it has one (see manifest.py): a run of any step that reaches the target.
@@ -435,14 +450,13 @@ def target_checks(
                     )
                 )
             continue  # migrate creates it, owned by this role
-        lacking = sorted(set(privileges) - t.privileges, key=["SELECT", "INSERT", "UPDATE"].index)
+        lacking = sorted(set(privileges) - t.privileges, key=PRIVILEGES.index)
         target_table = sql.Identifier(facts.schema, table)
         need(
             f"table {facts.schema}.{table}",
             not lacking,
             "; ".join(
-                f"{p}: {by(privileges[p])}"
-                for p in sorted(privileges, key=["SELECT", "INSERT", "UPDATE"].index)
+                f"{p}: {by(privileges[p])}" for p in sorted(privileges, key=PRIVILEGES.index)
             ),
             _statement(f"GRANT {', '.join(lacking)} ON TABLE {{}} TO {{}};", target_table, role)
             if lacking

@@ -1,0 +1,1237 @@
+"""One catch-up pass: carry what the old colour wrote to SQLite since the last pass into
+PostgreSQL, exactly once, while both colours serve.
+
+A pass is a three-way merge (rules in :mod:`sessionmig.merge`): **base** = the snapshot last
+carried into PostgreSQL, **live** = a new snapshot of the live SQLite store (taken by
+:mod:`sessionmig.snapshot` into ``state_dir``), **target** = PostgreSQL's rows now. Rows of both
+snapshots are normalised by the migration's own rules (``transform.normalise``); a SQLite join of
+the two snapshots finds the sessions whose raw values differ, so only those are read into
+Python.
+
+PostgreSQL is written in ONE transaction, under ``lock_timeout``: the touched rows are locked
+(``FOR UPDATE``, in key order), the expected rows computed by the pure rules from them, and the
+changes applied by set-based statements that compose with the app's own writes
+(``request_count = request_count + Δ``, ``greatest(…)``), so the app on PostgreSQL waits at most
+on a row lock and never loses an update. In the same transaction the pass proves itself: every
+touched session equals ``merge(base, live, target-before)``, each statement touched exactly the
+sessions it should, and no other row was written by this transaction (``xmin``). A mismatch rolls
+everything back and says what.
+
+Exactly once: each pass records its base and live sha256 in ``session_migration_runs`` (step
+``catchup``) in that same transaction, and keeps its live snapshot in ``state_dir`` as the next
+pass's base. The chain starts at the latest committed migrate run, whose backup
+(``sqlite_path``) is the first base; a pass whose base is not the last one recorded is refused,
+so a delta is never applied twice; a pass that dies before its commit committed nothing, and the
+same command run again applies it once. Passes hold the migration's advisory lock, so two passes
+(or a pass and a migrate) never run at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import socket
+import sqlite3
+import stat
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg import sql
+
+from . import merge as M
+from .audit import RunRow, write_run
+from .errors import ParameterError, SourceError, TargetError, TransientTargetError
+from .jsonb import metadata_text
+from .load import migration_lock
+from .mask import mask_id
+from .params import redact
+from .snapshot import SnapshotResult, private_dir, take
+from .source import Backup, _shaped, in_background, open_backup, sha256_file
+from .transform import COLUMNS, Reject, Rules, normalise
+from .verdict import Verdict
+
+if TYPE_CHECKING:  # pandas and steps are heavy; only the notebook's functions need them
+    import pandas as pd
+
+    from .steps import Settings
+
+STEP = "catchup"
+LOCK_TIMEOUT = "5s"
+"""How long the pass waits for a row lock the app holds before giving up (and committing
+nothing). The app's transactions are one statement each, so this is only hit when something
+holds rows for long."""
+RETRIES = 3  # a lock timeout or deadlock with the app: the transaction is redone from scratch
+EXAMPLES = 3
+MAX_MISMATCHES_SHOWN = 20
+_SNAPSHOT_NAME = "{sha256}.db"
+_RETRY_SQLSTATES = {"55P03", "40P01", "40001"}  # lock_not_available, deadlock, serialization
+# Whether the proof may read PostgreSQL's per-transaction row counts (tests turn it off to
+# prove the xmin scan that replaces them when track_counts is off).
+_COUNTS_TRUSTED = True
+
+
+class BaseNotCurrent(ParameterError):
+    """The base given is not the snapshot last carried into PostgreSQL: refused, so that no
+    delta is applied twice."""
+
+
+@dataclass(frozen=True)
+class ConflictDetail:
+    """A session whose column both colours changed differently (id masked)."""
+
+    session: str
+    column: str
+    winner: str
+    live_last_activity: datetime
+    postgres_last_activity: datetime
+
+
+@dataclass(frozen=True)
+class CatchupResult:
+    """What one pass did, and its proof."""
+
+    run_id: str  # the audit row's run_id
+    pass_number: int
+    migrate_run_id: str
+    base_path: str
+    base_sha256: str
+    live_sqlite_path: str
+    live_snapshot: str  # the live store's snapshot, kept in state_dir as the next base
+    live_sha256: str
+    snapshot: SnapshotResult
+    live_rows: int
+    inserted: int
+    changed: int
+    ended: int
+    stays_ended: int  # changed or ended in live, already ended in PostgreSQL
+    conflicts: int
+    unchanged: int
+    rejected: int  # live rows the migration's rules refuse: left as they are, named
+    conflict_details: tuple[ConflictDetail, ...]
+    examples: dict[str, tuple[str, ...]]  # kind -> masked ids
+    rejected_examples: tuple[str, ...]
+    mismatches: tuple[str, ...]  # what the proof found wrong (then nothing was committed)
+    seconds: float
+    locked_seconds: float  # from locking the touched rows to the commit
+    committed: bool
+    dry_run: bool
+    verdict: Verdict
+    reason: str
+
+    @property
+    def exit_code(self) -> int:
+        """0 passed (warnings allowed), 1 the proof failed (nothing committed)."""
+        return self.verdict.exit_code
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {
+            "inserted": self.inserted,
+            "changed": self.changed,
+            "ended": self.ended,
+            "stays_ended": self.stays_ended,
+            "conflicts": self.conflicts,
+            "unchanged": self.unchanged,
+            "rejected": self.rejected,
+        }
+
+
+# --- the chain of passes -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Where the chain of passes stands on a target: the migrate run it starts from and the
+    last pass recorded since."""
+
+    migrate_run_id: str
+    migrate_sha256: str
+    last_pass: int  # 0: no pass yet
+    base_sha256: str  # the sha256 the next pass's base must have
+    base_recorded_path: str  # where that base was when recorded
+
+
+def _runs(schema: str) -> sql.Composed:
+    return sql.SQL("{}").format(sql.Identifier(schema, "session_migration_runs"))
+
+
+def chain_of(conn: psycopg.Connection, schema: str) -> Chain:
+    """The chain's head: the latest committed migrate run and the last pass recorded after it."""
+    try:
+        migrate = conn.execute(
+            sql.SQL(
+                "SELECT run_id, source_sha256, source_path FROM {} "
+                "WHERE step = 'migrate' AND NOT dry_run ORDER BY finished_at DESC LIMIT 1"
+            ).format(_runs(schema))
+        ).fetchone()
+    except psycopg.errors.UndefinedTable:
+        raise TargetError(
+            f"schema {schema!r} has no session_migration_runs: migrate first, then catch up"
+        ) from None
+    if migrate is None:
+        raise TargetError(
+            f"no committed migrate run in schema {schema!r}: migrate the first snapshot, then "
+            "catch up"
+        )
+    last = conn.execute(
+        sql.SQL(
+            "SELECT (parameters->>'catchup_pass')::int, source_sha256, source_path FROM {} "
+            "WHERE step = %s AND parameters->>'migrate_run_id' = %s "
+            "ORDER BY (parameters->>'catchup_pass')::int DESC LIMIT 1"
+        ).format(_runs(schema)),
+        (STEP, migrate[0]),
+    ).fetchone()
+    if last is None:
+        return Chain(migrate[0], migrate[1], 0, migrate[1], migrate[2])
+    return Chain(migrate[0], migrate[1], last[0], last[1], last[2])
+
+
+def _base_file(chain: Chain, sqlite_path: Path, state_dir: Path, given: Path | None) -> Path:
+    if given is not None:
+        return given
+    if chain.last_pass == 0:
+        return sqlite_path
+    return state_dir / _SNAPSHOT_NAME.format(sha256=chain.base_sha256)
+
+
+def _refuse_stale_base(base: Path, sha: str, chain: Chain) -> None:
+    if sha == chain.base_sha256:
+        return
+    if chain.last_pass == 0:
+        raise BaseNotCurrent(
+            f"{base}: sha256 {sha} is not the backup the latest migrate run "
+            f"({chain.migrate_run_id}) loaded ({chain.migrate_sha256}); sqlite_path must name "
+            "the migrated snapshot"
+        )
+    raise BaseNotCurrent(
+        f"{base}: sha256 {sha} is not the base of the next pass: pass {chain.last_pass} "
+        f"already carried the snapshot {chain.base_sha256} into PostgreSQL, so this base's "
+        "changes would be applied twice; refused. Run the same command again without naming a "
+        "base: it takes the last snapshot from state_dir"
+    )
+
+
+def _private_state_dir(state_dir: Path) -> None:
+    """``state_dir`` holds live tokens: created 0700, refused when others may read it or when
+    it lies inside a report folder (reports are shared; tokens must never be)."""
+    for folder in (state_dir, *state_dir.parents):
+        if (folder / "manifest.json").is_file():
+            raise ParameterError(
+                f"state_dir {state_dir} is inside the report folder {folder}: snapshots hold "
+                "session tokens and must never be published with a report; choose a private "
+                "directory, e.g. /var/lib/sessionmig/catchup"
+            )
+    private_dir(state_dir)
+    if not state_dir.is_dir():
+        raise ParameterError(f"state_dir {state_dir} is not a directory")
+    mode = stat.S_IMODE(state_dir.stat().st_mode)
+    if mode & 0o077:
+        raise ParameterError(
+            f"state_dir {state_dir} is open to others (mode {mode:o}); it will hold session "
+            f"tokens: run chmod 700 {state_dir}, or give a new path"
+        )
+
+
+def _keep_snapshot(taken: SnapshotResult, state_dir: Path) -> tuple[Path, bool]:
+    """Name the new snapshot by its sha256; whether this pass created that file (an identical
+    one already there — the last pass's, when nothing changed — is the same file, and is never
+    this pass's to remove)."""
+    final = state_dir / _SNAPSHOT_NAME.format(sha256=taken.sha256)
+    incoming = Path(taken.path)
+    if final.exists():
+        incoming.unlink()
+        return final, False
+    os.rename(incoming, final)
+    return final, True
+
+
+def _prune(state_dir: Path, keep: set[Path]) -> None:
+    """Remove the snapshots no pass can need any more (they hold tokens): all but the new head
+    and its base, and any partial file a killed pass left."""
+    for item in state_dir.iterdir():
+        looks_like_ours = (item.suffix == ".db" and len(item.stem) == 64) or item.name.startswith(
+            ".incoming-"
+        )
+        if looks_like_ours and item.resolve() not in keep:
+            item.unlink(missing_ok=True)
+
+
+# --- what changed between the two snapshots ------------------------------------------------
+
+
+@dataclass
+class Delta:
+    """The sessions whose normalised rows differ between base and live."""
+
+    base: dict[str, M.Row] = field(default_factory=dict)
+    live: dict[str, M.Row] = field(default_factory=dict)
+    ids: list[str] = field(default_factory=list)  # the sessions the pass touches, in key order
+    live_rows: int = 0
+    unchanged: int = 0
+    rejected: list[str] = field(default_factory=list)  # masked ids of refused live rows
+
+
+def _canonical(row: M.Row) -> M.Row:
+    """A normalised session with metadata spelled as PostgreSQL prints jsonb, so that it
+    compares equal to PostgreSQL's own metadata when the JSON is equal."""
+    meta = row[2]
+    if meta is not None:
+        # JSON Python cannot read (too deep) stays as it is: PostgreSQL compares it as jsonb.
+        with contextlib.suppress(ValueError, RecursionError):
+            meta = metadata_text(meta)
+    return (row[0], row[1], meta, row[3], row[4], row[5], row[6])
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _text_affinity(declared: str) -> bool:
+    """SQLite's rule: a declared type containing CHAR, CLOB or TEXT (and not INT) gives TEXT
+    affinity."""
+    upper = declared.upper()
+    return "INT" not in upper and any(k in upper for k in ("CHAR", "CLOB", "TEXT"))
+
+
+def _same(column: str, declared: str, extra: bool) -> str:
+    """SQL: the raw value of ``column`` is the same in the live row ``l`` and the base row
+    ``b``, for the rules' purpose. ``IS`` alone takes 7 and 7.0 for equal: harmless where the
+    rules read both alike (request_count reads both as 7; a number in a timestamp column is a
+    reject either way; TEXT affinity stores numbers as text anyway), so the storage class is
+    compared only where it could matter — which halves the join on a big store."""
+    c = _quoted(column)
+    alike = column in ("request_count", "created_at", *M.LATER) or _text_affinity(declared)
+    if alike and not extra:
+        return f"l.{c} IS b.{c}"
+    return f"(l.{c} IS b.{c} AND typeof(l.{c}) = typeof(b.{c}))"
+
+
+def _raw_rows(
+    backup: Backup, schema_name: str, extra: tuple[str, ...], batch: int
+) -> Iterator[tuple]:
+    """The delta's rows of one snapshot, in the form ``Backup.rows`` gives (``normalise``'s)."""
+    names = (*COLUMNS, *extra)
+    values = ", ".join(_quoted(c) for c in names)
+    types = ", ".join(f"typeof({_quoted(c)})" for c in names)
+    cursor = backup.query(
+        f"SELECT rowid, {values}, {types} FROM {schema_name}.sessions "
+        "WHERE session_id IN (SELECT sid FROM temp.sessionmig_delta)"
+    )
+    for chunk in backup.batches(cursor, batch):
+        for row in chunk:
+            yield _shaped(row, len(extra))
+
+
+def _decoded(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _live_shape(base: Backup, live_path: Path) -> dict[str, str]:
+    """The attached live snapshot's columns and declared types; refused unless it is the app's
+    table: the base's columns, session_id unique, a rowid table."""
+    columns = {
+        _decoded(r[1]): _decoded(r[2]) for r in base.query("PRAGMA live.table_info(sessions)")
+    }
+    if sorted(columns) != sorted(base.columns):
+        raise SourceError(
+            f"{live_path}: its columns {sorted(columns)} differ from the base's "
+            f"{sorted(base.columns)}; the app's schema changed since the migration"
+        )
+    unique = False
+    for _, name, is_unique, _, partial in base.query("PRAGMA live.index_list(sessions)"):
+        if is_unique and not partial:
+            info = base.query(f"PRAGMA live.index_info({_quoted(_decoded(name))})").fetchall()
+            unique = unique or [_decoded(r[2]) for r in info] == ["session_id"]
+    if not unique:
+        raise SourceError(
+            f"{live_path}: session_id is not unique in this file; catch-up matches sessions by "
+            "it (the app's store has it as its primary key)"
+        )
+    try:
+        base.query("SELECT rowid FROM live.sessions LIMIT 1").fetchall()
+    except SourceError:
+        raise SourceError(
+            f"{live_path}: sessions is a WITHOUT ROWID table, not the app's"
+        ) from None
+    return columns
+
+
+def _ended_in_live(base_uri: str, live_uri: str) -> list[bytes]:
+    """The base's session ids that live does not have (logouts and cleanups), by key."""
+    conn = sqlite3.connect(base_uri, uri=True)
+    conn.text_factory = bytes
+    try:
+        conn.execute("ATTACH DATABASE ? AS live", (live_uri,))
+        return [
+            r[0]
+            for r in conn.execute(
+                """SELECT b.session_id FROM main.sessions b WHERE NOT EXISTS
+                       (SELECT 1 FROM live.sessions l WHERE l.session_id = b.session_id)"""
+            )
+        ]
+    except sqlite3.DatabaseError as exc:
+        raise SourceError(f"comparing the snapshots failed ({exc}); take a new pass") from None
+    finally:
+        conn.close()
+
+
+def diff(
+    base: Backup,
+    live_path: Path,
+    rules: Rules,
+    batch_rows: int = 10_000,
+    live_rows: int | None = None,
+) -> Delta:
+    """The sessions that differ between the base and the live snapshot, normalised by the
+    migration's rules.
+
+    SQLite compares the raw rows first, so only the rows that differ are read into Python:
+    each live row against the base row with the same rowid (a session keeps its rowid while the
+    app updates it; a rowid that holds another session, or none, marks the session to be looked
+    at by its key), and base sessions missing from live by their key. The live snapshot is
+    attached to the base's connection, read only (it was hashed as it was taken).
+    """
+    if base.missing_columns:
+        raise SourceError(f"{base.original}: sessions lacks {base.missing_columns}")
+    if not base.session_id_unique:
+        raise SourceError(
+            f"{base.original}: session_id is not unique in this file; catch-up matches sessions "
+            "by it (the app's store has it as its primary key)"
+        )
+    extra = rules.extra_columns
+    uri = live_path.resolve().as_uri() + "?mode=ro&immutable=1"
+    base.query("ATTACH DATABASE ? AS live", (uri,))
+    try:
+        columns = _live_shape(base, live_path)
+        same = " AND ".join(
+            _same(c, columns.get(c, ""), c in extra) for c in (*COLUMNS[1:], *extra)
+        )
+        # The two halves run at once, each on a connection of its own (SQLite works outside
+        # the GIL): the sessions ended in live, by key, on a thread …
+        ended = in_background(_ended_in_live, base.uri, uri)
+        # … and every live row against the base row with its rowid, here.
+        base.query(
+            f"""CREATE TEMP TABLE sessionmig_delta AS
+                SELECT l.session_id AS sid FROM live.sessions l
+                LEFT JOIN main.sessions b ON b.rowid = l.rowid
+                WHERE b.rowid IS NULL OR b.session_id IS NOT l.session_id OR NOT ({same})"""
+        )
+        # CAST: the ids come back as the bytes SQLite holds; bound as text they match again.
+        base.connection.executemany(
+            "INSERT INTO temp.sessionmig_delta VALUES (CAST(? AS TEXT))",
+            ((sid,) for sid in ended.result()),
+        )
+        base.connection.commit()  # sqlite3 opened a transaction for the insert; DETACH needs none
+        if live_rows is None:
+            live_rows = base.query("SELECT count(*) FROM live.sessions").fetchone()[0]
+        delta = Delta(live_rows=live_rows)
+        refused: set[str] = set()
+        fetched_live = 0
+        for raw in _raw_rows(base, "live", extra, batch_rows):
+            fetched_live += 1
+            row = normalise(raw, rules)
+            if isinstance(row, Reject):
+                # Left exactly as PostgreSQL has it, and named: never read as a logout.
+                if row.session_id is not None:
+                    refused.add(row.session_id)
+                delta.rejected.append(mask_id(row.session_id))
+            else:
+                delta.live[row[0]] = row
+        for raw in _raw_rows(base, "main", extra, batch_rows):
+            row = normalise(raw, rules)
+            if not isinstance(row, Reject):  # a base reject never landed: as if absent
+                delta.base[row[0]] = row
+    finally:
+        base.query("DROP TABLE IF EXISTS temp.sessionmig_delta")
+        base.query("DETACH DATABASE live")
+    equal = 0
+    for sid in sorted(delta.base.keys() | delta.live.keys()):
+        if sid in refused:
+            continue
+        b, lv = delta.base.get(sid), delta.live.get(sid)
+        if lv is not None and (b is None or b[2] != lv[2]):
+            # Metadata is compared with PostgreSQL's only where live changed it (or brought
+            # it): only then is it spelled as jsonb, which costs a parse.
+            lv = delta.live[sid] = _canonical(lv)
+            if b is not None:
+                b = delta.base[sid] = _canonical(b)
+        if b is not None and b == lv:
+            equal += 1  # the raw values differ, the sessions do not (7 vs 7.0)
+            continue
+        delta.ids.append(sid)
+    delta.unchanged = delta.live_rows - fetched_live + equal
+    return delta
+
+
+# --- the PostgreSQL transaction --------------------------------------------------------------
+
+
+class _ProofFailed(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class _DryRun(Exception):
+    """Raised at the end of a dry run so that its transaction rolls back."""
+
+
+@dataclass
+class Applied:
+    """What the transaction did (filled as it goes)."""
+
+    kinds: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    conflicts: list[ConflictDetail] = field(default_factory=list)
+    locked_seconds: float = 0.0
+
+
+_APPLY_COLUMNS = (
+    "session_id",
+    "has_base",
+    "has_live",
+    *(f"b_{c}" for c in COLUMNS[1:]),
+    *(f"l_{c}" for c in COLUMNS[1:]),
+)
+_EXPECTED_COLUMNS = ("session_id", "present", *COLUMNS[1:])
+# Metadata arrives as text (binary COPY: six times faster than text COPY, measured), and
+# becomes jsonb in one rewrite of the temporary table once it is there.
+_ROW_TYPES = (
+    "user_id text, metadata text, created_at timestamptz, expires_at timestamptz, "
+    "last_activity timestamptz, request_count int4"
+)
+_ROW_COPY_TYPES = ["text", "text", "timestamptz", "timestamptz", "timestamptz", "int4"]
+_APPLY_COPY_TYPES = ["text", "bool", "bool", *_ROW_COPY_TYPES, *_ROW_COPY_TYPES]
+_EXPECTED_COPY_TYPES = ["text", "bool", *_ROW_COPY_TYPES]
+
+
+def _create_temp_tables(conn: psycopg.Connection) -> None:
+    prefixed = ", ".join(f"{side}_{part}" for side in ("b", "l") for part in _ROW_TYPES.split(", "))
+    conn.execute(
+        f"""CREATE TEMP TABLE sessionmig_catchup (
+                session_id text COLLATE "C" NOT NULL,
+                has_base boolean NOT NULL, has_live boolean NOT NULL, {prefixed}
+            ) ON COMMIT DROP"""
+    )
+    conn.execute(
+        f"""CREATE TEMP TABLE sessionmig_catchup_expected (
+                session_id text COLLATE "C" NOT NULL, present boolean NOT NULL, {_ROW_TYPES}
+            ) ON COMMIT DROP"""
+    )
+
+
+def _copy_rows(
+    conn: psycopg.Connection, table: str, columns: tuple[str, ...], types: list[str], rows
+) -> None:
+    """COPY ``rows`` into a temporary table, binary; then metadata as jsonb, the key, and the
+    statistics that let the joins with sessions look rows up by key."""
+    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns))
+    )
+    with conn.cursor() as cur, cur.copy(statement) as copy:
+        copy.set_types(types)
+        for row in rows:
+            copy.write_row(row)
+    name = sql.Identifier(table)
+    as_jsonb = [
+        sql.SQL("ALTER COLUMN {c} TYPE jsonb USING {c}::jsonb").format(c=sql.Identifier(c))
+        for c in columns
+        if c.endswith("metadata")
+    ]
+    conn.execute(
+        sql.SQL("ALTER TABLE {} {}, ADD PRIMARY KEY (session_id)").format(
+            name, sql.SQL(", ").join(as_jsonb)
+        )
+    )
+    conn.execute(sql.SQL("ANALYZE {}").format(name))
+
+
+def _apply_rows(delta: Delta) -> Iterator[tuple]:
+    empty = (None,) * (len(COLUMNS) - 1)
+    for sid in delta.ids:
+        b, lv = delta.base.get(sid), delta.live.get(sid)
+        yield (
+            sid,
+            b is not None,
+            lv is not None,
+            *(b[1:] if b else empty),
+            *(lv[1:] if lv else empty),
+        )
+
+
+def _lock_targets(conn: psycopg.Connection, schema: str) -> dict[str, M.Row]:
+    """Lock the touched sessions PostgreSQL has (key order: two passes or a pass and a
+    multi-row statement of the app lock in one order) and read them as they are now."""
+    rows = conn.execute(
+        sql.SQL(
+            """SELECT s.session_id, s.user_id, s.metadata::text, s.created_at, s.expires_at,
+                      s.last_activity, s.request_count
+               FROM {} s JOIN sessionmig_catchup a ON a.session_id = s.session_id
+               ORDER BY s.session_id FOR UPDATE OF s"""
+        ).format(sql.Identifier(schema, "sessions"))
+    ).fetchall()
+    return {r[0]: tuple(r) for r in rows}  # type: ignore[misc]
+
+
+def _replaced(column: str) -> sql.Composable:
+    """SQL of a column the side that changed it replaces; both changed: newer last_activity."""
+    c, b, lv = sql.Identifier(column), sql.Identifier(f"b_{column}"), sql.Identifier(f"l_{column}")
+    # Compared as text for jsonb: equal JSON is one spelling in jsonb, and text is what the
+    # rules compare (1 and 1.0 are different values there).
+    cast = sql.SQL("::text") if column == "metadata" else sql.SQL("")
+    return sql.SQL(
+        """CASE WHEN a.has_base AND a.{lv}{cast} IS NOT DISTINCT FROM a.{b}{cast} THEN s.{c}
+                WHEN a.has_base AND s.{c}{cast} IS NOT DISTINCT FROM a.{b}{cast} THEN a.{lv}
+                WHEN s.{c}{cast} IS NOT DISTINCT FROM a.{lv}{cast} THEN s.{c}
+                WHEN a.l_last_activity > s.last_activity THEN a.{lv}
+                ELSE s.{c} END"""
+    ).format(c=c, b=b, lv=lv, cast=cast)
+
+
+def _later(column: str) -> sql.Composable:
+    c, b, lv = sql.Identifier(column), sql.Identifier(f"b_{column}"), sql.Identifier(f"l_{column}")
+    return sql.SQL(
+        "CASE WHEN a.has_base AND a.{lv} = a.{b} THEN s.{c} ELSE greatest(s.{c}, a.{lv}) END"
+    ).format(c=c, b=b, lv=lv)
+
+
+def _apply_statements(conn: psycopg.Connection, schema: str) -> dict[str, set[str]]:
+    """Apply live's changes with statements that compose with the app's concurrent writes."""
+    sessions = sql.Identifier(schema, "sessions")
+    assignments = [
+        sql.SQL(
+            # In bigint, then held within integer: the column saturates, never fails the pass.
+            """request_count = CASE WHEN a.has_base
+                   THEN least(greatest(s.request_count::int8
+                                       + (a.l_request_count::int8 - a.b_request_count),
+                                       -2147483648), 2147483647)::int4
+                   ELSE greatest(s.request_count, a.l_request_count) END"""
+        ),
+        *(sql.SQL("{} = {}").format(sql.Identifier(c), _later(c)) for c in M.LATER),
+        *(sql.SQL("{} = {}").format(sql.Identifier(c), _replaced(c)) for c in M.REPLACED),
+    ]
+    updated = conn.execute(
+        sql.SQL(
+            """UPDATE {} AS s SET {} FROM sessionmig_catchup a
+               WHERE a.has_live AND s.session_id = a.session_id RETURNING s.session_id"""
+        ).format(sessions, sql.SQL(", ").join(assignments))
+    ).fetchall()
+    columns = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+    live_columns = sql.SQL(", ").join(sql.Identifier(f"l_{c}") for c in COLUMNS[1:])
+    inserted = conn.execute(
+        sql.SQL(
+            """INSERT INTO {} ({}) SELECT a.session_id, {} FROM sessionmig_catchup a
+               WHERE a.has_live AND NOT a.has_base ORDER BY a.session_id
+               ON CONFLICT (session_id) DO NOTHING RETURNING session_id"""
+        ).format(sessions, columns, live_columns)
+    ).fetchall()
+    deleted = conn.execute(
+        sql.SQL(
+            """DELETE FROM {} AS s USING sessionmig_catchup a
+               WHERE a.has_base AND NOT a.has_live AND s.session_id = a.session_id
+               RETURNING s.session_id"""
+        ).format(sessions)
+    ).fetchall()
+    return {
+        M.CHANGED: {r[0] for r in updated},
+        M.INSERTED: {r[0] for r in inserted},
+        M.ENDED: {r[0] for r in deleted},
+    }
+
+
+def _prove(
+    conn: psycopg.Connection, schema: str, expected_kinds: dict[str, set[str]], done: dict
+) -> list[str]:
+    """In the pass's own transaction: every touched session equals the rules' outcome, each
+    statement touched exactly the sessions it should, and no other row was written."""
+    problems: list[str] = []
+    sessions = sql.Identifier(schema, "sessions")
+    values = sql.SQL(", ").join(
+        sql.SQL("{}.{}{}").format(
+            sql.Identifier(alias), sql.Identifier(c), sql.SQL("::text" if c == "metadata" else "")
+        )
+        for alias in ("s", "e")
+        for c in COLUMNS[1:]
+    )
+    n = len(COLUMNS) - 1
+    rows = conn.execute(
+        sql.SQL(
+            """SELECT e.session_id, e.present, s.session_id IS NOT NULL, {values}
+               FROM sessionmig_catchup_expected e LEFT JOIN {} s ON s.session_id = e.session_id
+               WHERE e.present <> (s.session_id IS NOT NULL)
+                  OR (e.present AND (s.user_id, s.metadata::text, s.created_at, s.expires_at,
+                                     s.last_activity, s.request_count)
+                      IS DISTINCT FROM (e.user_id, e.metadata::text, e.created_at, e.expires_at,
+                                        e.last_activity, e.request_count))
+               ORDER BY e.session_id"""
+        ).format(sessions, values=values)
+    ).fetchall()
+    for sid, present, found, *pair in rows[:MAX_MISMATCHES_SHOWN]:
+        if present != found:
+            what = "present" if found else "absent"
+            problems.append(f"{mask_id(sid)} is {what} in PostgreSQL, the rules say otherwise")
+            continue
+        actual, wanted = pair[:n], pair[n:]
+        columns = [
+            # user_id and metadata are the user's data: named, not shown.
+            f"{c} differs" if c in ("user_id", "metadata") else f"{c} {a} (rules: {w})"
+            for c, a, w in zip(COLUMNS[1:], actual, wanted, strict=True)
+            if a != w
+        ]
+        problems.append(f"{mask_id(sid)}: " + ", ".join(columns))
+    if len(rows) > MAX_MISMATCHES_SHOWN:
+        problems.append(f"… {len(rows) - MAX_MISMATCHES_SHOWN} more sessions differ")
+    for kind, wanted_ids in expected_kinds.items():
+        got = done[kind]
+        if got != wanted_ids:
+            extra, missing = len(got - wanted_ids), len(wanted_ids - got)
+            problems.append(
+                f"the {kind} statement touched {len(got)} sessions, the rules expect "
+                f"{len(wanted_ids)} ({extra} unexpected, {missing} missed)"
+            )
+    problems += _nothing_else_written(conn, schema, done)
+    return problems
+
+
+def _nothing_else_written(
+    conn: psycopg.Connection, schema: str, done: dict[str, set[str]]
+) -> list[str]:
+    """No row of sessions but the ones the statements returned was written by this pass.
+
+    PostgreSQL counts every row the transaction inserted, updated or deleted per table
+    (``pg_stat_xact_user_tables``, kept while ``track_counts`` is on, its default): equal to
+    what the statements returned means no other write happened, at no cost. Without the
+    counts, every row that carries this transaction's id (``xmin``) is looked at instead, a
+    scan of the whole table while the touched rows stay locked.
+    """
+    sessions = sql.Identifier(schema, "sessions")
+    wrote = {kind: len(ids) for kind, ids in done.items()}
+    counted = conn.execute(
+        """SELECT current_setting('track_counts')::boolean, n_tup_ins, n_tup_upd, n_tup_del
+           FROM pg_stat_xact_user_tables WHERE relid = %s::regclass""",
+        (sql.SQL("{}").format(sessions).as_string(conn),),
+    ).fetchone()
+    if counted is not None and counted[0] and _COUNTS_TRUSTED:
+        _, inserted, updated, deleted = counted
+        if (inserted, updated, deleted) == (wrote[M.INSERTED], wrote[M.CHANGED], wrote[M.ENDED]):
+            return []
+        return [
+            f"this pass wrote {inserted} / {updated} / {deleted} rows of sessions (inserted / "
+            f"updated / deleted), its statements {wrote[M.INSERTED]} / {wrote[M.CHANGED]} / "
+            f"{wrote[M.ENDED]}: something else was written"
+        ]
+    written, outside = conn.execute(
+        sql.SQL(
+            """SELECT count(*), count(*) FILTER (WHERE a.session_id IS NULL)
+               FROM {} s LEFT JOIN sessionmig_catchup a ON a.session_id = s.session_id
+               WHERE s.xmin = pg_current_xact_id()::xid"""
+        ).format(sessions)
+    ).fetchone()  # type: ignore[misc]
+    problems = []
+    if outside:
+        problems.append(f"{outside} sessions outside the pass's set were written by it")
+    if written != wrote[M.CHANGED] + wrote[M.INSERTED]:
+        problems.append(
+            f"{written} rows carry this pass's writes, its statements wrote "
+            f"{wrote[M.CHANGED] + wrote[M.INSERTED]}"
+        )
+    return problems
+
+
+def _record_pass(
+    conn: psycopg.Connection,
+    schema: str,
+    *,
+    run_id: str,
+    started: datetime,
+    live_snapshot: str,
+    live_sha256: str,
+    source_timezone: str,
+    counts: dict[str, int],
+    live_rows: int,
+    parameters: dict[str, Any],
+    operator: str | None,
+) -> None:
+    """The pass's audit row, in the pass's own transaction: recorded if and only if the pass
+    committed. Its ``source_sha256`` is the live snapshot's, the next pass's base."""
+    write_run(
+        conn,
+        schema,
+        RunRow(
+            run_id=run_id,
+            step=STEP,
+            started_at=started,
+            source_path=live_snapshot,
+            source_sha256=live_sha256,
+            source_timezone=source_timezone,
+            rows_read=live_rows,
+            inserted=counts["inserted"],
+            unchanged=counts["unchanged"],
+            conflicting=counts["conflicts"],
+            updated=counts["changed"],
+            rejected=counts["rejected"],
+            parameters={**parameters, "counts": counts},
+            operator=operator,
+            host=socket.gethostname(),
+        ),
+    )
+
+
+def _transaction(
+    conn: psycopg.Connection,
+    schema: str,
+    delta: Delta,
+    chain: Chain,
+    lock_timeout: str,
+    dry_run: bool,
+    record: dict[str, Any],
+    applied: Applied,
+    before_commit: Callable[[], object] | None = None,
+) -> None:
+    """The pass's one transaction: lock, merge, apply, prove, record; fills ``applied``.
+    Raises to roll back (a failed proof, a dry run's end, any error)."""
+    with conn.transaction():
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (lock_timeout,))
+        # The touched sessions are found by key: with a hash join the planner scans all of
+        # sessions for every statement (4x slower at 1% changed on 1M sessions, measured), and
+        # holds the touched rows' locks that much longer. Local to this transaction.
+        conn.execute("SELECT set_config('enable_hashjoin', 'off', true)")
+        conn.execute("SELECT set_config('enable_mergejoin', 'off', true)")
+        if chain_of(conn, schema) != chain:  # the migration lock makes this a formality
+            raise BaseNotCurrent("another pass or migrate committed meanwhile; run again")
+        _create_temp_tables(conn)
+        _copy_rows(
+            conn, "sessionmig_catchup", _APPLY_COLUMNS, _APPLY_COPY_TYPES, _apply_rows(delta)
+        )
+        locked = time.perf_counter()
+        before = _lock_targets(conn, schema)
+        expected: list[tuple] = []
+        kinds: dict[str, set[str]] = {M.CHANGED: set(), M.INSERTED: set(), M.ENDED: set()}
+        for sid in delta.ids:
+            b, lv, t = delta.base.get(sid), delta.live.get(sid), before.get(sid)
+            outcome = M.merge(b, lv, t)
+            applied.kinds[outcome.kind] += 1
+            if outcome.kind in kinds:
+                kinds[outcome.kind].add(sid)
+            shown = applied.examples.setdefault(outcome.kind, [])
+            if len(shown) < EXAMPLES:
+                shown.append(mask_id(sid))
+            for conflict in outcome.conflicts:
+                assert lv is not None and t is not None
+                applied.conflicts.append(
+                    ConflictDetail(mask_id(sid), conflict.column, conflict.winner, lv[5], t[5])
+                )
+            row = outcome.row
+            expected.append((sid, True, *row[1:]) if row else (sid, False, *(None,) * 6))
+        _copy_rows(
+            conn, "sessionmig_catchup_expected", _EXPECTED_COLUMNS, _EXPECTED_COPY_TYPES, expected
+        )
+        done = _apply_statements(conn, schema)
+        problems = _prove(conn, schema, kinds, done)
+        if problems:
+            raise _ProofFailed(problems)
+        if before_commit is not None:
+            before_commit()  # raises (and so rolls back) when the migrated backup changed
+        _record_pass(conn, schema, counts=_counts(delta, applied), **record)
+        applied.locked_seconds = time.perf_counter() - locked
+        if dry_run:
+            raise _DryRun
+    applied.locked_seconds = time.perf_counter() - locked  # the commit included
+
+
+def _counts(delta: Delta, applied: Applied) -> dict[str, int]:
+    return {
+        "inserted": applied.kinds[M.INSERTED],
+        "changed": applied.kinds[M.CHANGED],
+        "ended": applied.kinds[M.ENDED],
+        "stays_ended": applied.kinds[M.STAYS_ENDED],
+        "conflicts": len({c.session for c in applied.conflicts}),
+        "unchanged": delta.unchanged,
+        "rejected": len(delta.rejected),
+    }
+
+
+# --- one pass --------------------------------------------------------------------------------
+
+
+def catchup(
+    dsn: str,
+    *,
+    sqlite_path: str | Path,
+    live_sqlite_path: str | Path,
+    state_dir: str | Path,
+    rules: Rules,
+    schema: str = "public",
+    run_id: str,
+    source_timezone: str,
+    operator: str | None = None,
+    parameters: dict[str, Any] | None = None,
+    base_path: str | Path | None = None,
+    lock_timeout: str = LOCK_TIMEOUT,
+    retries: int = RETRIES,
+    batch_rows: int = 10_000,
+    dry_run: bool = False,
+) -> CatchupResult:
+    """Run one catch-up pass; see the module docstring.
+
+    ``sqlite_path`` is the migrated snapshot (the first pass's base); later passes find their
+    base in ``state_dir`` by the sha256 the last pass recorded. ``base_path`` names a base
+    explicitly; it is refused unless it is the one the chain expects. Raises
+    :class:`BaseNotCurrent`, ``ParameterError``, ``SourceError`` or ``TargetError`` when the
+    pass cannot be carried out (nothing committed); returns a FAIL verdict when its proof
+    failed (nothing committed either).
+    """
+    started_clock = time.perf_counter()
+    started = datetime.now(UTC)
+    live_path = Path(live_sqlite_path).resolve()
+    state = Path(state_dir).resolve()
+    migrated = Path(sqlite_path).resolve()
+    if live_path == migrated:
+        raise ParameterError(
+            "live_sqlite_path is sqlite_path: sqlite_path names the migrated snapshot, "
+            "live_sqlite_path the store the old colour writes to"
+        )
+    _private_state_dir(state)
+    with migration_lock(dsn, schema), _connect(dsn) as conn:
+        chain = chain_of(conn, schema)  # autocommit: no transaction open while SQLite is read
+        base_file = _base_file(chain, migrated, state, Path(base_path) if base_path else None)
+        if not base_file.is_file():
+            raise ParameterError(
+                f"{base_file}: the base of pass {chain.last_pass + 1} (sha256 "
+                f"{chain.base_sha256}) is not there; give the state_dir the earlier passes used"
+            )
+        number = chain.last_pass + 1
+        pass_run_id = f"{run_id}-{STEP}-{number}"
+        with open_backup(base_file) as base:  # hashed on a thread meanwhile
+            incoming = state / f".incoming-{run_id}.db"
+            taken = take(live_path, incoming, check=False, replace=True)
+            live_file, created, committed = incoming, True, False
+            try:
+                # The copy is hashed on a thread while SQLite compares it with the base.
+                digest = in_background(sha256_file, incoming)
+                _refuse_stale_base(base_file, base.sha256, chain)
+                delta = diff(base, incoming, rules, batch_rows, taken.sessions)
+                taken = dataclasses.replace(taken, sha256=digest.result())
+                live_file, created = _keep_snapshot(taken, state)
+                taken = dataclasses.replace(taken, path=str(live_file))
+                # The migrated backup is evidence: re-hashed beside the transaction, checked
+                # before its commit.
+                unchanged = base.verify_unchanged_later() if base_file == migrated else None
+                record = {
+                    "run_id": pass_run_id,
+                    "started": started,
+                    "live_snapshot": str(live_file),
+                    "live_sha256": taken.sha256,
+                    "source_timezone": source_timezone,
+                    "live_rows": delta.live_rows,
+                    "operator": operator,
+                    "parameters": {
+                        **(parameters or {}),
+                        "live_sqlite_path": str(live_path),
+                        "state_dir": str(state),
+                        "catchup_pass": number,
+                        "migrate_run_id": chain.migrate_run_id,
+                        "base_path": str(base_file),
+                        "base_sha256": chain.base_sha256,
+                        "live_sha256": taken.sha256,
+                    },
+                }
+                committed, applied, mismatches = _apply(
+                    conn,
+                    schema,
+                    delta,
+                    chain,
+                    lock_timeout,
+                    dry_run,
+                    record,
+                    retries,
+                    unchanged.result if unchanged else None,
+                )
+            finally:
+                if committed:
+                    _prune(state, {live_file.resolve(), base_file.resolve()})
+                elif created:
+                    live_file.unlink(missing_ok=True)  # no pass recorded it: never a base
+    counts = _counts(delta, applied)
+    return _result(
+        pass_run_id,
+        number,
+        chain,
+        base_file,
+        live_path,
+        live_file,
+        taken,
+        delta,
+        applied,
+        counts,
+        mismatches,
+        time.perf_counter() - started_clock,
+        committed,
+        dry_run,
+    )
+
+
+def _apply(
+    conn: psycopg.Connection,
+    schema: str,
+    delta: Delta,
+    chain: Chain,
+    lock_timeout: str,
+    dry_run: bool,
+    record: dict[str, Any],
+    retries: int,
+    before_commit: Callable[[], object] | None = None,
+) -> tuple[bool, Applied, tuple[str, ...]]:
+    """The transaction, redone from scratch when the app's row locks got in its way:
+    (committed, what it did, what its proof found wrong)."""
+    for attempt in range(retries + 1):
+        applied = Applied()  # each attempt starts again from PostgreSQL as it is now
+        try:
+            _transaction(
+                conn, schema, delta, chain, lock_timeout, dry_run, record, applied, before_commit
+            )
+            return True, applied, ()
+        except _DryRun:
+            return False, applied, ()
+        except _ProofFailed as failed:
+            return False, applied, tuple(failed.problems)
+        except psycopg.OperationalError as exc:
+            if getattr(exc, "sqlstate", None) in _RETRY_SQLSTATES and attempt < retries:
+                time.sleep(0.2 * 2**attempt)  # the app's row locks are short-lived
+                continue
+            raise _target_error(exc, lock_timeout) from None
+        except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded) as exc:
+            # The rules accepted a value PostgreSQL refuses (migrate rejects such rows as
+            # refused_by_postgresql); here it stops the pass, which committed nothing.
+            raise SourceError(
+                "a session the old colour changed holds a value PostgreSQL refuses "
+                f"({redact(str(exc).strip().splitlines()[0])}); nothing was committed. End that "
+                "session on the old colour, or migrate it by hand, then run the pass again"
+            ) from None
+    raise AssertionError("unreachable")
+
+
+def _connect(dsn: str) -> psycopg.Connection:
+    try:
+        # autocommit: ``conn.transaction()`` is then a real BEGIN/COMMIT, never a savepoint
+        # (writes under a savepoint would carry a subtransaction's xmin, and the proof reads
+        # the top transaction's).
+        return psycopg.connect(
+            dsn, autocommit=True, application_name="sessionmig-catchup", connect_timeout=15
+        )
+    except psycopg.OperationalError as exc:
+        raise TransientTargetError(f"cannot connect to the target: {redact(str(exc))}") from None
+
+
+def _target_error(exc: psycopg.Error, lock_timeout: str) -> TargetError:
+    state = getattr(exc, "sqlstate", None)
+    message = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    if state in _RETRY_SQLSTATES:
+        return TargetError(
+            f"the app held rows this pass must change for longer than lock_timeout "
+            f"{lock_timeout}, again and again ({message}); nothing was committed — run the "
+            "same command again"
+        )
+    return TransientTargetError(
+        f"the target failed during the pass ({message}); nothing was committed unless "
+        "session_migration_runs shows this pass — run the same command again: it carries "
+        "exactly what is not yet carried"
+    )
+
+
+def _result(
+    pass_run_id: str,
+    number: int,
+    chain: Chain,
+    base_file: Path,
+    live_path: Path,
+    live_file: Path,
+    taken: SnapshotResult,
+    delta: Delta,
+    applied: Applied,
+    counts: dict[str, int],
+    mismatches: tuple[str, ...],
+    seconds: float,
+    committed: bool,
+    dry_run: bool,
+) -> CatchupResult:
+    conflicts = counts["conflicts"]
+    if mismatches:
+        verdict = Verdict.FAIL
+        reason = (
+            "the proof failed, nothing was committed: "
+            + "; ".join(mismatches[:3])
+            + ("; …" if len(mismatches) > 3 else "")
+        )
+    else:
+        warnings = []
+        if conflicts:
+            warnings.append(
+                f"{conflicts} sessions changed on both colours (the newer last_activity won)"
+            )
+        if counts["rejected"]:
+            warnings.append(
+                f"{counts['rejected']} live rows the migration's rules refuse were left as "
+                "PostgreSQL has them"
+            )
+        verdict = Verdict.PASS_WITH_WARNINGS if warnings else Verdict.PASS
+        did = (
+            f"pass {number}: {counts['inserted']} inserted, {counts['changed']} changed, "
+            f"{counts['ended']} ended, {counts['stays_ended']} already ended in PostgreSQL, "
+            f"{counts['unchanged']} unchanged; every touched session proven equal to the rules"
+        )
+        reason = "; ".join([did, *warnings])
+        if dry_run:
+            reason = "dry run, nothing committed: " + reason
+    return CatchupResult(
+        run_id=pass_run_id,
+        pass_number=number,
+        migrate_run_id=chain.migrate_run_id,
+        base_path=str(base_file),
+        base_sha256=chain.base_sha256,
+        live_sqlite_path=str(live_path),
+        live_snapshot=str(live_file),
+        live_sha256=taken.sha256,
+        snapshot=taken,
+        live_rows=delta.live_rows,
+        inserted=counts["inserted"],
+        changed=counts["changed"],
+        ended=counts["ended"],
+        stays_ended=counts["stays_ended"],
+        conflicts=conflicts,
+        unchanged=counts["unchanged"],
+        rejected=counts["rejected"],
+        conflict_details=tuple(applied.conflicts),
+        examples={k: tuple(v) for k, v in applied.examples.items()},
+        rejected_examples=tuple(delta.rejected[:EXAMPLES]),
+        mismatches=mismatches,
+        seconds=seconds,
+        locked_seconds=applied.locked_seconds,
+        committed=committed,
+        dry_run=dry_run,
+        verdict=verdict,
+        reason=reason,
+    )
+
+
+# --- the runbook step ------------------------------------------------------------------------
+
+_INTERVAL = re.compile(r"^[0-9]+(\.[0-9]+)?(ms|s|min)$")
+
+
+def catchup_step(
+    s: Settings, live_sqlite_path: str, state_dir: str, *, lock_timeout: str = LOCK_TIMEOUT
+) -> CatchupResult:
+    """One pass as the runbook runs it (notebook ``07_catchup``, ``sessionmig catchup``): the
+    same command each time; the base is found from the audit table and ``state_dir``."""
+    if not live_sqlite_path:
+        raise ParameterError(
+            "live_sqlite_path is empty: give the SQLite file the old colour writes to "
+            "(its SESSION_SQLITE_PATH)"
+        )
+    if not state_dir:
+        raise ParameterError(
+            "state_dir is empty: give a private directory (0700) kept between passes, outside "
+            "any report folder, e.g. /var/lib/sessionmig/catchup"
+        )
+    if not isinstance(lock_timeout, str) or not _INTERVAL.match(lock_timeout):
+        raise ParameterError(
+            f"lock_timeout={lock_timeout!r}: give a duration such as 500ms, 5s or 1min"
+        )
+    return catchup(
+        s.dsn(),
+        sqlite_path=s.sqlite_path,
+        live_sqlite_path=live_sqlite_path,
+        state_dir=state_dir,
+        rules=s.rules,
+        schema=s.target_schema,
+        run_id=s.run_id,
+        source_timezone=s.source_timezone,
+        operator=s.operator,
+        parameters=s.public(),
+        lock_timeout=lock_timeout,
+        retries=s.max_retries,
+        batch_rows=s.batch_rows,
+        dry_run=s.dry_run,
+    )
+
+
+MEANINGS = {
+    "inserted": "created on the old colour since the base: added to PostgreSQL",
+    "changed": "changed on the old colour: its changes applied on top of PostgreSQL's row",
+    "ended": "ended on the old colour (logout, cleanup): deleted from PostgreSQL",
+    "stays_ended": "changed or ended on the old colour, already ended in PostgreSQL: stays ended",
+    "conflicts": "user_id/metadata/created_at changed on both colours: newer last_activity won",
+    "unchanged": "the same in both snapshots: PostgreSQL's row untouched",
+    "rejected": "live rows the migration's rules refuse: left as PostgreSQL has them",
+}
+
+
+def catchup_tables(result: CatchupResult) -> dict[str, pd.DataFrame]:
+    """The pass's report tables (session ids masked): counts, snapshots, conflicts, examples,
+    proof."""
+    import pandas as pd
+
+    counts = pd.DataFrame(
+        [(k, v, MEANINGS[k]) for k, v in result.counts.items()],
+        columns=["sessions", "count", "meaning"],
+    ).set_index("sessions")
+    snap = result.snapshot
+    snapshots = pd.DataFrame(
+        [
+            ("base (carried by the previous pass)", result.base_path, result.base_sha256),
+            ("live store", result.live_sqlite_path, f"{snap.journal_mode} mode, read only"),
+            ("live snapshot (next pass's base)", result.live_snapshot, result.live_sha256),
+        ],
+        columns=["file", "path", "sha256"],
+    ).set_index("file")
+    timing = pd.DataFrame(
+        [
+            ("whole pass", f"{result.seconds:.2f} s"),
+            ("snapshot of the live store", f"{snap.seconds:.2f} s"),
+            ("waiting for the app's SQLite locks", f"{snap.waited_s:.2f} s"),
+            ("snapshot restarts (app committed meanwhile)", str(snap.restarts)),
+            ("touched rows locked in PostgreSQL", f"{result.locked_seconds:.2f} s"),
+            ("sessions in the live snapshot", f"{result.live_rows:,}"),
+            ("audit row (session_migration_runs)", result.run_id if result.committed else "-"),
+        ],
+        columns=["measure", "value"],
+    ).set_index("measure")
+    conflicts = pd.DataFrame(
+        [
+            (c.session, c.column, c.winner, c.live_last_activity, c.postgres_last_activity)
+            for c in result.conflict_details[:200]
+        ],
+        columns=["session", "column", "winner", "last_activity live", "last_activity postgres"],
+    )
+    examples = pd.DataFrame(
+        [(kind, ", ".join(ids)) for kind, ids in result.examples.items()]
+        + ([("rejected", ", ".join(result.rejected_examples))] if result.rejected else []),
+        columns=["sessions", f"examples (first {EXAMPLES}, ids hashed)"],
+    ).set_index("sessions")
+    checks = (
+        "every touched session equals merge(base, live, PostgreSQL before)",
+        "each statement touched exactly the sessions the rules name",
+        "no other row carries this pass's writes (xmin)",
+    )
+    proof = pd.DataFrame(
+        [("mismatch: nothing was committed", m) for m in result.mismatches]
+        or [(check, "holds") for check in checks],
+        columns=["check", "result"],
+    ).set_index("check")
+    return {
+        "counts": counts,
+        "snapshots": snapshots,
+        "timing": timing,
+        "conflicts": conflicts,
+        "examples": examples,
+        "proof": proof,
+    }

@@ -1,0 +1,111 @@
+"""The catch-up merge rules, as pure functions of plain values: what PostgreSQL must hold for one
+session, given the base (the snapshot last carried into PostgreSQL), the live snapshot, and
+PostgreSQL's row before the pass.
+
+A row is a normalised session in ``transform.COLUMNS`` order — ``(session_id, user_id,
+metadata, created_at, expires_at, last_activity, request_count)`` — with metadata spelled as
+PostgreSQL prints ``jsonb`` (so equal JSON compares equal), or ``None`` for "no such session".
+
+Per session:
+
+* **unchanged** in live (live == base): PostgreSQL's row stays exactly as it is.
+* **created** in live (not in base): inserted when PostgreSQL lacks it; when PostgreSQL already
+  has it, merged as a change with no common ancestor: counts take the larger, instants the
+  later, any other column that differs is a conflict.
+* **changed** in live: its *changes* go on top of PostgreSQL's row — ``request_count`` gains
+  ``live − base`` (so requests counted on both colours add up), ``last_activity`` and
+  ``expires_at`` take the later of PostgreSQL's and live's when live changed them,
+  ``user_id``/``metadata``/``created_at`` take the side that changed them; changed on both
+  sides to different values is a **conflict**, won by the newer ``last_activity`` (a tie keeps
+  PostgreSQL's, the colour that now serves). A session PostgreSQL has ended stays ended.
+* **ended** in live (in base, not in live): ended in PostgreSQL — a token ended anywhere stays
+  ended.
+
+Columns live did not change are never touched: changes made only in PostgreSQL stay.
+``catchup`` applies the same rules with set-based SQL and proves the outcome equals these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from .transform import INT4_MAX, INT4_MIN
+
+Row = tuple[str, str | None, str | None, datetime, datetime, datetime, int]
+USER, METADATA, CREATED, EXPIRES, LAST, COUNT = 1, 2, 3, 4, 5, 6
+# Columns that are replaced by the side that changed them (conflict when both did).
+REPLACED = {"user_id": USER, "metadata": METADATA, "created_at": CREATED}
+# Instants that only move forward: the later value wins.
+LATER = {"expires_at": EXPIRES, "last_activity": LAST}
+
+# What a pass does to one session (``kind`` of an :class:`Outcome`).
+UNCHANGED = "unchanged"  # live == base: PostgreSQL's row untouched
+INSERTED = "inserted"  # created in live, absent from PostgreSQL
+CHANGED = "changed"  # live's changes applied on top of PostgreSQL's row
+ENDED = "ended"  # ended in live: deleted from PostgreSQL
+STAYS_ENDED = "stays_ended"  # changed or ended in live, but PostgreSQL had already ended it
+NOTHING = "nothing"  # in neither snapshot: PostgreSQL's business alone
+KINDS = (INSERTED, CHANGED, ENDED, STAYS_ENDED, UNCHANGED)
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A column both sides changed to different values, and which side won."""
+
+    column: str
+    winner: str  # "live" or "postgres"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What PostgreSQL must hold for one session after the pass (``row`` None: absent)."""
+
+    kind: str
+    row: Row | None
+    conflicts: tuple[Conflict, ...] = ()
+
+
+def saturated(value: int) -> int:
+    """``value`` held within PostgreSQL ``integer`` (the column saturates, never fails)."""
+    return max(INT4_MIN, min(INT4_MAX, value))
+
+
+def _changes_on_top(base: Row | None, live: Row, target: Row) -> tuple[Row, tuple[Conflict, ...]]:
+    """Live's changes since ``base`` applied to ``target`` (``base`` None: no common ancestor)."""
+    out: list[Any] = list(target)
+    conflicts: list[Conflict] = []
+    if base is None:
+        out[COUNT] = max(target[COUNT], live[COUNT])
+    else:
+        out[COUNT] = saturated(target[COUNT] + (live[COUNT] - base[COUNT]))
+    for i in LATER.values():
+        if base is None or live[i] != base[i]:
+            out[i] = max(target[i], live[i])
+    for name, i in REPLACED.items():
+        if base is not None and live[i] == base[i]:
+            continue  # live did not change it: PostgreSQL's value stays
+        if base is not None and target[i] == base[i]:
+            out[i] = live[i]  # only live changed it
+        elif target[i] != live[i]:
+            # Both changed it, differently: the side seen more recently wins.
+            live_wins = live[LAST] > target[LAST]
+            out[i] = live[i] if live_wins else target[i]
+            conflicts.append(Conflict(name, "live" if live_wins else "postgres"))
+    return tuple(out), tuple(conflicts)  # type: ignore[return-value]
+
+
+def merge(base: Row | None, live: Row | None, target: Row | None) -> Outcome:
+    """What PostgreSQL must hold for a session: see the module docstring."""
+    if live is None and base is None:
+        return Outcome(NOTHING, target)
+    if live is None:
+        return Outcome(ENDED if target is not None else STAYS_ENDED, None)
+    if base is not None and live == base:
+        return Outcome(UNCHANGED, target)
+    if target is None:
+        # Created in live: PostgreSQL has never had it. Changed in live: PostgreSQL ended it.
+        return Outcome(INSERTED, live) if base is None else Outcome(STAYS_ENDED, None)
+    row, conflicts = _changes_on_top(base, live, target)
+    return Outcome(CHANGED, row, conflicts)

@@ -1,0 +1,617 @@
+"""Catch-up passes against real servers: what the old colour wrote to SQLite arrives in
+PostgreSQL exactly once, composed with what the new colour did meanwhile, or nothing at all."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import ROOT, TEST_ENV, rows_of
+
+from sessionmig import catchup, steps
+from sessionmig.catchup import BaseNotCurrent, catchup_step, catchup_tables
+from sessionmig.errors import LockHeld, ParameterError
+from sessionmig.mask import mask_id
+from sessionmig.snapshot import snapshot
+from sessionmig.source import sha256_file
+from sessionmig.store import LegacySQLiteSessionManager, SessionManager
+
+START = datetime(2026, 1, 15, 3, tzinfo=UTC)  # TEST_ENV's as_of: every session active
+H = timedelta(hours=1)
+ZONE = "Asia/Seoul"
+
+
+class Clock:
+    """A clock the test moves by hand (both stores read it inside their transactions)."""
+
+    def __init__(self, now: datetime = START) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def legacy(live: Path, clock=None) -> LegacySQLiteSessionManager:
+    """The old colour's store on the live file."""
+    if clock is None:
+        return LegacySQLiteSessionManager(live, ttl_hours=24, zone=ZONE)
+    return LegacySQLiteSessionManager(live, ttl_hours=24, zone=ZONE, clock=clock)
+
+
+@dataclass
+class Migrated:
+    """A live store, its first snapshot migrated into this test's database, a state_dir."""
+
+    live: Path
+    snap0: Path
+    settings: steps.Settings
+    state: Path
+    dsn: str
+    ids: list[str]
+    clock: Clock
+
+    def run(self, **overrides) -> catchup.CatchupResult:
+        s = self.settings if not overrides else steps.settings(
+            **{**TEST_ENV, "sqlite_path": self.settings.sqlite_path, **overrides}
+        )  # fmt: skip
+        return catchup_step(s, str(self.live), str(self.state))
+
+    def pg(self) -> dict[str, tuple]:
+        return pg_rows(self.dsn)
+
+
+def pg_rows(dsn: str) -> dict[str, tuple]:
+    return {
+        r[0]: r
+        for r in rows_of(
+            dsn,
+            "SELECT session_id, user_id, metadata::text, created_at, expires_at, last_activity, "
+            "request_count FROM sessions",
+        )
+    }
+
+
+def catchup_runs(dsn: str) -> list[tuple]:
+    return rows_of(
+        dsn,
+        "SELECT run_id, source_sha256, parameters FROM session_migration_runs "
+        "WHERE step = 'catchup' ORDER BY (parameters->>'catchup_pass')::int",
+    )
+
+
+async def _create(manager, n: int, prefix: str = "user") -> list[str]:
+    made = []
+    for i in range(n):
+        sid, _ = await manager.create_session(f"{prefix}-{i}", {"i": i, "region": "서울"})
+        made.append(sid)
+    return made
+
+
+@pytest.fixture
+def migrated(tmp_path: Path, target, dsn: str) -> Migrated:
+    """40 sessions on the live store, snapshotted and migrated; the store stays live."""
+    live = tmp_path / "app" / "sessions.db"
+    live.parent.mkdir()
+    clock = Clock()
+
+    async def setup() -> list[str]:
+        store = legacy(live, clock)
+        made = await _create(store, 40)
+        for sid in made[:10]:
+            assert await store.validate_session(sid)
+        await store.close()
+        return made
+
+    ids = asyncio.run(setup())
+    snap0 = tmp_path / "snapshots" / "snap0.db"
+    taken = snapshot(live, snap0)
+    assert taken.sessions == 40
+    settings = target(snap0)
+    assert steps.migrate(settings, progress=False).verdict == "PASS"
+    return Migrated(live, snap0, settings, tmp_path / "state", dsn, ids, clock)
+
+
+def test_a_pass_carries_creations_changes_and_logouts_composed_with_postgres(
+    migrated: Migrated,
+) -> None:
+    m = migrated
+    a, b, c, d = m.ids[:4]
+    before = m.pg()
+
+    async def both_colours() -> tuple[str, str]:
+        m.clock.now = START + H
+        old = legacy(m.live, m.clock)
+        created, _ = await old.create_session("user-new", {"new": True})
+        for _ in range(3):
+            assert await old.validate_session(a)
+        assert await old.extend_session(b, 24)
+        assert await old.delete_session(c)
+        await old.close()
+        m.clock.now = START + 2 * H
+        new = SessionManager(m.dsn, clock=m.clock)
+        for _ in range(2):
+            assert await new.validate_session(a)
+        assert await new.delete_session(d)
+        pg_only, _ = await new.create_session("user-pg", None)
+        await new.close()
+        return created, pg_only
+
+    created, pg_only = asyncio.run(both_colours())
+    result = m.run()
+    assert (result.verdict, result.committed, result.pass_number) == ("PASS", True, 1)
+    assert result.counts == {
+        "inserted": 1,
+        "changed": 2,
+        "ended": 1,
+        "stays_ended": 0,
+        "conflicts": 0,
+        "unchanged": 37,  # the 40 migrated, less a, b (changed) and c (ended)
+        "rejected": 0,
+    }
+    after = m.pg()
+    assert after[a][6] == before[a][6] + 3 + 2  # both colours' validations
+    assert after[a][5] == START + 2 * H  # the later last_activity
+    assert after[b][4] == before[b][4] + 24 * H  # the old colour's extension
+    assert c not in after and d not in after  # ended on either colour: ended
+    assert after[created][1:3] == ("user-new", '{"new": true}') and after[created][6] == 0
+    assert pg_only in after  # the new colour's own session: untouched
+    untouched = set(before) - {a, b, c, d}
+    assert all(after[sid] == before[sid] for sid in untouched)
+    # The audit row chains the pass to the migrated snapshot; the snapshot is kept privately.
+    (run_id, live_sha, params), = catchup_runs(m.dsn)  # fmt: skip
+    kept = Path(result.live_snapshot)
+    assert run_id == result.run_id and live_sha == result.live_sha256 == sha256_file(kept)
+    assert params["base_sha256"] == sha256_file(m.snap0) == result.base_sha256
+    assert params["catchup_pass"] == 1 and params["live_sha256"] == live_sha
+    assert kept.parent == m.state and kept.name == f"{live_sha}.db"
+    assert (m.state.stat().st_mode & 0o777, kept.stat().st_mode & 0o777) == (0o700, 0o600)
+    tables = catchup_tables(result)
+    assert tables["counts"].loc["inserted", "count"] == 1
+    assert tables["snapshots"].loc["live snapshot (next pass's base)", "sha256"] == live_sha
+
+    # The same command again: its base is the last pass's snapshot; nothing new to carry.
+    again = m.run()
+    assert again.verdict == "PASS" and again.pass_number == 2
+    assert again.base_sha256 == live_sha and again.base_path == str(kept)
+    assert again.counts["inserted"] + again.counts["changed"] + again.counts["ended"] == 0
+    assert m.pg() == after
+
+    # One more validation on the old colour: carried once, not the earlier ones again.
+    async def one_more() -> None:
+        old = legacy(m.live, m.clock)
+        assert await old.validate_session(a)
+        await old.close()
+
+    asyncio.run(one_more())
+    third = m.run()
+    assert third.counts["changed"] == 1 and m.pg()[a][6] == after[a][6] + 1
+    assert [r[2]["catchup_pass"] for r in catchup_runs(m.dsn)] == [1, 2, 3]
+    # Only the head and its base are kept: older snapshots hold tokens nobody needs.
+    assert sorted(p.name for p in m.state.iterdir()) == sorted(
+        {Path(third.live_snapshot).name, Path(third.base_path).name}
+    )
+
+
+def test_conflicts_are_won_by_the_newer_last_activity_and_named(migrated: Migrated) -> None:
+    m = migrated
+    e, f = m.ids[20], m.ids[21]
+    local = (START + 5 * H).astimezone(__import__("zoneinfo").ZoneInfo(ZONE))
+    with sqlite3.connect(m.live) as old:  # the old colour changes user_id (a re-login)
+        old.execute(
+            "UPDATE sessions SET user_id = 'old-colour', last_activity = ? WHERE session_id = ?",
+            (local.replace(tzinfo=None).isoformat(" "), e),
+        )
+        old.execute("UPDATE sessions SET user_id = 'old-colour' WHERE session_id = ?", (f,))
+    with psycopg.connect(m.dsn) as new:
+        new.execute(
+            "UPDATE sessions SET user_id = 'new-colour', last_activity = %s "
+            "WHERE session_id = ANY(%s)",
+            (START + 3 * H, [e, f]),
+        )
+    result = m.run()
+    assert result.verdict == "PASS_WITH_WARNINGS" and result.conflicts == 2
+    after = m.pg()
+    assert after[e][1] == "old-colour" and after[e][5] == START + 5 * H  # live was newer
+    assert after[f][1] == "new-colour" and after[f][5] == START + 3 * H  # PostgreSQL was newer
+    named = {(c.session, c.column, c.winner) for c in result.conflict_details}
+    assert named == {(mask_id(e), "user_id", "live"), (mask_id(f), "user_id", "postgres")}
+    assert "2 sessions changed on both colours" in result.reason
+
+
+def test_a_live_row_the_rules_refuse_is_left_alone_and_named(migrated: Migrated) -> None:
+    m = migrated
+    g = m.ids[30]
+    before = m.pg()
+    with sqlite3.connect(m.live) as old:
+        old.execute("UPDATE sessions SET metadata = '{broken' WHERE session_id = ?", (g,))
+    result = m.run()
+    assert result.verdict == "PASS_WITH_WARNINGS" and result.rejected == 1
+    assert result.rejected_examples == (mask_id(g),)
+    assert m.pg() == before  # neither changed nor taken for a logout
+
+
+def test_the_app_waits_only_on_the_rows_a_pass_changes(
+    migrated: Migrated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a pass holds its transaction open, the new colour validates a session the pass
+    does not touch at once, and one it changes right after the commit — both counted."""
+    m = migrated
+    touched, untouched = m.ids[0], m.ids[39]
+
+    async def on_old() -> None:
+        old = legacy(m.live, m.clock)
+        assert await old.validate_session(touched)
+        await old.close()
+
+    asyncio.run(on_old())
+    before = m.pg()
+
+    def validate(sid: str, out: dict) -> None:
+        async def go() -> None:
+            new = SessionManager(m.dsn, clock=m.clock)
+            out["ok"] = await new.validate_session(sid)
+            out["at"] = time.perf_counter()
+            await new.close()
+
+        asyncio.run(go())
+
+    seen: dict = {}
+    prove = catchup._prove
+
+    def prove_while_the_app_works(conn, schema, kinds, done):
+        free: dict = {}
+        blocked: dict = {}
+        validate(untouched, free)  # returns: that row is not locked
+        waiter = threading.Thread(target=validate, args=(touched, blocked))
+        waiter.start()
+        waiter.join(0.5)
+        seen.update(free=free, blocked_done_early="ok" in blocked, waiter=waiter, blocked=blocked)
+        seen["committing_at"] = time.perf_counter()
+        return prove(conn, schema, kinds, done)
+
+    monkeypatch.setattr(catchup, "_prove", prove_while_the_app_works)
+    result = m.run()
+    seen["waiter"].join(10)
+    assert result.verdict == "PASS" and result.changed == 1
+    assert seen["free"]["ok"] and not seen["blocked_done_early"]
+    assert seen["blocked"]["ok"] and seen["blocked"]["at"] > seen["committing_at"]
+    after = m.pg()
+    assert after[untouched][6] == before[untouched][6] + 1
+    assert after[touched][6] == before[touched][6] + 1 + 1  # the old colour's, then the new's
+
+
+@pytest.mark.slow
+def test_a_pass_composes_with_concurrent_validations(
+    migrated: Migrated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new colour validates the very sessions a pass changes, all the while — between the
+    pass's snapshot and its row locks, against those locks, and after: every request is
+    counted once."""
+    m = migrated
+
+    async def old_colour() -> None:
+        old = legacy(m.live, m.clock)
+        more = await _create(old, 400, "bulk")
+        for sid in m.ids + more:
+            assert await old.validate_session(sid)
+        await old.close()
+
+    asyncio.run(old_colour())
+    with sqlite3.connect(m.live) as conn:
+        live_counts = dict(conn.execute("SELECT session_id, request_count FROM sessions"))
+    before = m.pg()
+    done = threading.Event()
+    counted: dict[str, int] = {}
+    progress = {"started": 0, "finished": 0, "ok": 0}
+
+    async def new_colour() -> None:
+        new = SessionManager(m.dsn, clock=m.clock)
+        sids = list(live_counts)
+
+        async def client(k: int) -> None:
+            i = k
+            deadline = time.monotonic() + 60
+            while not done.is_set() and time.monotonic() < deadline:
+                sid = sids[i % len(sids)]
+                i += 7
+                progress["started"] += 1
+                if await new.validate_session(sid):
+                    counted[sid] = counted.get(sid, 0) + 1
+                    progress["ok"] += 1
+                progress["finished"] += 1
+                await asyncio.sleep(0)
+
+        await asyncio.gather(*(client(k) for k in range(8)))
+        await new.close()
+
+    phases: dict[str, int] = {}
+    lock, prove = catchup._lock_targets, catchup._prove
+
+    def lock_after_the_app_moved(conn, schema):
+        # Validations land between the pass's snapshot and its locks: the pass must build on
+        # them (they are in "PostgreSQL before"), never overwrite them.
+        seen = progress["ok"]
+        deadline = time.monotonic() + 10
+        while progress["ok"] < seen + 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        phases["before_lock"] = progress["ok"] - seen
+        return lock(conn, schema)
+
+    def prove_while_the_app_waits(conn, schema, kinds, done_ids):
+        time.sleep(0.3)  # the app's validations of the changed sessions queue on our locks
+        phases["waiting_on_locks"] = progress["started"] - progress["finished"]
+        phases["ok_at_commit"] = progress["ok"]
+        return prove(conn, schema, kinds, done_ids)
+
+    monkeypatch.setattr(catchup, "_lock_targets", lock_after_the_app_moved)
+    monkeypatch.setattr(catchup, "_prove", prove_while_the_app_waits)
+    app = threading.Thread(target=lambda: asyncio.run(new_colour()))
+    app.start()
+    result = m.run()
+    deadline = time.monotonic() + 10
+    while progress["ok"] < phases["ok_at_commit"] + 20 and time.monotonic() < deadline:
+        time.sleep(0.01)  # and validations after the commit, on the carried rows too
+    done.set()
+    app.join(30)
+    assert result.verdict == "PASS" and result.inserted == 400 and result.changed == 40
+    assert phases["before_lock"] >= 20 and phases["waiting_on_locks"] > 0
+    assert progress["ok"] >= phases["ok_at_commit"] + 20
+    after = m.pg()
+    for sid in live_counts:
+        # The count in live (the migrated snapshot's + the old colour's since) + every
+        # validation the new colour made, before, during or after the pass.
+        expected = live_counts[sid] + counted.get(sid, 0)
+        assert after[sid][6] == expected, (mask_id(sid), after[sid][6], expected)
+    assert set(after) == set(before) | set(live_counts)
+
+
+def test_a_pass_on_a_base_already_carried_is_refused(migrated: Migrated) -> None:
+    m = migrated
+
+    async def on_old() -> None:
+        old = legacy(m.live, m.clock)
+        assert await old.validate_session(m.ids[5])
+        await old.close()
+
+    asyncio.run(on_old())
+    first = m.run()
+    assert first.changed == 1
+    after_first = m.pg()
+    with pytest.raises(BaseNotCurrent, match="pass 1 already carried"):
+        catchup.catchup(
+            m.settings.dsn(),
+            sqlite_path=m.snap0,
+            live_sqlite_path=m.live,
+            state_dir=m.state,
+            rules=m.settings.rules,
+            run_id="again",
+            source_timezone=ZONE,
+            base_path=m.snap0,  # the migrated snapshot, already carried by pass 1
+        )
+    assert m.pg() == after_first and len(catchup_runs(m.dsn)) == 1
+    # The files kept are still the chain's: the refused pass left no snapshot behind.
+    assert [p.name for p in m.state.iterdir()] == [Path(first.live_snapshot).name]
+
+
+def test_the_first_base_must_be_the_migrated_snapshot(migrated: Migrated, tmp_path) -> None:
+    m = migrated
+    other = tmp_path / "snapshots" / "later.db"
+    snapshot(m.live, other)
+    with sqlite3.connect(other) as changed:  # not byte-identical to what migrate loaded
+        changed.execute("UPDATE sessions SET request_count = request_count + 1")
+    with pytest.raises(BaseNotCurrent, match="is not the backup the latest migrate run"):
+        m.run(sqlite_path=str(other))
+    assert catchup_runs(m.dsn) == []
+
+
+def test_a_pass_killed_before_its_commit_changes_nothing_and_the_rerun_applies_once(
+    migrated: Migrated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = migrated
+    a = m.ids[7]
+
+    async def on_old() -> None:
+        old = legacy(m.live, m.clock)
+        for _ in range(4):
+            assert await old.validate_session(a)
+        assert await old.delete_session(m.ids[8])
+        await old.close()
+
+    asyncio.run(on_old())
+    before = m.pg()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-way")
+
+    record = catchup._record_pass
+    monkeypatch.setattr(catchup, "_record_pass", killed)
+    with pytest.raises(KeyboardInterrupt):
+        m.run()
+    assert m.pg() == before and catchup_runs(m.dsn) == []
+    assert list(m.state.iterdir()) == []  # the uncommitted snapshot is no base: removed
+    monkeypatch.setattr(catchup, "_record_pass", record)
+    result = m.run()
+    assert (result.changed, result.ended, result.pass_number) == (1, 1, 1)
+    assert m.pg()[a][6] == before[a][6] + 4 and m.ids[8] not in m.pg()
+
+
+@pytest.mark.slow
+def test_a_pass_whose_process_is_killed_commits_nothing(migrated: Migrated) -> None:
+    """SIGKILL inside the transaction, just before the commit: the server rolls back, the
+    advisory lock goes with the connection, and the same command then applies once."""
+    m = migrated
+    a = m.ids[9]
+
+    async def on_old() -> None:
+        old = legacy(m.live, m.clock)
+        for _ in range(3):
+            assert await old.validate_session(a)
+        await old.close()
+
+    asyncio.run(on_old())
+    before = m.pg()
+    driver = (
+        "import json, os, signal, sys\n"
+        "from sessionmig import catchup, steps\n"
+        "catchup._record_pass = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "s = steps.settings(**json.loads(sys.argv[1]))\n"
+        "catchup.catchup_step(s, sys.argv[2], sys.argv[3])\n"
+    )
+    params = {**TEST_ENV, "sqlite_path": m.settings.sqlite_path}
+    proc = subprocess.run(
+        [sys.executable, "-c", driver, json.dumps(params), str(m.live), str(m.state)],
+        cwd=ROOT,
+        env={**os.environ, "SMTEST_DSN": m.dsn},
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert m.pg() == before and catchup_runs(m.dsn) == []
+    deadline = time.monotonic() + 10
+    while True:  # the server notices the dead connection (and frees its lock) promptly
+        try:
+            result = m.run()
+            break
+        except LockHeld:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    assert result.changed == 1 and result.pass_number == 1
+    assert m.pg()[a][6] == before[a][6] + 3
+
+
+def test_the_proof_rolls_back_writes_that_differ_from_the_rules(
+    migrated: Migrated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = migrated
+    a, untouched = m.ids[11], m.ids[12]
+
+    async def on_old() -> None:
+        old = legacy(m.live, m.clock)
+        assert await old.validate_session(a)
+        await old.close()
+
+    asyncio.run(on_old())
+    before = m.pg()
+    apply = catchup._apply_statements
+
+    def wrong_count(conn, schema):
+        done = apply(conn, schema)
+        conn.execute(
+            "UPDATE sessions SET request_count = request_count + 1 WHERE session_id = %s", (a,)
+        )
+        return done
+
+    monkeypatch.setattr(catchup, "_apply_statements", wrong_count)
+    result = m.run()
+    assert result.verdict == "FAIL" and not result.committed
+    assert any(mask_id(a) in p and "request_count" in p for p in result.mismatches)
+    assert a not in " ".join(result.mismatches)  # ids only masked
+    assert m.pg() == before and catchup_runs(m.dsn) == []
+
+    def stray_write(conn, schema):
+        done = apply(conn, schema)
+        conn.execute(
+            "UPDATE sessions SET last_activity = last_activity WHERE session_id = %s",
+            (untouched,),
+        )
+        return done
+
+    monkeypatch.setattr(catchup, "_apply_statements", stray_write)
+    result = m.run()  # caught by PostgreSQL's count of the rows this transaction wrote
+    assert result.verdict == "FAIL"
+    assert any("something else was written" in p for p in result.mismatches)
+    assert m.pg() == before and catchup_runs(m.dsn) == []
+    monkeypatch.setattr(catchup, "_COUNTS_TRUSTED", False)
+    result = m.run()  # and, without those counts, by the rows that carry its xmin
+    assert result.verdict == "FAIL"
+    assert "1 sessions outside the pass's set were written by it" in result.mismatches
+    assert m.pg() == before and catchup_runs(m.dsn) == []
+    monkeypatch.setattr(catchup, "_apply_statements", apply)
+    assert m.run().verdict == "PASS" and m.pg()[a][6] == before[a][6] + 1
+
+
+def test_a_dry_run_reports_the_pass_and_commits_nothing(migrated: Migrated) -> None:
+    m = migrated
+
+    async def on_old() -> None:
+        old = legacy(m.live, m.clock)
+        assert await old.delete_session(m.ids[13])
+        await old.close()
+
+    asyncio.run(on_old())
+    before = m.pg()
+    result = m.run(dry_run=True)
+    assert result.ended == 1 and not result.committed and result.reason.startswith("dry run")
+    assert m.pg() == before and catchup_runs(m.dsn) == [] and list(m.state.iterdir()) == []
+
+
+def test_state_dir_must_be_private_and_outside_reports(migrated: Migrated, tmp_path) -> None:
+    m = migrated
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    os.chmod(shared, 0o755)
+    with pytest.raises(ParameterError, match="chmod 700"):
+        catchup_step(m.settings, str(m.live), str(shared))
+    report = tmp_path / "reports" / "run"
+    report.mkdir(parents=True)
+    (report / "manifest.json").write_text("{}")
+    with pytest.raises(ParameterError, match="report folder"):
+        catchup_step(m.settings, str(m.live), str(report / "state"))
+    with pytest.raises(ParameterError, match="live_sqlite_path is sqlite_path"):
+        catchup_step(m.settings, m.settings.sqlite_path, str(m.state))
+    with pytest.raises(ParameterError, match="lock_timeout"):
+        catchup_step(m.settings, str(m.live), str(m.state), lock_timeout="5; DROP")
+
+
+@pytest.mark.slow
+def test_the_catchup_notebook_reports_the_pass(
+    migrated: Migrated, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``07_catchup`` run alone by papermill: counts, sha256s, hashed ids and the verdict."""
+    import papermill
+
+    m = migrated
+    monkeypatch.setenv("SESSIONMIG_ID_SALT", "notebook-test-salt")
+    ended = m.ids[14]
+
+    async def on_old() -> str:
+        old = legacy(m.live, m.clock)
+        assert await old.delete_session(ended)
+        created, _ = await old.create_session("user-nb", None)
+        await old.close()
+        return created
+
+    created = asyncio.run(on_old())
+    out = tmp_path / "07_catchup.ipynb"
+    papermill.execute_notebook(
+        str(ROOT / "notebooks" / "07_catchup.ipynb"),
+        str(out),
+        parameters={
+            **TEST_ENV,
+            "sqlite_path": str(m.snap0),
+            "live_sqlite_path": str(m.live),
+            "state_dir": str(m.state),
+        },
+        kernel_name="python3",
+        progress_bar=False,
+        cwd=str(ROOT),
+    )
+    text = out.read_text()
+    (_, live_sha, _), = catchup_runs(m.dsn)  # fmt: skip
+    assert "PASS" in text and live_sha in text and sha256_file(m.snap0) in text
+    assert mask_id(ended, "notebook-test-salt") in text
+    assert mask_id(created, "notebook-test-salt") in text
+    assert not any(sid in text for sid in (*m.ids, created))  # tokens only hashed
+    assert created in m.pg() and ended not in m.pg()
