@@ -248,3 +248,21 @@ def test_case18_only_the_selected_steps_are_checked(
     )
     with pytest.raises(steps.P.ParameterError, match="unknown step"):
         steps.preflight(s, ["migrat"])
+
+
+def test_a_catchup_pass_needs_delete_on_sessions(
+    dsn, role, target, as_the_role, clean_backup
+) -> None:
+    """A catch-up pass ends sessions in PostgreSQL, so preflight asks for DELETE too."""
+    steps.migrate(target(clean_backup), progress=False)
+    database = database_of(dsn)
+    admin(
+        dsn,
+        grant("GRANT TEMPORARY ON DATABASE {} TO {}", database, role),
+        grant("GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {}", role),
+    )
+    result = steps.preflight(as_the_role(clean_backup), ["catchup"])
+    assert not result.go
+    assert grant("GRANT DELETE ON TABLE {}.{} TO {};", "public", "sessions", role) in result.grants
+    sessions = next(c for c in result.checks if c.name == "table public.sessions")
+    assert "DELETE: catchup" in sessions.detail
