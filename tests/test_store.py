@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 from conftest import TEST_PASSWORD, dsn_with_password, rows_of
 
 from sessionmig import schema
 from sessionmig.errors import StoreUnavailable
+from sessionmig.schema import SessionRecord
 from sessionmig.store import LegacySQLiteSessionManager, SessionManager, get_session_manager
 
 START = datetime(2026, 1, 15, 3, 0, tzinfo=UTC)
@@ -230,3 +233,171 @@ def test_get_session_manager_follows_the_environment(tmp_path: Path) -> None:
         get_session_manager({})
     with pytest.raises(StoreUnavailable, match="use postgres or sqlite"):
         get_session_manager({"SESSION_DB_TYPE": "redis"})
+
+
+# --- the PostgreSQL store's fast path keeps every guarantee ----------------------------------
+
+
+def test_postgres_rows_have_exactly_the_models_columns(dsn) -> None:
+    """The statements are compiled from the model: get_session answers with its columns."""
+    schema.upgrade(dsn)
+    manager = SessionManager(dsn, clock=Clock())
+
+    async def scenario():
+        sid, _ = await manager.create_session("u", {"k": 1})
+        row = await manager.get_session(sid)
+        await manager.close()
+        return row
+
+    row = run(scenario())
+    assert list(row) == [c.name for c in SessionRecord.__table__.columns]
+
+
+def test_postgres_metadata_none_is_stored_as_the_model_stores_it(dsn) -> None:
+    """``metadata=None`` goes through the model's own jsonb conversion (a JSON null), as it
+    did when SQLAlchemy ran the statement itself."""
+    schema.upgrade(dsn)
+    manager = SessionManager(dsn, clock=Clock())
+    sid, _ = run(manager.create_session("u"))
+    run(manager.close())
+    assert rows_of(
+        dsn, "SELECT jsonb_typeof(metadata) FROM sessions WHERE session_id = %s", (sid,)
+    ) == [("null",)]
+
+
+STORE_BACKENDS = (
+    "FROM pg_stat_activity "
+    "WHERE datname = current_database() AND application_name = 'sessionmig-store'"
+)
+
+
+def _terminate_store_backends(dsn: str) -> int:
+    """Terminate every connection of the store to this test's database; how many there were."""
+    return len(rows_of(dsn, f"SELECT pg_terminate_backend(pid) {STORE_BACKENDS}"))
+
+
+def _store_backends_left(dsn: str) -> int:
+    """The store's connections still open, once those closed have had time to go (bounded)."""
+    for _ in range(100):
+        [(left,)] = rows_of(dsn, f"SELECT count(*) {STORE_BACKENDS}")
+        if left == 0:
+            break
+        time.sleep(0.1)
+    return left
+
+
+def test_lost_connections_are_retried_and_count_once(dsn) -> None:
+    """The server drops every pooled connection (a restart, a failover): the next calls
+    still answer, each validation counted exactly once."""
+    schema.upgrade(dsn)
+    manager = SessionManager(dsn, pool_size=3, retries=5)
+
+    async def scenario():
+        sid, _ = await manager.create_session("u")
+        assert await manager.validate_session(sid)
+        dropped = await asyncio.to_thread(_terminate_store_backends, dsn)
+        answers = [await manager.validate_session(sid) for _ in range(4)]
+        row = await manager.get_session(sid)
+        await manager.close()
+        return dropped, answers, row
+
+    dropped, answers, row = run(scenario())
+    assert dropped >= 1
+    assert answers == [True] * 4 and row["request_count"] == 5
+
+
+def test_a_data_error_is_raised_at_once_never_retried(dsn) -> None:
+    """jsonb cannot hold \\u0000: the server refuses the value; that is no connection loss."""
+    schema.upgrade(dsn)
+    manager = SessionManager(dsn, retries=3)
+    retried: list[bool] = []
+    original = manager._after_connection_lost
+
+    async def counting() -> None:
+        retried.append(True)
+        await original()
+
+    manager._after_connection_lost = counting  # type: ignore[method-assign]
+
+    async def scenario():
+        try:
+            await manager.create_session("u", {"bad": "nul \x00 inside"})
+        finally:
+            await manager.close()
+
+    with pytest.raises(psycopg.errors.UntranslatableCharacter):
+        run(scenario())
+    assert retried == []
+    assert rows_of(dsn, "SELECT count(*) FROM sessions") == [(0,)]
+
+
+def test_a_statement_past_its_timeout_is_store_unavailable(dsn) -> None:
+    """Another transaction holds the session's row lock: validate waits, the server cancels it
+    at statement_timeout, and the app gets StoreUnavailable (not retried, the row untouched)."""
+    schema.upgrade(dsn)
+    manager = SessionManager(dsn, statement_timeout_ms=300)
+    sid, _ = run(manager.create_session("u"))
+    with psycopg.connect(dsn) as locker:
+        locker.execute("SELECT 1 FROM sessions WHERE session_id = %s FOR UPDATE", (sid,))
+        with pytest.raises(StoreUnavailable, match="did not answer within 300 ms"):
+            run(manager.validate_session(sid))
+    assert run(manager.get_session(sid))["request_count"] == 0
+    run(manager.close())
+
+
+def test_a_pool_with_no_free_connection_is_store_unavailable(dsn) -> None:
+    """Every pool connection is busy past pool_timeout_s: StoreUnavailable, never a hang."""
+    schema.upgrade(dsn)
+    manager = SessionManager(dsn, pool_size=1, pool_timeout_s=0.3)
+
+    async def scenario():
+        sid, _ = await manager.create_session("u")
+        async with manager.connection():
+            with pytest.raises(StoreUnavailable, match="no connection of the session store"):
+                await manager.validate_session(sid)
+        ok = await manager.validate_session(sid)  # free again: served
+        await manager.close()
+        return ok
+
+    assert run(scenario()) is True
+
+
+def test_one_manager_serves_successive_event_loops(dsn) -> None:
+    """Each asyncio.run is a new loop; the manager opens a pool there and lets the old go."""
+    schema.upgrade(dsn)
+    manager = SessionManager(dsn, pool_size=2)
+    sid, _ = run(manager.create_session("u"))
+    assert [run(manager.validate_session(sid)) for _ in range(3)] == [True] * 3
+    assert run(manager.get_session(sid))["request_count"] == 3
+    run(manager.close())
+    run(manager.close())  # twice is fine
+    # Nothing of the earlier loops' pools is left connected.
+    assert _store_backends_left(dsn) == 0
+
+
+def test_a_schema_other_than_public(dsn) -> None:
+    """The compiled statements name the manager's schema (appcheck passes one)."""
+    schema.upgrade(dsn)  # public.sessions, which must stay empty
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute('CREATE SCHEMA "app ""sessions"""')
+        conn.execute(
+            'CREATE TABLE "app ""sessions""".sessions (LIKE public.sessions INCLUDING ALL)'
+        )
+    manager = SessionManager(dsn, schema='app "sessions"', clock=Clock())
+
+    async def scenario():
+        sid, _ = await manager.create_session("u")
+        found = await manager.active_among([sid, "session-nope"], START)
+        await manager.close()
+        return sid, found
+
+    sid, found = run(scenario())
+    assert found == {sid}
+    assert rows_of(dsn, 'SELECT count(*) FROM "app ""sessions""".sessions') == [(1,)]
+    assert rows_of(dsn, "SELECT count(*) FROM public.sessions") == [(0,)]
+
+
+def test_get_session_manager_reads_the_pool_size() -> None:
+    pg = get_session_manager({"DATABASE_URL": "postgresql://u@h/db", "SESSION_POOL_SIZE": "7"})
+    assert isinstance(pg, SessionManager) and pg.pool_size == 7
+    run(pg.close())

@@ -22,7 +22,6 @@ import psycopg
 import pytest
 from conftest import rows_of
 from psycopg import sql
-from sqlalchemy import text
 
 from sessionmig import embedded, schema
 from sessionmig.store import LegacySQLiteSessionManager, SessionManager
@@ -237,8 +236,10 @@ def test_case16_last_activity_never_moves_backwards(store: Store) -> None:
     assert run(manager.get_session(sid))["last_activity"] == START + timedelta(hours=3)
 
 
-def _db_now(conn: Any) -> Any:
-    return conn.execute(text("SELECT clock_timestamp()"))
+async def _db_now(conn: psycopg.AsyncConnection[Any]) -> datetime:
+    """The database's clock, read on ``conn`` (a connection of the store's own pool)."""
+    cur = await conn.execute("SELECT clock_timestamp()")
+    return (await cur.fetchone())[0]  # type: ignore[index]
 
 
 def test_case16_pg_validate_waiting_for_the_pool_rejects_a_session_that_expired_meanwhile(
@@ -247,17 +248,16 @@ def test_case16_pg_validate_waiting_for_the_pool_rejects_a_session_that_expired_
     """The only pool connection is held; validate queues for it; the session expires (by the
     database's clock) while it waits; once it runs, the session is refused and deleted."""
     schema.upgrade(dsn)
-    manager = SessionManager(dsn, ttl_hours=2 / 3600, pool_size=1)  # the database's clock
+    # The database's clock; a pool wait long enough for the session to expire meanwhile.
+    manager = SessionManager(dsn, ttl_hours=2 / 3600, pool_size=1, pool_timeout_s=60)
 
     async def scenario() -> tuple[bool, bool, Any]:
         sid, expires = await manager.create_session("u")
-        async with manager.engine.connect() as held:
+        async with manager.connection() as held:
             waiting = asyncio.create_task(manager.validate_session(sid))
             await asyncio.sleep(0.2)
             queued = not waiting.done()
-            while not (
-                await held.execute(text("SELECT clock_timestamp() > :e"), {"e": expires})
-            ).scalar_one():
+            while not await _db_now(held) > expires:
                 await asyncio.sleep(0.05)
         valid = await asyncio.wait_for(waiting, 20)
         row = await manager.get_session(sid)
@@ -273,14 +273,14 @@ def test_case16_pg_validate_waiting_for_the_pool_stamps_the_time_it_ran(dsn: str
     """last_activity is the database's time when the statement ran, not when the call began
     queueing: never earlier than a database time read just before the connection is freed."""
     schema.upgrade(dsn)
-    manager = SessionManager(dsn, pool_size=1)
+    manager = SessionManager(dsn, pool_size=1, pool_timeout_s=60)
 
     async def scenario() -> tuple[Any, Any, bool]:
         sid, _ = await manager.create_session("u")
-        async with manager.engine.connect() as held:
+        async with manager.connection() as held:
             waiting = asyncio.create_task(manager.validate_session(sid))
             await asyncio.sleep(0.5)
-            released_at = (await held.execute(text("SELECT clock_timestamp()"))).scalar_one()
+            released_at = await _db_now(held)
         valid = await asyncio.wait_for(waiting, 20)
         await manager.close()
         return sid, released_at, valid

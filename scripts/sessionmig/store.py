@@ -4,9 +4,11 @@ SQLite one behind the same interface (the rollback target), chosen by ``get_sess
 Semantics (the digest's seven methods, all instants timezone-aware UTC): a session is *active*
 while ``expires_at > now``; at ``expires_at`` it has expired. ``validate_session`` is one atomic
 statement — an expired session is deleted, an active one has ``last_activity`` bumped and
-``request_count`` incremented — so concurrent validations each count. Transient connection
-errors are retried a bounded number of times; a database that stays down raises
-:class:`~sessionmig.errors.StoreUnavailable` after the connect timeout, never hangs.
+``request_count`` incremented — so concurrent validations each count. A lost connection (and a
+serialization failure or deadlock, which the server rolled back) is retried a bounded number of
+times; nothing else is — a data error is raised at once. A database that stays down, a pool
+that frees no connection in time, or a statement past its timeout raises
+:class:`~sessionmig.errors.StoreUnavailable`, never hangs.
 
 ``now`` is the database's clock, read inside the statement itself (``statement_timestamp()``),
 so a call that queued for a pool connection is judged at the moment it reaches the server, and
@@ -15,49 +17,75 @@ stops at 2³¹−1 (the column's ``integer``) instead of failing. A session id c
 so anything at all may arrive: a value that cannot be a stored session id (not text, a NUL,
 a lone surrogate, longer than any stored id can be, or not representable in the database's
 encoding) is simply not a session — False or None — and never an exception.
+
+The hot path (``benchmarks/STORE.md`` has the profile and the figures): every statement is
+built once from the SQLAlchemy model (:class:`~sessionmig.schema.SessionRecord`, still the one
+definition of the table) and compiled to SQL text when a manager is made; each call then only
+binds its values and runs that text on a connection of a fixed-size psycopg
+``AsyncConnectionPool`` in autocommit — one round trip, a server-side prepared statement, the
+answer through ``RETURNING`` — with no ORM, no per-call compilation, no greenlet bridge and no
+BEGIN/COMMIT/pre-ping round trips.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import re
 import sqlite3
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
+import psycopg
+from psycopg.rows import RowFactory, dict_row, tuple_row
+from psycopg.types.numeric import Int8
+from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
     DateTime,
     Integer,
-    and_,
+    any_,
+    bindparam,
     delete,
     func,
     insert,
-    literal,
+    literal_column,
     select,
     text,
     update,
 )
-from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+from sqlalchemy.sql import ClauseElement
 
 from .errors import StoreUnavailable
-from .params import redact, sqlalchemy_url
+from .params import redact
 from .schema import SessionRecord
 
 T = TypeVar("T")
 Clock = Callable[[], datetime]
 SESSIONS = SessionRecord.__table__
-# Retried: the connection broke or could not be made, or the server asked us to retry
-# (serialization failure, deadlock). Anything else is a bug or bad input and is raised at once.
-RETRY_SQLSTATES = {"40001", "40P01", "57P01", "08000", "08003", "08006", "08001", "08004"}
+# Retried: the connection broke or could not be made (no SQLSTATE: the client saw the socket
+# fail), class 08 (connection exception), or the server ended the session (shutdown, crash,
+# still starting) — the statement never ran or, if only its answer was lost, at worst ran once
+# more; and a serialization failure or deadlock, which the server rolled back and asks to be
+# retried (neither can really happen to these one-row autocommit statements). Anything else —
+# a data error, a constraint — is raised at once.
+CONNECTION_LOST_SQLSTATES = {"57P01", "57P02", "57P03"}
+ROLLED_BACK_SQLSTATES = {"40001", "40P01"}
+# statement_timeout fired: the database is too slow right now. Retrying would only add load.
+STATEMENT_TIMEOUT_SQLSTATE = "57014"
 # The server could not turn the id into its own encoding (a database that is not UTF8): such an
 # id cannot be stored there, so it names no session.
 UNREPRESENTABLE_SQLSTATES = {"22P05", "22021"}
@@ -70,6 +98,16 @@ MAX_REQUEST_COUNT = 2**31 - 1
 MAX_SESSION_ID_BYTES = 1 << 20
 MAX_SESSION_ID_CHARS: int | None = getattr(SESSIONS.c.session_id.type, "length", None)
 TIMESTAMPTZ = DateTime(timezone=True)
+# Pool size, per app process. Most of the store's calls are one-row writes whose time is the
+# WAL flush at commit, not CPU, and commits waiting on one flush share it (group commit): a pool
+# must hold about offered rate × commit latency connections (Little's law) to ride out a slow
+# flush, and not so many that CPU-bound work queues inside the server. Measured with client and
+# server on 2 cores, 8 beat 2 and 4 (slower to drain a flush stall) and matched 16; 20 + 10
+# behind SQLAlchemy was the slowest. How to size it: benchmarks/STORE.md.
+DEFAULT_POOL_SIZE = 8
+# SQLAlchemy compiles the model's statements for psycopg: %(name)s placeholders, each cast to
+# its column's type (so a prepared statement's parameter types never depend on the values).
+_DIALECT = PGDialect_psycopg()
 
 
 def utc_now() -> datetime:
@@ -118,29 +156,220 @@ def usable_session_id(value: object) -> str | None:
     return plain if len(encoded) <= MAX_SESSION_ID_BYTES else None
 
 
-def exact_interval(span: timedelta) -> ColumnElement[Any]:
-    """``span`` as an SQL interval of microseconds only. psycopg sends a timedelta as
-    ``N days …``, and ``timestamptz + '1 day'`` is a calendar day in the session's TimeZone
+def micros(span: timedelta) -> Int8:
+    """``span`` in whole microseconds, bound as ``bigint`` whatever its size (an int's own
+    type would vary with its value, and with it the prepared statement psycopg picks)."""
+    return Int8((span.days * 86_400 + span.seconds) * 1_000_000 + span.microseconds)
+
+
+def exact_interval(name: str) -> ColumnElement[Any]:
+    """The bigint parameter ``name`` (microseconds, see :func:`micros`) as an SQL interval of
+    microseconds only. ``timestamptz + '1 day'`` is a calendar day in the session's TimeZone
     (23 or 25 hours across a DST change); a TTL is an exact duration."""
-    micros = (span.days * 86_400 + span.seconds) * 1_000_000 + span.microseconds
-    return literal(micros, BigInteger) * text("interval '1 microsecond'")
+    return bindparam(name, type_=BigInteger()) * text("interval '1 microsecond'")
 
 
-def _unrepresentable(exc: DBAPIError) -> bool:
-    return getattr(exc.orig, "sqlstate", None) in UNREPRESENTABLE_SQLSTATES
+@dataclass(frozen=True)
+class Statement:
+    """One statement of the store, compiled once from the model."""
+
+    sql: str
+    # The model's own conversion of a Python value for a parameter (the jsonb column's, for
+    # one), applied per call exactly as SQLAlchemy would apply it.
+    processors: tuple[tuple[str, Callable[[Any], Any]], ...] = ()
+    row_factory: RowFactory[Any] = tuple_row
+
+    def bind(self, params: dict[str, Any]) -> dict[str, Any]:
+        for name, process in self.processors:
+            params[name] = process(params[name])
+        return params
 
 
-def _transient(exc: BaseException) -> bool:
-    if isinstance(exc, OperationalError | DBAPIError) and getattr(
-        exc, "connection_invalidated", False
-    ):
-        return True
-    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
-    return sqlstate in RETRY_SQLSTATES or (isinstance(exc, OperationalError) and sqlstate is None)
+def _compile(
+    statement: ClauseElement, schema: str, row_factory: RowFactory[Any] = tuple_row
+) -> Statement:
+    compiled = statement.compile(
+        dialect=_DIALECT,
+        # The schema is written into the text, quoted as needed, once.
+        schema_translate_map={None: schema},
+        render_schema_translate=True,
+    )
+    processors = []
+    for name, param in compiled.binds.items():
+        # Every value is a named parameter given per call; a constant must be SQL text, so that
+        # no value is ever silently left at a default.
+        if param.value is not None or param.callable is not None:
+            raise AssertionError(f"{name}: a constant must be written as SQL, not bound")
+        process = param.type.dialect_impl(_DIALECT).bind_processor(_DIALECT)
+        if process is not None:
+            processors.append((name, process))
+    return Statement(str(compiled), tuple(processors), row_factory)
+
+
+@dataclass(frozen=True)
+class Statements:
+    """Every statement the manager runs, for one schema and one kind of clock."""
+
+    create: Statement
+    validate: Statement
+    get: Statement
+    delete: Statement
+    extend: Statement
+    cleanup: Statement
+    count: Statement
+    active_among: Statement
+
+
+@lru_cache(maxsize=16)
+def statements(schema: str, database_clock: bool) -> Statements:
+    """The store's statements, built from the model and compiled to SQL text (cached, so a
+    manager costs nothing to make after the first of its kind).
+
+    ``database_clock``: ``now`` is ``statement_timestamp()`` — one value for the whole statement,
+    taken when it reaches the server, so the expired and the active branch of validate see the
+    same instant, and a call that queued for a connection is judged when it runs. Otherwise
+    ``now`` is the parameter ``now`` (an injected clock, read once a connection is held).
+    """
+    s = SESSIONS
+    now: ColumnElement[datetime] = (
+        func.statement_timestamp(type_=TIMESTAMPTZ)
+        if database_clock
+        else bindparam("now", type_=TIMESTAMPTZ)
+    )
+    sid = bindparam("session_id", type_=s.c.session_id.type)
+
+    create = (
+        insert(s)
+        .values(
+            session_id=sid,
+            user_id=bindparam("user_id", type_=s.c.user_id.type),
+            metadata=bindparam("metadata", type_=s.c.metadata.type),
+            created_at=now,
+            expires_at=now + exact_interval("ttl_us"),
+            last_activity=now,
+            request_count=literal_column("0", Integer),
+        )
+        # The stored instant comes back with the insert: no second query.
+        .returning(s.c.session_id, s.c.expires_at)
+    )
+
+    expired = (
+        delete(s)
+        .where(s.c.session_id == sid, s.c.expires_at <= now)
+        .returning(s.c.session_id)
+        .cte("expired")
+    )
+    bumped = (
+        update(s)
+        .where(s.c.session_id == sid, s.c.expires_at > now)
+        .values(
+            # A validation that waited on the row lock behind a later one must not move
+            # last_activity back.
+            last_activity=func.greatest(s.c.last_activity, now),
+            # least() first, so the + 1 itself can never overflow the integer.
+            request_count=func.least(
+                s.c.request_count, literal_column(str(MAX_REQUEST_COUNT - 1), Integer)
+            )
+            + literal_column("1", Integer),
+        )
+        .returning(s.c.session_id)
+        .cte("bumped")
+    )
+    # One statement: the delete-if-expired and the bump cannot interleave with anything.
+    validate = select(
+        select(func.count()).select_from(bumped).scalar_subquery(),
+        select(func.count()).select_from(expired).scalar_subquery(),
+    )
+
+    return Statements(
+        create=_compile(create, schema),
+        validate=_compile(validate, schema),
+        get=_compile(select(s).where(s.c.session_id == sid), schema, dict_row),
+        delete=_compile(delete(s).where(s.c.session_id == sid), schema),
+        extend=_compile(
+            update(s)
+            .where(s.c.session_id == sid, s.c.expires_at > now)
+            .values(expires_at=s.c.expires_at + exact_interval("extra_us")),
+            schema,
+        ),
+        cleanup=_compile(delete(s).where(s.c.expires_at <= now), schema),
+        count=_compile(select(func.count()).select_from(s).where(s.c.expires_at > now), schema),
+        active_among=_compile(
+            select(s.c.session_id).where(
+                # One array parameter, so one statement text whatever the number of ids.
+                s.c.session_id == any_(bindparam("ids", type_=ARRAY(s.c.session_id.type))),
+                s.c.expires_at > bindparam("at", type_=TIMESTAMPTZ),
+            ),
+            schema,
+        ),
+    )
+
+
+def libpq_url(url: str) -> str:
+    """A URL libpq accepts: SQLAlchemy's ``postgresql+psycopg://`` spelling without the driver."""
+    return re.sub(r"^postgres(?:ql)?(?:\+\w+)?://", "postgresql://", url)
+
+
+def _connection_lost(exc: psycopg.Error) -> bool:
+    state = exc.sqlstate
+    if state is None:
+        # No SQLSTATE: the client itself saw the connection fail (refused, reset, closed).
+        return isinstance(exc, psycopg.OperationalError)
+    return state.startswith("08") or state in CONNECTION_LOST_SQLSTATES
+
+
+@dataclass
+class _LoopPool:
+    """The pool of one event loop. psycopg's pool runs tasks on the loop it was opened on, and
+    each ``asyncio.run`` is a new loop, so a manager keeps one pool per loop it is used from."""
+
+    loop: asyncio.AbstractEventLoop
+    opening: asyncio.Task[AsyncConnectionPool[Any]] | None = None
+    pool: AsyncConnectionPool[Any] | None = None
+    # Every connection the pool made, so those of a loop that is gone can still be closed.
+    connections: weakref.WeakSet[psycopg.AsyncConnection[Any]] = field(
+        default_factory=weakref.WeakSet
+    )
+    checking: asyncio.Task[None] | None = None
+    guard: asyncio.Task[None] | None = None
+
+    def finish(self) -> None:
+        """Close, without the loop, every connection of this pool still open."""
+        for conn in list(self.connections):
+            if not conn.closed:
+                conn.pgconn.finish()
+
+
+Reader = Callable[[psycopg.AsyncCursor[Any]], Awaitable[T]]
+
+
+async def _first_value(cur: psycopg.AsyncCursor[Any]) -> Any:
+    row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
+async def _one_row(cur: psycopg.AsyncCursor[Any]) -> Any:
+    return await cur.fetchone()
+
+
+async def _one_row_changed(cur: psycopg.AsyncCursor[Any]) -> bool:
+    return cur.rowcount == 1
+
+
+async def _rows_changed(cur: psycopg.AsyncCursor[Any]) -> int:
+    return cur.rowcount
 
 
 class SessionManager:
-    """Sessions in PostgreSQL through a pooled async SQLAlchemy engine (psycopg 3)."""
+    """Sessions in PostgreSQL: the model's statements, compiled once, run on a fixed-size
+    psycopg ``AsyncConnectionPool`` (autocommit: each statement is its own transaction).
+
+    Timeouts: ``connect_timeout_s`` for making a connection; ``statement_timeout_ms`` for each
+    statement on the server; ``pool_timeout_s`` for waiting for a free pool connection (when
+    every one is busy: the app is over what the pool and the database serve). ``pool_size``:
+    see :data:`DEFAULT_POOL_SIZE`. ``prepare``: server-side prepared statements (turn off only
+    behind a connection pooler in transaction mode that cannot keep them).
+    """
 
     def __init__(
         self,
@@ -148,210 +377,299 @@ class SessionManager:
         *,
         ttl_hours: float = 24,
         schema: str = "public",
-        pool_size: int = 20,
+        pool_size: int = DEFAULT_POOL_SIZE,
         connect_timeout_s: int = 5,
         statement_timeout_ms: int = 5000,
+        pool_timeout_s: float = 5.0,
         retries: int = 3,
+        prepare: bool = True,
         clock: Clock | None = None,
     ) -> None:
+        if pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
         self.ttl = timedelta(hours=ttl_hours)
+        self.schema = schema
+        self.pool_size = pool_size
+        self.connect_timeout_s = connect_timeout_s
+        self.statement_timeout_ms = statement_timeout_ms
+        self.pool_timeout_s = pool_timeout_s
         self.retries = retries
+        self.prepare = prepare
         # None (production): the database's clock. A clock given here (tests, a replayed
-        # instant) is read inside the transaction too, once a connection is held.
+        # instant) is read once a connection is held, just before the statement is sent.
         self.clock = clock
-        self.engine: AsyncEngine = create_async_engine(
-            sqlalchemy_url(url),
-            pool_size=pool_size,
-            max_overflow=pool_size // 2,
-            pool_timeout=30,
-            pool_pre_ping=True,
-            connect_args={
-                "connect_timeout": connect_timeout_s,
-                # TimeZone=UTC: the instants handed back are UTC whatever the server's default.
-                "options": f"-c statement_timeout={statement_timeout_ms} -c TimeZone=UTC",
-                "application_name": "sessionmig-store",
-                # Python text is Unicode: send it as UTF-8 whatever the database's encoding, so
-                # a value that database cannot hold is refused by the server with a SQLSTATE
-                # (22P05) instead of a UnicodeEncodeError raised inside the driver.
-                "client_encoding": "UTF8",
-            },
-            execution_options={"schema_translate_map": {None: schema}},
+        self.sql = statements(schema, clock is None)
+        self._ttl_us = micros(self.ttl)
+        self._url = libpq_url(url)
+        self._connect_kwargs: dict[str, Any] = {
+            # One statement per call, each its own transaction: no BEGIN/COMMIT round trips.
+            "autocommit": True,
+            "connect_timeout": connect_timeout_s,
+            # TimeZone=UTC: the instants handed back are UTC whatever the server's default.
+            "options": f"-c statement_timeout={int(statement_timeout_ms)} -c TimeZone=UTC",
+            "application_name": "sessionmig-store",
+            # Python text is Unicode: send it as UTF-8 whatever the database's encoding, so
+            # a value that database cannot hold is refused by the server with a SQLSTATE
+            # (22P05) instead of a UnicodeEncodeError raised inside the driver.
+            "client_encoding": "UTF8",
+        }
+        if not prepare:
+            # Behind a pooler that cannot keep them: no prepared statement at all, not even
+            # psycopg's automatic ones. Otherwise the store's own are prepared on first use.
+            self._connect_kwargs["prepare_threshold"] = None
+        self._pools: dict[asyncio.AbstractEventLoop, _LoopPool] = {}
+        self._current: _LoopPool | None = None
+
+    # --- the pool -----------------------------------------------------------------------------
+
+    async def _open(self, lp: _LoopPool) -> AsyncConnectionPool[Any]:
+        # One connection first, in this task: a database that is down or refuses us fails the
+        # call now, with the server's own reason, instead of after the pool's wait.
+        probe = await psycopg.AsyncConnection.connect(self._url, **self._connect_kwargs)
+        await probe.close()
+
+        async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+            lp.connections.add(conn)
+
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            self._url,
+            kwargs=self._connect_kwargs,
+            # Fixed size: connections are made once and kept; the size is the concurrency the
+            # database is given, and anything over it waits in the pool, not in the server.
+            min_size=self.pool_size,
+            max_size=self.pool_size,
+            timeout=self.pool_timeout_s,
+            configure=configure,
+            name="sessionmig-store",
+            open=False,
+        )
+        try:
+            # Every connection made before the first call is served: no request queues behind
+            # the pool's own connecting, and none is left half made when a short loop ends.
+            await pool.open(wait=True, timeout=2.0 * self.connect_timeout_s)
+        except PoolTimeout:
+            # Reachable a moment ago, yet not all connections could be made (max_connections?).
+            lp.finish()
+            raise psycopg.OperationalError(
+                f"the pool could not make its {self.pool_size} connections within "
+                f"{2 * self.connect_timeout_s} s"
+            ) from None
+        lp.pool = pool
+        lp.guard = asyncio.get_running_loop().create_task(self._close_with_loop(lp))
+        return pool
+
+    @staticmethod
+    async def _close_with_loop(lp: _LoopPool) -> None:
+        """Wait for the end of the loop (``asyncio.run`` cancels every task then) and close the
+        pool with it, so an app or test that never calls ``close()`` neither leaves the pool's
+        tasks behind (one cancelled while connecting can keep the loop from ending) nor its
+        connections open."""
+        try:
+            await asyncio.get_running_loop().create_future()
+        finally:
+            if lp.pool is not None:
+                with contextlib.suppress(BaseException):  # its tasks are being cancelled too
+                    await lp.pool.close(timeout=1.0)
+            lp.finish()
+
+    def _ready_pool(self) -> AsyncConnectionPool[Any] | None:
+        """The open pool of the running loop, if there is one (the hot path: no await)."""
+        lp = self._current
+        if lp is not None and lp.pool is not None and lp.loop is asyncio.get_running_loop():
+            return lp.pool
+        return None
+
+    async def _pool(self) -> AsyncConnectionPool[Any]:
+        loop = asyncio.get_running_loop()
+        lp = self._pools.get(loop)
+        if lp is None or lp.opening is None or (lp.opening.done() and lp.pool is None):
+            # First use from this loop, or the last opening failed: open (again). Pools of
+            # loops that are closed (an earlier asyncio.run) are let go here.
+            self._let_go_of_closed_loops()
+            lp = self._pools[loop] = _LoopPool(loop)
+            lp.opening = loop.create_task(self._open(lp))
+        self._current = lp
+        # Many callers may wait for one opening; none of them may cancel it for the others.
+        return await asyncio.shield(lp.opening)
+
+    def _let_go_of_closed_loops(self) -> None:
+        for loop, lp in list(self._pools.items()):
+            if loop.is_closed():
+                # Closed without its tasks cancelled first (not by asyncio.run): only the
+                # sockets are left to close.
+                lp.finish()
+                del self._pools[loop]
+
+    async def _after_connection_lost(self) -> None:
+        """A connection was lost: the database may have restarted and taken every connection
+        with it. Check the idle ones once (one check at a time) so a retry gets a live one."""
+        lp = self._current
+        if lp is None or lp.pool is None:
+            return
+        if lp.checking is None or lp.checking.done():
+            lp.checking = asyncio.get_running_loop().create_task(lp.pool.check())
+        with contextlib.suppress(Exception):  # the retry itself will tell
+            await asyncio.wait_for(asyncio.shield(lp.checking), self.connect_timeout_s)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection of the store's pool (autocommit, UTC, the store's timeouts), for a
+        statement of the app's own; it goes back to the pool afterwards."""
+        pool = self._ready_pool() or await self._pool()
+        try:
+            conn = await pool.getconn()
+        except PoolTimeout:
+            raise self._pool_exhausted() from None
+        try:
+            yield conn
+        finally:
+            await pool.putconn(conn)
+
+    def _pool_exhausted(self) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"no connection of the session store's pool ({self.pool_size}) was free within "
+            f"{self.pool_timeout_s:g} s: the database is too slow or unreachable, or the pool "
+            "is too small for the app's load"
         )
 
-    async def _run(self, work: Callable[[Any], Awaitable[T]]) -> T:
-        """Run ``work(connection)`` in one transaction, retrying transient failures."""
+    # --- running a statement ------------------------------------------------------------------
+
+    async def _run(
+        self, statement: Statement, params: Callable[[], dict[str, Any]], read: Reader[T]
+    ) -> T:
+        """Run ``statement`` with ``params()`` (made again for each attempt) and ``read`` its
+        answer; retry a lost connection, turn every way of being unavailable into
+        :class:`StoreUnavailable`."""
         for attempt in range(self.retries + 1):
             try:
-                async with self.engine.begin() as conn:
-                    return await work(conn)
-            except (OperationalError, DBAPIError) as exc:
-                if not _transient(exc):
+                pool = self._ready_pool() or await self._pool()
+                conn = await pool.getconn()
+                try:
+                    values = statement.bind(params())
+                    if self.clock is not None:
+                        # Read only now that a connection is held: queueing never makes it stale.
+                        values["now"] = self.clock()
+                    cur = conn.cursor(row_factory=statement.row_factory)
+                    await cur.execute(statement.sql, values, prepare=self.prepare)
+                    return await read(cur)
+                finally:
+                    await pool.putconn(conn)
+            except PoolTimeout:
+                # Waiting longer, or again, would only lengthen the queue behind a slow database.
+                raise self._pool_exhausted() from None
+            except psycopg.Error as exc:
+                if exc.sqlstate == STATEMENT_TIMEOUT_SQLSTATE:
+                    raise StoreUnavailable(
+                        "the session database did not answer within "
+                        f"{self.statement_timeout_ms} ms (statement_timeout)"
+                    ) from None
+                lost = _connection_lost(exc) or isinstance(exc, PoolClosed)
+                if not (lost or exc.sqlstate in ROLLED_BACK_SQLSTATES):
                     raise
                 if attempt == self.retries:
                     raise StoreUnavailable(
                         f"the session database is unavailable after {attempt + 1} attempts: "
-                        f"{redact(str(exc.orig or exc)).strip()}"
+                        f"{redact(str(exc)).strip()}"
                     ) from None
+                if lost:
+                    await self._after_connection_lost()
                 await asyncio.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable")
 
-    def _now(self) -> ColumnElement[datetime]:
-        """The instant a statement runs at. Call it inside ``work``: only then is a pool
-        connection held, so queueing for one never makes the time stale."""
-        if self.clock is None:
-            # One value for the whole statement, taken when it reaches the server; stable,
-            # so the expired and the active branch of validate see the same instant.
-            return func.statement_timestamp(type_=TIMESTAMPTZ)
-        return literal(self.clock(), TIMESTAMPTZ)
-
-    async def _by_id(self, work: Callable[[Any], Awaitable[T]], absent: T) -> T:
+    async def _by_id(
+        self, statement: Statement, params: dict[str, Any], read: Reader[T], absent: T
+    ) -> T:
         """``_run`` for a call keyed by a session id that the server may not represent."""
         try:
-            return await self._run(work)
-        except DBAPIError as exc:
-            if _unrepresentable(exc):
+            return await self._run(statement, lambda: dict(params), read)
+        except psycopg.Error as exc:
+            if exc.sqlstate in UNREPRESENTABLE_SQLSTATES:
                 return absent
             raise
+
+    # --- the seven methods --------------------------------------------------------------------
 
     async def create_session(
         self, user_id: str | None = None, metadata: Any = None
     ) -> tuple[str, datetime]:
-        session_id = new_session_id()
-
-        async def work(conn: Any) -> datetime:
-            now = self._now()
-            statement = (
-                insert(SESSIONS)
-                .values(
-                    session_id=session_id,
-                    user_id=user_id,
-                    metadata=metadata,
-                    created_at=now,
-                    expires_at=now + exact_interval(self.ttl),
-                    last_activity=now,
-                    request_count=0,
-                )
-                .returning(SESSIONS.c.expires_at)
-            )
-            return (await conn.execute(statement)).scalar_one()
-
-        return session_id, await self._run(work)
+        # A new id per attempt: if a lost connection had in fact committed the first insert,
+        # the retry neither collides with it nor hands out an id another session holds.
+        row = await self._run(
+            self.sql.create,
+            lambda: {
+                "session_id": new_session_id(),
+                "user_id": user_id,
+                "metadata": metadata,
+                "ttl_us": self._ttl_us,
+            },
+            _one_row,
+        )
+        return row[0], row[1]
 
     async def validate_session(self, session_id: object) -> bool:
         sid = usable_session_id(session_id)
         if sid is None:
             return False
-
-        async def work(conn: Any) -> bool:
-            now = self._now()
-            expired = (
-                delete(SESSIONS)
-                .where(SESSIONS.c.session_id == sid, SESSIONS.c.expires_at <= now)
-                .returning(SESSIONS.c.session_id)
-                .cte("expired")
-            )
-            bumped = (
-                update(SESSIONS)
-                .where(SESSIONS.c.session_id == sid, SESSIONS.c.expires_at > now)
-                .values(
-                    # A validation that waited on the row lock behind a later one must not
-                    # move last_activity back.
-                    last_activity=func.greatest(SESSIONS.c.last_activity, now),
-                    # least() first, so the + 1 itself can never overflow the integer.
-                    request_count=func.least(
-                        SESSIONS.c.request_count, literal(MAX_REQUEST_COUNT - 1, Integer)
-                    )
-                    + 1,
-                )
-                .returning(SESSIONS.c.session_id)
-                .cte("bumped")
-            )
-            # One statement: the delete-if-expired and the bump cannot interleave with anything.
-            statement = select(
-                select(func.count()).select_from(bumped).scalar_subquery(),
-                select(func.count()).select_from(expired).scalar_subquery(),
-            )
-            valid, _ = (await conn.execute(statement)).one()
-            return valid == 1
-
-        return await self._by_id(work, False)
+        valid = await self._by_id(self.sql.validate, {"session_id": sid}, _first_value, 0)
+        return valid == 1
 
     async def get_session(self, session_id: object) -> dict[str, Any] | None:
         sid = usable_session_id(session_id)
         if sid is None:
             return None
-
-        async def work(conn: Any) -> dict[str, Any] | None:
-            row = (
-                (await conn.execute(select(SESSIONS).where(SESSIONS.c.session_id == sid)))
-                .mappings()
-                .first()
-            )
-            return dict(row) if row else None
-
-        return await self._by_id(work, None)
+        return await self._by_id(self.sql.get, {"session_id": sid}, _one_row, None)
 
     async def delete_session(self, session_id: object) -> bool:
         sid = usable_session_id(session_id)
         if sid is None:
             return False
-
-        async def work(conn: Any) -> bool:
-            result = await conn.execute(delete(SESSIONS).where(SESSIONS.c.session_id == sid))
-            return result.rowcount == 1
-
-        return await self._by_id(work, False)
+        return await self._by_id(self.sql.delete, {"session_id": sid}, _one_row_changed, False)
 
     async def cleanup_expired_sessions(self) -> int:
-        async def work(conn: Any) -> int:
-            query = delete(SESSIONS).where(SESSIONS.c.expires_at <= self._now())
-            return (await conn.execute(query)).rowcount
-
-        return await self._run(work)
+        return await self._run(self.sql.cleanup, dict, _rows_changed)
 
     async def extend_session(self, session_id: object, hours: float = 24) -> bool:
         sid = usable_session_id(session_id)
         if sid is None:
             return False
-        extra = exact_interval(timedelta(hours=hours))
-
-        async def work(conn: Any) -> bool:
-            result = await conn.execute(
-                update(SESSIONS)
-                .where(SESSIONS.c.session_id == sid, SESSIONS.c.expires_at > self._now())
-                .values(expires_at=SESSIONS.c.expires_at + extra)
-            )
-            return result.rowcount == 1
-
-        return await self._by_id(work, False)
+        params = {"session_id": sid, "extra_us": micros(timedelta(hours=hours))}
+        return await self._by_id(self.sql.extend, params, _one_row_changed, False)
 
     async def get_active_session_count(self) -> int:
-        async def work(conn: Any) -> int:
-            query = (
-                select(func.count())
-                .select_from(SESSIONS)
-                .where(SESSIONS.c.expires_at > self._now())
-            )
-            return (await conn.execute(query)).scalar_one()
-
-        return await self._run(work)
+        return await self._run(self.sql.count, dict, _first_value)
 
     async def active_among(self, session_ids: Iterable[str], at: datetime) -> set[str]:
         """Which of ``session_ids`` ``validate_session`` would accept at ``at`` — read only:
         the same predicate, no counter touched (for the runbook's application check)."""
         # An id no store can hold is not active; leaving it out keeps the query from failing.
         ids = [sid for sid in map(usable_session_id, session_ids) if sid is not None]
+        if not ids:
+            return set()
 
-        async def work(conn: Any) -> set[str]:
-            query = select(SESSIONS.c.session_id).where(
-                and_(SESSIONS.c.session_id.in_(ids), SESSIONS.c.expires_at > at)
-            )
-            return {r[0] for r in await conn.execute(query)}
+        async def found(cur: psycopg.AsyncCursor[Any]) -> set[str]:
+            return {r[0] for r in await cur.fetchall()}
 
-        return await self._run(work) if ids else set()
+        return await self._run(self.sql.active_among, lambda: {"ids": ids, "at": at}, found)
 
     async def close(self) -> None:
-        await self.engine.dispose()
+        """Close the pool of the running loop (and what is left of pools of closed loops).
+        Safe to call twice; a manager used again afterwards opens a new pool."""
+        running = asyncio.get_running_loop()
+        pools, self._pools, self._current = self._pools, {}, None
+        for loop, lp in pools.items():
+            if loop is running:
+                if lp.opening is not None:
+                    with contextlib.suppress(Exception):  # an opening that failed left nothing
+                        await asyncio.shield(lp.opening)
+                if lp.pool is not None:
+                    await lp.pool.close()
+                if lp.guard is not None:
+                    lp.guard.cancel()  # nothing left for it to close
+            elif loop.is_closed():
+                lp.finish()
+            elif lp.pool is not None:
+                # A loop still running in another thread: ask it to close its own pool.
+                asyncio.run_coroutine_threadsafe(lp.pool.close(), loop)
 
 
 class LegacySQLiteSessionManager:
@@ -546,8 +864,9 @@ class LegacySQLiteSessionManager:
 
 def get_session_manager(environ: dict[str, str] | None = None) -> SessionStore:
     """The store the environment asks for: ``SESSION_DB_TYPE`` = ``postgres`` (default, with
-    ``DATABASE_URL``) or ``sqlite`` (the rollback switch, with ``SESSION_SQLITE_PATH`` and
-    ``SESSION_TIMEZONE``); ``SESSION_TTL_HOURS`` (default 24) for both."""
+    ``DATABASE_URL``, and ``SESSION_POOL_SIZE``, default :data:`DEFAULT_POOL_SIZE`) or
+    ``sqlite`` (the rollback switch, with ``SESSION_SQLITE_PATH`` and ``SESSION_TIMEZONE``);
+    ``SESSION_TTL_HOURS`` (default 24) for both."""
     env = os.environ if environ is None else environ
     kind = env.get("SESSION_DB_TYPE", "postgres").strip().lower()
     ttl = float(env.get("SESSION_TTL_HOURS", "24"))
@@ -555,7 +874,8 @@ def get_session_manager(environ: dict[str, str] | None = None) -> SessionStore:
         url = env.get("DATABASE_URL")
         if not url:
             raise StoreUnavailable("SESSION_DB_TYPE=postgres needs DATABASE_URL to be set")
-        return SessionManager(url, ttl_hours=ttl)
+        pool_size = int(env.get("SESSION_POOL_SIZE", str(DEFAULT_POOL_SIZE)))
+        return SessionManager(url, ttl_hours=ttl, pool_size=pool_size)
     if kind == "sqlite":
         path = env.get("SESSION_SQLITE_PATH", "backend/data/system/sessions/sessions.db")
         return LegacySQLiteSessionManager(
