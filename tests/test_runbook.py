@@ -74,6 +74,15 @@ def test_full_run_migrates_reports_and_keeps_secrets_out(tmp_path, small_backup,
     assert manifest["parameters"]["database_url_env"] == "SMTEST_TARGET_URL"
     assert manifest["git"]["commit"] and len(manifest["id_salt_sha256"]) == 64
     assert small_backup.read_bytes() == before
+    # The terminal: each step named as it starts and ends; a summary a ticket can take, with
+    # the sha256 the next runbook command needs; plain text (not a terminal here).
+    for step in ("preflight", "inspect", "migrate", "reconcile"):
+        assert f"sessionmig run: {step}: running" in result.stderr
+    assert "sessionmig run: migrate: PASS_WITH_WARNINGS in " in result.stderr
+    assert "(rows read 400, inserted 393, unchanged 0, rejected 7)" in result.stderr
+    assert "  rows read 400, inserted 393, unchanged 0, rejected 7" in result.stdout
+    assert f"  source sha256 {manifest['source']['sha256_before']}" in result.stdout
+    assert "\x1b[" not in result.stdout + result.stderr
     # The rows in PostgreSQL: every landable sample row, the 7 oddities as rejects.
     assert rows_of(dsn, "SELECT count(*) FROM sessions") == [(393,)]
     assert rows_of(

@@ -85,7 +85,37 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"sessionmig run: {outcome.message} (see {outcome.index})", file=sys.stderr)
     else:
         print(outcome.message)
+    # What an operator pastes into the ticket, and the sha256 the next runbook command needs.
+    for line in run_summary(outcome):
+        print(f"  {line}")
     return outcome.exit_code
+
+
+def run_summary(outcome: Any) -> list[str]:
+    """The run in a few lines: each step's verdict and time, the load's counts, the sha256."""
+    lines = [
+        " · ".join(
+            f"{r.name} {r.verdict or r.status.upper()} {r.duration_s:.1f} s" for r in outcome.steps
+        )
+    ]
+    migrate = next((r for r in outcome.steps if r.name == "migrate" and r.summary), None)
+    if migrate is not None:
+        counts = migrate.summary
+        lines.append(
+            ", ".join(
+                f"{label} {counts[key]:,}"
+                for key, label in (
+                    ("rows_read", "rows read"),
+                    ("inserted", "inserted"),
+                    ("unchanged", "unchanged"),
+                    ("rejected", "rejected"),
+                )
+                if isinstance(counts.get(key), int)
+            )
+        )
+    if outcome.source_sha256:
+        lines.append(f"source sha256 {outcome.source_sha256}")
+    return [line for line in lines if line]
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -86,6 +86,8 @@ class RunOutcome:
     run_dir: Path
     index: Path
     message: str
+    steps: tuple[StepRecord, ...] = ()
+    source_sha256: str | None = None
 
 
 def resolve_parameters(env: str, overrides: dict[str, Any], steps: list[str]) -> dict[str, Any]:
@@ -223,6 +225,35 @@ def _execute(km: KernelManager, record: StepRecord, **papermill_args: Any) -> Ba
             presses = 2
             _signal_kernel(km, signal.SIGKILL)
     return outcome.get("error")
+
+
+KEY_FIGURES = {
+    "source_rows": "source rows",
+    "rows_read": "rows read",
+    "migrated": "migrated",
+    "matched": "matched",
+    "inserted": "inserted",
+    "unchanged": "unchanged",
+    "rejected": "rejected",
+}
+"""The figures a step's one-line summary shows, when its result has them."""
+
+
+def announce(line: str) -> None:
+    """One plain line on stderr for the operator (no colour, no escape codes)."""
+    print(f"sessionmig run: {line}", file=sys.stderr, flush=True)
+
+
+def step_line(record: StepRecord) -> str:
+    """What one step concluded, with its key figures and time, on one line."""
+    figures = ", ".join(
+        f"{label} {record.summary[key]:,}"
+        for key, label in KEY_FIGURES.items()
+        if isinstance(record.summary.get(key), int)
+    )
+    verdict = record.verdict or record.status.upper()
+    tail = f" ({figures})" if figures else ""
+    return f"{record.name}: {verdict} in {record.duration_s:.1f} s{tail}"
 
 
 def execute_step(
@@ -546,7 +577,9 @@ def run(
                 target = prepare_target(merged, fresh)
                 with tempfile.TemporaryDirectory(prefix="sessionmig-results-") as results:
                     for record in records:
+                        announce(f"{record.name}: running {record.notebook}")
                         execute_step(record, run_dir, merged, Path(results), secrets)
+                        announce(step_line(record))
                         if record.interrupted:
                             interrupted = True
                             break
@@ -670,4 +703,11 @@ def _seal(
     if problem:
         exit_code = exit_code or EXIT_ERROR
         message += f"; {problem}"
-    return RunOutcome(exit_code, run_dir, index, P.redact(message))
+    return RunOutcome(
+        exit_code,
+        run_dir,
+        index,
+        P.redact(message),
+        tuple(records),
+        before[0].sha256 if before else after[0].sha256,
+    )
