@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,3 +135,18 @@ def sessionmig_tables(url: str, schema: str = "public") -> list[str]:
                 (schema,),
             )
         ]
+
+
+def sessionmig_process(
+    *args: str, extra_env: dict[str, str] | None = None, **kw
+) -> subprocess.CompletedProcess:
+    """``sessionmig ARGS`` as an operator runs it: its own process, from the checkout."""
+    return subprocess.run(
+        [sys.executable, "-m", "sessionmig.cli", *args],
+        cwd=kw.pop("cwd", ROOT),
+        env={**os.environ, **(extra_env or {})},
+        capture_output=True,
+        text=True,
+        timeout=kw.pop("timeout", 600),
+        **kw,
+    )

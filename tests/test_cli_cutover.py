@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import env_file, rows_of
+from conftest import env_file, rows_of, sessionmig_process
 
 from sessionmig.source import sha256_file
 from sessionmig.store import LegacySQLiteSessionManager
@@ -18,13 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def sessionmig(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sessionmig.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    return sessionmig_process(*args, extra_env=env, timeout=300)
 
 
 def test_snapshot_then_the_same_catchup_command_pass_after_pass(

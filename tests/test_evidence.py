@@ -25,7 +25,15 @@ from pathlib import Path
 import psycopg
 import pytest
 import yaml
-from conftest import ROOT, TEST_ENV, TEST_PASSWORD, dsn_with_password, env_file, rows_of
+from conftest import (
+    ROOT,
+    TEST_ENV,
+    TEST_PASSWORD,
+    dsn_with_password,
+    env_file,
+    rows_of,
+    sessionmig_process,
+)
 from psycopg import sql
 from sqlalchemy import create_engine, text
 
@@ -52,16 +60,7 @@ def with_password(url: str) -> str:
 
 
 def sessionmig(*args: str, target: str | None = None, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SMTEST_TARGET_URL": target or ""}
-    return subprocess.run(
-        [sys.executable, "-m", "sessionmig.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **kw,
-    )
+    return sessionmig_process(*args, extra_env={"SMTEST_TARGET_URL": target or ""}, **kw)
 
 
 def run_dir_of(stdout: str) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
-from conftest import ROOT, TEST_PASSWORD, dsn_with_password, env_file, rows_of
+from conftest import ROOT, TEST_PASSWORD, dsn_with_password, env_file, rows_of, sessionmig_process
 
 from sessionmig import embedded, sample
 from sessionmig.manifest import verify
@@ -37,15 +36,7 @@ def write_env(tmp_path: Path, backup: Path, **extra) -> Path:
 
 
 def sessionmig(*args: str, dsn: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SMTEST_TARGET_URL": dsn or ""}
-    return subprocess.run(
-        [sys.executable, "-m", "sessionmig.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return sessionmig_process(*args, extra_env={"SMTEST_TARGET_URL": dsn or ""})
 
 
 def run_dir_of(result: subprocess.CompletedProcess) -> Path:
