@@ -11,7 +11,7 @@ ROWS   ?= 50000
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,embedded,browser]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,embedded,browser,example]'
 	touch $(STAMP)
 
 install: $(STAMP)
