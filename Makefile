@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ROWS   ?= 50000
 
-.PHONY: install demo test test-fast typecheck notebooks browser lint bench clean constraints
+.PHONY: install demo demo-live test test-fast typecheck notebooks browser lint bench clean constraints
 
 # Exact versions from constraints.txt: an audited procedure installs the same thing every time.
 $(STAMP): pyproject.toml constraints.txt
@@ -20,6 +20,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/sessionmig sample --rows $(ROWS) --out .sessionmig/sample/sessions.db
 	$(BIN)/sessionmig run --env local --fresh
+
+## The live cutover end to end: blue (SQLite) and green (PostgreSQL) instances of the example app
+## serving real HTTP/WebSocket traffic while snapshot, migrate, reconcile and catch-up passes run.
+demo-live: $(STAMP)
+	$(BIN)/python examples/demo_live.py
 
 ## Lint, type-check, then every test (embedded server; plus SESSIONMIG_TEST_DSN's server when set).
 test: $(STAMP) browser
