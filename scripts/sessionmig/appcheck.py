@@ -4,6 +4,11 @@ sessions it would accept at ``as_of``, without changing any of them.
 Every source row that normalises is expected active in PostgreSQL exactly when its
 ``expires_at`` is after ``as_of``; the manager answers with the same predicate
 ``validate_session`` uses, read only, so no ``request_count`` or ``last_activity`` moves.
+
+In ``after_cutover`` mode (the re-check once the app serves from PostgreSQL) a session the app
+treats differently from the backup is *explained* when PostgreSQL's own row says why: the
+session is gone (logout, cleanup) or its ``expires_at`` moved later (extend); those are counted,
+not failed. Whether such a change itself is one the app can make is reconcile's question.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from psycopg import sql
+
+from .connect import connect
 from .keys import duplicate_rejects
 from .mask import mask_id
 from .source import Backup
@@ -34,6 +42,7 @@ class AppCheck:
     wrongly_rejected: int
     wrongly_accepted: int
     examples: list[str] = field(default_factory=list)
+    explained: int = 0  # after_cutover: ended or extended since the backup, per PostgreSQL
 
     @property
     def ok(self) -> bool:
@@ -62,9 +71,10 @@ async def _check(
     as_of: datetime,
     batch_rows: int,
     mask: Callable[[str | None], str],
+    mode: str = "strict",
 ) -> AppCheck:
     manager = SessionManager(dsn, schema=schema, pool_size=1)
-    checked = expected = accepted = rejected_wrongly = accepted_wrongly = 0
+    checked = expected = accepted = rejected_wrongly = accepted_wrongly = explained = 0
     examples: list[str] = []
     try:
         repeated = duplicate_rejects(backup, rules)  # later copies of a session_id never land
@@ -75,7 +85,20 @@ async def _check(
                 if not isinstance(r, Reject)
             ]
             active = await manager.active_among([r.session_id for r in rows], as_of)
+            by_app: set[str] = set()
+            if mode == "after_cutover":
+                differ = [r for r in rows if (r.expires_at > as_of) != (r.session_id in active)]
+                now_expires = _expires_now(dsn, schema, [r.session_id for r in differ])
+                for row in differ:
+                    # Gone: the app ended it. Later: the app extended it past as_of.
+                    gone = row.session_id not in now_expires
+                    if gone or now_expires[row.session_id] > max(row.expires_at, as_of):
+                        by_app.add(row.session_id)
+                explained += len(by_app)
             for row in rows:
+                if row.session_id in by_app:
+                    checked += 1
+                    continue
                 checked += 1
                 should = row.expires_at > as_of
                 does = row.session_id in active
@@ -94,7 +117,21 @@ async def _check(
                         )
     finally:
         await manager.close()
-    return AppCheck(checked, expected, accepted, rejected_wrongly, accepted_wrongly, examples)
+    return AppCheck(
+        checked, expected, accepted, rejected_wrongly, accepted_wrongly, examples, explained
+    )
+
+
+def _expires_now(dsn: str, schema: str, ids: list[str]) -> dict[str, datetime]:
+    """PostgreSQL's ``expires_at`` of those of ``ids`` it still holds (few: only the sessions
+    whose answer differs from the backup's)."""
+    if not ids:
+        return {}
+    query = sql.SQL("SELECT session_id, expires_at FROM {} WHERE session_id = ANY(%s)").format(
+        sql.Identifier(schema, "sessions")
+    )
+    with connect(dsn, "appcheck", read_only=True) as conn:
+        return dict(conn.execute(query, (ids,)).fetchall())
 
 
 def check_with_manager(
@@ -106,9 +143,10 @@ def check_with_manager(
     as_of: datetime,
     batch_rows: int = 10_000,
     mask: Callable[[str | None], str] = mask_id,
+    mode: str = "strict",
 ) -> AppCheck:
-    """Run the check (see the module docstring)."""
-    work = _check(dsn, backup, rules, schema, as_of, batch_rows, mask)
+    """Run the check (see the module docstring); ``mode`` as reconcile's."""
+    work = _check(dsn, backup, rules, schema, as_of, batch_rows, mask, mode)
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -13,6 +13,20 @@ and the partition source = migrated + rejected is proved. Distributions (per-day
 extremes) and the legacy active-session rule give second signals. The temporary table needs
 the TEMP privilege on the target database and disk for one copy of the sessions; it is
 dropped at the end.
+
+Two modes. ``strict`` (the default) is the proof right after migrate: any difference fails.
+``after_cutover`` is the re-check once the app serves from PostgreSQL and changes rows on every
+request: each difference between the backup's rows and the target is either one the
+application explains — a later ``last_activity``, a higher ``request_count``, a later
+``expires_at`` (validate, extend), a session absent (logout, cleanup, expiry), a session absent
+from the backup and created after it was taken — or one nothing explains, which fails: a
+``user_id``, ``metadata`` or ``created_at`` changed (no ``SessionManager`` method writes them
+after ``create_session``), a count that went down, an instant moved backwards, a session that
+was expired when the backup was taken and was validated or extended since (the app deletes or
+refuses those), a session absent from the backup but created before it was taken, a rejected
+row that now appears. The partition proof and every check of the rejects hold in both modes;
+in ``after_cutover`` a source row absent from PostgreSQL counts as ended, since a logout and a
+lost row look the same there — ``strict`` right after migrate is what proves none was lost.
 """
 
 from __future__ import annotations
@@ -28,8 +42,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from .connect import connect
 from .copyin import REFUSALS, stream_backup
-from .errors import TargetError
+from .errors import ParameterError, TargetError
 from .expected import ExpectedPath
 from .mask import mask_id
 from .source import Backup, in_background
@@ -52,6 +67,34 @@ KINDS: dict[str, str] = {
     "duplicate": "source rows that share a session_id without being recorded as duplicates",
 }
 """Every kind of count a reconciliation keeps; all but ``matched`` fail it."""
+
+STRICT, AFTER_CUTOVER = "strict", "after_cutover"
+MODES = (STRICT, AFTER_CUTOVER)
+EXPLAINED: dict[str, str] = {
+    "ended": "in the backup, not in PostgreSQL: ended by the app (logout, cleanup, expiry)",
+    "created_after_cutover": "in PostgreSQL, not in the backup, created after the backup was "
+    "taken (its created_at is later than every session the backup holds)",
+    "changed_by_app": "in both; every difference is one the app makes (the three below)",
+    "later_last_activity": "last_activity later than the backup's (validate_session)",
+    "higher_request_count": "request_count higher than the backup's (validate_session)",
+    "later_expires_at": "expires_at later than the backup's (extend_session)",
+}
+"""``after_cutover``: differences the application explains, counted (a changed row counts once
+in ``changed_by_app`` and once per column kind)."""
+UNEXPLAINED: dict[str, str] = {
+    "appeared": "in PostgreSQL, not in the backup, yet created before the backup was taken",
+    "user_id_changed": "user_id differs: no SessionManager method changes it after creation",
+    "metadata_changed": "metadata differs: no SessionManager method changes it after creation",
+    "created_at_changed": "created_at differs: it is written once, by create_session",
+    "request_count_decreased": "request_count lower than the backup's: the app only adds",
+    "last_activity_backwards": "last_activity earlier than the backup's: the app only moves "
+    "it forward",
+    "expires_at_backwards": "expires_at earlier than the backup's: extend_session pushes it later",
+    "revived": "expired when the backup was taken, yet validated or extended since: the app "
+    "deletes or refuses an expired session",
+}
+"""``after_cutover``: differences nothing explains; each fails it (with ``changed``: the rows
+that have one)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +123,12 @@ class ReconcileResult:
     verdict: str
     reason: str
     warnings: list[str] = field(default_factory=list)
+    mode: str = STRICT
+
+    @property
+    def explained(self) -> dict[str, int]:
+        """``after_cutover``: the counts of each kind of difference the application explains."""
+        return {k: self.counts.get(k, 0) for k in EXPLAINED} if self.mode == AFTER_CUTOVER else {}
 
     @property
     def partition_holds(self) -> bool:
@@ -480,6 +529,126 @@ def _compare(conn: psycopg.Connection, schema: str) -> dict[str, int]:
     return {"missing": missing, "extra": extra, "changed": changed, "matched": matched}
 
 
+_IN_TARGET = ("matched", "changed", "extra", "changed_by_app", "created_after_cutover", "appeared")
+_BOTH = "s.session_id IS NOT NULL AND t.session_id IS NOT NULL"
+# Per column, for a session in both: what nothing in the app explains. The cutoff is bound as
+# %(cutoff)s: before it the backup was taken (see _cutoff).
+_UNEXPLAINED_IN_BOTH = {
+    "user_id_changed": "s.user_id IS DISTINCT FROM t.user_id",
+    "metadata_changed": "s.metadata IS DISTINCT FROM t.metadata",
+    "created_at_changed": "s.created_at <> t.created_at",
+    "request_count_decreased": "t.request_count < s.request_count",
+    "last_activity_backwards": "t.last_activity < s.last_activity",
+    "expires_at_backwards": "t.expires_at < s.expires_at",
+    "revived": """s.expires_at <= %(cutoff)s AND (t.expires_at > s.expires_at
+                   OR t.last_activity > s.last_activity OR t.request_count > s.request_count)""",
+}
+_EXPLAINED_IN_BOTH = {
+    "later_last_activity": "t.last_activity > s.last_activity",
+    "higher_request_count": "t.request_count > s.request_count",
+    "later_expires_at": "t.expires_at > s.expires_at",
+}
+_AFTER_BACKUP = "coalesce(t.created_at > %(cutoff)s, false)"
+
+
+def _unexplained_row() -> str:
+    return "(" + " OR ".join(f"({c})" for c in _UNEXPLAINED_IN_BOTH.values()) + ")"
+
+
+def _cutoff(conn: psycopg.Connection, run_id: str | None, schema: str) -> datetime | None:
+    """When the backup was taken, at the latest as its own rows tell: its newest created_at (a
+    session created after the backup was taken is created after every session in it), capped
+    by the start of the migrate run that loaded it (a future-dated row cannot push it later)."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT least((SELECT max(created_at) FROM {}), "
+            "(SELECT started_at FROM {} WHERE run_id = %s))"
+        ).format(sql.Identifier(SOURCE_TABLE), sql.Identifier(schema, "session_migration_runs")),
+        (run_id,),
+    ).fetchone()
+    return row[0] if row else None
+
+
+def _classify(conn: psycopg.Connection, schema: str, cutoff: datetime | None) -> dict[str, int]:
+    """``after_cutover``: every difference counted as explained by the app or not, from one
+    full join in PostgreSQL (nothing of either table is pulled into Python)."""
+    unexplained = _unexplained_row()
+    filters: dict[str, str] = {
+        "matched": f"{_BOTH} AND {_SAME}",
+        "ended": "t.session_id IS NULL",
+        "created_after_cutover": f"s.session_id IS NULL AND {_AFTER_BACKUP}",
+        "appeared": f"s.session_id IS NULL AND NOT {_AFTER_BACKUP}",
+        "changed": f"{_BOTH} AND NOT ({_SAME}) AND {unexplained}",
+        "changed_by_app": f"{_BOTH} AND NOT ({_SAME}) AND NOT {unexplained}",
+        **{k: f"{_BOTH} AND ({c})" for k, c in _UNEXPLAINED_IN_BOTH.items()},
+        **{
+            k: f"{_BOTH} AND NOT ({_SAME}) AND NOT {unexplained} AND ({c})"
+            for k, c in _EXPLAINED_IN_BOTH.items()
+        },
+    }
+    query = sql.SQL("SELECT {} FROM {} s FULL JOIN {} t ON t.session_id = s.session_id").format(
+        sql.SQL(", ").join(sql.SQL(f"count(*) FILTER (WHERE {c})") for c in filters.values()),
+        sql.Identifier(SOURCE_TABLE),
+        sql.Identifier(schema, "sessions"),
+    )
+    row = conn.execute(query, {"cutoff": cutoff}).fetchone()
+    assert row is not None
+    return {"missing": 0, "extra": 0, **dict(zip(filters, row, strict=True))}
+
+
+def _name_unexplained(
+    conn: psycopg.Connection,
+    backup: Backup,
+    schema: str,
+    tally: _Tally,
+    limit: int,
+    cutoff: datetime | None,
+) -> None:
+    """``after_cutover``: fetch up to ``limit`` rows with a difference nothing explains and
+    name, for each, the rules it breaks and its fields."""
+    columns = sql.SQL(
+        "{p}.session_id, {p}.user_id, {p}.metadata::text, {p}.created_at, {p}.expires_at, "
+        "{p}.last_activity, {p}.request_count"
+    )
+    kinds = list(_UNEXPLAINED_IN_BOTH)
+    query = sql.SQL(
+        """SELECT {s_cols}, {t_cols}, {flags}
+           FROM {source} s FULL JOIN {target} t ON t.session_id = s.session_id
+           WHERE (s.session_id IS NULL AND NOT {after})
+              OR ({both} AND {unexplained})
+           ORDER BY coalesce(s.session_id, t.session_id) COLLATE "C" LIMIT %(limit)s"""
+    ).format(
+        s_cols=columns.format(p=sql.Identifier("s")),
+        t_cols=columns.format(p=sql.Identifier("t")),
+        flags=sql.SQL(", ").join(
+            sql.SQL(f"coalesce({_BOTH} AND ({c}), false)") for c in _UNEXPLAINED_IN_BOTH.values()
+        ),
+        after=sql.SQL(_AFTER_BACKUP),
+        both=sql.SQL(_BOTH),
+        unexplained=sql.SQL(_unexplained_row()),
+        source=sql.Identifier(SOURCE_TABLE),
+        target=sql.Identifier(schema, "sessions"),
+    )
+    for row in conn.execute(query, {"cutoff": cutoff, "limit": limit}).fetchall():
+        source, target, flags = row[:7], row[7:14], row[14:]
+        if source[0] is None:
+            shown = cutoff.isoformat() if cutoff else "unknown"
+            key, kind = target[0], "appeared"
+            detail = (
+                f"in PostgreSQL, not in the backup, created {target[3].isoformat()}: before the "
+                f"backup was taken ({shown}), so no session created since explains it"
+            )
+            rowid = None
+        else:
+            key = source[0]
+            broken = [k for k, flag in zip(kinds, flags, strict=True) if flag]
+            kind = broken[0]
+            detail = f"{', '.join(broken)}: " + "; ".join(field_diff(source, target))
+            found = backup.query("SELECT rowid FROM sessions WHERE session_id = ?", (key,))
+            rowid = (found.fetchone() or (None,))[0]
+        tally.differences.append(Difference(kind, tally.mask(key), rowid, detail))
+
+
 def _name_differences(
     conn: psycopg.Connection, backup: Backup, schema: str, tally: _Tally, limit: int
 ) -> None:
@@ -529,15 +698,20 @@ def reconcile(
     run_id: str | None = None,
     mask: Callable[[str | None], str] = mask_id,
     progress: Callable[[int], None] | None = None,
+    mode: str = STRICT,
 ) -> ReconcileResult:
-    """Compare every source row and column with the target; see the module docstring."""
-    try:
-        conn = psycopg.connect(dsn, application_name="sessionmig-reconcile")
-    except psycopg.OperationalError as exc:
-        raise TargetError(f"cannot connect to the target: {exc}".strip()) from None
+    """Compare every source row and column with the target; see the module docstring.
+    ``mode`` is ``strict`` (every difference fails) or ``after_cutover`` (differences the
+    application explains are counted, the others fail)."""
+    if mode not in MODES:
+        raise ParameterError(
+            f"reconcile_mode={mode!r}: give strict (right after migrate: any difference fails) "
+            "or after_cutover (once the app serves from PostgreSQL)"
+        )
+    conn = connect(dsn, "reconcile")  # raises TargetUnreachable/TargetRefused, redacted
     try:
         return _reconcile(
-            conn, dsn, backup, rules, schema, as_of, batch_rows, run_id, mask, progress
+            conn, dsn, backup, rules, schema, as_of, batch_rows, run_id, mask, progress, mode
         )
     except psycopg.Error as exc:
         # A target damaged in a way the shape check cannot see, or lost mid-way: one line that
@@ -606,8 +780,11 @@ def _reconcile(
     run_id: str | None,
     mask: Callable[[str | None], str],
     progress: Callable[[int], None] | None,
+    mode: str = STRICT,
 ) -> ReconcileResult:
     tally = _Tally(mask)
+    if mode == AFTER_CUTOVER:
+        tally.counts.update(dict.fromkeys((*EXPLAINED, *UNEXPLAINED), 0))
     seed = new_seed()
     with conn:
         # One snapshot for every query. Not READ ONLY: the source rows go to a temporary
@@ -635,15 +812,21 @@ def _reconcile(
         unchanged_source = backup.verify_unchanged_later()
         source = _profile(conn, sql.Identifier(SOURCE_TABLE), sql.Identifier("fingerprint"), zone)
         target = target_profile.result()
+        cutoff = _cutoff(conn, run_id, schema) if mode == AFTER_CUTOVER else None
         if _same_rows(source, target):
             compared = {"missing": 0, "extra": 0, "changed": 0}
             compared["matched"] = sum(day.rows for day in source.values())
+        elif mode == AFTER_CUTOVER:
+            compared = _classify(conn, schema, cutoff)
         else:
             compared = _compare(conn, schema)
         for kind, n in compared.items():
             tally.counts[kind] += n
-        if compared["missing"] or compared["extra"] or compared["changed"]:
-            room = max(0, MAX_DIFFERENCES - len(tally.differences))
+        room = max(0, MAX_DIFFERENCES - len(tally.differences))
+        if mode == AFTER_CUTOVER:
+            if any(compared.get(k) for k in ("changed", *UNEXPLAINED)):
+                _name_unexplained(conn, backup, schema, tally, room, cutoff)
+        elif compared["missing"] or compared["extra"] or compared["changed"]:
             _name_differences(conn, backup, schema, tally, room)
         for key in sorted(_present(conn, schema, side.rejected_keys)):
             tally.note("both", key, None, "rejected and also present in PostgreSQL")
@@ -655,11 +838,16 @@ def _reconcile(
                     rowid,
                     "a reject for a rowid the source does not have",
                 )
-        target_rows = compared["matched"] + compared["changed"] + compared["extra"]
+        target_rows = sum(compared.get(k, 0) for k in _IN_TARGET)
         parity.update(_distributions(source, target))
+        if mode == AFTER_CUTOVER:
+            parity["reconcile_mode"] = mode
+            parity["backup_taken_not_before"] = cutoff.isoformat() if cutoff else None
         unchanged_source.result()
     counts = tally.counts
-    migrated = counts["matched"] + counts["changed"]
+    # In after_cutover a landed row the app ended since is still a row that landed.
+    migrated = counts["matched"] + counts["changed"] + counts.get("changed_by_app", 0)
+    migrated += counts.get("ended", 0)
     rejected = len(side.seen_rejects)
     other_source = []
     if recorded_sha256 is not None and recorded_sha256 != backup.sha256:
@@ -668,7 +856,7 @@ def _reconcile(
             f"backup is {backup.sha256[:16]}…: the rows match this file, not necessarily the "
             "one that was migrated"
         )
-    verdict, reason, warnings = _verdict(counts, rejected, parity, run_id, other_source)
+    verdict, reason, warnings = _verdict(counts, rejected, parity, run_id, other_source, mode)
     return ReconcileResult(
         run_id=run_id,
         source_rows=side.rows,
@@ -682,6 +870,7 @@ def _reconcile(
         verdict=verdict,
         reason=reason,
         warnings=warnings,
+        mode=mode,
     )
 
 
@@ -695,7 +884,7 @@ def _profile_in_snapshot(
     dsn: str, snapshot: str, schema: str, zone: str, seed: int
 ) -> dict[str, _Day]:
     """:func:`_profile` of the target, on its own connection, in an exported snapshot."""
-    with psycopg.connect(dsn, application_name="sessionmig-reconcile-target") as conn:
+    with connect(dsn, "reconcile-target") as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         # A utility statement takes no bound parameters; the id is the server's, quoted.
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
@@ -740,6 +929,12 @@ def _distributions(source: dict[str, _Day], target: dict[str, _Day]) -> dict[str
         "created_max_target": high.isoformat() if high else None,
         "days_compared": len(set(source) | set(target)),
         "days_with_different_counts": days_differing[:20],
+        # Rows per day on each side, for the report's chart (a day is a short key: a few
+        # hundred entries for a year of sessions).
+        "per_day": {
+            d: [source[d].rows if d in source else 0, target[d].rows if d in target else 0]
+            for d in sorted(set(source) | set(target))
+        },
         "distributions_agree": not days_differing
         and src_sum == total
         and src_low == low
@@ -788,11 +983,16 @@ def _verdict(
     parity: dict[str, Any],
     run_id: str | None,
     noted: list[str],
+    mode: str = STRICT,
 ) -> tuple[str, str, list[str]]:
-    broken = {k: v for k, v in counts.items() if k != "matched" and v}
+    after = mode == AFTER_CUTOVER
+    broken = {k: v for k, v in counts.items() if k != "matched" and v and k not in EXPLAINED}
     if broken:
         summary = ", ".join(f"{v} {k}" for k, v in broken.items())
-        return FAIL, f"rows differ or are unaccounted for: {summary}", list(noted)
+        label = "after_cutover: differences the application does not explain" if after else ""
+        return FAIL, f"{label or 'rows differ or are unaccounted for'}: {summary}", list(noted)
+    if after:
+        return _verdict_after_cutover(counts, rejected, run_id, noted)
     warnings = list(noted)
     if run_id is None:
         warnings.append("no committed migrate run found on the target")
@@ -813,3 +1013,26 @@ def _verdict(
     if warnings:
         return WARN, "every row is accounted for; " + "; ".join(warnings), warnings
     return PASS, "every source row is in PostgreSQL with identical values", []
+
+
+def _verdict_after_cutover(
+    counts: dict[str, int], rejected: int, run_id: str | None, noted: list[str]
+) -> tuple[str, str, list[str]]:
+    """No unexplained difference: PASS, saying what the application changed. Distributions
+    and the active count move with the app by design, so they are reported, not judged."""
+    warnings = list(noted)
+    if run_id is None:
+        warnings.append("no committed migrate run found on the target")
+    if rejected:
+        warnings.append(
+            f"{rejected} source rows were rejected; each is in "
+            "session_migration_rejects with its raw values"
+        )
+    found = ", ".join(f"{counts[k]} {k}" for k in EXPLAINED if counts[k])
+    reason = (
+        "after_cutover: every source row is accounted for and every difference is one the "
+        "application explains" + (f" ({found})" if found else " (none found)")
+    )
+    if warnings:
+        return WARN, reason + "; " + "; ".join(warnings), warnings
+    return PASS, reason, []
