@@ -1,11 +1,19 @@
-"""Reviewers open the reports offline: a real headless Chromium follows every link of a run's
-index.html and must see no failed request, no request leaving the machine, no console error,
-and rendered plots. A screenshot of the index is kept in test-artifacts/."""
+"""Reviewers open the reports offline, in a real headless Chromium at 1400 px wide.
+
+Every step report of a passing run and of failing ones (reconcile FAIL on a damaged target,
+preflight NO-GO on a backup that is not the reviewed one, inspect ERROR on a damaged backup)
+must show its verdict and key figures in the first 900 px, no traceback or papermill
+"An Exception was encountered" outside the collapsed appendix, and no table wider than the
+page; no request may leave the machine, no console error. Screenshots (the first 900 px) are
+kept in test-artifacts/.
+"""
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
+import psycopg
 import pytest
 from conftest import ROOT, env_file
 
@@ -22,10 +30,65 @@ ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+FOLD = 900
+WIDTH = 1400
+ARTIFACTS = ROOT / "test-artifacts"
+HIDDEN_WORDS = ("An Exception was encountered", "Traceback (most recent call last)", "Traceback")
+
+# What a reviewer must be able to read above the fold, per step (besides the verdict).
+KEY_FIGURES = {
+    "00_preflight": ("checks holding", "source sha256"),
+    "01_inspect": ("sessions in the backup", "rows that cannot land", "backup sha256"),
+    "02_migrate": ("rows read", "landed in PostgreSQL", "rejected", "sha256 before = after"),
+    "03_reconcile": ("partition: source = migrated + rejected", "differences", "compared"),
+}
+
+LAYOUT = """() => {
+  const fold = FOLD;
+  const box = (sel) => { const e = document.querySelector(sel);
+    if (!e) return null; const r = e.getBoundingClientRect();
+    return {top: r.top + window.scrollY, bottom: r.bottom + window.scrollY}; };
+  const wide = [...document.querySelectorAll('table')].filter(t => {
+    const r = t.getBoundingClientRect(); const p = t.parentElement.getBoundingClientRect();
+    return r.right > document.documentElement.clientWidth + 1 || t.scrollWidth > p.width + 1; })
+    .map(t => t.innerText.slice(0, 80));
+  const above = [...document.querySelectorAll('.figure')].filter(e =>
+    e.getBoundingClientRect().bottom + window.scrollY <= fold).map(e => e.innerText);
+  const badge = document.querySelector('.verdict .badge');
+  return {verdict: box('.verdict .badge'), badge: badge ? badge.innerText : '',
+    figures: box('.figures'), above: above.join('\\n'), text: document.body.innerText,
+    scroll: document.documentElement.scrollWidth, client: document.documentElement.clientWidth,
+    wide: wide};
+}""".replace("FOLD", str(FOLD))
+
+
+def _check_page(page, url: str, shot: Path, expect: str) -> dict:
+    page.goto(url)
+    page.wait_for_load_state("load")
+    page.screenshot(path=str(shot), full_page=False)
+    info = page.evaluate(LAYOUT)
+    name = shot.stem
+    assert info["verdict"] is not None, f"{name}: no verdict banner"
+    assert info["verdict"]["bottom"] <= FOLD, f"{name}: verdict below the fold: {info['verdict']}"
+    assert expect in info["badge"].replace(" ", "_"), f"{name}: {info['badge']} is not {expect}"
+    for word in HIDDEN_WORDS:
+        assert word not in info["text"], f"{name}: '{word}' visible outside the appendix"
+    assert info["scroll"] <= info["client"], f"{name}: page wider than the window"
+    assert info["wide"] == [], f"{name}: tables wider than the page: {info['wide']}"
+    return info
+
+
+def _check_step(page, run: Path, stem: str, folder: Path, expect: str) -> None:
+    info = _check_page(page, (run / f"{stem}.html").as_uri(), folder / f"{stem}.png", expect)
+    if expect in ("PASS", "GO", "PASS_WITH_WARNINGS") or stem in ("03_reconcile", "02_migrate"):
+        assert info["figures"] is not None, f"{stem}: no key figures"
+        assert info["figures"]["bottom"] <= FOLD, f"{stem}: key figures below the fold"
+        for label in KEY_FIGURES.get(stem, ()):
+            assert label in info["above"], f"{stem}: '{label}' not above the fold"
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs it)")
-def test_reports_work_offline_in_a_real_browser(
+def test_reports_open_with_their_answer_in_a_real_browser(
     tmp_path, small_backup, dsn, backend, monkeypatch
 ) -> None:
     if backend != "embedded":
@@ -34,15 +97,36 @@ def test_reports_work_offline_in_a_real_browser(
 
     monkeypatch.setenv("SMTEST_DSN", dsn)
     env = env_file(tmp_path, small_backup)
-    outcome = orchestrate.run(str(env), None, {}, tmp_path / "reports")
-    assert outcome.exit_code == 0, outcome.message
-    index = outcome.index.resolve()
+    reports = tmp_path / "reports"
+    passing = orchestrate.run(str(env), None, {}, reports)
+    assert passing.exit_code == 0, passing.message
+
+    # Reconcile FAIL: one session gone from the target, one changed.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "DELETE FROM sessions WHERE session_id = (SELECT min(session_id) FROM sessions)"
+        )
+        conn.execute(
+            "UPDATE sessions SET request_count = request_count + 1 "
+            "WHERE session_id = (SELECT max(session_id) FROM sessions)"
+        )
+    failing = orchestrate.run(str(env), ["reconcile"], {}, reports)
+    assert failing.exit_code == 1, failing.message
+    # Preflight NO-GO: the backup is not the one the reviewer signed.
+    nogo = orchestrate.run(str(env), None, {"expected_sha256": "0" * 64}, reports)
+    assert nogo.exit_code == 2, nogo.message
+    # Inspect ERROR: a damaged backup.
+    damaged = tmp_path / "damaged.db"
+    damaged.write_bytes(b"SQLite format 3\x00" + b"\x00" * 2000)
+    broken = orchestrate.run(str(env_file(tmp_path, damaged)), ["inspect"], {}, reports)
+    assert broken.exit_code == 2, broken.message
+
     failed: list[str] = []
     errors: list[str] = []
     outside: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page = browser.new_page(viewport={"width": WIDTH, "height": FOLD})
         page.on("requestfailed", lambda r: failed.append(f"{r.url}: {r.failure}"))
         page.on(
             "request",
@@ -50,10 +134,13 @@ def test_reports_work_offline_in_a_real_browser(
         )
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(index.as_uri())
-        artifacts = ROOT / "test-artifacts"
-        artifacts.mkdir(exist_ok=True)
-        page.screenshot(path=str(artifacts / "index.png"), full_page=True)
+
+        shots = ARTIFACTS / "pass"
+        shots.mkdir(parents=True, exist_ok=True)
+        run = passing.run_dir
+        index = _check_page(page, (run / "index.html").as_uri(), shots / "index.png", "PASS")
+        for step in ("preflight", "inspect", "migrate", "reconcile"):
+            assert step in index["text"]
         links = page.eval_on_selector_all("a", "els => els.map(e => e.getAttribute('href'))")
         assert [h for h in links if h.endswith(".html")] == [
             "00_preflight.html",
@@ -62,14 +149,47 @@ def test_reports_work_offline_in_a_real_browser(
             "03_reconcile.html",
         ]
         assert all(not h.startswith(("http:", "https:", "/")) for h in links)
-        for href in links:
-            page.goto(index.as_uri())
-            page.click(f'a[href="{href}"]')
-            page.wait_for_load_state("load")
-            if href == "01_inspect.html":
-                widths = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
-                assert len(widths) == 2 and all(w > 0 for w in widths)  # both plots render
-            if href.endswith(".html"):
-                assert "PASS" in page.content() or "GO" in page.content()
+        expected = {
+            "00_preflight": "GO",
+            "01_inspect": "PASS",
+            "02_migrate": "PASS",
+            "03_reconcile": "PASS",
+        }
+        for stem, verdict in expected.items():
+            _check_step(page, run, stem, shots, verdict)
+        page.goto((run / "01_inspect.html").as_uri())
+        widths = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
+        assert widths and all(w > 0 for w in widths)  # the plots render
+
+        fail = ARTIFACTS / "fail"
+        fail.mkdir(parents=True, exist_ok=True)
+        for outcome, stem, verdict in (
+            (failing, "03_reconcile", "FAIL"),
+            (nogo, "00_preflight", "NO-GO"),
+            (broken, "01_inspect", "ERROR"),
+        ):
+            _check_step(page, outcome.run_dir, stem, fail, verdict)
+            _check_page(
+                page,
+                (outcome.run_dir / "index.html").as_uri(),
+                fail / f"index_{stem}.png",
+                "FAIL" if verdict == "FAIL" else "ERROR",
+            )
+        # The traceback is kept, scrubbed, in the collapsed appendix.
+        page.goto((failing.run_dir / "03_reconcile.html").as_uri())
+        assert page.locator("details.appendix pre.traceback").count() >= 1
+        assert not page.locator("details.appendix pre.traceback").first.is_visible()
+        text = page.content()
+        assert "1 missing" in text and "1 changed" in text.replace(",", "")
         browser.close()
     assert failed == [] and errors == [] and outside == []
+
+
+def test_screenshots_are_committed() -> None:
+    """The acceptance set: index and each step report, pass and fail, small PNGs."""
+    names = {p.relative_to(ARTIFACTS).as_posix() for p in ARTIFACTS.rglob("*.png")}
+    for stem in ("index", "00_preflight", "01_inspect", "02_migrate", "03_reconcile"):
+        assert f"pass/{stem}.png" in names
+    for stem in ("03_reconcile", "00_preflight", "01_inspect"):
+        assert f"fail/{stem}.png" in names
+    assert all(p.stat().st_size < 400_000 for p in ARTIFACTS.rglob("*.png"))

@@ -8,6 +8,7 @@ and turns what it saw into a findings table with severities.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -245,8 +246,14 @@ def inspect_backup(
     zone_name: str,
     batch_rows: int = 10_000,
     on_extra_columns: str = "fail",
+    progress: Callable[[int], None] | None = None,
+    phase: Callable[[str, int | None], None] | None = None,
 ) -> InspectResult:
-    """Inspect the backup at ``path`` without changing it; never raises for a bad file."""
+    """Inspect the backup at ``path`` without changing it; never raises for a bad file.
+
+    ``phase(text, rows)`` is told each stage (``rows``: how many that stage reads, when known)
+    and ``progress(n)`` each batch of ``n`` rows read, so a long inspect is never silent."""
+    say = phase or (lambda text, rows: None)
     try:
         backup = open_backup(path)
     except SourceError as exc:
@@ -265,6 +272,7 @@ def inspect_backup(
                     "committed rows are included (read from a private copy)",
                 )
             )
+        say("integrity check", None)
         integrity = tuple(backup.integrity_check())
         if integrity != ("ok",):
             findings.append(
@@ -318,13 +326,17 @@ def inspect_backup(
         census = None
         if not backup.missing_columns:
             census = Census(rules, as_of.astimezone(UTC))
+            say("reading rows", backup.estimated_rows())
             try:
                 for batch in backup.rows(batch_rows, extra=rules.extra_columns):
                     for raw in batch:
                         census.add(raw)
+                    if progress is not None:
+                        progress(len(batch))
             except SourceError as exc:
                 findings.append(Finding("error", "unreadable_rows", 1, str(exc)))
             findings[:0] = findings_from(census, zone_name)
+            say("looking for repeated session ids", None)
             findings.extend(_duplicates(backup, rules))
         if backup.rowids_by_key:
             findings.append(
@@ -336,6 +348,7 @@ def inspect_backup(
                     "reject's source rowid is the row's position in primary-key order",
                 )
             )
+        say("checking the backup is unchanged", None)
         backup.verify_unchanged()
         files = backup.hashes_before
     finally:

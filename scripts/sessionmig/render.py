@@ -1,20 +1,50 @@
-"""Render an executed notebook to a self-contained HTML page with nbconvert."""
+"""Render an executed notebook, and a run's cover page, to self-contained HTML pages.
+
+A step report reads as a document, not as the notebook that produced it: :func:`arrange` sorts
+an executed notebook's cells into what a reviewer reads first (the title and the *answer*: the
+verdict block :mod:`sessionmig.report` marks in its output metadata), the evidence (markdown and
+outputs, without code), and a collapsed appendix (the parameters cells, the code, and — when a
+cell failed — its traceback, scrubbed). The ``.ipynb`` stays the executable record; only the
+HTML is rearranged. Every page (step reports and ``index.html``) uses one stylesheet,
+``templates/report.css``, printable and with no request leaving the machine.
+"""
 
 from __future__ import annotations
 
+import copy
+import html
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import jinja2
 import nbformat
-from nbconvert import HTMLExporter
 
 from . import mask
 
 TEMPLATES = Path(__file__).parent / "templates" / "nbconvert"
+PAGES = Path(__file__).parent / "templates"
+CSS = PAGES / "report.css"
+ANSWER_KEY = "sessionmig"
+"""Output metadata key: ``{"sessionmig": "answer"}`` marks the block lifted to the top."""
+ANSWER = "answer"
+APPENDIX = "appendix"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+PAPERMILL_ERROR_TAG = "papermill-error-cell-tag"
+FAILED = ("FAIL", "NO-GO", "ERROR", "INTERRUPTED")
+
+_jinja = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(PAGES)),
+    autoescape=jinja2.select_autoescape(["html", "j2"]),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
 
 
-def scrub_text(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """Text with every DSN password and every known secret value replaced."""
-    return mask.redact(text, secrets)
+def css() -> str:
+    """The one stylesheet of every page (inlined: reports are opened offline)."""
+    return CSS.read_text(encoding="utf-8")
 
 
 def scrub_notebook(notebook: Path, secrets: tuple[str, ...] = (), dest: Path | None = None) -> Path:
@@ -28,12 +58,196 @@ def scrub_notebook(notebook: Path, secrets: tuple[str, ...] = (), dest: Path | N
     return out
 
 
+# --- the verdict block ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure that decides a gate: ``label`` above, ``value`` large, ``note`` small."""
+
+    label: str
+    value: str
+    note: str = ""
+    bad: bool = False
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a step concluded, in the words a reviewer signs: the block at the top of a report."""
+
+    step: str
+    verdict: str
+    reason: str
+    todo: str = ""
+    figures: tuple[Figure, ...] = ()
+
+
+def verdict_class(verdict: str) -> str:
+    """The CSS class of a verdict: pass, warn, fail or other."""
+    if verdict in ("PASS", "GO"):
+        return "pass"
+    if verdict == "PASS_WITH_WARNINGS":
+        return "warn"
+    if verdict in FAILED:
+        return "fail"
+    return "other"
+
+
+def answer_html(answer: Answer) -> str:
+    """The verdict banner (with the reason and what to do) and the key figures, as HTML."""
+    return _jinja.get_template("answer.html.j2").render(
+        a=answer, kind=verdict_class(answer.verdict), label=answer.verdict.replace("_", " ")
+    )
+
+
+# --- arranging an executed notebook --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arranged:
+    """An executed notebook sorted for reading: answer first, evidence, then the appendix."""
+
+    title: str
+    answer: tuple[str, ...]
+    body: Any  # a NotebookNode: markdown and code cells whose inputs are not shown
+    parameters: tuple[tuple[str, str], ...] = ()
+    code: tuple[str, ...] = ()
+    failure: tuple[str, ...] = ()
+    log: tuple[str, ...] = ()
+    errors: tuple[tuple[str, str], ...] = field(default=())
+    settings: tuple[str, ...] = ()  # HTML of the outputs marked for the appendix
+
+
+def _text(value: Any) -> str:
+    return "".join(value) if isinstance(value, list) else str(value or "")
+
+
+def _progress_free(text: str) -> str:
+    """A stderr stream as its final state: of each line redrawn with ``\\r``, the last draw."""
+    lines = [line.rsplit("\r", 1)[-1] for line in ANSI.sub("", text).split("\n")]
+    return "\n".join(line for line in lines if line.strip())
+
+
+def arrange(node: Any) -> Arranged:
+    """Sort ``node``'s cells and outputs (pure: ``node`` is not modified)."""
+    body = nbformat.from_dict(copy.deepcopy(dict(node)))
+    cells = []
+    title = ""
+    answer: list[str] = []
+    parameters: list[tuple[str, str]] = []
+    code: list[str] = []
+    failure: list[str] = []
+    log: list[str] = []
+    errors: list[tuple[str, str]] = []
+    settings: list[str] = []
+    for cell in node.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        source = _text(cell.get("source"))
+        if PAPERMILL_ERROR_TAG in tags:
+            continue
+        if "parameters" in tags:
+            parameters.append(("Defaults: the notebook's parameters cell", source))
+            continue
+        if "injected-parameters" in tags:
+            parameters.append(("Injected for this run (environment file and -p)", source))
+            continue
+        if cell.cell_type == "markdown" and not title and source.lstrip().startswith("# "):
+            first, _, rest = source.lstrip().partition("\n")
+            title = first[2:].strip()
+            if rest.strip():
+                cells.append(nbformat.v4.new_markdown_cell(rest.strip()))
+            continue
+        if cell.cell_type != "code":
+            cells.append(cell)
+            continue
+        if source.strip():
+            code.append(source)
+        kept = []
+        for out in cell.get("outputs", []):
+            role = out.get("metadata", {}).get(ANSWER_KEY)
+            if role == ANSWER:
+                answer.append(_text(out.get("data", {}).get("text/html")))
+            elif role == APPENDIX:
+                settings.append(_text(out.get("data", {}).get("text/html")))
+            elif out.output_type == "error":
+                lines = [ANSI.sub("", _text(line)) for line in out.get("traceback", [])]
+                failure.append("\n".join(lines))
+                errors.append((out.get("ename", ""), ANSI.sub("", out.get("evalue", ""))))
+            elif out.output_type == "stream" and out.get("name") == "stderr":
+                text = _progress_free(_text(out.get("text")))
+                if text:
+                    log.append(text)
+            else:
+                kept.append(out)
+        if kept:
+            fresh = nbformat.v4.new_code_cell("")
+            fresh.outputs = kept
+            cells.append(fresh)
+    body.cells = cells
+    if not answer and errors:
+        # The step stopped before it could conclude: say so from the error, briefly.
+        ename, evalue = errors[-1]
+        first_line = evalue.splitlines()[0] if evalue else ""
+        answer.append(
+            answer_html(
+                Answer(
+                    step=title,
+                    verdict="ERROR",
+                    reason=f"the step stopped on {ename}: {first_line}",
+                    todo="Read the traceback in the appendix; nothing after this cell ran.",
+                )
+            )
+        )
+    return Arranged(
+        title=title or node.metadata.get("title", ""),
+        answer=tuple(answer),
+        body=body,
+        parameters=tuple(parameters),
+        code=tuple(code),
+        failure=tuple(failure),
+        log=tuple("\n".join(log).split("\n\n")) if log else (),
+        errors=tuple(errors),
+        settings=tuple(settings),
+    )
+
+
 def notebook_to_html(notebook: Path, html_path: Path) -> Path:
-    """Write ``html_path`` from ``notebook``: inputs, outputs and inline PNG figures, with no
-    script or style fetched from the network (the ``offline`` template)."""
+    """Write ``html_path`` from ``notebook``: the answer first, then the evidence (outputs and
+    inline PNG figures), then the parameters, code and any traceback in a collapsed appendix;
+    with no script or style fetched from the network (the ``sessionmig`` template)."""
+    from nbconvert import HTMLExporter
+
     node = nbformat.read(notebook, as_version=4)
-    exporter = HTMLExporter(template_name="offline", extra_template_basedirs=[str(TEMPLATES)])
+    page = arrange(node)
+    exporter = HTMLExporter(template_name="sessionmig", extra_template_basedirs=[str(TEMPLATES)])
     exporter.embed_images = True
-    body, _ = exporter.from_notebook_node(node, resources={"metadata": {"name": notebook.stem}})
+    exporter.exclude_input = True
+    exporter.exclude_input_prompt = True
+    exporter.exclude_output_prompt = True
+    resources = {
+        "metadata": {"name": notebook.stem},
+        "sessionmig": {
+            "title": page.title or notebook.stem,
+            "answer": page.answer,
+            "parameters": page.parameters,
+            "settings": page.settings,
+            "code": page.code,
+            "failure": page.failure,
+            "log": page.log,
+            "css": css(),
+            "notebook": notebook.name,
+        },
+    }
+    body, _ = exporter.from_notebook_node(page.body, resources=resources)
     html_path.write_text(mask.redact_html(body), encoding="utf-8")
     return html_path
+
+
+# --- the run's cover page ------------------------------------------------------------------------
+
+
+def cover_page(model: Any) -> str:
+    """``index.html`` of a run laid out from its :class:`sessionmig.cover.Cover`."""
+    return mask.redact_html(
+        _jinja.get_template("index.html.j2").render(c=model, css=css(), esc=html.escape)
+    )
