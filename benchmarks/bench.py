@@ -30,6 +30,8 @@ import yaml
 from target import server_url
 
 from sessionmig import embedded
+from sessionmig.connect import connect
+from sessionmig.errors import TargetError
 from sessionmig.source import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,15 +81,15 @@ def pgloader(backup: Path, url: str, zone: str) -> tuple[float, float, int] | No
 def landed(url: str, database: str) -> int:
     """Rows that actually arrived in ``database`` (pgloader reports success on failed batches)."""
     try:
-        with psycopg.connect(embedded.with_database(url, database)) as conn:
+        with connect(embedded.with_database(url, database), "bench") as conn:
             return conn.execute("SELECT count(*) FROM sessions").fetchone()[0]  # type: ignore[index]
-    except psycopg.Error:
+    except (TargetError, psycopg.Error):
         return 0
 
 
 def checkpoint(url: str) -> None:
     """Flush the previous way's dirty buffers now, so that no way pays for another's."""
-    with psycopg.connect(url, autocommit=True) as conn:
+    with connect(url, "bench", autocommit=True) as conn:
         conn.execute("CHECKPOINT")
 
 

@@ -36,11 +36,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psycopg
 from psycopg import sql
 from target import SYSTEM, server_url
 
 from sessionmig import embedded, schema
+from sessionmig.connect import connect
 from sessionmig.store import DEFAULT_POOL_SIZE, LegacySQLiteSessionManager, SessionManager
 
 DATABASE = "sessionmig_bench_store"
@@ -200,7 +200,7 @@ async def measure(
 
 
 def reset_table(dsn: str) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with connect(dsn, "bench", autocommit=True) as conn:
         conn.execute("TRUNCATE sessions")
         conn.execute("VACUUM ANALYZE sessions")
 
@@ -244,7 +244,7 @@ def median_result(name: str, results: list[Result]) -> Result:
 
 
 def drop_database(admin: str, name: str) -> None:
-    with psycopg.connect(admin, autocommit=True) as conn:
+    with connect(admin, "bench", autocommit=True) as conn:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
@@ -279,7 +279,7 @@ def main() -> int:
         embedded.ensure_database(admin, DATABASE, fresh=True)
         dsn = embedded.with_database(admin, DATABASE)
         where = "system" if admin == SYSTEM else "given server"
-    with psycopg.connect(admin) as conn:
+    with connect(admin, "bench") as conn:
         version = conn.info.server_version
         where += f", {conn.info.host}:{conn.info.port}"
     label = f"PostgreSQL {version // 10000}.{version % 10000} ({where})"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import psycopg
-
 from sessionmig import embedded
+from sessionmig.connect import connect
+from sessionmig.errors import TargetError
 
 SYSTEM = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -14,8 +14,8 @@ def server_url(dsn: str | None = None) -> tuple[str, str]:
     if dsn:
         return dsn, "given server"
     try:
-        with psycopg.connect(SYSTEM, connect_timeout=3) as conn:
+        with connect(SYSTEM, "bench", connect_timeout=3) as conn:
             version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
         return SYSTEM, f"system PostgreSQL {version}"
-    except psycopg.OperationalError:
+    except TargetError:
         return embedded.start().get_uri("postgres"), "embedded PostgreSQL 18"

@@ -34,15 +34,15 @@ time.sleep(600)
 USE = """
 import os
 import sys
-import psycopg
 from sessionmig import embedded
+from sessionmig.connect import connect
 # A test may shorten how long a leftover server is given to answer and to shut down.
 limits = {"ANSWER_TIMEOUT_S": "SMTEST_ANSWER_S", "SHUTDOWN_TIMEOUT_S": "SMTEST_STOP_S"}
 for name, variable in limits.items():
     if variable in os.environ:
         setattr(embedded, name, float(os.environ[variable]))
 server = embedded.start()
-with psycopg.connect(server.get_uri("postgres"), connect_timeout=5) as conn:
+with connect(server.get_uri("postgres"), "test", connect_timeout=5) as conn:
     answer = conn.execute("SELECT 6 * 7").fetchone()[0]
 print(server.get_pid(), answer, flush=True)
 if sys.argv[1] == "stop":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import asyncio
 import json
 from datetime import UTC, datetime
@@ -130,19 +132,17 @@ def test_finalize_needs_a_reconcile_pass_and_the_soak(migrated_run, dsn, tmp_pat
     live.parent.mkdir()
     generate(live, rows=20, seed=3)
     live_sha = sha256_file(live)
-    common = dict(
-        live_sqlite_path=str(live),
-        archive_dir=str(tmp_path / "archive"),
-        database_url_env="SMTEST_DSN",
-    )
+    common = dict(live_sqlite_path=str(live), archive_dir=str(tmp_path / "archive"))
     migrate_only = orchestrate.run(str(env), ["migrate"], {}, tmp_path / "reports").run_dir
     with pytest.raises(VerdictFailed, match="needs a reconcile PASS"):
-        steps.finalize_step(reconcile_manifest=str(migrate_only), soak_hours=0, **common)
+        steps.finalize_step(
+            settings, reconcile_manifest=str(migrate_only), soak_hours=0, **common
+        )
     with pytest.raises(VerdictFailed, match="soak period is not over"):
-        steps.finalize_step(reconcile_manifest=str(run_dir), soak_hours=24, **common)
+        steps.finalize_step(settings, reconcile_manifest=str(run_dir), soak_hours=24, **common)
     assert live.exists()
     result = steps.finalize_step(
-        reconcile_manifest=str(run_dir), soak_hours=0, run_id="r1", **common
+        replace(settings, run_id="r1"), reconcile_manifest=str(run_dir), soak_hours=0, **common
     )
     assert not live.exists()
     assert result.files[0] == (str(tmp_path / "archive" / "sessions-r1.db"), live_sha)

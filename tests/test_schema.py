@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import inspect
 
-from sessionmig.params import sqlalchemy_url
+from sessionmig.connect import engine as make_engine
 from sessionmig.schema import HEAD, Base, SessionRecord, upgrade
 
 
 def test_autogenerate_against_a_migrated_database_finds_no_diff(dsn) -> None:
     assert upgrade(dsn) == HEAD
-    engine = create_engine(sqlalchemy_url(dsn))
+    engine = make_engine(dsn, "test")
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         indexes = {i["name"] for i in inspect(conn).get_indexes("sessions")}
@@ -23,7 +23,7 @@ def test_autogenerate_against_a_migrated_database_finds_no_diff(dsn) -> None:
 
 def test_session_ids_sort_bytewise(dsn) -> None:
     upgrade(dsn)
-    engine = create_engine(sqlalchemy_url(dsn))
+    engine = make_engine(dsn, "test")
     with engine.connect() as conn:
         (column,) = [c for c in inspect(conn).get_columns("sessions") if c["name"] == "session_id"]
     engine.dispose()
@@ -33,7 +33,7 @@ def test_session_ids_sort_bytewise(dsn) -> None:
 def test_upgrade_is_idempotent_and_honours_the_schema(dsn) -> None:
     assert upgrade(dsn, "sessions_v2") == HEAD
     assert upgrade(dsn, "sessions_v2") == HEAD
-    engine = create_engine(sqlalchemy_url(dsn))
+    engine = make_engine(dsn, "test")
     with engine.connect() as conn:
         tables = set(inspect(conn).get_table_names(schema="sessions_v2"))
         public = set(inspect(conn).get_table_names(schema="public"))

@@ -5,134 +5,28 @@ from pathlib import Path
 import nbformat as nbf
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from sessionmig.steps import FINALIZE_PARAMETERS
+from sessionmig import params as P
 
 ROOT = Path(__file__).resolve().parent.parent
-# Where the data comes from and goes to: every step that touches the target declares these.
-TARGET = ["sqlite_path", "database_url_env", "source_timezone", "as_of", "target_schema"]
-
-COMMON = {
-    "sqlite_path": ('""', "the SQLite backup file (read through a private copy, never modified)"),
-    "database_url_env": (
-        '"DATABASE_URL"',
-        "NAME of the environment variable holding the target DSN; None starts the embedded server",
-    ),
-    "source_timezone": (
-        '""',
-        'IANA zone the legacy server wrote its naive timestamps in, e.g. "Asia/Seoul" (required)',
-    ),
-    "as_of": (
-        '""',
-        'ISO-8601 instant used as "now" for active/expired; empty means the start of the run',
-    ),
-    "target_schema": ('"public"', "PostgreSQL schema that holds the sessions tables"),
-    "batch_rows": ("10000", "rows per batch (SQLite fetch and COPY)"),
-    "on_conflict": (
-        '"fail"',
-        "rows already in the target that differ: fail | skip | keep_newer (by last_activity)",
-    ),
-    "on_invalid_metadata": (
-        '"reject"',
-        "metadata that is not storable JSON: reject | keep_as_json_string",
-    ),
-    "on_extra_columns": (
-        '"fail"',
-        "columns beyond the legacy schema: fail | into_metadata (kept under _legacy_columns)",
-    ),
-    "dry_run": (
-        "False",
-        "True: do all the work, report what would happen, then roll back (reconcile: skipped)",
-    ),
-    "run_steps": (
-        "[]",
-        "the steps of this run, whose privileges preflight checks; empty means preflight, inspect, migrate, reconcile",
-    ),
-    "expected_sha256": (
-        '""',
-        "when set, refuse a backup whose sha256 differs (the reviewed file is the migrated file)",
-    ),
-    "max_retries": (
-        "3",
-        "lost connections are retried this many times, waiting 1, 2, 4 s between attempts",
-    ),
-    "restore_path": (
-        '""',
-        "where the restored SQLite file is written: the path the app reads (SESSION_SQLITE_PATH)",
-    ),
-    "migrate_manifest": (
-        '""',
-        "run folder (or its manifest.json) of the run that migrated this backup",
-    ),
-    "confirm": ("False", "True allows replacing an existing file at restore_path"),
-    "live_sqlite_path": (
-        '""',
-        "the SQLite file the old app used, to be archived (moved, never deleted)",
-    ),
-    "archive_dir": ('""', "folder that receives the archived file, named with the run id"),
-    "reconcile_manifest": (
-        '""',
-        "run folder (or manifest.json) of a reconcile run whose verdict was PASS",
-    ),
-    "soak_hours": ("24", "hours that must have passed since that reconcile run before archiving"),
-    "source": (
-        '"postgres"',
-        "where the queries run: postgres, sqlite (the backup) or both side by side",
-    ),
-    "query_names": ("[]", "named queries to run (sessionmig query --list); empty runs them all"),
-    "window_start": ('""', "ISO-8601 start of the time window; empty means 7 days before as_of"),
-    "window_end": ('""', "ISO-8601 end of the time window (exclusive); empty means as_of"),
-    "unit": ('"day"', "time bucket: hour or day"),
-    "timezone": ('""', "IANA zone for time buckets; empty means source_timezone"),
-    "user_id": ('""', "a user to list the sessions of (query user_sessions); empty skips it"),
-    "top_n": ("10", "rows kept by the top-N queries"),
-    "free_sql": ('""', "optional read-only SQL over the table sessions"),
-    "show_ids": (
-        "False",
-        "True shows session ids in clear; they are bearer tokens, so hashed by default",
-    ),
-    "run_id": (
-        '""',
-        "run id shared by the steps of one run as set by sessionmig run; empty means a new one",
-    ),
-    "operator": (
-        '""',
-        "who runs this step, for the audit row; empty means the USER environment variable",
-    ),
-    "state_dir": (
-        '""',
-        "private directory (0700, never a report folder) keeping each pass's snapshot: the next pass's base",
-    ),
-    "lock_timeout": (
-        '"5s"',
-        "longest wait for a row the app holds before the pass gives up, committing nothing (500ms, 5s, 1min)",
-    ),
-}
-# A parameter whose meaning differs in one step: its help there.
-CATCHUP_HELP = {
-    "sqlite_path": "the migrated snapshot: the first pass's base (its sha256 must be the latest migrate run's)",
-    "live_sqlite_path": "the SQLite store the old colour still writes to (read only, through SQLite's backup API)",
-    "dry_run": "True: do the whole pass, prove it, report it, then roll back (nothing recorded)",
-    "max_retries": "a pass that met the app's row locks (lock_timeout, deadlock) is redone from scratch this many times",
-}
 
 
-def params_cell(names, helps=None):
-    helps = helps or {}
-    width = max(len(f"{n} = {COMMON[n][0]}") for n in names)
+def params_cell(step):
+    """The step's parameters, each with its default and help, from sessionmig.params."""
+    declared = P.of_steps([step])
+    width = max(len(f"{p.name} = {p.literal}") for p in declared)
     lines = ["# Parameters: papermill injects overrides in a cell right after this one."]
-    for n in names:
-        code = f"{n} = {COMMON[n][0]}"
-        lines.append(f"{code.ljust(width)}  # {helps.get(n, COMMON[n][1])}")
+    for p in declared:
+        lines.append(f"{f'{p.name} = {p.literal}'.ljust(width)}  # {p.help_for(step)}")
     c = new_code_cell("\n".join(lines))
     c.metadata["tags"] = ["parameters"]
     return c
 
 
-def nb(path, title, intro, names, body, helps=None):
+def nb(path, title, intro, step, body):
     n = new_notebook()
     n.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     n.metadata["language_info"] = {"name": "python"}
-    cells = [params_cell(names, helps), new_markdown_cell(f"# {title}\n\n{intro}")]
+    cells = [params_cell(step), new_markdown_cell(f"# {title}\n\n{intro}")]
     for kind, src in body:
         cells.append(new_markdown_cell(src) if kind == "md" else new_code_cell(src))
     # Stable ids, so regenerating an unchanged notebook changes nothing in git.
@@ -144,32 +38,37 @@ def nb(path, title, intro, names, body, helps=None):
 
 SETUP = (
     "code",
-    "from sessionmig import report, steps\n\nsettings = steps.settings_from(globals())\nreport.show(report.settings_table(settings))",
+    "from sessionmig import report, steps\n\nsettings = steps.settings_from(globals())\nreport.show_settings(settings)",
 )
 
 nb(
     "notebooks/00_preflight.ipynb",
     "00 · Preflight",
-    "Is the source readable and what is its sha256? Is the target reachable, which server, does it hold every privilege and feature the steps of this run need, do the tables already hold rows? **Go** only when every check holds; what is missing is named with the exact `GRANT` to ask for.",
-    [
-        *TARGET,
-        "on_conflict",
-        "expected_sha256",
-        "run_steps",
-        "run_id",
-    ],
+    "Is the source readable and what is its sha256? Is the target reachable, which server, does it hold every privilege and feature the steps of this run need, do the tables already hold rows? **Go** only when every check holds; what is missing is named with the exact `GRANT` to ask for.\n\n**The gate:** GO when every check below holds. NO-GO stops the run before anything is read into or written to the target.",
+    "preflight",
     [
         SETUP,
         (
             "code",
-            'with report.step("preflight"):\n    result = steps.preflight(settings, run_steps)\nreport.show(report.checks_table(result))',
+            'with report.step("preflight"):\n    result = steps.preflight(settings, run_steps)',
         ),
+        (
+            "md",
+            "## Checks\n\nOne row per check: **✔ holds** or **✘ fails**, with what was found. Every check must hold for GO.",
+        ),
+        ("code", "report.show(report.checks_table(result))"),
         (
             "code",
             'if result.grants:  # one place to copy them from, for the DBA\n    print("Missing privileges; ask the DBA to run:\\n" + "\\n".join(result.grants))',
         ),
-        ("md", "Rows already in the target tables (empty when the tables do not exist yet):"),
-        ("code", "report.show(result.existing_rows)"),
+        (
+            "md",
+            "## Rows already in the target\n\nA table that already holds rows is merged into per `on_conflict`; none means the tables are created by migrate.",
+        ),
+        (
+            "code",
+            'report.show(report.existing_rows_table(result), empty="The target tables do not exist yet: migrate creates them.")',
+        ),
         ("code", "report.conclude_preflight(result)"),
     ],
 )
@@ -177,32 +76,38 @@ nb(
 nb(
     "notebooks/01_inspect.ipynb",
     "01 · Inspect the SQLite backup",
-    "Integrity, schema, counts at `as_of`, how each timestamp column is spelled, JSON validity, nulls, anomalies and the rows that cannot land. Errors block the migration; warnings are for the reviewer to read. Session ids are shown only as keyed hashes.",
-    [
-        "sqlite_path",
-        "source_timezone",
-        "as_of",
-        "batch_rows",
-        "on_invalid_metadata",
-        "on_extra_columns",
-        "run_id",
-    ],
+    "Integrity, schema, counts at `as_of`, how each timestamp column is spelled, JSON validity, nulls, anomalies and the rows that cannot land. Errors block the migration; warnings are for the reviewer to read. Session ids are shown only as keyed hashes.\n\n**The gate:** PASS when nothing stands in the way; PASS_WITH_WARNINGS when something needs a reviewer's eye (each warning named); ERROR — the run stops — when the file is damaged or a row would be lost.",
+    "inspect",
     [
         SETUP,
         (
             "code",
-            'with report.step("inspect"):\n    result = steps.inspect(settings)\nreport.show(report.files_table(result.files))',
+            'with report.step("inspect"):\n    result = steps.inspect(settings)',
         ),
-        ("md", "## Findings (errors block migration)"),
-        ("code", "report.show(report.findings_table(result))"),
         (
-            "code",
-            "if result.census is not None:\n    report.show(report.census_table(result))\n    report.show(report.spellings_table(result))",
+            "md",
+            "## The file\n\nIts size and sha256: the sha256 is what migrate must be given as `expected_sha256`, so the reviewed file is the migrated file.",
         ),
+        ("code", "report.show(report.files_table(result.files))"),
+        (
+            "md",
+            "## Findings\n\nOne row per kind of finding, with how many rows it concerns and up to three examples (ids hashed). **error** blocks the migration; **warning** is for the reviewer to read and accept.",
+        ),
+        ("code", 'report.show(report.findings_table(result), empty="No findings.")'),
+        (
+            "md",
+            "## Counts at `as_of`\n\nActive means `expires_at` after `as_of`. NULL and empty counts are per column; the rows that cannot land are what migrate will keep as rejects.",
+        ),
+        ("code", "if result.census is not None:\n    report.show(report.census_table(result))"),
+        (
+            "md",
+            "## How the timestamps are written\n\nEach distinct shape of text, every digit shown as 9, with how many rows use it. Shapes the type rules do not accept are counted in the findings above.",
+        ),
+        ("code", "if result.census is not None:\n    report.show(report.spellings_table(result))"),
         ("md", "## Sessions over time"),
         (
             "code",
-            "from sessionmig import plots\n\nif result.census is not None and result.census.created_per_day:\n    plots.plot_created_per_day(result.census)\n    plots.plot_remaining_ttl(result.census)",
+            "from sessionmig import plots\n\nreport.show_inspect_charts(result, plots)",
         ),
         ("code", "report.conclude_inspect(result)"),
     ],
@@ -211,29 +116,34 @@ nb(
 nb(
     "notebooks/02_migrate.ipynb",
     "02 · Migrate",
-    "Creates the schema with Alembic, then streams every row through the type rules into PostgreSQL with COPY, in **one transaction**: sessions, rejects and the audit row commit together or not at all. Rows that cannot land are kept in `session_migration_rejects` with their raw values and a reason.",
-    [
-        *TARGET,
-        "batch_rows",
-        "on_conflict",
-        "on_invalid_metadata",
-        "on_extra_columns",
-        "dry_run",
-        "expected_sha256",
-        "max_retries",
-        "run_id",
-        "operator",
-    ],
+    "Creates the schema with Alembic, then streams every row through the type rules into PostgreSQL with COPY, in **one transaction**: sessions, rejects and the audit row commit together or not at all. Rows that cannot land are kept in `session_migration_rejects` with their raw values and a reason.\n\n**The gate:** PASS when every row read landed; PASS_WITH_WARNINGS when rows were rejected (each kept, with its reason, for the reviewer to confirm); the backup's sha256 must be the same before and after. Anything else rolls the whole transaction back.",
+    "migrate",
     [
         SETUP,
-        ("md", "## Type rules in force"),
-        ("code", "report.show(report.type_rules_table())"),
         ("code", 'with report.step("migrate"):\n    result = steps.migrate(settings)'),
-        ("md", "## Summary"),
+        (
+            "md",
+            "## What was loaded\n\nRows read = inserted + unchanged + updated + rejected (+ conflicting, when `on_conflict` lets them stand).",
+        ),
+        ("code", "report.show(report.outcome_table(result))"),
+        (
+            "md",
+            "## Rejected rows, by reason\n\nEach reason with what it means and up to three examples (ids hashed). The rows themselves are in `session_migration_rejects`, raw values included.",
+        ),
+        ("code", 'report.show(report.rejects_table(result), empty="No row was rejected.")'),
+        (
+            "md",
+            "## The backup, before and after\n\nThe sha256 must be the same before and after the load: the file migrated is the file inspected.",
+        ),
         (
             "code",
-            "report.show(report.outcome_table(result))\nreport.show(report.rejects_table(result))\nreport.show(report.files_table(result.hashes_before, result.hashes_after, result.source_check))",
+            "report.show(report.files_table(result.hashes_before, result.hashes_after, result.source_check))",
         ),
+        (
+            "md",
+            "## Type rules in force\n\nHow each column of the legacy schema is turned into its PostgreSQL type.",
+        ),
+        ("code", "report.show(report.type_rules_table())"),
         ("code", "report.conclude_migrate(result)"),
     ],
 )
@@ -241,31 +151,35 @@ nb(
 nb(
     "notebooks/03_reconcile.ipynb",
     "03 · Reconcile",
-    "Compares the **raw backup** with PostgreSQL, every row and every column, and proves the partition: source rows = migrated + rejected, disjoint. Differences are named with hashed ids. A `FAIL` stops the run with a non-zero exit. In a dry run nothing was written, so there is nothing to compare: the step says `SKIPPED` and the run keeps migrate's verdict.",
-    [
-        *TARGET,
-        "batch_rows",
-        "on_invalid_metadata",
-        "on_extra_columns",
-        "dry_run",
-        "run_id",
-    ],
+    "Compares the **raw backup** with PostgreSQL, every row and every column, and proves the partition: source rows = migrated + rejected, disjoint. Differences are named with hashed ids. A `FAIL` stops the run with a non-zero exit. In a dry run nothing was written, so there is nothing to compare: the step says `SKIPPED` and the run keeps migrate's verdict.\n\n**The gate:** PASS when source rows = migrated + rejected holds, every compared row is identical in every column and the new `SessionManager` accepts exactly the sessions the source says are active. Any difference of any kind is a FAIL: do not cut over.",
+    "reconcile",
     [
         SETUP,
         (
             "code",
-            'with report.step("reconcile"):\n    result = steps.reconcile_step(settings)\ncompared = result.verdict != steps.SKIPPED\ntables = report.reconcile_tables(result)',
+            'from sessionmig import plots\n\nwith report.step("reconcile"):\n    result = steps.reconcile_step(settings)\ncompared = result.verdict != steps.SKIPPED\ntables = report.reconcile_tables(result)',
         ),
-        ("md", "## Partition proof"),
+        (
+            "md",
+            "## Differences\n\nFirst per kind (and, for changed rows, per column), then the rows themselves (ids hashed). An empty list is said in words.",
+        ),
+        ("code", "if compared:\n    report.show_differences(result)"),
+        (
+            "md",
+            "## Sessions per day\n\nThe source's landable rows (bars) against PostgreSQL's (line), by the day each session was created; a day that differs is marked.",
+        ),
+        ("code", "if compared:\n    report.show_reconcile_days(result, plots)"),
+        (
+            "md",
+            "## Partition proof\n\nEvery source row is either migrated or rejected, never both and never neither. Each count kind is explained; every kind except *matched* fails the reconcile.",
+        ),
         (
             "code",
             'if compared:\n    report.show(tables["partition"])\n    report.show(tables["counts"])',
         ),
-        ("md", "## Differences (first 200, ids hashed)"),
-        ("code", 'if compared:\n    report.show(tables["differences"])'),
         (
             "md",
-            "## Application-level parity\n\nThe new `SessionManager` is asked, read only, which sessions it accepts at `as_of`; the legacy rule and the distributions are compared on both sides.",
+            "## Application-level parity\n\nThe new `SessionManager` is asked, read only, which sessions it accepts at `as_of`; the legacy rule and the distributions are compared on both sides. The first table must show no session refused or accepted wrongly.",
         ),
         (
             "code",
@@ -279,25 +193,17 @@ nb(
     "notebooks/05_rollback.ipynb",
     "05 · Roll back to SQLite",
     "Restores the backup the migrate run recorded (its sha256 must match), carries back the sessions PostgreSQL created, changed or ended since, in the legacy format, so nobody who logged in after cutover is logged out. Then reconciles the restored file against PostgreSQL with the same engine as step 03. Switch the app with `SESSION_DB_TYPE=sqlite` only after a PASS here.",
-    [
-        *TARGET,
-        "batch_rows",
-        "restore_path",
-        "migrate_manifest",
-        "confirm",
-        "run_id",
-        "operator",
-    ],
+    "rollback",
     [
         SETUP,
         (
             "code",
-            'with report.step("rollback"):\n    restored, result = steps.rollback_step(\n        settings, restore_path=restore_path, migrate_manifest=migrate_manifest, confirm=confirm\n    )\nreport.show(report.rollback_table(restored))',
+            'with report.step("rollback"):\n    restored, result = steps.rollback_step(\n        settings,\n        restore_path=restore_path,\n        migrate_manifest=migrate_manifest,\n        confirm=confirm,\n        live_sqlite_path=live_sqlite_path,\n        state_dir=state_dir,\n    )\nreport.show(report.rollback_table(restored))',
         ),
         ("md", "## The restored file against PostgreSQL"),
         (
             "code",
-            'tables = report.reconcile_tables(result)\nreport.show(tables["partition"])\nreport.show(tables["differences"])',
+            "report.show_rollback_check(result)",
         ),
         ("code", "report.conclude_rollback(restored, result)"),
     ],
@@ -307,7 +213,7 @@ nb(
     "notebooks/06_finalize.ipynb",
     "06 · Finalize: archive the live SQLite file",
     "Only after a reconcile **PASS** (read from its sealed manifest, verified first) and the soak period: the live SQLite file is moved to the archive folder with its sha256 recorded — never deleted — and the step is recorded in `session_migration_runs`.",
-    list(FINALIZE_PARAMETERS),
+    "finalize",
     [
         ("code", "from sessionmig import report, steps"),
         (
@@ -321,20 +227,8 @@ nb(
 nb(
     "notebooks/04_session_analysis.ipynb",
     "04 · Session analysis",
-    "Named, documented queries over the sessions — on PostgreSQL, on the SQLite backup (normalised by the migration's own rules into a private read-only copy), or on both side by side. Read-only, with a statement timeout; session ids are hashed unless `show_ids` is set. `sessionmig query --list` lists the queries. The verdict says what was found: **ERROR** when a query failed (each named), **PASS_WITH_WARNINGS** when the two sources answer differently (each query named with its numbers — expected after cutover, a finding before it) or a source holds no session, **PASS** otherwise.",
-    [
-        *TARGET,
-        "source",
-        "query_names",
-        "window_start",
-        "window_end",
-        "unit",
-        "timezone",
-        "user_id",
-        "top_n",
-        "free_sql",
-        "show_ids",
-    ],
+    "Named, documented queries over the sessions — on PostgreSQL, on the SQLite backup (normalised by the migration's own rules into a private read-only copy), or on both side by side. Read-only, with a statement timeout; session ids are hashed unless `show_ids` is set. `sessionmig query --list` lists the queries. The verdict says what was found: **ERROR** when a query failed (each named), **PASS_WITH_WARNINGS** when the two sources answer differently (each query named with its numbers — expected after cutover, a finding before it) or a source holds no session, **PASS** otherwise.\n\n**How to read it:** each query has a heading saying what it answers; with `source=both` the two answers stand side by side (SQLite on the left) and each chart has one panel per source. An empty answer is said in words, with the window it used.",
+    "analysis",
     [
         SETUP,
         (
@@ -347,21 +241,21 @@ nb(
         ),
         (
             "code",
-            "for name, frame in result.results.items():\n    report.show(report.query_header(name))\n    report.show(frame.head(200))\n    plots.plot_query(name, frame)",
+            "window = report.window_words(settings, common)\nfor name, frame in result.results.items():\n    report.show_query(name, frame, window)\n    plots.plot_query(name, frame)",
         ),
         ("md", "## Free SQL (read-only; table `sessions`)"),
         (
             "code",
-            "for frame in result.free.values():\n    report.show(frame.head(200))",
+            'if not free_sql:\n    report.say("No free SQL was given (parameter free_sql).")\nfor frame in result.free.values():\n    report.show(frame, empty="The free SQL returned no rows.")',
         ),
         ("md", "## What the queries found"),
         (
             "code",
-            "for line in [*result.differences, *result.warnings, *result.errors.values()]:\n    print(line)",
+            'found = [*result.differences, *result.warnings, *result.errors.values()]\nfor line in found:\n    report.say(line)\nif not found:\n    report.say("Nothing to note: every query answered, the same on each source.")',
         ),
         (
             "code",
-            'report.conclude("analysis", result.verdict, result.reason, exit_code=result.exit_code)',
+            'report.conclude(\n    "analysis",\n    result.verdict,\n    result.reason,\n    exit_code=result.exit_code,\n    figures=report.analysis_figures(result),\n)',
         ),
     ],
 )
@@ -370,19 +264,7 @@ nb(
     "notebooks/07_catchup.ipynb",
     "07 · Catch-up: carry the old colour's changes into PostgreSQL",
     "While both colours serve, each pass takes a consistent snapshot of the live SQLite store (SQLite's online backup API; the app's writers never fail) and merges it three ways: **base** = the snapshot the last pass carried (the migrated one, first), **live** = the new snapshot, **target** = PostgreSQL now. Sessions created on the old colour are inserted, its changes go *on top of* PostgreSQL's rows (`request_count` gains live − base, instants take the later value), sessions it ended are ended; what only PostgreSQL changed is never touched. One transaction per pass, proven inside itself before it commits, recorded in `session_migration_runs` with both sha256s: **exactly once** — run the same command again for the next pass. Session ids are shown only as keyed hashes.",
-    [
-        *TARGET,
-        "live_sqlite_path",
-        "state_dir",
-        "lock_timeout",
-        "batch_rows",
-        "on_invalid_metadata",
-        "on_extra_columns",
-        "dry_run",
-        "max_retries",
-        "run_id",
-        "operator",
-    ],
+    "catchup",
     [
         SETUP,
         (
@@ -410,5 +292,4 @@ nb(
             'report.conclude(\n    "catchup",\n    result.verdict,\n    result.reason,\n    pass_number=result.pass_number,\n    base_sha256=result.base_sha256,\n    live_sha256=result.live_sha256,\n    counts=result.counts,\n)',
         ),
     ],
-    helps=CATCHUP_HELP,
 )

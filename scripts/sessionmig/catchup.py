@@ -48,13 +48,13 @@ from psycopg import sql
 
 from . import merge as M
 from .audit import RunRow, write_run
+from .connect import connect
 from .errors import ParameterError, SourceError, TargetError, TransientTargetError
 from .jsonb import metadata_text
 from .load import migration_lock
-from .mask import mask_id
-from .params import redact
+from .mask import mask_id, redact
 from .snapshot import SnapshotResult, private_dir, take
-from .source import Backup, _shaped, in_background, open_backup, sha256_file
+from .source import Backup, in_background, open_backup, sha256_file, shaped
 from .transform import COLUMNS, Reject, Rules, normalise
 from .verdict import Verdict
 
@@ -194,6 +194,24 @@ def chain_of(conn: psycopg.Connection, schema: str) -> Chain:
     return Chain(migrate[0], migrate[1], last[0], last[1], last[2])
 
 
+def refuse_after_rollback(conn: psycopg.Connection, schema: str, chain: Chain) -> None:
+    """Refuse a pass once a rollback during the overlap carried PostgreSQL's changes back into
+    the live SQLite file: those changes would return as SQLite deltas and count twice."""
+    rolled = conn.execute(
+        sql.SQL(
+            "SELECT run_id FROM {} WHERE step = 'rollback' AND parameters->>'mode' = 'overlap' "
+            "AND parameters->>'migrate_run_id' = %s LIMIT 1"
+        ).format(_runs(schema)),
+        (chain.migrate_run_id,),
+    ).fetchone()
+    if rolled is not None:
+        raise BaseNotCurrent(
+            f"run {rolled[0]} rolled the target back into the live SQLite file after migrate run "
+            f"{chain.migrate_run_id}: no catch-up pass may follow it (its changes would count "
+            "twice); to cut over again, take a new snapshot and migrate it"
+        )
+
+
 def _base_file(chain: Chain, sqlite_path: Path, state_dir: Path, given: Path | None) -> Path:
     if given is not None:
         return given
@@ -327,7 +345,7 @@ def _raw_rows(
     )
     for chunk in backup.batches(cursor, batch):
         for row in chunk:
-            yield _shaped(row, len(extra))
+            yield shaped(row, len(extra))
 
 
 def _decoded(value: object) -> str:
@@ -902,6 +920,7 @@ def catchup(
     _private_state_dir(state)
     with migration_lock(dsn, schema), _connect(dsn) as conn:
         chain = chain_of(conn, schema)  # autocommit: no transaction open while SQLite is read
+        refuse_after_rollback(conn, schema, chain)
         base_file = _base_file(chain, migrated, state, Path(base_path) if base_path else None)
         if not base_file.is_file():
             raise ParameterError(
@@ -1020,15 +1039,10 @@ def _apply(
 
 
 def _connect(dsn: str) -> psycopg.Connection:
-    try:
-        # autocommit: ``conn.transaction()`` is then a real BEGIN/COMMIT, never a savepoint
-        # (writes under a savepoint would carry a subtransaction's xmin, and the proof reads
-        # the top transaction's).
-        return psycopg.connect(
-            dsn, autocommit=True, application_name="sessionmig-catchup", connect_timeout=15
-        )
-    except psycopg.OperationalError as exc:
-        raise TransientTargetError(f"cannot connect to the target: {redact(str(exc))}") from None
+    # autocommit: ``conn.transaction()`` is then a real BEGIN/COMMIT, never a savepoint
+    # (writes under a savepoint would carry a subtransaction's xmin, and the proof reads
+    # the top transaction's).
+    return connect(dsn, "catchup", autocommit=True, connect_timeout=15)
 
 
 def _target_error(exc: psycopg.Error, lock_timeout: str) -> TargetError:

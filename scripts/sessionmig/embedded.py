@@ -25,13 +25,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 import psycopg
 from psycopg import sql
 
-from .errors import ParameterError
+from .connect import connect
+from .connect import with_database as any_with_database
+from .errors import ParameterError, TargetError
 
 URL_VARIABLE = "SESSIONMIG_EMBEDDED_URL"
 PGDATA_VARIABLE = "SESSIONMIG_PGDATA"
@@ -265,10 +266,10 @@ def _answers(path: Path) -> bool:
         try:
             info = _package().PostmasterInfo.read_from_pgdata(path)
             if info is not None and info.status == "ready":
-                with psycopg.connect(info.get_uri(database="postgres"), connect_timeout=5) as c:
+                with connect(info.get_uri(database="postgres"), "embedded", connect_timeout=5) as c:
                     c.execute("SELECT 1")
                 return True
-        except (psycopg.Error, AssertionError, ValueError, RuntimeError, OSError):
+        except (TargetError, psycopg.Error, AssertionError, ValueError, RuntimeError, OSError):
             pass
         if time.monotonic() > deadline:
             return False
@@ -276,9 +277,8 @@ def _answers(path: Path) -> bool:
 
 
 def with_database(url: str, database: str) -> str:
-    """The same server URL pointing at another database."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + database))
+    """The same server URL (or any DSN form) pointing at another database."""
+    return any_with_database(url, database)
 
 
 def url(database: str = DEFAULT_DATABASE) -> str:
@@ -291,7 +291,7 @@ def url(database: str = DEFAULT_DATABASE) -> str:
 def ensure_database(server_url: str, database: str, *, fresh: bool = False) -> None:
     """Create ``database`` on the server at ``server_url``; ``fresh`` drops it first."""
     admin = with_database(server_url, "postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
+    with connect(admin, "admin", autocommit=True) as conn:
         exists = conn.execute(
             "SELECT 1 FROM pg_database WHERE datname = %s", (database,)
         ).fetchone()

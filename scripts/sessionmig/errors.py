@@ -37,6 +37,16 @@ class TransientTargetError(TargetError):
     """The connection to the target was lost or refused; retrying the whole load is safe."""
 
 
+class TargetUnreachable(TransientTargetError):
+    """No connection to the target could be made (refused, timed out, the server starting,
+    shutting down or full); the same connection may succeed later."""
+
+
+class TargetRefused(TargetError):
+    """The target refused the login (password, role, database, ``pg_hba.conf``) or the DSN
+    is malformed; trying again unchanged fails again."""
+
+
 class LockHeld(TargetError):
     """Another migration holds the advisory lock on this target."""
 

@@ -25,6 +25,7 @@ import psycopg
 from psycopg import sql
 
 from .audit import RunRow, write_run
+from .connect import connect
 from .copyin import stream_backup
 from .errors import (
     LockHeld,
@@ -97,12 +98,7 @@ def migration_lock(dsn: str, schema: str) -> Iterator[None]:
     A session-level advisory lock on its own connection: released when the step ends or when
     the process dies, so a killed run never leaves the target locked.
     """
-    try:
-        conn = psycopg.connect(
-            dsn, autocommit=True, application_name="sessionmig-lock", connect_timeout=15
-        )
-    except psycopg.OperationalError as exc:
-        raise TransientTargetError(f"cannot connect to the target: {exc}".strip()) from None
+    conn = connect(dsn, "lock", autocommit=True, connect_timeout=15)
     try:
         got = conn.execute(
             "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (lock_key(schema),)
@@ -305,16 +301,20 @@ def load(
     batch_rows: int = 10_000,
     progress: Callable[[int], None] | None = None,
     before_commit: Callable[[], None] | None = None,
+    phase: Callable[[str], None] | None = None,
 ) -> LoadOutcome:
     """Normalise and load every row of ``backup``; commit once (or roll back).
 
     ``before_commit`` runs last inside the transaction; whatever it raises rolls it all back.
+    ``phase`` is told each stage after the rows are copied (index rebuild, merge, commit), which
+    can take as long as the copy itself while no row moves.
     A lost connection raises :class:`TransientTargetError`; the target is then as it was.
     """
+    say = phase or (lambda text: None)
     with target_errors(schema):
         started = datetime.now(UTC)
         clock = time.perf_counter()
-        conn = psycopg.connect(dsn, application_name="sessionmig-migrate", connect_timeout=15)
+        conn = connect(dsn, "migrate", connect_timeout=15)
         with conn:
             conn.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
             target = _table(schema, "sessions")
@@ -342,9 +342,11 @@ def load(
             # only if it is unchanged.
             unchanged_source = backup.verify_unchanged_later()
             if rebuild is not None:
+                say("rebuilding indexes")
                 rebuild()
                 inserted, unchanged, conflicting, updated = streamed.copied, 0, 0, 0
             else:
+                say("merging into sessions")
                 new, unchanged, conflicting = _classify(conn, target)
                 if conflicting and on_conflict == "fail":
                     conn.rollback()
@@ -364,6 +366,7 @@ def load(
                         "someone else while this load ran; nothing was written. Run again"
                     )
             rejected = sum(sink.reasons.values())
+            say("recording rejects and the audit row")
             conn.execute(
                 sql.SQL(
                     """INSERT INTO {} (run_id, source_rowid, session_id, reason, message, raw)
@@ -372,7 +375,7 @@ def load(
                 ).format(_table(schema, "session_migration_rejects")),
                 (audit.run_id,),
             )
-            counts = dict(
+            counts: dict[str, Any] = dict(
                 rows_read=streamed.read,
                 inserted=inserted,
                 unchanged=unchanged,
@@ -398,13 +401,17 @@ def load(
                     **counts,
                 ),
             )
+            say("checking the source is unchanged")
             unchanged_source.result()  # raises SourceError, which rolls everything back
             if before_commit is not None:
                 before_commit()
             if dry_run:
                 conn.rollback()
+                say("rolled back (dry run)")
             else:
+                say("committing")
                 conn.commit()
+                say("committed")
         return LoadOutcome(
             run_id=audit.run_id,
             rows_read=streamed.read,

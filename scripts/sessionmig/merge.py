@@ -27,14 +27,21 @@ Columns live did not change are never touched: changes made only in PostgreSQL s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from .transform import INT4_MAX, INT4_MIN
 
 Row = tuple[str, str | None, str | None, datetime, datetime, datetime, int]
-USER, METADATA, CREATED, EXPIRES, LAST, COUNT = 1, 2, 3, 4, 5, 6
+# Final: the type checker then knows each column's type when a row is indexed by its name.
+USER: Final = 1
+METADATA: Final = 2
+CREATED: Final = 3
+EXPIRES: Final = 4
+LAST: Final = 5
+COUNT: Final = 6
 # Columns that are replaced by the side that changed them (conflict when both did).
 REPLACED = {"user_id": USER, "metadata": METADATA, "created_at": CREATED}
 # Instants that only move forward: the later value wins.
@@ -80,20 +87,30 @@ def _changes_on_top(base: Row | None, live: Row, target: Row) -> tuple[Row, tupl
         out[COUNT] = max(target[COUNT], live[COUNT])
     else:
         out[COUNT] = saturated(target[COUNT] + (live[COUNT] - base[COUNT]))
+    live_wins = live[LAST] > target[LAST]  # for a conflict: the side seen more recently
+    # The loops below treat several columns alike, whatever their type.
+    was: Sequence[Any] | None = base
+    now: Sequence[Any] = live
+    pg: Sequence[Any] = target
     for i in LATER.values():
-        if base is None or live[i] != base[i]:
-            out[i] = max(target[i], live[i])
+        if was is None or now[i] != was[i]:
+            out[i] = max(pg[i], now[i])
     for name, i in REPLACED.items():
-        if base is not None and live[i] == base[i]:
+        if was is not None and now[i] == was[i]:
             continue  # live did not change it: PostgreSQL's value stays
-        if base is not None and target[i] == base[i]:
-            out[i] = live[i]  # only live changed it
-        elif target[i] != live[i]:
+        if was is not None and pg[i] == was[i]:
+            out[i] = now[i]  # only live changed it
+        elif pg[i] != now[i]:
             # Both changed it, differently: the side seen more recently wins.
-            live_wins = live[LAST] > target[LAST]
-            out[i] = live[i] if live_wins else target[i]
+            out[i] = now[i] if live_wins else pg[i]
             conflicts.append(Conflict(name, "live" if live_wins else "postgres"))
-    return tuple(out), tuple(conflicts)  # type: ignore[return-value]
+    return _row(out), tuple(conflicts)
+
+
+def _row(values: Sequence[Any]) -> Row:
+    """A :data:`Row` of the seven values (in ``transform.COLUMNS`` order)."""
+    session_id, user_id, metadata, created_at, expires_at, last_activity, count = values
+    return (session_id, user_id, metadata, created_at, expires_at, last_activity, count)
 
 
 def merge(base: Row | None, live: Row | None, target: Row | None) -> Outcome:

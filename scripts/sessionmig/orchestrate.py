@@ -1,7 +1,10 @@
 """Run the runbook's steps in order with papermill and leave an auditable run directory.
 
-``run()`` reads as the procedure: resolve parameters, check them against what the notebooks
-declare, prepare the target, execute each step, render it, then seal the manifest and index.
+``run()`` reads as the procedure: resolve parameters (the environment file and ``-p``, by the one
+rule of :func:`sessionmig.params.resolve`), prepare the target, execute each step, render it, then
+seal the manifest and index. The notebooks come from :func:`sessionmig.project.locate` (the
+checkout, the installed package or ``--project-dir``); reports go under the current directory
+unless ``reports_dir`` says otherwise.
 
 Whatever happens after the run folder exists — a step fails, the operator presses Ctrl-C, the
 process gets SIGTERM — the folder is sealed with what happened. What a step committed is taken
@@ -33,11 +36,13 @@ from papermill.exceptions import PapermillExecutionError
 from . import embedded, manifest, mask
 from . import params as P
 from .errors import EXIT_ERROR, EXIT_FAIL, EXIT_OK, ParameterError, SessionmigError
-from .progress import PROGRESS_VARIABLE, ProgressEcho
+from .progress import PROGRESS_VARIABLE, ProgressEcho, plain
+from .project import locate
 from .render import notebook_to_html, scrub_notebook
 from .report import RESULT_VARIABLE
+from .settings import complete, new_run_id
 from .source import hash_files
-from .steps import current_operator, new_run_id
+from .verdict import Verdict, worst
 
 STEPS: dict[str, str] = {
     "preflight": "00_preflight.ipynb",
@@ -54,16 +59,8 @@ DEFAULT_STEPS = ("preflight", "inspect", "migrate", "reconcile")
 SOURCE_ONLY_STEPS = frozenset({"inspect"})
 # How long an interrupted step may take to stop before its kernel is killed.
 KILL_AFTER_S = 30.0
-
-
-def notebooks_dir() -> Path:
-    """``notebooks/`` of the checkout (``SESSIONMIG_NOTEBOOKS`` overrides)."""
-    return Path(os.environ.get("SESSIONMIG_NOTEBOOKS", "notebooks")).resolve()
-
-
-def declared_parameters(notebook: Path) -> set[str]:
-    """The names a notebook's ``parameters`` cell declares (papermill reads them)."""
-    return set(papermill.inspect_notebook(str(notebook)))
+# The run's verdict when the operator stopped it (a run's, never a step's).
+INTERRUPTED = "INTERRUPTED"
 
 
 @dataclass
@@ -88,31 +85,15 @@ class RunOutcome:
     message: str
     steps: tuple[StepRecord, ...] = ()
     source_sha256: str | None = None
+    verdict: str | None = None  # the run's, as the manifest records it
 
 
-def resolve_parameters(env: str, overrides: dict[str, Any], steps: list[str]) -> dict[str, Any]:
-    """Environment file + ``-p``, refusing names no selected notebook declares."""
-    unknown_steps = [s for s in steps if s not in STEPS]
-    if unknown_steps:
-        raise ParameterError(f"unknown step(s) {unknown_steps}; choose from {', '.join(STEPS)}")
-    base = P.load_environment(env)
-    every = set().union(*(declared_parameters(notebooks_dir() / nb) for nb in STEPS.values()))
-    selected = set().union(*(declared_parameters(notebooks_dir() / STEPS[s]) for s in steps))
-    typos = sorted(set(base) - every)
-    if typos:
-        raise ParameterError(
-            f"environment {env!r} sets {typos}, which no notebook declares; "
-            "fix the spelling in the environment file"
-        )
-    unknown = sorted(set(overrides) - selected)
-    if unknown:
-        raise ParameterError(
-            f"-p {', '.join(unknown)}: not a parameter of the selected steps "
-            f"({', '.join(steps)}); they declare: {', '.join(sorted(selected))}"
-        )
-    merged = {**base, **overrides}
-    P.validate(merged)
-    P.zone(merged.get("source_timezone"))
+def resolve_parameters(
+    env: str, overrides: dict[str, Any], steps: list[str], project_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Environment file + ``-p`` by the one merge rule, every value the steps need checked."""
+    merged = P.resolve(env, overrides, steps, project_dir=project_dir)
+    P.validate(merged, steps)
     return merged
 
 
@@ -132,7 +113,7 @@ def secrets_of(merged: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _target_name(merged: dict[str, Any]) -> str | None:
-    return merged.get("database_url_env", "DATABASE_URL")
+    return merged.get("database_url_env", P.default("database_url_env"))
 
 
 def prepare_target(merged: dict[str, Any], fresh: bool) -> str:
@@ -158,7 +139,9 @@ class KernelManager(AsyncKernelManager):
     log_file: Any = None
     kernel_pid: int | None = None
 
-    async def start_kernel(self, **kw: Any) -> None:
+    # jupyter_client types start_kernel as its synchronous wrapper; the async manager's, which
+    # nbclient awaits, is a coroutine function.
+    async def start_kernel(self, **kw: Any) -> None:  # type: ignore[override]
         if self.log_file is not None:
             kw.setdefault("stderr", self.log_file)
             kw.setdefault("stdout", self.log_file)
@@ -239,9 +222,10 @@ KEY_FIGURES = {
 """The figures a step's one-line summary shows, when its result has them."""
 
 
-def announce(line: str) -> None:
-    """One plain line on stderr for the operator (no colour, no escape codes)."""
-    print(f"sessionmig run: {line}", file=sys.stderr, flush=True)
+def announce(line: str, verb: str = "run") -> None:
+    """One plain line on stderr for the operator (no colour, no escape codes), named after the
+    command the operator typed (``run``, or ``migrate``/``reconcile``, which run one step)."""
+    print(f"sessionmig {verb}: {line}", file=sys.stderr, flush=True)
 
 
 def step_line(record: StepRecord) -> str:
@@ -262,28 +246,30 @@ def execute_step(
     parameters: dict[str, Any],
     results: Path,
     secrets: tuple[str, ...] = (),
+    notebooks: Path | None = None,
 ) -> None:
     """Execute one notebook with papermill, render it, and fill ``record``.
 
     papermill writes the executed notebook to the private ``results`` folder; only its
     scrubbed copy enters the run folder, so a run killed mid-step never leaves a secret there.
+    The notebook gets the parameters its step declares (``params.PARAMETERS``).
     """
-    source = notebooks_dir() / record.notebook
+    source = (notebooks or locate().notebooks) / record.notebook
     raw = results / record.notebook
     output = run_dir / record.notebook
     result_file = results / f"{record.name}.json"
     os.environ[RESULT_VARIABLE] = str(result_file)
-    declared = declared_parameters(source)
+    declared = {p.name for p in P.of_steps([record.name])}
     started = time.perf_counter()
     kernel_log = open(results / f"{record.name}.kernel.log", "wb")  # noqa: SIM115
     km = KernelManager(kernel_name="python3")
     km.log_file = kernel_log
-    echo = None
-    if sys.stderr.isatty():
-        progress = results / f"{record.name}.progress"
-        os.environ[PROGRESS_VARIABLE] = str(progress)
-        echo = ProgressEcho(record.name, progress)
-        echo.start()
+    # The kernel appends its progress bars to this file; the echo shows them on stderr: a
+    # redrawn line on a terminal, occasional plain lines in a log or under NO_COLOR.
+    progress = results / f"{record.name}.progress"
+    os.environ[PROGRESS_VARIABLE] = str(progress)
+    echo = ProgressEcho(record.name, progress, plain=plain(sys.stderr))
+    echo.start()
     try:
         error = _execute(
             km,
@@ -316,8 +302,7 @@ def execute_step(
         record.duration_s = time.perf_counter() - started
         os.environ.pop(RESULT_VARIABLE, None)
         os.environ.pop(PROGRESS_VARIABLE, None)
-        if echo is not None:
-            echo.stop()
+        echo.stop()
         kernel_log.close()
     if result_file.exists():
         data = json.loads(result_file.read_text(encoding="utf-8"))
@@ -434,18 +419,17 @@ def _ask_target(merged: dict[str, Any], steps: list[str], interrupted: bool) -> 
         return TargetFacts(problem="the run's steps do not use a target")
     import psycopg
 
+    from .connect import connect
+
     try:
         dsn = P.database_url(_target_name(merged))
         # Autocommit: pg_stat_activity is read afresh by each statement only outside a
         # transaction (settle polls it); the digest is then written in a transaction of its own.
-        conn = psycopg.connect(
-            dsn, connect_timeout=10, autocommit=True, application_name="sessionmig-seal"
-        )
-    except (psycopg.Error, ParameterError) as exc:
+        conn = connect(dsn, "seal", autocommit=True, statement_timeout_ms=30_000)
+    except (psycopg.Error, SessionmigError) as exc:
         return TargetFacts(problem=f"the target could not be reached: {mask.redact(str(exc))}")
-    schema = str(merged.get("target_schema") or "public")
+    schema = str(merged.get("target_schema") or P.default("target_schema"))
     try:
-        conn.execute("SET statement_timeout = '30s'")
         settled = manifest.settle(conn) if interrupted else True
         facts = TargetFacts(
             identity=manifest.target_identity(conn),
@@ -486,7 +470,7 @@ def _account_for_interrupt(
         if migrate is not None and migrate.status in ("interrupted", "skipped", "failed"):
             # The commit is the step's work; its report was cut short, not its effect.
             migrate.status = "passed"
-            migrate.verdict = "PASS_WITH_WARNINGS" if row["rejected"] else "PASS"
+            migrate.verdict = Verdict.PASS_WITH_WARNINGS if row["rejected"] else Verdict.PASS
             migrate.reason = (
                 f"committed, then interrupted before its report was complete: {happened}"
             )
@@ -511,7 +495,7 @@ def _record_digest(
     if facts.conn is None:
         return None
     digest = manifest.digest_of(run_dir)
-    schema = str(merged.get("target_schema") or "public")
+    schema = str(merged.get("target_schema") or P.default("target_schema"))
     try:
         if not facts.digest_ready:
             return None  # the manifest says why
@@ -527,7 +511,7 @@ def _record_digest(
 
 
 def _record_status(facts: TargetFacts, merged: dict[str, Any]) -> dict[str, Any]:
-    schema = str(merged.get("target_schema") or "public")
+    schema = str(merged.get("target_schema") or P.default("target_schema"))
     table = f"{schema}.{manifest.DIGEST_TABLE}"
     if facts.conn is not None and facts.digest_ready:
         status = f"recorded in {table} when this manifest was sealed"
@@ -551,20 +535,21 @@ def run(
     overrides: dict[str, Any] | None = None,
     reports_dir: str | Path = "reports",
     fresh: bool = False,
+    project_dir: str | Path | None = None,
+    verb: str = "run",
 ) -> RunOutcome:
-    """Run the selected steps for ``env``; see the module docstring."""
+    """Run the selected steps for ``env``; see the module docstring. ``verb`` names the
+    command in what the terminal is told (``sessionmig migrate`` runs this with one step)."""
     steps = list(steps or DEFAULT_STEPS)
     started = datetime.now(UTC)
-    merged = resolve_parameters(env, overrides or {}, steps)
-    run_id = new_run_id(started)
-    merged["run_id"] = run_id
-    merged["as_of"] = P.resolve_as_of(merged.get("as_of"), started).isoformat()
-    merged["sqlite_path"] = str(Path(merged["sqlite_path"]).resolve())
-    merged["operator"] = merged.get("operator") or current_operator()
+    merged = resolve_parameters(env, overrides or {}, steps, project_dir)
+    notebooks = locate(project_dir).notebooks
+    # One id, one "now", one operator for every step of the run; a run's id is always new.
+    merged = complete({**merged, "run_id": new_run_id(started)}, started)
     merged["run_steps"] = steps  # preflight checks what these steps need, and only that
     secrets = secrets_of(merged)
     with _terminate_as_interrupt():
-        run_dir = make_run_dir(reports_dir, env, run_id)
+        run_dir = make_run_dir(reports_dir, env, merged["run_id"])
         os.environ[mask.SALT_VARIABLE] = salt = os.urandom(16).hex()
         records = [StepRecord(name, STEPS[name]) for name in steps]
         exit_code = EXIT_OK
@@ -577,9 +562,9 @@ def run(
                 target = prepare_target(merged, fresh)
                 with tempfile.TemporaryDirectory(prefix="sessionmig-results-") as results:
                     for record in records:
-                        announce(f"{record.name}: running {record.notebook}")
-                        execute_step(record, run_dir, merged, Path(results), secrets)
-                        announce(step_line(record))
+                        announce(f"{record.name}: running {record.notebook}", verb)
+                        execute_step(record, run_dir, merged, Path(results), secrets, notebooks)
+                        announce(step_line(record), verb)
                         if record.interrupted:
                             interrupted = True
                             break
@@ -593,7 +578,9 @@ def run(
                 reason = (
                     str(exc) if isinstance(exc, SessionmigError) else f"{type(exc).__name__}: {exc}"
                 )
-                records.append(StepRecord("run", "", "failed", "ERROR", P.redact(reason), code))
+                records.append(
+                    StepRecord("run", "", "failed", Verdict.ERROR, P.redact(reason), code)
+                )
                 exit_code = code
             with _sealing():
                 return _seal(
@@ -637,7 +624,7 @@ def _seal(
                 "source check",
                 "",
                 "failed",
-                "ERROR",
+                Verdict.ERROR,
                 "the backup changed during the run",
                 EXIT_ERROR,
             )
@@ -649,19 +636,15 @@ def _seal(
     )
     interruption = _account_for_interrupt(records, facts, merged["run_id"]) if interrupted else None
     failed = [r for r in records if r.status == "failed"]
+    verdict: str
     if interrupted:
         exit_code = EXIT_ERROR
-        verdict = "INTERRUPTED"
+        verdict = INTERRUPTED
     else:
-        verdict = (
-            "FAIL"
-            if exit_code == EXIT_FAIL
-            else "ERROR"
-            if exit_code
-            else "PASS_WITH_WARNINGS"
-            if any(r.verdict == "PASS_WITH_WARNINGS" for r in records)
-            else "PASS"
-        )
+        # The exit code's verdict first: of equally bad ones, worst() keeps the first (PASS
+        # over a preflight's GO, FAIL over its NO-GO).
+        by_code = {EXIT_OK: Verdict.PASS, EXIT_FAIL: Verdict.FAIL}.get(exit_code, Verdict.ERROR)
+        verdict = worst([by_code, *(r.verdict for r in records if r.verdict in set(Verdict))])
     data: dict[str, Any] = {
         "run_id": merged["run_id"],
         "environment": Path(env).stem,
@@ -695,7 +678,7 @@ def _seal(
     problem = _record_digest(facts, merged, run_dir, env, verdict)
     if interruption is not None:
         where = f" during {interruption['step']}" if interruption["step"] else ""
-        message = f"INTERRUPTED{where}: {interruption['what_happened']}"
+        message = f"{INTERRUPTED}{where}: {interruption['what_happened']}"
     elif failed:
         message = f"{verdict}: {failed[0].name}: {failed[0].reason}"
     else:
@@ -710,4 +693,5 @@ def _seal(
         P.redact(message),
         tuple(records),
         before[0].sha256 if before else after[0].sha256,
+        verdict,
     )

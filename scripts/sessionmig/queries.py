@@ -41,12 +41,12 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pandas as pd
-import psycopg
 from psycopg import sql
 
 from . import params as P
 from . import readonly
-from .errors import ParameterError, SourceError, TargetError
+from .connect import connect
+from .errors import ParameterError, SourceError
 from .jsonb import metadata_text
 from .keys import duplicate_rejects
 from .mask import mask_id
@@ -564,13 +564,8 @@ def _frame(columns: list[str], rows: list[tuple]) -> pd.DataFrame:
 def run_sql_postgres(
     statement: Any, values: dict[str, Any], dsn: str, timeout_s: float, limit: int
 ) -> pd.DataFrame:
-    try:
-        conn = psycopg.connect(dsn, application_name="sessionmig-query", connect_timeout=10)
-    except psycopg.OperationalError as exc:
-        raise TargetError(f"cannot connect to the target: {P.redact(str(exc))}") from None
+    conn = connect(dsn, "query", read_only=True, statement_timeout_ms=int(timeout_s * 1000))
     with conn:
-        conn.read_only = True
-        conn.execute(f"SET statement_timeout = {int(timeout_s * 1000)}")
         cur = conn.execute(statement, values)
         rows = cur.fetchmany(limit) if cur.description else []
         columns = [c.name for c in cur.description or []]
@@ -662,10 +657,13 @@ def run_free_sql(
 
 
 def to_text(frame: pd.DataFrame, fmt: str) -> str:
-    """A result as a terminal table, CSV or JSON lines."""
+    """A result as a terminal table, CSV or JSON lines (one object a row; ``[]`` when there
+    is none, so a script reading it always gets JSON)."""
     if fmt == "csv":
         return frame.to_csv(index=False)
     if fmt == "json":
+        if not len(frame):
+            return "[]"
         return "\n".join(
             json.dumps(r, default=str, ensure_ascii=False) for r in frame.to_dict(orient="records")
         )

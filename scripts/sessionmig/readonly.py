@@ -61,9 +61,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import params as P
+from .connect import connect
 from .errors import ParameterError, TargetError
-from .mask import mask_id
+from .mask import mask_id, redact
 
 # The legacy SessionManager's ids: masked wherever they appear inside a longer text.
 SESSION_TOKEN = re.compile(
@@ -191,14 +191,9 @@ def run_postgres(
 
 
 def _connect(dsn: str) -> psycopg.Connection:
-    try:
-        # autocommit: we open and always roll back the one transaction ourselves (psycopg's
-        # ``with conn:`` would COMMIT it).
-        return psycopg.connect(
-            dsn, autocommit=True, connect_timeout=10, application_name="sessionmig-free-sql"
-        )
-    except psycopg.OperationalError as exc:
-        raise TargetError(f"cannot connect to the target: {P.redact(str(exc))}") from None
+    # autocommit: we open and always roll back the one transaction ourselves (psycopg's
+    # ``with conn:`` would COMMIT it).
+    return connect(dsn, "free-sql", autocommit=True)
 
 
 def _privileged(conn: psycopg.Connection) -> bool:
@@ -267,20 +262,13 @@ def _transient_reader(
         ) from None
     try:
         try:
-            reader = psycopg.connect(
-                dsn,
-                user=name,
-                password=password,
-                autocommit=True,
-                connect_timeout=10,
-                application_name="sessionmig-free-sql",
-            )
-        except psycopg.OperationalError as exc:
+            reader = connect(dsn, "free-sql", autocommit=True, user=name, password=password)
+        except TargetError as exc:
             raise ParameterError(
                 "the target DSN is a superuser (or may read/write server files or run "
                 "programs), so free SQL runs as a transient read-only login, which could not "
-                f"log in ({P.redact(str(exc)).strip()}); check pg_hba.conf, or give free SQL a "
-                "DSN whose role may only read the sessions table"
+                f"log in ({exc}); check pg_hba.conf, or give free SQL a DSN whose role may "
+                "only read the sessions table"
             ) from None
         with closing(reader):
             yield reader
@@ -395,7 +383,7 @@ def _run_guarded(
         if isinstance(exc, psycopg.OperationalError) and not isinstance(
             exc, psycopg.errors.QueryCanceled
         ):
-            raise TargetError(f"the target connection failed: {P.redact(str(exc))}") from None
+            raise TargetError(f"the target connection failed: {redact(str(exc))}") from None
         raise ParameterError(_pg_message(conn, exc, schema, timeout_s, show_ids)) from None
     finally:
         _rollback(conn)

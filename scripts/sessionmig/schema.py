@@ -10,6 +10,11 @@ The target may be live: every statement here that takes a lock does so under ``l
 clear message instead of queueing the application behind it. :func:`provisional` creates the
 schema for a load and removes what it created when that load does not complete, so an
 interrupted first run leaves the target exactly as it was.
+
+Alembic as its users know it: the package ships ``alembic.ini`` (:data:`ALEMBIC_INI`), so
+``alembic -c ALEMBIC_INI -x schema=NAME upgrade head|current`` works against ``DATABASE_URL``;
+:func:`db_upgrade`, :func:`db_current` and :func:`db_history` are the same three commands for
+``sessionmig db``.
 """
 
 from __future__ import annotations
@@ -31,14 +36,19 @@ from sqlalchemy import (
     Index,
     Integer,
     Text,
-    create_engine,
     func,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from .connect import connect, engine, failure_text
+from .errors import TargetError
+
 MIGRATIONS = Path(__file__).parent / "migrations"
+# The installed Alembic configuration: ``alembic -c ALEMBIC_INI -x schema=… current`` works
+# against DATABASE_URL (see the file's header).
+ALEMBIC_INI = Path(__file__).parent / "alembic.ini"
 HEAD = "0003"
 # How long any DDL waits for a lock before giving up (PostgreSQL interval syntax).
 LOCK_TIMEOUT = "5s"
@@ -148,35 +158,50 @@ def _present(conn: Any, schema: str) -> tuple[bool, set[str]]:
     return bool(exists), tables & {*TABLES, VERSION_TABLE}
 
 
-def upgrade_detail(dsn: str, target_schema: str = "public", revision: str = "head") -> Upgraded:
-    """``alembic upgrade`` on ``target_schema`` (created if missing), under ``lock_timeout``."""
-    from alembic import command
+def alembic_config(target_schema: str = "public") -> Any:
+    """The Alembic ``Config`` of the installed ``alembic.ini``, aimed at ``target_schema``."""
     from alembic.config import Config
-    from alembic.runtime.migration import MigrationContext
 
-    from .errors import TargetError
-    from .params import redact, sqlalchemy_url
-
-    config = Config()
+    config = Config(str(ALEMBIC_INI))
+    # The ini's %(here)s resolves from the file; set it again in case the ini was copied.
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["target_schema"] = target_schema
     config.attributes["lock_timeout"] = LOCK_TIMEOUT
-    engine = create_engine(sqlalchemy_url(dsn))
+    return config
+
+
+def create_schema_if_missing(
+    conn: Any, target_schema: str, lock_timeout: str = LOCK_TIMEOUT
+) -> bool:
+    """Create ``target_schema`` when it does not exist (in ``conn``'s transaction, under
+    ``lock_timeout``); True when it was created."""
+    conn.execute(text("SELECT set_config('lock_timeout', :v, true)"), {"v": lock_timeout})
+    existed, _ = _present(conn, target_schema)
+    # Only when missing: CREATE SCHEMA IF NOT EXISTS would need the database-level CREATE
+    # privilege even for a schema that is already there.
+    if not existed:
+        conn.execute(text(f"CREATE SCHEMA {_quoted(conn, target_schema)}"))
+    return not existed
+
+
+def upgrade_detail(dsn: str, target_schema: str = "public", revision: str = "head") -> Upgraded:
+    """``alembic upgrade`` on ``target_schema`` (created if missing), under ``lock_timeout``."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
+    config = alembic_config(target_schema)
+    target = engine(dsn, "schema")
     try:
-        with engine.begin() as conn:
-            conn.execute(text("SELECT set_config('lock_timeout', :v, true)"), {"v": LOCK_TIMEOUT})
-            schema_existed, before = _present(conn, target_schema)
-            # Only when missing: CREATE SCHEMA IF NOT EXISTS would need the database-level
-            # CREATE privilege even for a schema that is already there.
-            if not schema_existed:
-                conn.execute(text(f"CREATE SCHEMA {_quoted(conn, target_schema)}"))
+        with target.begin() as conn:
+            _, before = _present(conn, target_schema)
+            created_schema = create_schema_if_missing(conn, target_schema)
             config.attributes["connection"] = conn
             command.upgrade(config, revision)
             context = MigrationContext.configure(conn, opts={"version_table_schema": target_schema})
             _, after = _present(conn, target_schema)
             return Upgraded(
                 context.get_current_revision() or "",
-                not schema_existed,
+                created_schema,
                 tuple(sorted(after - before)),
             )
     except Exception as exc:
@@ -185,16 +210,53 @@ def upgrade_detail(dsn: str, target_schema: str = "public", revision: str = "hea
                 f"creating the tables in schema {target_schema!r}: a lock held by another "
                 f"session (the application?) was not released within lock_timeout "
                 f"{LOCK_TIMEOUT}; nothing was changed. Run again when the target is quiet "
-                f"({redact(_first_line(exc))})"
+                f"({failure_text(exc)})"
             ) from None
         raise
     finally:
-        engine.dispose()
+        target.dispose()
 
 
 def upgrade(dsn: str, target_schema: str = "public", revision: str = "head") -> str:
     """``alembic upgrade head`` on ``target_schema`` (created if missing); returns the revision."""
     return upgrade_detail(dsn, target_schema, revision).revision
+
+
+# --- ``sessionmig db upgrade|current|history``: Alembic's commands without the ini's path -----
+
+
+def db_upgrade(dsn: str, target_schema: str = "public", revision: str = "head") -> str:
+    """``alembic upgrade REVISION`` in ``target_schema`` (created if missing, under
+    ``lock_timeout``); returns the revision now in force."""
+    return upgrade(dsn, target_schema, revision)
+
+
+def db_current(dsn: str, target_schema: str = "public") -> str | None:
+    """``alembic current``: the revision of ``target_schema`` (None when never migrated).
+    Reads only: a missing schema is reported as None, not created."""
+    from alembic.runtime.migration import MigrationContext
+
+    target = engine(dsn, "schema")
+    try:
+        with target.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"version_table_schema": target_schema})
+            return context.get_current_revision()
+    finally:
+        target.dispose()
+
+
+def db_history() -> list[str]:
+    """``alembic history``: one line per revision, oldest first (``0001 (base): …``,
+    ``0003 (head): …``)."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config())
+    lines = []
+    for rev in reversed(list(script.walk_revisions())):
+        marks = [m for m, on in (("base", rev.is_base), ("head", rev.is_head)) if on]
+        label = f"{rev.revision} ({', '.join(marks)})" if marks else rev.revision
+        lines.append(f"{label}: {(rev.doc or '').strip()}")
+    return lines
 
 
 @contextmanager
@@ -225,10 +287,8 @@ def remove_created(dsn: str, target_schema: str, done: Upgraded) -> bool:
     import psycopg
     from psycopg import sql
 
-    from .params import redact
-
     try:
-        with psycopg.connect(dsn, connect_timeout=10, application_name="sessionmig-undo") as conn:
+        with connect(dsn, "undo") as conn:
             conn.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
             for table in done.created_tables:
                 name = sql.Identifier(target_schema, table)
@@ -252,7 +312,7 @@ def remove_created(dsn: str, target_schema: str, done: Upgraded) -> bool:
     except Exception as exc:
         print(
             f"sessionmig: the empty tables this run created in schema {target_schema!r} could "
-            f"not be removed ({redact(_first_line(exc))}); they are harmless, the next run "
+            f"not be removed ({failure_text(exc)}); they are harmless, the next run "
             "uses them",
             file=sys.stderr,
         )
@@ -275,11 +335,6 @@ def _shielded() -> Iterator[None]:
 def _is_lock_timeout(exc: BaseException) -> bool:
     orig = getattr(exc, "orig", exc)
     return getattr(orig, "sqlstate", None) == "55P03"  # lock_not_available
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _quoted(conn: Any, name: str) -> str:

@@ -224,7 +224,7 @@ class Backup:
         row = self._raw_cursor(extra, "WHERE rowid = ?", (rowid,)).fetchone()
         if row is None:
             raise SourceError(f"{self.original}: row {rowid} vanished while it was being read")
-        return _shaped(row, len(extra))
+        return shaped(row, len(extra))
 
     def raw_rows_between(
         self, first: int, last: int, extra: tuple[str, ...] = (), batch: int = 10_000
@@ -238,7 +238,7 @@ class Backup:
     ) -> Iterator[list[tuple]]:
         k = len(extra)
         for chunk in self.batches(self._raw_cursor(extra, where, params), batch):
-            yield [_shaped(row, k) for row in chunk]
+            yield [shaped(row, k) for row in chunk]
 
     def _raw_cursor(self, extra: tuple[str, ...], where: str, params: tuple) -> sqlite3.Cursor:
         names = (*COLUMNS, *extra)
@@ -289,12 +289,14 @@ class Backup:
             shutil.rmtree(self.copy.parent, ignore_errors=True)
 
 
-def _shaped(row: tuple, k: int) -> tuple:
-    """A fetched raw row in the form of :meth:`Backup.rows`. (``text_factory=bytes`` makes
-    ``typeof()`` bytes too; the rules speak str.)"""
+def shaped(row: tuple, k: int) -> tuple:
+    """A fetched raw row in the form of :meth:`Backup.rows`, with ``k`` extra columns.
+    (``text_factory=bytes`` makes ``typeof()`` bytes too; the rules speak str.)"""
     if not k:
         return row[:8] + tuple(map(_STORAGE.__getitem__, row[8:]))
     return _with_extras(row, k)
+
+
 
 
 def _with_extras(row: tuple, k: int) -> tuple:

@@ -1,18 +1,19 @@
 """The engine of each runbook step, shared by the notebooks and the ``sessionmig`` verbs.
 
-Each function takes validated :class:`Settings` and returns a frozen result; notebooks render
-the result, the CLI prints it. Nothing here renders or writes reports.
+Each step function takes validated :class:`~sessionmig.settings.Settings` (plus the step's own
+parameters, by keyword) and returns a frozen result; notebooks render the result, the CLI
+prints it. Nothing here renders or writes reports. ``Settings``, ``settings`` and
+``settings_from`` live in :mod:`sessionmig.settings` and are re-exported here, where the
+notebooks find them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import getpass
 import logging
-import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ import psycopg
 from psycopg import sql
 
 from . import params as P
+from .connect import connect
 from .errors import EXIT_ERROR, SourceError, TargetError, TransientTargetError
 from .inspection import InspectResult, inspect_backup
 from .load import AuditInfo, LoadOutcome, load, migration_lock
@@ -28,15 +30,23 @@ from .progress import progress_bar
 from .reconcile import ReconcileResult, reconcile
 from .rollback import (
     FinalizeResult,
+    LiveRollbackResult,
     RollbackResult,
     finalize,
     migrated_sha256,
     read_manifest,
     record,
     rollback,
+    rollback_live,
 )
-from .source import FileHash, extra_columns_of, open_backup
-from .transform import Rules
+
+# Re-exported: the notebooks and callers reach them as ``steps.settings`` and so on.
+from .settings import Settings as Settings
+from .settings import current_operator as current_operator
+from .settings import new_run_id as new_run_id
+from .settings import settings as settings
+from .settings import settings_from as settings_from
+from .source import FileHash, open_backup
 from .verdict import Verdict
 
 log = logging.getLogger(__name__)
@@ -44,100 +54,7 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:  # the app check pulls in the async SessionManager; load it only for that step
     from .appcheck import AppCheck
 
-DEFAULTS: dict[str, Any] = {
-    "database_url_env": "DATABASE_URL",
-    "as_of": "",
-    "target_schema": "public",
-    "batch_rows": 10_000,
-    "on_conflict": "fail",
-    "on_invalid_metadata": "reject",
-    "on_extra_columns": "fail",
-    "dry_run": False,
-    "expected_sha256": "",
-    "run_id": "",
-    "operator": "",
-    "max_retries": 3,
-}
 RETRY_BACKOFF_S = 1.0
-
-
-def new_run_id(now: datetime | None = None) -> str:
-    """A sortable, unique run id such as ``20261126T121500Z-3f9a``."""
-    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
-    return f"{stamp}-{os.urandom(2).hex()}"
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Validated parameters of one step, with derived values (zone, instant, rules)."""
-
-    sqlite_path: str
-    database_url_env: str | None
-    source_timezone: str
-    as_of: datetime
-    target_schema: str
-    batch_rows: int
-    on_conflict: str
-    on_invalid_metadata: str
-    dry_run: bool
-    expected_sha256: str
-    run_id: str
-    operator: str
-    max_retries: int = 3
-    on_extra_columns: str = "fail"
-    declared: tuple[str, ...] = ()
-
-    @property
-    def rules(self) -> Rules:
-        """The one way to build the rules: the backup's extra columns are carried into
-        metadata only when ``on_extra_columns=into_metadata`` says so, for every step alike
-        (migrate, reconcile, rollback, the analysis copy)."""
-        carry = self.on_extra_columns == "into_metadata" and self.sqlite_path
-        extra = extra_columns_of(self.sqlite_path) if carry else ()
-        return Rules(P.zone(self.source_timezone), self.on_invalid_metadata, extra)
-
-    def dsn(self) -> str:
-        return P.database_url(self.database_url_env)
-
-    def public(self) -> dict[str, Any]:
-        """Parameters as recorded in the audit row and manifest (no secrets exist here)."""
-        out = asdict(self)
-        out["as_of"] = self.as_of.isoformat()
-        del out["declared"]
-        return out
-
-
-def settings(**given: Any) -> Settings:
-    """Validate the notebook's or CLI's parameters and fill defaults; raises ParameterError."""
-    known = {k: v for k, v in given.items() if k in Settings.__dataclass_fields__}
-    known.pop("declared", None)
-    merged = {**DEFAULTS, **known}
-    merged.setdefault("source_timezone", "")
-    merged.setdefault("sqlite_path", "")
-    P.validate(merged)
-    P.zone(merged["source_timezone"])
-    return Settings(
-        sqlite_path=str(Path(merged["sqlite_path"]).resolve()),
-        database_url_env=merged["database_url_env"],
-        source_timezone=str(merged["source_timezone"]),
-        as_of=P.resolve_as_of(merged["as_of"]),
-        target_schema=merged["target_schema"],
-        batch_rows=int(merged["batch_rows"]),
-        on_conflict=merged["on_conflict"],
-        on_invalid_metadata=merged["on_invalid_metadata"],
-        dry_run=bool(merged["dry_run"]),
-        expected_sha256=str(merged["expected_sha256"] or "").lower(),
-        run_id=merged["run_id"] or new_run_id(),
-        operator=merged["operator"] or current_operator(),
-        max_retries=int(merged["max_retries"]),
-        on_extra_columns=merged["on_extra_columns"],
-        declared=tuple(k for k in given if k in Settings.__dataclass_fields__),
-    )
-
-
-def current_operator() -> str:
-    """Who is running this: ``$USER``, else the login name of the process."""
-    return os.environ.get("USER") or getpass.getuser()
 
 
 # --- preflight -------------------------------------------------------------------------------
@@ -319,7 +236,7 @@ def _statement(template: str, *parts: sql.Composable) -> str:
 
 
 def target_checks(
-    facts: TargetFacts, steps: tuple[str, ...], on_conflict: str = "fail"
+    facts: TargetFacts, steps: tuple[str, ...], on_conflict: str = P.default("on_conflict")
 ) -> tuple[list[Check], list[str]]:
     """Every privilege and server feature ``steps`` need on the target, each as a check; and the
     exact statements that would grant what is missing (the DBA runs them; preflight never does).
@@ -523,7 +440,7 @@ def preflight(s: Settings, run_steps: Any = ()) -> PreflightResult:
         )
     try:
         dsn = s.dsn()
-        with psycopg.connect(dsn, connect_timeout=10) as conn:
+        with connect(dsn, "preflight") as conn:
             facts = target_facts(conn, s.target_schema)
         version = facts.version
         checks.append(
@@ -532,7 +449,7 @@ def preflight(s: Settings, run_steps: Any = ()) -> PreflightResult:
         more, grants = target_checks(facts, steps, s.on_conflict)
         checks += more
         existing = {t.name: t.rows for t in facts.tables.values() if t.rows is not None}
-    except (psycopg.Error, P.ParameterError) as exc:
+    except (psycopg.Error, P.ParameterError, TargetError) as exc:
         checks.append(Check("target reachable", False, P.redact(str(exc)).strip()))
     return PreflightResult(tuple(checks), sha, version, existing, steps, tuple(grants))
 
@@ -540,11 +457,19 @@ def preflight(s: Settings, run_steps: Any = ()) -> PreflightResult:
 # --- inspect ---------------------------------------------------------------------------------
 
 
-def inspect(s: Settings) -> InspectResult:
-    """Profile the backup (see :mod:`sessionmig.inspection`)."""
-    return inspect_backup(
-        s.sqlite_path, s.rules, s.as_of, s.source_timezone, s.batch_rows, s.on_extra_columns
-    )
+def inspect(s: Settings, progress: bool = True) -> InspectResult:
+    """Profile the backup (see :mod:`sessionmig.inspection`), with a bar of its phases."""
+    with progress_bar(None, progress, phase="opening the backup") as bar:
+        return inspect_backup(
+            s.sqlite_path,
+            s.rules,
+            s.as_of,
+            s.source_timezone,
+            s.batch_rows,
+            s.on_extra_columns,
+            progress=bar.update,
+            phase=bar.phase,
+        )
 
 
 # --- migrate ---------------------------------------------------------------------------------
@@ -633,7 +558,7 @@ def _migrate_once(s: Settings, backup: Any, dsn: str, progress: bool) -> Migrate
             if "OperationalError" in type(exc).__name__:
                 raise TransientTargetError(f"creating the schema: {exc}") from None
             raise TargetError(f"creating the schema failed: {P.redact(str(exc))}") from None
-        bar = progress_bar(backup.estimated_rows(), progress)
+        bar = progress_bar(backup.estimated_rows(), progress, phase="copying rows")
         audit = AuditInfo(
             s.run_id,
             s.sqlite_path,
@@ -672,6 +597,7 @@ def _migrate_once(s: Settings, backup: Any, dsn: str, progress: bool) -> Migrate
                 batch_rows=s.batch_rows,
                 progress=bar.update,
                 before_commit=before_commit,
+                phase=bar.phase,
             )
         finally:
             bar.close()
@@ -722,7 +648,7 @@ def reconcile_step(s: Settings, progress: bool = True) -> ReconcileResult:
     with open_backup(s.sqlite_path) as backup:
         if backup.missing_columns:
             raise SourceError(f"{s.sqlite_path}: missing columns {backup.missing_columns}")
-        with progress_bar(backup.estimated_rows(), progress) as bar:
+        with progress_bar(backup.estimated_rows(), progress, phase="comparing rows") as bar:
             return reconcile(  # which re-hashes the source before it finishes
                 s.dsn(),
                 backup,
@@ -731,12 +657,8 @@ def reconcile_step(s: Settings, progress: bool = True) -> ReconcileResult:
                 as_of=s.as_of,
                 batch_rows=s.batch_rows,
                 progress=bar.update,
+                mode=s.reconcile_mode,
             )
-
-
-def settings_from(namespace: dict[str, Any]) -> Settings:
-    """:func:`settings` from a notebook's globals (the names its parameters cell defines)."""
-    return settings(**{k: namespace[k] for k in Settings.__dataclass_fields__ if k in namespace})
 
 
 def app_check(s: Settings) -> AppCheck:
@@ -751,6 +673,7 @@ def app_check(s: Settings) -> AppCheck:
             schema=s.target_schema,
             as_of=s.as_of,
             batch_rows=s.batch_rows,
+            mode=s.reconcile_mode,
         )
 
 
@@ -908,10 +831,43 @@ def analysis(
 
 
 def rollback_step(
-    s: Settings, *, restore_path: str, migrate_manifest: str, confirm: bool = False
-) -> tuple[RollbackResult, ReconcileResult]:
+    s: Settings,
+    *,
+    restore_path: str,
+    migrate_manifest: str,
+    confirm: bool = False,
+    live_sqlite_path: str = "",
+    state_dir: str = "",
+) -> tuple[RollbackResult | LiveRollbackResult, ReconcileResult | None]:
     """Restore the migrated backup with PostgreSQL's sessions carried back, record it, and
-    reconcile the restored file against PostgreSQL with the same engine as step 03."""
+    reconcile the restored file against PostgreSQL with the same engine as step 03.
+
+    With ``live_sqlite_path`` (a live cutover's overlap, the old colour still serving) the
+    catch-up's merge runs the other way into that file instead; it checks every session it
+    touched before committing and records itself, and there is no reconcile (the live file
+    rightly holds the old colour's own changes), so the second value is None."""
+    if live_sqlite_path:
+        if not migrate_manifest:
+            raise P.ParameterError(
+                "migrate_manifest is empty: give the run folder (or its manifest.json) of the "
+                "run that migrated the first snapshot"
+            )
+        if not state_dir:
+            raise P.ParameterError(
+                "state_dir is empty: give the catch-up passes' state_dir (the base is there)"
+            )
+        live = rollback_live(
+            s.dsn(),
+            sqlite_path=s.sqlite_path,
+            live_sqlite_path=live_sqlite_path,
+            state_dir=state_dir,
+            expected_sha256=migrated_sha256(read_manifest(migrate_manifest)),
+            rules=s.rules,
+            schema=s.target_schema,
+            run_id=s.run_id,
+            operator=s.operator,
+        )
+        return live, None
     if not restore_path:
         raise P.ParameterError(
             "restore_path is empty: give the path the app reads its "
@@ -962,19 +918,17 @@ def rollback_step(
 
 
 def finalize_step(
+    s: Settings,
     *,
     live_sqlite_path: str,
     archive_dir: str,
     reconcile_manifest: str,
-    soak_hours: float,
-    database_url_env: str | None,
-    target_schema: str = "public",
-    as_of: Any = "",
-    run_id: str = "",
-    operator: str = "",
-    source_timezone: str = "UTC",
+    soak_hours: float = P.default("soak_hours"),
 ) -> FinalizeResult:
-    """Archive the live SQLite file after a reconcile PASS and the soak period; record it."""
+    """Archive the live SQLite file after a reconcile PASS and the soak period; record it.
+
+    The soak period is measured on the wall clock: ``as_of`` is the data's "now" (which
+    sessions are active), and an environment may fix it in the past."""
     for name, value in (
         ("live_sqlite_path", live_sqlite_path),
         ("archive_dir", archive_dir),
@@ -982,22 +936,24 @@ def finalize_step(
     ):
         if not value:
             raise P.ParameterError(f"{name} is empty; see runbook/RUNBOOK.md, step Finalize")
-    if isinstance(soak_hours, bool) or not isinstance(soak_hours, int | float) or soak_hours < 0:
-        raise P.ParameterError(f"soak_hours={soak_hours!r} must be a number of hours >= 0")
+    P.validate({"soak_hours": soak_hours})
     started = datetime.now(UTC)
-    now = P.resolve_as_of(as_of, started)
-    run_id = run_id or new_run_id()
     result = finalize(
-        live_sqlite_path, archive_dir, read_manifest(reconcile_manifest), soak_hours, now, run_id
+        live_sqlite_path,
+        archive_dir,
+        read_manifest(reconcile_manifest),
+        soak_hours,
+        started,
+        s.run_id,
     )
     record(
-        P.database_url(database_url_env),
-        target_schema,
+        s.dsn(),
+        s.target_schema,
         "finalize",
-        run_id,
+        s.run_id,
         result.archived_to,
         result.files[0][1],
-        source_timezone,
+        s.source_timezone,
         {},
         {
             "live_sqlite_path": live_sqlite_path,
@@ -1005,26 +961,23 @@ def finalize_step(
             "reconcile_manifest": reconcile_manifest,
             "soak_hours": soak_hours,
         },
-        operator or current_operator(),
+        s.operator,
         socket.gethostname(),
         started,
     )
     return result
 
 
-FINALIZE_PARAMETERS = (
-    "live_sqlite_path",
-    "archive_dir",
-    "reconcile_manifest",
-    "soak_hours",
-    "database_url_env",
-    "source_timezone",
-    "target_schema",
-    "run_id",
-    "operator",
-)
+FINALIZE_OWN = ("live_sqlite_path", "archive_dir", "reconcile_manifest", "soak_hours")
 
 
 def finalize_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
-    """The finalize notebook's parameters, picked from its globals."""
-    return {k: namespace[k] for k in FINALIZE_PARAMETERS if k in namespace}
+    """:func:`finalize_step`'s arguments from the finalize notebook's globals: its settings
+    (finalize never reads the backup, so ``sqlite_path`` is not required) and its own four."""
+    own = {k: namespace[k] for k in FINALIZE_OWN if k in namespace}
+    return {
+        "s": settings(
+            require_source=False, **{k: namespace[k] for k in P.SETTINGS if k in namespace}
+        ),
+        **own,
+    }

@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import sqlite3
 import threading
 import uuid
@@ -43,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 from zoneinfo import ZoneInfo
 
 import psycopg
@@ -55,6 +54,7 @@ from sqlalchemy import (
     ColumnElement,
     DateTime,
     Integer,
+    Table,
     any_,
     bindparam,
     delete,
@@ -68,14 +68,17 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
-from .errors import StoreUnavailable
-from .params import redact
+from .connect import aconnect, conninfo
+from .errors import StoreUnavailable, TargetError, TargetRefused, TargetUnreachable
+from .mask import redact
 from .schema import SessionRecord
 
 T = TypeVar("T")
 Clock = Callable[[], datetime]
-SESSIONS = SessionRecord.__table__
+# A declarative class's table is a Table (the ORM types it as the wider FromClause).
+SESSIONS = cast(Table, SessionRecord.__table__)
 # Retried: the connection broke or could not be made (no SQLSTATE: the client saw the socket
 # fail), class 08 (connection exception), or the server ended the session (shutdown, crash,
 # still starting) — the statement never ran or, if only its answer was lost, at worst ran once
@@ -188,11 +191,14 @@ class Statement:
 def _compile(
     statement: ClauseElement, schema: str, row_factory: RowFactory[Any] = tuple_row
 ) -> Statement:
-    compiled = statement.compile(
-        dialect=_DIALECT,
-        # The schema is written into the text, quoted as needed, once.
-        schema_translate_map={None: schema},
-        render_schema_translate=True,
+    compiled = cast(
+        SQLCompiler,  # what a dialect compiles a statement with; it knows the binds
+        statement.compile(
+            dialect=_DIALECT,
+            # The schema is written into the text, quoted as needed, once.
+            schema_translate_map={None: schema},
+            render_schema_translate=True,
+        ),
     )
     processors = []
     for name, param in compiled.binds.items():
@@ -305,11 +311,6 @@ def statements(schema: str, database_clock: bool) -> Statements:
     )
 
 
-def libpq_url(url: str) -> str:
-    """A URL libpq accepts: SQLAlchemy's ``postgresql+psycopg://`` spelling without the driver."""
-    return re.sub(r"^postgres(?:ql)?(?:\+\w+)?://", "postgresql://", url)
-
-
 def _connection_lost(exc: psycopg.Error) -> bool:
     state = exc.sqlstate
     if state is None:
@@ -400,23 +401,24 @@ class SessionManager:
         self.clock = clock
         self.sql = statements(schema, clock is None)
         self._ttl_us = micros(self.ttl)
-        self._url = libpq_url(url)
-        self._connect_kwargs: dict[str, Any] = {
-            # One statement per call, each its own transaction: no BEGIN/COMMIT round trips.
-            "autocommit": True,
+        # Any DSN form libpq accepts, and SQLAlchemy's postgresql+psycopg:// spelling.
+        self._url = url
+        self._libpq: dict[str, Any] = {
             "connect_timeout": connect_timeout_s,
+            "statement_timeout_ms": int(statement_timeout_ms),
             # TimeZone=UTC: the instants handed back are UTC whatever the server's default.
-            "options": f"-c statement_timeout={int(statement_timeout_ms)} -c TimeZone=UTC",
-            "application_name": "sessionmig-store",
+            "options": "-c TimeZone=UTC",
             # Python text is Unicode: send it as UTF-8 whatever the database's encoding, so
             # a value that database cannot hold is refused by the server with a SQLSTATE
             # (22P05) instead of a UnicodeEncodeError raised inside the driver.
             "client_encoding": "UTF8",
         }
+        # One statement per call, each its own transaction: no BEGIN/COMMIT round trips.
+        self._driver: dict[str, Any] = {"autocommit": True}
         if not prepare:
             # Behind a pooler that cannot keep them: no prepared statement at all, not even
             # psycopg's automatic ones. Otherwise the store's own are prepared on first use.
-            self._connect_kwargs["prepare_threshold"] = None
+            self._driver["prepare_threshold"] = None
         self._pools: dict[asyncio.AbstractEventLoop, _LoopPool] = {}
         self._current: _LoopPool | None = None
 
@@ -425,15 +427,15 @@ class SessionManager:
     async def _open(self, lp: _LoopPool) -> AsyncConnectionPool[Any]:
         # One connection first, in this task: a database that is down or refuses us fails the
         # call now, with the server's own reason, instead of after the pool's wait.
-        probe = await psycopg.AsyncConnection.connect(self._url, **self._connect_kwargs)
+        probe = await aconnect(self._url, "store", **self._driver, **self._libpq)
         await probe.close()
 
         async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
             lp.connections.add(conn)
 
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            self._url,
-            kwargs=self._connect_kwargs,
+            conninfo(self._url, "store", **self._libpq),
+            kwargs=self._driver,
             # Fixed size: connections are made once and kept; the size is the concurrency the
             # database is given, and anything over it waits in the pool, not in the server.
             min_size=self.pool_size,
@@ -515,7 +517,10 @@ class SessionManager:
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A connection of the store's pool (autocommit, UTC, the store's timeouts), for a
         statement of the app's own; it goes back to the pool afterwards."""
-        pool = self._ready_pool() or await self._pool()
+        try:
+            pool = self._ready_pool() or await self._pool()
+        except TargetError as exc:
+            raise StoreUnavailable(f"the session database is unavailable: {exc}") from None
         try:
             conn = await pool.getconn()
         except PoolTimeout:
@@ -557,6 +562,15 @@ class SessionManager:
             except PoolTimeout:
                 # Waiting longer, or again, would only lengthen the queue behind a slow database.
                 raise self._pool_exhausted() from None
+            except TargetRefused as exc:
+                # The first connection of a pool was refused (login, database): so is a retry.
+                raise StoreUnavailable(f"the session database is unavailable: {exc}") from None
+            except TargetUnreachable as exc:
+                if attempt == self.retries:
+                    raise StoreUnavailable(
+                        f"the session database is unavailable after {attempt + 1} attempts: {exc}"
+                    ) from None
+                await asyncio.sleep(0.05 * 2**attempt)
             except psycopg.Error as exc:
                 if exc.sqlstate == STATEMENT_TIMEOUT_SQLSTATE:
                     raise StoreUnavailable(
