@@ -42,3 +42,12 @@ def test_exit_codes_follow_the_runbook() -> None:
 def test_an_unknown_verdict_is_refused() -> None:
     with pytest.raises(ValueError):
         worst(["PASS", "OK"])
+
+
+def test_failed_verdicts_are_the_ones_that_stop_a_run_and_match_their_text() -> None:
+    from sessionmig.verdict import FAILED
+
+    assert {str(v) for v in FAILED} == {"NO-GO", "FAIL", "ERROR", "INTERRUPTED"}
+    assert all(text in FAILED for text in ("NO-GO", "FAIL", "ERROR", "INTERRUPTED"))
+    assert "PASS_WITH_WARNINGS" not in FAILED and "SKIPPED" not in FAILED
+    assert Verdict("INTERRUPTED").exit_code == 2

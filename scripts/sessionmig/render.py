@@ -22,6 +22,7 @@ import jinja2
 import nbformat
 
 from . import mask
+from .verdict import FAILED, Verdict
 
 TEMPLATES = Path(__file__).parent / "templates" / "nbconvert"
 PAGES = Path(__file__).parent / "templates"
@@ -32,7 +33,6 @@ ANSWER = "answer"
 APPENDIX = "appendix"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 PAPERMILL_ERROR_TAG = "papermill-error-cell-tag"
-FAILED = ("FAIL", "NO-GO", "ERROR", "INTERRUPTED")
 
 _jinja = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(PAGES)),
@@ -84,9 +84,9 @@ class Answer:
 
 def verdict_class(verdict: str) -> str:
     """The CSS class of a verdict: pass, warn, fail or other."""
-    if verdict in ("PASS", "GO"):
+    if verdict in (Verdict.PASS, Verdict.GO):
         return "pass"
-    if verdict == "PASS_WITH_WARNINGS":
+    if verdict == Verdict.PASS_WITH_WARNINGS:
         return "warn"
     if verdict in FAILED:
         return "fail"

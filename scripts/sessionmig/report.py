@@ -28,51 +28,50 @@ from .mask import mask_id
 from .params import redact
 from .render import ANSWER, ANSWER_KEY, Answer, Figure, answer_html
 from .transform import COLUMNS, REASONS
-from .verdict import Verdict
+from .verdict import FAILED, Verdict
 
 RESULT_VARIABLE = "SESSIONMIG_RESULT_FILE"
 COLOURS = {
-    "PASS": "#1a7f37",
-    "PASS_WITH_WARNINGS": "#9a6700",
-    "FAIL": "#cf222e",
-    "ERROR": "#cf222e",
-    "GO": "#1a7f37",
-    "NO-GO": "#cf222e",
+    Verdict.PASS: "#1a7f37",
+    Verdict.PASS_WITH_WARNINGS: "#9a6700",
+    Verdict.FAIL: "#cf222e",
+    Verdict.ERROR: "#cf222e",
+    Verdict.GO: "#1a7f37",
+    Verdict.NO_GO: "#cf222e",
 }
-FAILED = ("FAIL", "NO-GO", "ERROR")
 MAX_ROWS = 200
 LONG_TOKEN = 24  # a word longer than this (a sha256, raw bytes) may break anywhere in a cell
 
 # What to do after each verdict that is not a plain pass: the line under the banner.
 TODO: dict[tuple[str, str], str] = {
-    ("preflight", "NO-GO"): (
+    ("preflight", Verdict.NO_GO): (
         "Nothing was read into or written to the target. Fix each check marked ✘ below "
         "(missing privileges come with the exact GRANT to ask the DBA for), then run again."
     ),
-    ("inspect", "ERROR"): (
+    ("inspect", Verdict.ERROR): (
         "Do not migrate this file. The findings below name what is wrong and where; "
         "obtain a sound backup (or fix the cause), then run inspect again."
     ),
-    ("inspect", "PASS_WITH_WARNINGS"): (
+    ("inspect", Verdict.PASS_WITH_WARNINGS): (
         "Read each warning below; sign the report when they are understood, "
         "then migrate with expected_sha256 set to the sha256 above."
     ),
-    ("migrate", "PASS_WITH_WARNINGS"): (
+    ("migrate", Verdict.PASS_WITH_WARNINGS): (
         "The rejected rows are kept in session_migration_rejects with their raw values; "
         "confirm each reason below is expected, then read the reconcile report."
     ),
-    ("migrate", "ERROR"): (
+    ("migrate", Verdict.ERROR): (
         "Nothing was committed (sessions, rejects and the audit row commit together). "
         "The application keeps using SQLite. Fix the reason above, then run again."
     ),
-    ("reconcile", "FAIL"): (
+    ("reconcile", Verdict.FAIL): (
         "Do not cut over: the application keeps using SQLite. Read the differences by kind "
         "below, fix the cause, migrate into a fresh target and reconcile again."
     ),
-    ("reconcile", "PASS_WITH_WARNINGS"): (
+    ("reconcile", Verdict.PASS_WITH_WARNINGS): (
         "Every row is accounted for. Read the warnings below before signing the cutover."
     ),
-    ("rollback", "FAIL"): (
+    ("rollback", Verdict.FAIL): (
         "Do not switch the application to SQLite: the restored file does not match "
         "PostgreSQL. Keep serving from PostgreSQL and read the differences below."
     ),
@@ -234,7 +233,7 @@ def banner(
             TODO_FAILED
             if verdict in FAILED
             else TODO_WARNINGS
-            if verdict == "PASS_WITH_WARNINGS"
+            if verdict == Verdict.PASS_WITH_WARNINGS
             else ""
         )
     answer = Answer(step, verdict, redact(reason), todo, tuple(figures))
@@ -318,7 +317,7 @@ def conclude_preflight(result: Any) -> None:
     failed = [f"{c.name}: {redact(c.detail)}" for c in result.checks if not c.ok]
     conclude(
         "preflight",
-        "NO-GO" if failed else "GO",
+        Verdict.NO_GO if failed else Verdict.GO,
         "; ".join(failed) or "every check holds",
         exit_code=EXIT_ERROR,
         figures=preflight_figures(result),
@@ -363,14 +362,14 @@ def conclude_inspect(result: Any) -> None:
     errors = [f.message for f in result.findings if f.severity == "error"]
     warnings = [f for f in result.findings if f.severity == "warning"]
     if errors:
-        verdict, reason = "ERROR", "; ".join(errors)
+        verdict, reason = Verdict.ERROR, "; ".join(errors)
     elif warnings:
-        verdict = "PASS_WITH_WARNINGS"
+        verdict = Verdict.PASS_WITH_WARNINGS
         reason = f"{len(warnings)} warnings to review: " + "; ".join(
             f"{f.code.replace('_', ' ')} ({f.count:,})" for f in warnings
         )
     else:
-        verdict, reason = "PASS", "no findings: every row can land as it is"
+        verdict, reason = Verdict.PASS, "no findings: every row can land as it is"
     conclude(
         "inspect",
         verdict,
@@ -390,13 +389,13 @@ def step(name: str) -> Iterator[None]:
     except SessionmigError as exc:
         if not isinstance(exc, VerdictFailed):
             message = redact(str(exc))
-            banner("ERROR", f"{name} could not be carried out: {message}", step=name)
-            record(name, "ERROR", message, exc.exit_code)
+            banner(Verdict.ERROR, f"{name} could not be carried out: {message}", step=name)
+            record(name, Verdict.ERROR, message, exc.exit_code)
         raise
     except Exception as exc:
         message = redact(f"{type(exc).__name__}: {exc}")
-        banner("ERROR", f"{name} stopped on an unexpected error: {message}", step=name)
-        record(name, "ERROR", message, EXIT_ERROR)
+        banner(Verdict.ERROR, f"{name} stopped on an unexpected error: {message}", step=name)
+        record(name, Verdict.ERROR, message, EXIT_ERROR)
         raise
 
 
@@ -803,7 +802,7 @@ def conclude_reconcile(result: Any, app: Any = None) -> None:
     from .appcheck import combined_verdict
 
     verdict, reason = combined_verdict(result.verdict, result.reason, app)
-    figures = reconcile_figures(result) if result.verdict != "SKIPPED" else []
+    figures = reconcile_figures(result) if result.verdict != Verdict.SKIPPED else []
     if app is not None:
         wrong = app.wrongly_rejected + app.wrongly_accepted
         figures.append(

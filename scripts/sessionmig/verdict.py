@@ -22,6 +22,7 @@ class Verdict(StrEnum):
     NO_GO = "NO-GO"  # preflight's FAIL
     FAIL = "FAIL"
     ERROR = "ERROR"  # the step could not be carried out
+    INTERRUPTED = "INTERRUPTED"  # a run stopped by a signal (Ctrl-C, SIGTERM) before its end
 
     @property
     def severity(self) -> int:
@@ -36,7 +37,7 @@ class Verdict(StrEnum):
     @property
     def exit_code(self) -> int:
         """0 passed (warnings allowed), 1 FAIL or NO-GO, 2 ERROR (datacompy's convention)."""
-        if self is Verdict.ERROR:
+        if self in (Verdict.ERROR, Verdict.INTERRUPTED):
             return EXIT_ERROR
         return EXIT_OK if self.passed else EXIT_FAIL
 
@@ -49,7 +50,9 @@ _SEVERITY = {
     Verdict.NO_GO: 3,
     Verdict.FAIL: 3,
     Verdict.ERROR: 4,
+    Verdict.INTERRUPTED: 4,
 }
+FAILED = frozenset(v for v, severity in _SEVERITY.items() if severity >= 3)
 
 
 def worst(verdicts: Iterable[str]) -> Verdict:
