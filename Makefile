@@ -30,6 +30,7 @@ demo-live: $(STAMP)
 test: $(STAMP) browser
 	$(BIN)/ruff check scripts tests notebooks tools benchmarks
 	$(BIN)/ruff format --check scripts tests tools benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 ## The edit loop: lint and the tests that run no notebook (well under a minute or two).

@@ -10,6 +10,15 @@ new sessions, a tenth of their number). Each is its own process, so wall time an
 side, because this machine's speed drifts between minutes: only the ratio within a round is
 fair; the table shows medians.
 
+Then the app's side: the store the app uses (``SessionManager``, pool of 8) serves the load
+``bench_store.py`` offers — 100 users, one request every 200 ms each (500 ops/s), open loop, the
+app's mix — on a freshly migrated copy of the store, first for ``--load-seconds`` with no pass
+(the baseline), then while one catch-up pass runs beside it in its own process; the p99 of the
+requests scheduled while the pass ran is compared with the baseline's p99 (acceptance: within
+2×). The users pick from sessions active at ``as_of`` drawn uniformly, so the pass's changed
+sessions get their share of the traffic and no more. The store's clock is ``as_of`` plus the
+time elapsed, so those sessions are live to it (the benchmark sample is dated ``as_of``).
+
 Writes the table to ``benchmarks/CATCHUP.md`` (``--out``). Target server: ``--dsn`` (an admin URL,
 database ``postgres``), else the system PostgreSQL at 127.0.0.1:5432 when it answers, else the
 embedded server.
@@ -18,6 +27,7 @@ embedded server.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -29,19 +39,32 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import yaml
+from bench_store import Sessions, closed_loop, one_operation, percentile
 from target import server_url
 
 from sessionmig import embedded
 from sessionmig.source import sha256_file
+from sessionmig.store import SessionManager
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
 DATABASE = "sessionmig_bench_catchup"
+AS_OF = "2026-01-15T12:00:00+09:00"
+LOAD_IDS = 400  # sessions the simulated users pick from (bench_store.py uses 200 new ones)
+LEAD_S = 1.0  # the load runs alone this long before the pass starts
+TAIL_S = 0.5  # and this long after it ends
+LATENCY_HEADER = (
+    "| changed | p99 ms, no pass | p99 ms, pass beside | × (rounds) | p50 ms no pass / beside "
+    "| requests in the pass's window | pass s beside the load | rows locked s | errors |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
 DETAIL_HEADER = (
     "| changed | what the old colour did | changed / inserted / ended in PostgreSQL "
     "| snapshot s | rows locked s | pass s (in-process) |\n|---|---|---|---|---|---|"
@@ -134,6 +157,129 @@ def changed_copy(store: Path, live: Path, fraction: float, seed: int = 7) -> dic
     }
 
 
+@dataclass(frozen=True)
+class Latency:
+    """One round of the app's load: without a pass, and with one beside it."""
+
+    baseline: list[float]  # seconds, every request of the baseline run
+    during: list[float]  # seconds, the requests scheduled while the pass ran
+    pass_s: float
+    detail: dict
+    errors: int
+    error_example: str
+
+
+def active_ids(store: Path, count: int, seed: int = 11) -> list[str]:
+    """``count`` sessions active at ``AS_OF``, drawn uniformly (the store's local times are
+    Asia/Seoul, as ``AS_OF`` is written)."""
+    local = AS_OF[:19].replace("T", " ")
+    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as conn:
+        ids = [
+            r[0]
+            for r in conn.execute("SELECT session_id FROM sessions WHERE expires_at > ?", (local,))
+        ]
+    conn.close()
+    return random.Random(seed).sample(ids, min(count, len(ids)))
+
+
+async def offered_load(
+    store: SessionManager,
+    sessions: Sessions,
+    users: int,
+    interval_s: float,
+    until: Callable[[float], bool],
+) -> list[tuple[float, float]]:
+    """Open loop, as ``bench_store.open_loop``: each user sends one request every
+    ``interval_s`` at times fixed in advance, whether or not earlier ones have finished;
+    ``(scheduled time, latency)`` per request, until ``until(now)`` says stop."""
+    loop = asyncio.get_running_loop()
+    phase = random.Random(7)
+    start = loop.time() + 0.05
+    offsets = sorted(phase.uniform(0, interval_s) for _ in range(users))
+    done: list[tuple[float, float]] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def request(at: float, user: int) -> None:
+        await one_operation(store, sessions, user)
+        done.append((at, loop.time() - at))
+
+    k = 0
+    while True:
+        for user, offset in enumerate(offsets):
+            at = start + k * interval_s + offset
+            delay = at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if until(loop.time()):
+                await asyncio.gather(*tasks)
+                return done
+            tasks.append(asyncio.create_task(request(at, user)))
+        k += 1
+
+
+async def app_latency(
+    target_url: str,
+    ids: list[str],
+    pass_cmd: list[str],
+    env: dict[str, str],
+    args: argparse.Namespace,
+) -> Latency:
+    """The app's latency at a fixed offered load, without and then with a pass beside it."""
+    loop = asyncio.get_running_loop()
+    began, zero = datetime.fromisoformat(AS_OF), time.monotonic()
+    store = SessionManager(
+        target_url, clock=lambda: began + timedelta(seconds=time.monotonic() - zero)
+    )
+    sessions = Sessions(list(ids), random.Random(3))
+    interval = args.interval_ms / 1000
+    try:
+        # Warm up as a running app is: pool full, statements prepared.
+        await closed_loop(store, sessions, 20, 20)
+        first = loop.time()
+        baseline = await offered_load(
+            store, sessions, args.users, interval, lambda now: now > first + args.load_seconds
+        )
+        window: dict[str, float] = {}
+        result: dict[str, object] = {}
+
+        async def one_pass() -> None:
+            await asyncio.sleep(LEAD_S)
+            window["start"] = loop.time()
+            proc = await asyncio.create_subprocess_exec(
+                *pass_cmd,
+                cwd=ROOT,
+                env={**os.environ, **env},
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await proc.communicate()
+            window["end"] = loop.time()
+            if proc.returncode:
+                sys.exit(f"the pass beside the load exited {proc.returncode}: {err.decode()}")
+            result.update(json.loads(out.decode().strip().splitlines()[-1]))
+
+        running = asyncio.create_task(one_pass())
+        beside = await offered_load(
+            store,
+            sessions,
+            args.users,
+            interval,
+            lambda now: "end" in window and now > window["end"] + TAIL_S,
+        )
+        await running
+    finally:
+        await store.close()
+    during = [lat for at, lat in beside if window["start"] <= at <= window["end"]]
+    return Latency(
+        [lat for _, lat in baseline],
+        during,
+        window["end"] - window["start"],
+        result,
+        len(sessions.errors),
+        sessions.errors[0] if sessions.errors else "",
+    )
+
+
 def fresh_database(url: str) -> str:
     embedded.ensure_database(url, DATABASE, fresh=True)
     return embedded.with_database(url, DATABASE)
@@ -151,6 +297,12 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians")
     parser.add_argument("--dsn", default=os.environ.get("SESSIONMIG_BENCH_DSN"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "CATCHUP.md")
+    parser.add_argument("--users", type=int, default=100, help="app load: simulated users")
+    parser.add_argument("--interval-ms", type=float, default=200, help="app load: per user")
+    parser.add_argument(
+        "--load-seconds", type=float, default=10, help="app load: the baseline's duration"
+    )
+    parser.add_argument("--no-latency", action="store_true", help="skip the app's p99")
     args = parser.parse_args()
     fractions = [float(f) for f in args.changed.split(",")]
     load_before = os.getloadavg()[0]
@@ -179,6 +331,8 @@ def main() -> int:
     cli = [sys.executable, "-m", "sessionmig.cli"]
     migrates: list[Run] = []
     passes: dict[float, list[tuple[Run, Run]]] = {f: [] for f in fractions}
+    latencies: dict[float, list[Latency]] = {f: [] for f in fractions}
+    ids = [] if args.no_latency else active_ids(store, LOAD_IDS)
     try:
         for round_ in range(args.repeat):
             for fraction in fractions:
@@ -199,16 +353,57 @@ def main() -> int:
                 assert one.detail.get("verdict") == "PASS", one.detail
                 passes[fraction].append((migrate, one))
                 shutil.rmtree(state, ignore_errors=True)
+                if args.no_latency:
+                    continue
+                # The app's side: a fresh copy of the target, the load alone, then beside a pass.
+                fresh_database(url)
+                run_measured([*cli, "migrate", "--env", str(env_file)], env)
+                checkpoint(url)
+                pass_cmd = [sys.executable, "-c", PASS_DRIVER, str(env_file), str(live), str(state)]
+                measured = asyncio.run(app_latency(target_url, ids, pass_cmd, env, args))
+                assert measured.detail.get("verdict") == "PASS", measured.detail
+                latencies[fraction].append(measured)
+                shutil.rmtree(state, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         embedded.ensure_database(url, DATABASE, fresh=True)
     load = (load_before, os.getloadavg()[0])
-    write_table(args, label, fractions, lives, migrates, passes, load)
+    write_table(args, label, fractions, lives, migrates, passes, latencies, load)
     print(args.out.read_text())
     return 0
 
 
-def write_table(args, label, fractions, lives, migrates, passes, load) -> None:
+def latency_rows(fractions: list[float], latencies: dict[float, list[Latency]]) -> list[str]:
+    rows = []
+    ms = 1000
+    for fraction in fractions:
+        runs = latencies[fraction]
+        if not runs:
+            continue
+        base = [percentile(r.baseline, 0.99) * ms for r in runs]
+        beside = [percentile(r.during, 0.99) * ms for r in runs]
+        ratios = [b / a for a, b in zip(base, beside, strict=True)]
+        p50 = statistics.median(percentile(r.baseline, 0.5) * ms for r in runs)
+        p50_beside = statistics.median(percentile(r.during, 0.5) * ms for r in runs)
+        rows.append(
+            f"| {fraction:.0%} | {statistics.median(base):.1f} | {statistics.median(beside):.1f} "
+            f"| {statistics.median(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)}) "
+            f"| {p50:.1f} / {p50_beside:.1f} "
+            f"| {statistics.median(len(r.during) for r in runs):,.0f} "
+            f"| {statistics.median(r.pass_s for r in runs):.1f} "
+            f"| {statistics.median(float(r.detail['locked_s']) for r in runs):.2f} "
+            f"| {sum(r.errors for r in runs)} |"
+        )
+    for fraction in fractions:
+        example = next((r.error_example for r in latencies[fraction] if r.error_example), "")
+        if example:
+            rows.append(
+                f"\nErrors the app's store raised with {fraction:.0%} changed, e.g.: `{example}`"
+            )
+    return rows
+
+
+def write_table(args, label, fractions, lives, migrates, passes, latencies, load) -> None:
     def med(values: list[float]) -> float:
         return statistics.median(values)
 
@@ -240,6 +435,27 @@ def write_table(args, label, fractions, lives, migrates, passes, load) -> None:
             f"| {med([p.detail['locked_s'] for _, p in pairs]):.2f} "
             f"| {med([p.detail['seconds'] for _, p in pairs]):.2f} |"
         )
+    app_rows = latency_rows(fractions, latencies)
+    latency_text = (
+        ""
+        if not app_rows
+        else f"""
+The app's latency on PostgreSQL while a pass runs beside it (medians of {args.repeat} rounds;
+acceptance: the p99 beside a pass within 2× of the p99 without one). The app's store
+(`SessionManager`, pool of 8, in the benchmark's process) serves an open-loop load of
+{args.users} users × one request every {args.interval_ms:g} ms
+({args.users * 1000 / args.interval_ms:,.0f} ops/s offered; latency from each request's
+scheduled start, so queueing counts) with `bench_store.py`'s mix (70% validate, 10% get,
+8% extend, 7% create, 5% delete) on {LOAD_IDS} sessions active at `as_of`, drawn uniformly from
+the store — the pass's changed sessions get their share of the requests. On a freshly migrated
+target: first {args.load_seconds:g} s of load alone, then the same load from {LEAD_S:g} s before
+the pass (its own process, as above) until {TAIL_S:g} s after; "beside" counts the requests
+scheduled while the pass ran. Client, server and pass share the 2 cores.
+
+{LATENCY_HEADER}
+{chr(10).join(app_rows)}
+"""
+    )
     text = f"""# Catch-up pass: figures
 
 `benchmarks/bench_catchup.py --rows {args.rows} --changed {args.changed} --repeat {args.repeat}`,
@@ -267,7 +483,7 @@ set-based UPDATE / INSERT / DELETE, the in-transaction proof (a join against the
 PostgreSQL's count of the rows the transaction wrote), the audit row. "Rows locked" is how long
 the app on PostgreSQL could wait on a row the pass changes. Load average (1 min) of the machine
 at the start and the end of the run: {load[0]:.1f} and {load[1]:.1f}.
-"""
+{latency_text}"""
     args.out.write_text(text)
 
 

@@ -152,6 +152,14 @@ def run_summary(outcome: Any) -> list[str]:
                 if isinstance(counts.get(key), int)
             )
         )
+    reconcile = next((r for r in outcome.steps if r.name == "reconcile" and r.summary), None)
+    if migrate is None and reconcile is not None:
+        counts = counts_of([reconcile])
+        if None not in counts.values():
+            lines.append(
+                f"source rows {counts['read']:,} = migrated {counts['landed']:,} + rejected "
+                f"{counts['rejected']:,}"
+            )
     if outcome.source_sha256:
         lines.append(f"source sha256 {outcome.source_sha256}")
     return [line for line in lines if line]

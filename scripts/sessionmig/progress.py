@@ -131,6 +131,7 @@ class ProgressEcho(threading.Thread):
         self.shown: str | None = None
         self.written: str | None = None  # plain mode: the last line written
         self.written_at = 0.0
+        self.width = 0  # terminal mode: the length of the line shown
 
     def run(self) -> None:
         while not self.done.wait(self.every):
@@ -150,9 +151,11 @@ class ProgressEcho(threading.Thread):
             return
         if not self.plain:
             if line != self.shown:
-                self.out.write(f"\r  {self.label}: {line}")
+                # Spaces, not an erase escape, cover what a longer previous line left.
+                shown = f"  {self.label}: {line}"
+                self.out.write(f"\r{shown.ljust(self.width)}")
                 self.out.flush()
-                self.shown = line
+                self.shown, self.width = line, len(shown)
             return
         if line == self.written:
             return
