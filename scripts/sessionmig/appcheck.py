@@ -21,6 +21,7 @@ from datetime import datetime
 
 from psycopg import sql
 
+from . import params as P
 from .connect import connect
 from .keys import duplicate_rejects
 from .mask import mask_id
@@ -141,7 +142,7 @@ def check_with_manager(
     *,
     schema: str,
     as_of: datetime,
-    batch_rows: int = 10_000,
+    batch_rows: int = P.default("batch_rows"),
     mask: Callable[[str | None], str] = mask_id,
     mode: str = "strict",
 ) -> AppCheck:

@@ -47,6 +47,7 @@ import psycopg
 from psycopg import sql
 
 from . import merge as M
+from . import params as P
 from .audit import RunRow, write_run
 from .connect import connect
 from .errors import ParameterError, SourceError, TargetError, TransientTargetError
@@ -64,7 +65,7 @@ if TYPE_CHECKING:  # pandas and steps are heavy; only the notebook's functions n
     from .steps import Settings
 
 STEP = "catchup"
-LOCK_TIMEOUT = "5s"
+LOCK_TIMEOUT = P.default("lock_timeout")
 """How long the pass waits for a row lock the app holds before giving up (and committing
 nothing). The app's transactions are one statement each, so this is only hit when something
 holds rows for long."""
@@ -405,7 +406,7 @@ def diff(
     base: Backup,
     live_path: Path,
     rules: Rules,
-    batch_rows: int = 10_000,
+    batch_rows: int = P.default("batch_rows"),
     live_rows: int | None = None,
 ) -> Delta:
     """The sessions that differ between the base and the live snapshot, normalised by the
@@ -887,7 +888,7 @@ def catchup(
     live_sqlite_path: str | Path,
     state_dir: str | Path,
     rules: Rules,
-    schema: str = "public",
+    schema: str = P.default("target_schema"),
     run_id: str,
     source_timezone: str,
     operator: str | None = None,
@@ -895,7 +896,7 @@ def catchup(
     base_path: str | Path | None = None,
     lock_timeout: str = LOCK_TIMEOUT,
     retries: int = RETRIES,
-    batch_rows: int = 10_000,
+    batch_rows: int = P.default("batch_rows"),
     dry_run: bool = False,
 ) -> CatchupResult:
     """Run one catch-up pass; see the module docstring.

@@ -42,6 +42,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from . import params as P
 from .connect import connect
 from .copyin import REFUSALS, stream_backup
 from .errors import ParameterError, TargetError
@@ -692,9 +693,9 @@ def reconcile(
     backup: Backup,
     rules: Rules,
     *,
-    schema: str = "public",
+    schema: str = P.default("target_schema"),
     as_of: datetime,
-    batch_rows: int = 10_000,
+    batch_rows: int = P.default("batch_rows"),
     run_id: str | None = None,
     mask: Callable[[str | None], str] = mask_id,
     progress: Callable[[int], None] | None = None,

@@ -28,6 +28,7 @@ import psycopg
 from psycopg import sql
 
 from . import merge as M
+from . import params as P
 from .audit import RunRow, write_run
 from .connect import connect
 from .copyin import stream_backup
@@ -167,9 +168,9 @@ def rollback(
     dsn: str,
     rules: Rules,
     *,
-    schema: str = "public",
+    schema: str = P.default("target_schema"),
     confirm: bool = False,
-    batch_rows: int = 10_000,
+    batch_rows: int = P.default("batch_rows"),
 ) -> RollbackResult:
     """Restore the backup to ``restore_path`` and carry back PostgreSQL's sessions."""
     target = Path(restore_path).resolve()
@@ -387,7 +388,7 @@ def rollback_live(
     state_dir: str | Path,
     expected_sha256: str,
     rules: Rules,
-    schema: str = "public",
+    schema: str = P.default("target_schema"),
     run_id: str | None = None,
     operator: str | None = None,
     busy_timeout_s: float = BUSY_TIMEOUT_S,
