@@ -535,7 +535,8 @@ def rejects_table(result: Any) -> pd.DataFrame:
 
 
 def type_rules_table() -> pd.DataFrame:
-    """The type rules in force (the same text as the RUNBOOK's)."""
+    """The type rules in force, one line per column group (the RUNBOOK's "Type rules" section
+    says the same at length, with examples)."""
     rules = [
         (
             "created_at, expires_at, last_activity",

@@ -29,7 +29,8 @@ PG_EPOCH = datetime(2000, 1, 1)
 _TICK = timedelta(microseconds=1)
 _US_PER_HOUR = 3_600_000_000
 _UNIX_TO_PG = (PG_EPOCH - datetime(1970, 1, 1)) // _TICK
-# What datetime can hold, as microseconds since 1970 (local) and since 2000 (UTC).
+# The instants a Python datetime can hold, as timestamptz's microseconds since 2000-01-01 UTC:
+# a wire value outside them could not be read back, so such a row is not plain.
 _UTC_MIN = (datetime.min - PG_EPOCH) // _TICK
 _UTC_MAX = (datetime.max - PG_EPOCH) // _TICK
 _DIGITS = np.array([0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18])
