@@ -28,14 +28,14 @@ demo-live: $(STAMP)
 
 ## Lint, type-check, then every test (embedded server; plus SESSIONMIG_TEST_DSN's server when set).
 test: $(STAMP) browser
-	$(BIN)/ruff check scripts tests notebooks tools benchmarks
-	$(BIN)/ruff format --check scripts tests tools benchmarks
+	$(BIN)/ruff check scripts tests notebooks tools benchmarks examples
+	$(BIN)/ruff format --check scripts tests tools benchmarks examples
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 ## The edit loop: lint and the tests that run no notebook (well under a minute or two).
 test-fast: $(STAMP)
-	$(BIN)/ruff check scripts tests notebooks tools benchmarks
+	$(BIN)/ruff check scripts tests notebooks tools benchmarks examples
 	$(BIN)/python -m pytest -m "not slow" -q
 
 typecheck: $(STAMP)
@@ -59,8 +59,8 @@ browser:
 	  else echo "chromium is not installed: the browser test will be skipped"; fi; }
 
 lint: $(STAMP)
-	$(BIN)/ruff check --fix scripts tests notebooks tools benchmarks
-	$(BIN)/ruff format scripts tests tools benchmarks
+	$(BIN)/ruff check --fix scripts tests notebooks tools benchmarks examples
+	$(BIN)/ruff format scripts tests tools benchmarks examples
 
 clean:
 	rm -rf reports .sessionmig .pytest_cache .hypothesis
