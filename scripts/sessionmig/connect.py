@@ -170,10 +170,7 @@ def connect(
     info = conninfo(
         dsn,
         purpose,
-        read_only=read_only,
-        connect_timeout=connect_timeout,
-        statement_timeout_ms=statement_timeout_ms,
-        lock_timeout_ms=lock_timeout_ms,
+        **_session(read_only, connect_timeout, statement_timeout_ms, lock_timeout_ms),
         **libpq,
     )
     try:
@@ -181,6 +178,21 @@ def connect(
     except psycopg.Error as exc:
         extra = [str(libpq["password"])] if libpq.get("password") else []
         raise _failure(exc, libpq_dsn(dsn), purpose, extra) from None
+
+
+def _session(
+    read_only: bool,
+    connect_timeout: int,
+    statement_timeout_ms: int | None,
+    lock_timeout_ms: int | None,
+) -> dict[str, Any]:
+    """:func:`conninfo`'s session settings, as :func:`connect` and :func:`aconnect` take them."""
+    return {
+        "read_only": read_only,
+        "connect_timeout": connect_timeout,
+        "statement_timeout_ms": statement_timeout_ms,
+        "lock_timeout_ms": lock_timeout_ms,
+    }
 
 
 async def aconnect(
@@ -199,10 +211,7 @@ async def aconnect(
     info = conninfo(
         dsn,
         purpose,
-        read_only=read_only,
-        connect_timeout=connect_timeout,
-        statement_timeout_ms=statement_timeout_ms,
-        lock_timeout_ms=lock_timeout_ms,
+        **_session(read_only, connect_timeout, statement_timeout_ms, lock_timeout_ms),
         **libpq,
     )
     try:

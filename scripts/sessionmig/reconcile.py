@@ -994,14 +994,7 @@ def _verdict(
         return FAIL, f"{label or 'rows differ or are unaccounted for'}: {summary}", list(noted)
     if after:
         return _verdict_after_cutover(counts, rejected, run_id, noted)
-    warnings = list(noted)
-    if run_id is None:
-        warnings.append("no committed migrate run found on the target")
-    if rejected:
-        warnings.append(
-            f"{rejected} source rows were rejected; each is in "
-            "session_migration_rejects with its raw values"
-        )
+    warnings = _run_warnings(rejected, run_id, noted)
     if parity["active_legacy_rule_sqlite_excluding_rejects"] != parity["active_postgres"]:
         warnings.append(
             "active sessions differ between the legacy string comparison on SQLite "
@@ -1016,11 +1009,8 @@ def _verdict(
     return PASS, "every source row is in PostgreSQL with identical values", []
 
 
-def _verdict_after_cutover(
-    counts: dict[str, int], rejected: int, run_id: str | None, noted: list[str]
-) -> tuple[str, str, list[str]]:
-    """No unexplained difference: PASS, saying what the application changed. Distributions
-    and the active count move with the app by design, so they are reported, not judged."""
+def _run_warnings(rejected: int, run_id: str | None, noted: list[str]) -> list[str]:
+    """What every passing verdict says beside the rows: no migrate run on record, rejects."""
     warnings = list(noted)
     if run_id is None:
         warnings.append("no committed migrate run found on the target")
@@ -1029,6 +1019,15 @@ def _verdict_after_cutover(
             f"{rejected} source rows were rejected; each is in "
             "session_migration_rejects with its raw values"
         )
+    return warnings
+
+
+def _verdict_after_cutover(
+    counts: dict[str, int], rejected: int, run_id: str | None, noted: list[str]
+) -> tuple[str, str, list[str]]:
+    """No unexplained difference: PASS, saying what the application changed. Distributions
+    and the active count move with the app by design, so they are reported, not judged."""
+    warnings = _run_warnings(rejected, run_id, noted)
     found = ", ".join(f"{counts[k]} {k}" for k in EXPLAINED if counts[k])
     reason = (
         "after_cutover: every source row is accounted for and every difference is one the "
