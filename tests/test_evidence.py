@@ -37,7 +37,7 @@ from conftest import (
 from psycopg import sql
 from sqlalchemy import create_engine, text
 
-from sessionmig import cli, manifest, orchestrate, sample, schema, steps
+from sessionmig import cli, manifest, orchestrate, sample, schema
 from sessionmig.errors import ParameterError, TargetError
 from sessionmig.params import sqlalchemy_url
 from sessionmig.rollback import migrated_sha256, read_manifest
@@ -430,28 +430,29 @@ def test_case9_a_commit_inside_the_block_is_never_undone(dsn: str) -> None:
 def test_case9_interrupted_migrate_verb_asks_the_audit_row(
     tmp_path: Path, small_backup: Path, target, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``sessionmig migrate`` interrupted before and after its commit says which, from the
-    target's audit row of that very run."""
+    """``sessionmig migrate`` (the migrate step of a run of its own) interrupted before and
+    after its commit says which, from the target's audit row of that very run."""
     target(small_backup)  # points $SMTEST_DSN at this test's database
     env = str(env_file(tmp_path, small_backup))
-    real_migrate = steps.migrate
+    reports = str(tmp_path / "reports")
+    real_step = orchestrate.execute_step
 
-    def ctrl_c_before(s: steps.Settings, progress: bool = True) -> None:
+    def ctrl_c_before(record: orchestrate.StepRecord, *args, **kwargs) -> None:
         raise KeyboardInterrupt
 
-    def ctrl_c_after(s: steps.Settings, progress: bool = True) -> None:
-        real_migrate(s, progress=False)
-        raise KeyboardInterrupt
+    def ctrl_c_after(record: orchestrate.StepRecord, *args, **kwargs) -> None:
+        real_step(record, *args, **kwargs)
+        record.interrupted = True  # a Ctrl-C as the step's last cell ended
 
-    monkeypatch.setattr(steps, "migrate", ctrl_c_before)
-    code, _, err = run_cli("migrate", "--env", env)
+    monkeypatch.setattr(orchestrate, "execute_step", ctrl_c_before)
+    code, _, err = run_cli("migrate", "--env", env, "--reports-dir", reports)
     assert code == 2
-    assert "interrupted before the commit" in err and "nothing of it was committed" in err, err
-    monkeypatch.setattr(steps, "migrate", ctrl_c_after)
-    code, _, err = run_cli("migrate", "--env", env)
+    assert "INTERRUPTED" in err and "nothing of this run was committed" in err, err
+    monkeypatch.setattr(orchestrate, "execute_step", ctrl_c_after)
+    code, _, err = run_cli("migrate", "--env", env, "--reports-dir", reports)
     assert code == 2
-    assert "nothing partial was committed" not in err
-    assert "interrupted after the commit" in err and "393 inserted" in err, err
+    assert "nothing of this run was committed" not in err
+    assert "migrate had committed" in err and "393 inserted" in err, err
 
 
 # --- 22: operator mistakes: one line, exit 2, and -p values kept as typed ---------------------

@@ -74,6 +74,8 @@ def test_full_run_migrates_reports_and_keeps_secrets_out(tmp_path, small_backup,
     assert "  rows read 400, inserted 393, unchanged 0, rejected 7" in result.stdout
     assert f"  source sha256 {manifest['source']['sha256_before']}" in result.stdout
     assert "\x1b[" not in result.stdout + result.stderr
+    assert "\r" not in result.stdout + result.stderr  # no redraws: progress as plain lines
+    assert re.search(r"^  migrate: committed: 100%", result.stderr, re.M), result.stderr
     # The rows in PostgreSQL: every landable sample row, the 7 oddities as rejects.
     assert rows_of(dsn, "SELECT count(*) FROM sessions") == [(393,)]
     assert rows_of(

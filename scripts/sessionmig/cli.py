@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+import textwrap
 import traceback
 from pathlib import Path
 from typing import Any
@@ -485,9 +486,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     ),
     "catchup": (
         "sessionmig catchup --env prod -p live_sqlite_path=/srv/app/sessions.db "
-        "-p state_dir=/srv/cutover/state",
-        "sessionmig catchup --env staging -p live_sqlite_path=/srv/app/sessions.db "
-        "-p state_dir=/srv/cutover/state -p lock_timeout=5s",
+        "-p state_dir=/srv/state",
+        "sessionmig catchup --env staging -p live_sqlite_path=/tmp/live.db -p state_dir=/tmp/st",
     ),
     "verify": (
         "sessionmig verify reports/prod/<RUN_ID> --env prod",
@@ -554,7 +554,7 @@ def _verb(
     p: argparse.ArgumentParser = sub.add_parser(
         verb,
         help=doc,
-        description=doc,
+        description=textwrap.fill(doc, 88),
         epilog=_epilog(verb, steps),
         formatter_class=_Help,
     )
