@@ -151,7 +151,7 @@ nb(
 nb(
     "notebooks/03_reconcile.ipynb",
     "03 · Reconcile",
-    "Compares the **raw backup** with PostgreSQL, every row and every column, and proves the partition: source rows = migrated + rejected, disjoint. Differences are named with hashed ids. A `FAIL` stops the run with a non-zero exit. In a dry run nothing was written, so there is nothing to compare: the step says `SKIPPED` and the run keeps migrate's verdict.\n\n**The gate:** PASS when source rows = migrated + rejected holds, every compared row is identical in every column and the new `SessionManager` accepts exactly the sessions the source says are active. Any difference of any kind is a FAIL: do not cut over.",
+    "Compares the **raw backup** with PostgreSQL, every row and every column, and proves the partition: source rows = migrated + rejected, disjoint. Differences are named with hashed ids. A `FAIL` stops the run with a non-zero exit. In a dry run nothing was written, so there is nothing to compare: the step says `SKIPPED` and the run keeps migrate's verdict.\n\n**The gate:** PASS when source rows = migrated + rejected holds, every compared row is identical in every column and the new `SessionManager` accepts exactly the sessions the source says are active. Any difference of any kind is a FAIL: do not cut over. With `reconcile_mode=after_cutover` (re-checking once the app serves from PostgreSQL) the changes the application explains — later `last_activity`/`expires_at`, higher `request_count`, sessions ended or created since — are counted and shown, and only a change nothing explains fails.",
     "reconcile",
     [
         SETUP,
