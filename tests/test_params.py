@@ -325,3 +325,11 @@ def test_query_on_postgres_does_not_need_the_backup(monkeypatch, capsys) -> None
     )
     assert main(["query", "active_at", "--env", "prod", "-p", "top_n=3"]) == 2
     assert "query active_at has no parameter ['top_n']" in capsys.readouterr().err
+
+
+def test_every_step_has_one_notebook_in_the_declared_order() -> None:
+    from sessionmig import orchestrate
+
+    assert tuple(orchestrate.STEPS) == P.STEPS
+    assert set(P.DEFAULT_STEPS) <= set(P.STEPS)
+    assert orchestrate.DEFAULT_STEPS == P.DEFAULT_STEPS

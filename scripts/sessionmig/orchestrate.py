@@ -44,6 +44,7 @@ from .settings import complete, new_run_id
 from .source import hash_files
 from .verdict import Verdict, worst
 
+# The notebook of each step (P.STEPS, in that order; a test holds them equal).
 STEPS: dict[str, str] = {
     "preflight": "00_preflight.ipynb",
     "inspect": "01_inspect.ipynb",
@@ -54,7 +55,7 @@ STEPS: dict[str, str] = {
     "rollback": "05_rollback.ipynb",
     "finalize": "06_finalize.ipynb",
 }
-DEFAULT_STEPS = ("preflight", "inspect", "migrate", "reconcile")
+DEFAULT_STEPS = P.DEFAULT_STEPS
 # Steps that never connect to the target: a run of only these has no target to describe.
 SOURCE_ONLY_STEPS = frozenset({"inspect"})
 # How long an interrupted step may take to stop before its kernel is killed.

@@ -48,6 +48,7 @@ STEPS = (
     "rollback",
     "finalize",
 )
+DEFAULT_STEPS = ("preflight", "inspect", "migrate", "reconcile")  # `sessionmig run` alone
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

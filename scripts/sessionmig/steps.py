@@ -83,18 +83,7 @@ class PreflightResult:
         return all(c.ok for c in self.checks)
 
 
-RUN_STEPS = (
-    "preflight",
-    "inspect",
-    "migrate",
-    "reconcile",
-    "catchup",
-    "analysis",
-    "rollback",
-    "finalize",
-)
 PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
-DEFAULT_RUN_STEPS = ("preflight", "inspect", "migrate", "reconcile")  # sessionmig run's default
 HASH_RECORD_EXTENDED = 140000
 """server_version_num from which ``hash_record_extended`` exists (reconcile fingerprints rows
 with it; rollback reconciles too)."""
@@ -140,12 +129,12 @@ def run_steps_of(given: Any) -> tuple[str, ...]:
     default run's."""
     if isinstance(given, str):
         given = [p.strip() for p in given.split(",") if p.strip()]
-    names = tuple(given or DEFAULT_RUN_STEPS)
-    unknown = [n for n in names if n not in RUN_STEPS]
+    names = tuple(given or P.DEFAULT_STEPS)
+    unknown = [n for n in names if n not in P.STEPS]
     if unknown:
         raise P.ParameterError(
             f"run_steps={list(names)!r}: unknown step(s) {unknown}; choose from "
-            f"{', '.join(RUN_STEPS)}"
+            f"{', '.join(P.STEPS)}"
         )
     return names
 
@@ -258,7 +247,7 @@ def target_checks(
         checks.append(Check(name, False, f"{why}; ask for: {statement.removesuffix(';')}"))
 
     def by(wanting: set[str]) -> str:
-        return ", ".join(s for s in RUN_STEPS if s in wanting)
+        return ", ".join(s for s in P.STEPS if s in wanting)
 
     selected = set(steps)
     if wanting := selected & {"reconcile", "rollback"}:
