@@ -134,9 +134,7 @@ def test_finalize_needs_a_reconcile_pass_and_the_soak(migrated_run, dsn, tmp_pat
     common = dict(live_sqlite_path=str(live), archive_dir=str(tmp_path / "archive"))
     migrate_only = orchestrate.run(str(env), ["migrate"], {}, tmp_path / "reports").run_dir
     with pytest.raises(VerdictFailed, match="needs a reconcile PASS"):
-        steps.finalize_step(
-            settings, reconcile_manifest=str(migrate_only), soak_hours=0, **common
-        )
+        steps.finalize_step(settings, reconcile_manifest=str(migrate_only), soak_hours=0, **common)
     with pytest.raises(VerdictFailed, match="soak period is not over"):
         steps.finalize_step(settings, reconcile_manifest=str(run_dir), soak_hours=24, **common)
     assert live.exists()

@@ -297,8 +297,6 @@ def shaped(row: tuple, k: int) -> tuple:
     return _with_extras(row, k)
 
 
-
-
 def _with_extras(row: tuple, k: int) -> tuple:
     """Reorder ``(rowid, 7+k values, 7+k types)`` to ``(rowid, 7 values, 7 types, k, k)``."""
     n = len(COLUMNS)
