@@ -31,14 +31,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import psycopg
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
 from session_app.traffic import Colour, Ledger, adopt, client, compare  # noqa: E402
 
 from sessionmig import embedded  # noqa: E402
+from sessionmig.connect import connect  # noqa: E402
 
 ZONE = "Asia/Seoul"
 BLUE_USERS, GREEN_USERS = 5, 4
@@ -166,7 +165,7 @@ async def demo(args: argparse.Namespace, work: Path) -> int:
         print(f"    {title}: {index}")
     if not ok:
         return 1
-    with psycopg.connect(url) as conn:
+    with connect(url, "demo-live") as conn:
         rows = {
             r[0]: r[1:]
             for r in conn.execute(

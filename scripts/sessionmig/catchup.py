@@ -35,13 +35,15 @@ import re
 import socket
 import sqlite3
 import stat
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -64,6 +66,7 @@ if TYPE_CHECKING:  # pandas and steps are heavy; only the notebook's functions n
 
     from .steps import Settings
 
+T = TypeVar("T")
 STEP = "catchup"
 LOCK_TIMEOUT = P.default("lock_timeout")
 """How long the pass waits for a row lock the app holds before giving up (and committing
@@ -880,6 +883,82 @@ def _counts(delta: Delta, applied: Applied) -> dict[str, int]:
 
 # --- one pass --------------------------------------------------------------------------------
 
+BACKGROUND_NICE = 10
+"""How much lower the CPU priority of the pass's SQLite side is (snapshot, hashing, diff: all
+CPU, several threads at once) than the PostgreSQL transaction's. On a host the app or
+PostgreSQL shares, that work yields the CPU to them (measured on 2 cores: with three of the
+pass's threads busy, CPU pressure stays at 80-100 % and the app's requests queue behind them;
+``benchmarks/CATCHUP.md``); alone on a host it runs as fast as before. The snapshot's own
+thread is only this much nicer, never idle: in rollback-journal mode its steps hold the live
+file's read lock, and the old colour's writer waits for it; the hashing and the diff after it
+hold no such lock and run idle (:func:`_idle_priority`)."""
+
+
+def _in_background_priority(nice: int, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` on a thread ``nice`` steps nicer than this one; the threads it starts
+    inherit that. Linux only (its nice value is per thread, and a thread can lower its own
+    priority but never raise it back, hence a thread of its own); elsewhere it runs as is."""
+
+    def niced() -> T:
+        if nice > 0 and sys.platform.startswith("linux"):
+            me = threading.get_native_id()
+            with contextlib.suppress(OSError):
+                os.setpriority(
+                    os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + nice)
+                )
+        return work(*args)
+
+    return in_background(niced).result()
+
+
+def _idle_priority() -> None:
+    """This thread, and those it starts, run only when nothing else wants the CPU (Linux's
+    SCHED_IDLE: any other task waking up takes the CPU from it at once). For the hashing and
+    the diff, which hold no lock anyone waits for; not for the snapshot, whose steps hold the
+    live file's read lock in rollback-journal mode."""
+    if sys.platform.startswith("linux") and hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+@dataclass(frozen=True)
+class _Snapshots:
+    """The SQLite side of a pass: the base (open), the live store's new snapshot (at the path
+    ``take`` wrote, hashed), and their delta."""
+
+    base: Backup
+    taken: SnapshotResult
+    delta: Delta
+
+
+def _read_snapshots(
+    base_file: Path,
+    chain: Chain,
+    live_path: Path,
+    incoming: Path,
+    rules: Rules,
+    batch_rows: int,
+) -> _Snapshots:
+    """Open and hash the base, snapshot the live store to ``incoming``, hash the snapshot while
+    SQLite compares it with the base. On failure nothing is left open and ``incoming`` is gone."""
+    base = open_backup(base_file)  # hashed on a thread meanwhile
+    try:
+        taken = take(live_path, incoming, check=False, replace=True)
+        try:
+            _idle_priority()  # the live file is no longer read: no lock of the app's to hold
+            # The copy is hashed on a thread while SQLite compares it with the base.
+            digest = in_background(sha256_file, incoming)
+            _refuse_stale_base(base_file, base.sha256, chain)
+            delta = diff(base, incoming, rules, batch_rows, taken.sessions)
+            taken = dataclasses.replace(taken, sha256=digest.result())
+        except BaseException:
+            incoming.unlink(missing_ok=True)
+            raise
+    except BaseException:
+        base.close()
+        raise
+    return _Snapshots(base, taken, delta)
+
 
 def catchup(
     dsn: str,
@@ -898,6 +977,7 @@ def catchup(
     retries: int = RETRIES,
     batch_rows: int = P.default("batch_rows"),
     dry_run: bool = False,
+    background_nice: int = BACKGROUND_NICE,
 ) -> CatchupResult:
     """Run one catch-up pass; see the module docstring.
 
@@ -906,7 +986,8 @@ def catchup(
     explicitly; it is refused unless it is the one the chain expects. Raises
     :class:`BaseNotCurrent`, ``ParameterError``, ``SourceError`` or ``TargetError`` when the
     pass cannot be carried out (nothing committed); returns a FAIL verdict when its proof
-    failed (nothing committed either).
+    failed (nothing committed either). The SQLite side (snapshot, hashes, diff) runs on
+    threads ``background_nice`` steps nicer than the caller's (0: as the caller).
     """
     started_clock = time.perf_counter()
     started = datetime.now(UTC)
@@ -930,21 +1011,26 @@ def catchup(
             )
         number = chain.last_pass + 1
         pass_run_id = f"{run_id}-{STEP}-{number}"
-        with open_backup(base_file) as base:  # hashed on a thread meanwhile
-            incoming = state / f".incoming-{run_id}.db"
-            taken = take(live_path, incoming, check=False, replace=True)
-            live_file, created, committed = incoming, True, False
+        local = _in_background_priority(
+            background_nice,
+            _read_snapshots,
+            base_file,
+            chain,
+            live_path,
+            state / f".incoming-{run_id}.db",
+            rules,
+            batch_rows,
+        )
+        with local.base as base:
+            taken, delta = local.taken, local.delta
+            live_file, created, committed = Path(taken.path), True, False
             try:
-                # The copy is hashed on a thread while SQLite compares it with the base.
-                digest = in_background(sha256_file, incoming)
-                _refuse_stale_base(base_file, base.sha256, chain)
-                delta = diff(base, incoming, rules, batch_rows, taken.sessions)
-                taken = dataclasses.replace(taken, sha256=digest.result())
+                # The migrated backup is evidence: re-hashed beside the transaction (at this
+                # thread's priority: the commit, with the touched rows locked, waits for it),
+                # checked before its commit.
+                unchanged = base.verify_unchanged_later() if base_file == migrated else None
                 live_file, created = _keep_snapshot(taken, state)
                 taken = dataclasses.replace(taken, path=str(live_file))
-                # The migrated backup is evidence: re-hashed beside the transaction, checked
-                # before its commit.
-                unchanged = base.verify_unchanged_later() if base_file == migrated else None
                 record = {
                     "run_id": pass_run_id,
                     "started": started,

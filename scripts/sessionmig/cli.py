@@ -31,6 +31,7 @@ from .errors import (
     TargetUnreachable,
 )
 from .project import PROJECT_DIR_VARIABLE
+from .verdict import Verdict
 
 DEBUG_VARIABLE = "SESSIONMIG_DEBUG"
 
@@ -377,7 +378,7 @@ def verify_json(
         sealed = {}
     source = sealed.get("source") if isinstance(sealed.get("source"), dict) else {}
     return {
-        "verdict": "PASS" if not problems else "FAIL",
+        "verdict": Verdict.PASS if not problems else Verdict.FAIL,
         "exit_code": code,
         "run_folder": str(run_dir.resolve()),
         "files_checked": checked,
@@ -766,7 +767,8 @@ JSON_VERBS = ("run", "migrate", "reconcile", "verify")
 def failure_json(args: argparse.Namespace, message: str, code: int) -> None:
     """Under ``--format json``, a run that could not be carried out is JSON on stdout too."""
     if args.verb in JSON_VERBS and getattr(args, "format", "text") == "json":
-        print(json.dumps({"verdict": "ERROR", "exit_code": code, "message": message}, indent=2))
+        failed = {"verdict": Verdict.ERROR, "exit_code": code, "message": message}
+        print(json.dumps(failed, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

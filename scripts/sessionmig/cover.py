@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .render import verdict_class
+from .verdict import Verdict
 
 FIGURES_ON_COVER = 3
 STEP_FIGURES = (
@@ -114,7 +115,7 @@ def cover(data: dict[str, Any], permissions: str | None = None) -> Cover:
     verdict = str(data.get("verdict", ""))
     if failed:
         headline = f"{failed[0].name}: {failed[0].reason}"
-    elif verdict == "PASS_WITH_WARNINGS":
+    elif verdict == Verdict.PASS_WITH_WARNINGS:
         headline = "every step passed; warnings to read below"
     else:
         headline = "every step passed"

@@ -61,7 +61,7 @@ SOURCE_ONLY_STEPS = frozenset({"inspect"})
 # How long an interrupted step may take to stop before its kernel is killed.
 KILL_AFTER_S = 30.0
 # The run's verdict when the operator stopped it (a run's, never a step's).
-INTERRUPTED = "INTERRUPTED"
+INTERRUPTED = Verdict.INTERRUPTED
 
 
 @dataclass

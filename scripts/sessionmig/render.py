@@ -192,7 +192,7 @@ def arrange(node: Any) -> Arranged:
             answer_html(
                 Answer(
                     step=title,
-                    verdict="ERROR",
+                    verdict=Verdict.ERROR,
                     reason=f"the step stopped on {ename}: {first_line}",
                     todo="Read the traceback in the appendix; nothing after this cell ran.",
                 )

@@ -23,6 +23,15 @@ Why the app's writers never see SQLITE_BUSY because of us:
 The copy is written to a private temporary file (0600; its directory created 0700 when this
 creates it), converted to a self-contained rollback-journal file, checked, fsynced and then
 linked into place (never over an existing file unless asked), and its sha256 returned.
+
+Why the copy is flushed to disk as it goes (every ``flush_bytes``, between steps): the new
+colour's PostgreSQL may share the disk. Left to itself the kernel keeps the whole copy in the
+page cache and writes it all at once when the copy's commit asks for fsync — half a gigabyte
+for a million sessions, a few hundred milliseconds in which every commit of PostgreSQL waits for
+its WAL flush behind it (measured: the app's p99 went from ~10 ms to ~250 ms, see
+``benchmarks/CATCHUP.md``). Flushed a few MiB at a time, the disk never has more than that
+queued ahead of a WAL flush; the copy is as durable in the end as before (fsynced before it is
+linked into place).
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ MAX_HOLD_S = 5.0  # longest read lock one step may hold (the legacy app waits up
 RESTARTS_BEFORE_GROWING = 2
 GROWTH = 8
 BUSY_POLL_MS = 50
+FLUSH_BYTES = 4 << 20  # written back between steps once this much of the copy is unflushed
 
 
 class SnapshotError(SourceError):
@@ -105,6 +115,15 @@ def _check_live(live: Path) -> None:
         raise SnapshotError(f"{live}: not a SQLite database (first bytes {header[:16]!r})")
 
 
+def _page_size(live: Path) -> int:
+    """The page size the file's header gives (read without a lock: it changes only when the
+    whole file is rewritten, and it only paces the write-back)."""
+    with open(live, "rb") as handle:
+        header = handle.read(18)
+    size = int.from_bytes(header[16:18], "big")
+    return 65536 if size == 1 else max(size, 512)
+
+
 def _open_live(live: Path, busy_timeout_s: float) -> sqlite3.Connection:
     # mode=ro: no write lock, no hot-journal rollback, no checkpoint on close. isolation_level
     # None: we open and end the read transaction ourselves.
@@ -125,13 +144,16 @@ def snapshot(
     max_hold_s: float = MAX_HOLD_S,
     check: bool = True,
     replace: bool = False,
+    flush_bytes: int = FLUSH_BYTES,
 ) -> SnapshotResult:
     """Copy ``live_db`` consistently to ``out_db`` (0600) while the app writes to it; its
     sha256 is computed and returned.
 
     ``pages`` per step, ``pause_s`` between steps; the live file's locks are waited for up to
     ``busy_timeout_s`` in all; in rollback-journal mode no step is grown beyond an estimated
-    ``max_hold_s`` of read lock. ``check`` runs ``PRAGMA quick_check`` on the copy. Raises
+    ``max_hold_s`` of read lock. The copy is written back to disk between steps whenever
+    ``flush_bytes`` of it are unflushed (0: only at its end, all at once). ``check`` runs
+    ``PRAGMA quick_check`` on the copy. Raises
     :class:`SnapshotError` (nothing written at ``out_db``) when no consistent copy could be
     made; the app's writes are never failed.
     """
@@ -145,6 +167,7 @@ def snapshot(
         max_hold_s=max_hold_s,
         check=check,
         replace=replace,
+        flush_bytes=flush_bytes,
     )
     digest = sha256_file(Path(taken.path))
     return dataclasses.replace(taken, sha256=digest, seconds=time.perf_counter() - started)
@@ -160,6 +183,7 @@ def take(
     max_hold_s: float = MAX_HOLD_S,
     check: bool = True,
     replace: bool = False,
+    flush_bytes: int = FLUSH_BYTES,
 ) -> SnapshotResult:
     """:func:`snapshot` without the sha256 (``sha256`` is empty): for a caller that hashes the
     copy on a thread beside other work (catch-up hashes it while SQLite compares)."""
@@ -177,7 +201,9 @@ def take(
     os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     source = _open_live(live, busy_timeout_s)
     try:
-        copied = _copy(source, partial, live, started, pages, pause_s, busy_timeout_s, max_hold_s)
+        copied = _copy(
+            source, partial, live, started, pages, pause_s, busy_timeout_s, max_hold_s, flush_bytes
+        )
         result = _finish(partial, out, live, started, copied, check, replace)
     except BaseException:
         for leftover in (partial, Path(str(partial) + "-journal")):
@@ -195,6 +221,7 @@ class _Copy:
     attempts: int = 0
     restarts: int = 0
     step_pages: int = PAGES_PER_STEP
+    flushes: int = 0  # write-backs of the copy between steps
 
 
 def _copy(
@@ -206,6 +233,7 @@ def _copy(
     pause_s: float,
     busy_timeout_s: float,
     max_hold_s: float,
+    flush_bytes: int = FLUSH_BYTES,
 ) -> _Copy:
     """Run backup attempts until one completes without a restart."""
     asked = time.perf_counter()
@@ -228,6 +256,8 @@ def _copy(
         target = sqlite3.connect(partial)
         # In WAL mode readers never hold up a writer: no pause needed between steps.
         progress = _Progress(state, 0.0 if wal else pause_s, busy_timeout_s, started)
+        if flush_bytes > 0:
+            progress.flusher = _Flusher(partial, max(1, flush_bytes // _page_size(live)))
         try:
             if wal:
                 # One read transaction for the whole copy: every step sees the same commit.
@@ -247,6 +277,9 @@ def _copy(
             raise SnapshotError(f"{live}: the copy failed ({exc}); nothing was written") from None
         finally:
             target.close()
+            if progress.flusher is not None:
+                progress.flusher.close()
+                state.flushes += progress.flusher.flushes
             if wal and source.in_transaction:
                 source.execute("COMMIT")
         pages_per_s = progress.pages_per_s or pages_per_s
@@ -270,6 +303,29 @@ def _copy(
         os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
 
+class _Flusher:
+    """Writes the copy back to disk once ``every`` pages were copied since the last time, so
+    that the kernel never holds more than that of it to write at once (see the module
+    docstring). Its own descriptor: ``fdatasync`` writes back every page of the file, whoever
+    wrote it."""
+
+    def __init__(self, path: Path, every: int) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        self.every = every
+        self.pending = 0
+        self.flushes = 0
+
+    def copied(self, pages: int) -> None:
+        self.pending += pages
+        if self.pending >= self.every:
+            os.fdatasync(self.fd)
+            self.pending = 0
+            self.flushes += 1
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class _Progress:
     """The backup's progress callback: pauses between steps, detects restarts and waits."""
 
@@ -284,6 +340,7 @@ class _Progress:
         self.copied_pages = 0
         self.copy_s = 0.0
         self.step_start = time.perf_counter()
+        self.flusher: _Flusher | None = None
 
     @property
     def pages_per_s(self) -> float | None:
@@ -305,11 +362,15 @@ class _Progress:
             self.restarts += 1
             if self.state.step_pages != -1 and self.restarts >= RESTARTS_BEFORE_GROWING:
                 raise _Restart
+            done = total - remaining  # the restarted copy's first step wrote these again
         else:
             done = (self.last_remaining if self.last_remaining is not None else total) - remaining
             self.copied_pages += done
             self.copy_s += now - self.step_start
         self.last_remaining = remaining
+        if remaining and self.flusher is not None:
+            # Between steps, so the live file's read lock (rollback-journal mode) is free.
+            self.flusher.copied(done)
         if remaining and self.pause_s:
             time.sleep(self.pause_s)  # the lock is free now: a waiting writer goes first
         self.step_start = time.perf_counter()
