@@ -19,6 +19,12 @@ requests scheduled while the pass ran is compared with the baseline's p99 (accep
 sessions get their share of the traffic and no more. The store's clock is ``as_of`` plus the
 time elapsed, so those sessions are live to it (the benchmark sample is dated ``as_of``).
 
+``--trace DIR`` keeps, for each pass beside the load, every request (scheduled time, latency,
+kind), the pass's phases (its functions timed in its own process) and the kernel's counters
+(``catchup_trace.py``), and prints their timeline; ``--idle-pass`` runs a process that only
+sleeps instead of the pass, which shows how far two stretches of the same load differ on this
+machine by themselves.
+
 Writes the table to ``benchmarks/CATCHUP.md`` (``--out``). Target server: ``--dsn`` (an admin URL,
 database ``postgres``), else the system PostgreSQL at 127.0.0.1:5432 when it answers, else the
 embedded server.
@@ -44,6 +50,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import catchup_trace
 import psycopg
 import yaml
 from bench_store import Sessions, closed_loop, one_operation, percentile
@@ -75,6 +82,49 @@ import json, sys, yaml
 from sessionmig import catchup, steps
 s = steps.settings(**yaml.safe_load(open(sys.argv[1])))
 r = catchup.catchup_step(s, sys.argv[2], sys.argv[3])
+print(json.dumps({"verdict": r.verdict, "counts": r.counts, "seconds": r.seconds,
+                  "snapshot_s": r.snapshot.seconds, "locked_s": r.locked_seconds,
+                  "live_rows": r.live_rows}))
+"""
+# No pass at all, as long as one (``--idle-pass``): the same two measurements then show how
+# far the p99 of one stretch of the load differs from another's on this machine by itself.
+IDLE_DRIVER = """
+import json, sys, time
+time.sleep(float(sys.argv[1]))
+print(json.dumps({"verdict": "PASS", "locked_s": 0.0}))
+"""
+# The same pass with its phases timed (``--trace``): each function below, wrapped, appends
+# (name, start, end) on the system's monotonic clock — the clock the load's event loop reads —
+# to the file named by SESSIONMIG_TRACE_PHASES.
+TRACED_PASS_DRIVER = """
+import functools, json, os, sys, threading, time, yaml
+from sessionmig import catchup, snapshot, source, steps
+phases = []
+def timed(module, name, label=None):
+    inner = getattr(module, name)
+    @functools.wraps(inner)
+    def wrapper(*a, **k):
+        began = time.monotonic()
+        try:
+            return inner(*a, **k)
+        finally:
+            phases.append((label or name, began, time.monotonic()))
+    setattr(module, name, wrapper)
+for module, name in [(catchup, "take"), (snapshot, "_copy"), (snapshot, "_finish"),
+                     (snapshot, "_fsync"), (catchup, "sha256_file"), (source, "hash_files"),
+                     (catchup, "diff"), (catchup, "_ended_in_live"), (catchup, "_apply"),
+                     (catchup, "_copy_rows"), (catchup, "_lock_targets"),
+                     (catchup, "_apply_statements"), (catchup, "_prove"),
+                     (catchup, "_record_pass"), (catchup, "_transaction"),
+                     (catchup, "_keep_snapshot"), (catchup, "_prune"), (os, "fdatasync")]:
+    if hasattr(module, name):
+        timed(module, name)
+s = steps.settings(**yaml.safe_load(open(sys.argv[1])))
+began = time.monotonic()
+r = catchup.catchup_step(s, sys.argv[2], sys.argv[3])
+phases.append(("catchup", began, time.monotonic()))
+with open(os.environ["SESSIONMIG_TRACE_PHASES"], "w") as out:
+    json.dump(phases, out)
 print(json.dumps({"verdict": r.verdict, "counts": r.counts, "seconds": r.seconds,
                   "snapshot_s": r.snapshot.seconds, "locked_s": r.locked_seconds,
                   "live_rows": r.live_rows}))
@@ -163,6 +213,7 @@ class Latency:
 
     baseline: list[float]  # seconds, every request of the baseline run
     during: list[float]  # seconds, the requests scheduled while the pass ran
+    trace: str  # the timeline of the pass beside the load (``--trace``), else ""
     pass_s: float
     detail: dict
     errors: int
@@ -182,26 +233,47 @@ def active_ids(store: Path, count: int, seed: int = 11) -> list[str]:
     return random.Random(seed).sample(ids, min(count, len(ids)))
 
 
+class KindOf:
+    """The store, remembering which of its methods each request (task) called last."""
+
+    def __init__(self, store: SessionManager) -> None:
+        self.store = store
+        self.kinds: dict[asyncio.Task, str] = {}
+
+    def __getattr__(self, name: str):
+        method = getattr(self.store, name)
+
+        def call(*args, **kwargs):
+            task = asyncio.current_task()
+            if task is not None:
+                self.kinds[task] = name.removesuffix("_session")
+            return method(*args, **kwargs)
+
+        return call
+
+
 async def offered_load(
     store: SessionManager,
     sessions: Sessions,
     users: int,
     interval_s: float,
     until: Callable[[float], bool],
-) -> list[tuple[float, float]]:
+) -> list[tuple[float, float, str]]:
     """Open loop, as ``bench_store.open_loop``: each user sends one request every
     ``interval_s`` at times fixed in advance, whether or not earlier ones have finished;
-    ``(scheduled time, latency)`` per request, until ``until(now)`` says stop."""
+    ``(scheduled time, latency, kind)`` per request, until ``until(now)`` says stop."""
     loop = asyncio.get_running_loop()
     phase = random.Random(7)
     start = loop.time() + 0.05
     offsets = sorted(phase.uniform(0, interval_s) for _ in range(users))
-    done: list[tuple[float, float]] = []
+    done: list[tuple[float, float, str]] = []
     tasks: list[asyncio.Task[None]] = []
+    kinds = KindOf(store)
 
     async def request(at: float, user: int) -> None:
-        await one_operation(store, sessions, user)
-        done.append((at, loop.time() - at))
+        await one_operation(kinds, sessions, user)  # type: ignore[arg-type]
+        task = asyncio.current_task()
+        done.append((at, loop.time() - at, kinds.kinds.pop(task, "?")))  # type: ignore[arg-type]
 
     k = 0
     while True:
@@ -259,20 +331,33 @@ async def app_latency(
             result.update(json.loads(out.decode().strip().splitlines()[-1]))
 
         running = asyncio.create_task(one_pass())
-        beside = await offered_load(
-            store,
-            sessions,
-            args.users,
-            interval,
-            lambda now: "end" in window and now > window["end"] + TAIL_S,
-        )
-        await running
+        with catchup_trace.Sampler() as sampler:
+            beside = await offered_load(
+                store,
+                sessions,
+                args.users,
+                interval,
+                lambda now: "end" in window and now > window["end"] + TAIL_S,
+            )
+            await running
     finally:
         await store.close()
-    during = [lat for at, lat in beside if window["start"] <= at <= window["end"]]
+    during = [lat for at, lat, _ in beside if window["start"] <= at <= window["end"]]
+    trace = ""
+    if args.trace:
+        trace = catchup_trace.write(
+            args.trace,
+            args.trace_name,
+            beside,
+            Path(env["SESSIONMIG_TRACE_PHASES"]),
+            sampler.rows,
+            window["start"],
+            window["end"],
+        )
     return Latency(
-        [lat for _, lat in baseline],
+        [lat for _, lat, _ in baseline],
         during,
+        trace,
         window["end"] - window["start"],
         result,
         len(sessions.errors),
@@ -303,8 +388,22 @@ def main() -> int:
         "--load-seconds", type=float, default=10, help="app load: the baseline's duration"
     )
     parser.add_argument("--no-latency", action="store_true", help="skip the app's p99")
+    parser.add_argument(
+        "--idle-pass",
+        action="store_true",
+        help="beside the load, a process that only sleeps as long as the pass took: the "
+        "noise floor of the p99 ratio on this machine",
+    )
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        help="keep, in this folder, each pass-beside-the-load's timeline: every request "
+        "(time, latency, kind), the pass's phases, and the kernel's I/O and CPU counters",
+    )
     args = parser.parse_args()
     fractions = [float(f) for f in args.changed.split(",")]
+    if args.trace:
+        args.trace.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
     store = sample(args.rows)
     url, label = server_url(args.dsn)
@@ -360,7 +459,17 @@ def main() -> int:
                 run_measured([*cli, "migrate", "--env", str(env_file)], env)
                 checkpoint(url)
                 pass_cmd = [sys.executable, "-c", PASS_DRIVER, str(env_file), str(live), str(state)]
-                measured = asyncio.run(app_latency(target_url, ids, pass_cmd, env, args))
+                pass_env = env
+                if args.trace:
+                    args.trace_name = f"round{round_ + 1}-{fraction:g}"
+                    phases = args.trace / f"{args.trace_name}-phases.json"
+                    pass_env = {**env, "SESSIONMIG_TRACE_PHASES": str(phases)}
+                    pass_cmd = [*pass_cmd[:2], TRACED_PASS_DRIVER, *pass_cmd[3:]]
+                if args.idle_pass:
+                    pass_cmd = [sys.executable, "-c", IDLE_DRIVER, f"{one.wall:.2f}"]
+                measured = asyncio.run(app_latency(target_url, ids, pass_cmd, pass_env, args))
+                if measured.trace:
+                    print(measured.trace, file=sys.stderr)
                 assert measured.detail.get("verdict") == "PASS", measured.detail
                 latencies[fraction].append(measured)
                 shutil.rmtree(state, ignore_errors=True)
@@ -436,6 +545,12 @@ def write_table(args, label, fractions, lives, migrates, passes, latencies, load
             f"| {med([p.detail['seconds'] for _, p in pairs]):.2f} |"
         )
     app_rows = latency_rows(fractions, latencies)
+    idle_note = (
+        "\n**`--idle-pass`: no pass ran beside the load, only a process sleeping as long as "
+        "the pass took** — the ratio is this machine's noise floor."
+        if args.idle_pass
+        else ""
+    )
     latency_text = (
         ""
         if not app_rows
@@ -450,7 +565,7 @@ scheduled start, so queueing counts) with `bench_store.py`'s mix (70% validate, 
 the store — the pass's changed sessions get their share of the requests. On a freshly migrated
 target: first {args.load_seconds:g} s of load alone, then the same load from {LEAD_S:g} s before
 the pass (its own process, as above) until {TAIL_S:g} s after; "beside" counts the requests
-scheduled while the pass ran. Client, server and pass share the 2 cores.
+scheduled while the pass ran. Client, server and pass share the 2 cores.{idle_note}
 
 {LATENCY_HEADER}
 {chr(10).join(app_rows)}
@@ -474,14 +589,16 @@ What the pass did and where its time went (medians):
 {DETAIL_HEADER}
 {chr(10).join(details)}
 
-A pass = a consistent snapshot of the live store (SQLite online backup API), hashed on a thread
-while SQLite compares it with the base (each live row against the base row with its rowid,
-checked by session_id; logouts by key on a second connection; only differing rows are normalised
-in Python by the migration's rules), then one PostgreSQL transaction: binary COPY of the delta
-into a temporary table, `FOR UPDATE` of the touched rows (by key), the merge rules in Python,
-set-based UPDATE / INSERT / DELETE, the in-transaction proof (a join against the expected rows;
-PostgreSQL's count of the rows the transaction wrote), the audit row. "Rows locked" is how long
-the app on PostgreSQL could wait on a row the pass changes. Load average (1 min) of the machine
+A pass = a consistent snapshot of the live store (SQLite online backup API, written back to disk
+every 4 MiB as it is made), hashed on a thread while SQLite compares it with the base (each live
+row against the base row with its rowid, checked by session_id; logouts by key on a second
+connection; only differing rows are normalised in Python by the migration's rules; all of it at
+a lower CPU priority: nicer for the snapshot, idle for the hashing and the diff), then one
+PostgreSQL transaction: binary COPY of the delta into a temporary table, `FOR UPDATE` of the
+touched rows (by key), the merge rules in Python, set-based UPDATE / INSERT / DELETE, the
+in-transaction proof (a join against the expected rows; PostgreSQL's count of the rows the
+transaction wrote), the audit row. "Rows locked" is how long the app on PostgreSQL could wait on
+a row the pass changes. Load average (1 min) of the machine
 at the start and the end of the run: {load[0]:.1f} and {load[1]:.1f}.
 {latency_text}"""
     args.out.write_text(text)

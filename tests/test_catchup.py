@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from conftest import ROOT, TEST_ENV, rows_of
 
-from sessionmig import catchup, steps
+from sessionmig import catchup, source, steps
 from sessionmig.catchup import BaseNotCurrent, catchup_step, catchup_tables
 from sessionmig.errors import LockHeld, ParameterError
 from sessionmig.mask import mask_id
@@ -615,3 +615,82 @@ def test_the_catchup_notebook_reports_the_pass(
     assert mask_id(created, "notebook-test-salt") in text
     assert not any(sid in text for sid in (*m.ids, created))  # tokens only hashed
     assert created in m.pg() and ended not in m.pg()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_the_sqlite_side_runs_at_background_priority_the_transaction_does_not(
+    migrated: Migrated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snapshot, its hash and the diff (several threads of CPU) take only the CPU the app
+    and PostgreSQL leave idle on a shared host; the transaction, which holds the app's rows,
+    runs at the caller's priority, and the caller's priority is left as it was."""
+    m = migrated
+
+    async def on_old() -> None:
+        old = legacy(m.live, m.clock)
+        assert await old.validate_session(m.ids[3])
+        await old.close()
+
+    asyncio.run(on_old())
+    seen: dict[str, tuple[int, int]] = {}
+
+    def priority() -> tuple[int, int]:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), os.sched_getscheduler(0)
+
+    def noted(name: str, inner):
+        def wrapper(*args, **kwargs):
+            seen[name] = priority()
+            return inner(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("take", "sha256_file", "diff", "_ended_in_live", "_transaction", "hash_files"):
+        module = source if name == "hash_files" else catchup
+        monkeypatch.setattr(module, name, noted(name, getattr(module, name)))
+    mine = priority()
+    result = m.run()
+    assert result.verdict == "PASS" and result.changed == 1
+    nicer = min(19, mine[0] + catchup.BACKGROUND_NICE)
+    idle = (nicer, os.SCHED_IDLE)
+    assert seen == {
+        # The snapshot holds the live file's read lock by steps: nicer, never idle.
+        "take": (nicer, mine[1]),
+        # Hashing and comparing hold no lock anyone waits for: only idle CPU.
+        "sha256_file": idle,  # on a thread the idle one started
+        "diff": idle,
+        "_ended_in_live": idle,
+        # The transaction and the migrated backup's re-hash its commit waits for: as the caller.
+        "hash_files": mine,
+        "_transaction": mine,
+    }
+    assert priority() == mine
+
+
+def test_a_pass_failing_on_its_sqlite_side_leaves_nothing_and_the_rerun_applies_once(
+    migrated: Migrated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = migrated
+    a = m.ids[9]
+
+    async def on_old() -> None:
+        old = legacy(m.live, m.clock)
+        for _ in range(2):
+            assert await old.validate_session(a)
+        await old.close()
+
+    asyncio.run(on_old())
+    before = m.pg()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while comparing the snapshots")
+
+    diff = catchup.diff
+    monkeypatch.setattr(catchup, "diff", killed)
+    with pytest.raises(KeyboardInterrupt):
+        m.run()
+    assert m.pg() == before and catchup_runs(m.dsn) == []
+    assert list(m.state.iterdir()) == []  # the snapshot taken is no base: removed
+    monkeypatch.setattr(catchup, "diff", diff)
+    result = m.run()
+    assert (result.changed, result.pass_number) == (1, 1)
+    assert m.pg()[a][6] == before[a][6] + 2
