@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,23 +24,14 @@ from sessionmig.reconcile import (
     STRICT,
     UNEXPLAINED,
     ReconcileResult,
-    reconcile,
 )
 from sessionmig.source import open_backup
 from sessionmig.store import SessionManager
 
 
 def recheck(s: steps.Settings, mode: str) -> ReconcileResult:
-    with open_backup(s.sqlite_path) as backup:
-        return reconcile(
-            s.dsn(),
-            backup,
-            s.rules,
-            schema=s.target_schema,
-            as_of=s.as_of,
-            batch_rows=s.batch_rows,
-            mode=mode,
-        )
+    """The reconcile step as the notebook runs it, in ``mode``."""
+    return steps.reconcile_step(replace(s, reconcile_mode=mode), progress=False)
 
 
 @pytest.fixture
