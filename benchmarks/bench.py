@@ -41,6 +41,21 @@ BASELINE_MIGRATE = "baseline migrate"
 BASELINE_RECONCILE = "baseline reconcile"
 
 
+# The engines alone, as the notebooks call them (no kernel, no report): what `--engine` times, for
+# this checkout and a baseline alike, since `sessionmig migrate|reconcile` now leave a report
+# folder too.
+ENGINE = (
+    "import sys, yaml\n"
+    "from sessionmig import steps\n"
+    "given = yaml.safe_load(open(sys.argv[2]))\n"
+    "given.update(expected_sha256=sys.argv[3]) if len(sys.argv) > 3 else None\n"
+    "s = steps.settings(**given)\n"
+    "r = steps.migrate(s, progress=False) if sys.argv[1] == 'migrate' "
+    "else steps.reconcile_step(s, progress=False)\n"
+    "sys.exit(0 if str(r.verdict) in ('PASS', 'PASS_WITH_WARNINGS') else 1)\n"
+)
+
+
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int]:
     """Run ``cmd``; return (wall seconds, peak RSS in MB, exit code) of that process alone."""
     start = time.perf_counter()
@@ -155,6 +170,12 @@ def main() -> int:
         action="store_true",
         help="also migrate without expected_sha256 (quick_check runs beside the load)",
     )
+    parser.add_argument(
+        "--engine",
+        action="store_true",
+        help="time the engines alone (steps.migrate / steps.reconcile_step in a process of "
+        "their own), not the CLI verbs, which now also write a report folder",
+    )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     backup = OUT / f"sessions-{args.rows}.db"
@@ -192,6 +213,16 @@ def main() -> int:
     )
     env = {"SESSIONMIG_BENCH_TARGET": embedded.with_database(url, "sessionmig_bench")}
     cli = [sys.executable, "-m", "sessionmig.cli"]
+    if args.engine:
+
+        def verb(name: str, *rest: str) -> list[str]:
+            extra = [r.split("=", 1)[1] for r in rest if r.startswith("expected_sha256=")]
+            return [sys.executable, "-c", ENGINE, name, str(env_file), *extra]
+    else:
+
+        def verb(name: str, *rest: str) -> list[str]:
+            return [*cli, name, "--env", str(env_file), *[x for r in rest for x in ("-p", r)]]
+
     # As the runbook migrates: with the sha256 of the file that inspect checked in full.
     sha = sha256_file(backup)
     runs: dict[str, list[tuple[float, float, int]]] = {}
@@ -203,36 +234,27 @@ def main() -> int:
         embedded.ensure_database(url, "sessionmig_bench", fresh=True)
         checkpoint(url)
         runs.setdefault("sessionmig migrate", []).append(
-            timed([*cli, "migrate", "--env", str(env_file), "-p", f"expected_sha256={sha}"], env)
+            timed(verb("migrate", f"expected_sha256={sha}"), env)
         )
         arrived["sessionmig migrate"] = landed(url, "sessionmig_bench")
         if args.unreviewed:
             embedded.ensure_database(url, "sessionmig_bench", fresh=True)
             checkpoint(url)
-            runs.setdefault(UNREVIEWED, []).append(
-                timed([*cli, "migrate", "--env", str(env_file)], env)
-            )
+            runs.setdefault(UNREVIEWED, []).append(timed(verb("migrate"), env))
             arrived[UNREVIEWED] = landed(url, "sessionmig_bench")
         checkpoint(url)
-        runs.setdefault("sessionmig reconcile", []).append(
-            timed([*cli, "reconcile", "--env", str(env_file)], env)
-        )
+        runs.setdefault("sessionmig reconcile", []).append(timed(verb("reconcile"), env))
         arrived["sessionmig reconcile"] = arrived["sessionmig migrate"]
         if args.baseline:
             before = {**env, "PYTHONPATH": str(args.baseline.resolve() / "scripts")}
             embedded.ensure_database(url, "sessionmig_bench", fresh=True)
             checkpoint(url)
             runs.setdefault(BASELINE_MIGRATE, []).append(
-                timed(
-                    [*cli, "migrate", "--env", str(env_file), "-p", f"expected_sha256={sha}"],
-                    before,
-                )
+                timed(verb("migrate", f"expected_sha256={sha}"), before)
             )
             arrived[BASELINE_MIGRATE] = landed(url, "sessionmig_bench")
             checkpoint(url)
-            runs.setdefault(BASELINE_RECONCILE, []).append(
-                timed([*cli, "reconcile", "--env", str(env_file)], before)
-            )
+            runs.setdefault(BASELINE_RECONCILE, []).append(timed(verb("reconcile"), before))
             arrived[BASELINE_RECONCILE] = arrived[BASELINE_MIGRATE]
         checkpoint(url)
         loaded = pgloader(backup, url, "Asia/Seoul")
