@@ -51,12 +51,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import catchup_trace
-import psycopg
 import yaml
 from bench_store import Sessions, closed_loop, one_operation, percentile
 from target import server_url
 
 from sessionmig import embedded
+from sessionmig.connect import connect
 from sessionmig.source import sha256_file
 from sessionmig.store import SessionManager
 
@@ -371,7 +371,7 @@ def fresh_database(url: str) -> str:
 
 
 def checkpoint(url: str) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
+    with connect(url, "bench", autocommit=True) as conn:
         conn.execute("CHECKPOINT")
 
 
