@@ -159,9 +159,9 @@ def test_an_unreachable_server_is_transient_and_redacted() -> None:
         f"postgresql://app@{CLOSED}/db?password={TEST_PASSWORD}",
         f"postgresql://app@{CLOSED}/db?sslmode=disable&password={TEST_PASSWORD}",
         f"host=127.0.0.1 port=1 user=app password='{TEST_PASSWORD}' dbname=x",
-        f"postgresql+psycopg://app:{TEST_PASSWORD}@{CLOSED}/db",
+        dsn_with_password("app", TEST_PASSWORD, f"{CLOSED}/db", "postgresql+psycopg"),
         # Malformed: libpq quotes a piece of the password in its own error.
-        f"postgresql://app:{TEST_PASSWORD[:9]}%zz{TEST_PASSWORD[9:]}@{CLOSED}/db",
+        dsn_with_password("app", f"{TEST_PASSWORD[:9]}%zz{TEST_PASSWORD[9:]}", f"{CLOSED}/db"),
         f"host=127.0.0.1 port=1 password={TEST_PASSWORD[:9]} {TEST_PASSWORD[9:]}x7Q dbname=x",
     ],
 )
