@@ -61,10 +61,10 @@ from .source import Backup, in_background, open_backup, sha256_file, shaped
 from .transform import COLUMNS, Reject, Rules, normalise
 from .verdict import Verdict
 
-if TYPE_CHECKING:  # pandas and steps are heavy; only the notebook's functions need them
+if TYPE_CHECKING:  # pandas is heavy; only the notebook's functions need it
     import pandas as pd
 
-    from .steps import Settings
+    from .settings import Settings
 
 T = TypeVar("T")
 STEP = "catchup"

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from . import params as P
 from .errors import SourceError
 from .keys import duplicate_rejects
 from .mask import mask_id
@@ -244,7 +245,7 @@ def inspect_backup(
     rules: Rules,
     as_of: datetime,
     zone_name: str,
-    batch_rows: int = 10_000,
+    batch_rows: int = P.default("batch_rows"),
     on_extra_columns: str = "fail",
     progress: Callable[[int], None] | None = None,
     phase: Callable[[str, int | None], None] | None = None,

@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from . import params as P
 from .audit import RunRow, write_run
 from .connect import connect
 from .copyin import stream_backup
@@ -40,7 +41,7 @@ from .transform import Reject, Rules
 
 REJECT_TYPES = ["int8", "text", "text", "text", "text"]
 EXAMPLES_PER_REASON = 3
-LOCK_TIMEOUT = "5s"
+LOCK_TIMEOUT = P.default("lock_timeout")
 """How long the load waits for a table lock before giving up. The target may be live: a
 migration that queued behind the app's transactions would queue every later request of the
 app behind itself, so it fails fast and says so instead."""
@@ -295,10 +296,10 @@ def load(
     rules: Rules,
     audit: AuditInfo,
     *,
-    schema: str = "public",
-    on_conflict: str = "fail",
+    schema: str = P.default("target_schema"),
+    on_conflict: str = P.default("on_conflict"),
     dry_run: bool = False,
-    batch_rows: int = 10_000,
+    batch_rows: int = P.default("batch_rows"),
     progress: Callable[[int], None] | None = None,
     before_commit: Callable[[], None] | None = None,
     phase: Callable[[str], None] | None = None,

@@ -430,7 +430,7 @@ class AnalysisCopy:
         cls,
         sqlite_path: str | Path,
         rules: Rules,
-        batch_rows: int = 10_000,
+        batch_rows: int = P.default("batch_rows"),
         cache_dir: str | Path | None = None,
     ) -> AnalysisCopy:
         """The analysis copy of ``sqlite_path`` under ``rules``: the cached one when this
@@ -552,7 +552,7 @@ class Backends:
     """Where queries run: a PostgreSQL DSN and schema, and/or an analysis copy of the backup."""
 
     dsn: str | None = None
-    schema: str = "public"
+    schema: str = P.default("target_schema")
     analysis: AnalysisCopy | None = None
     timeout_s: float = 30.0
 

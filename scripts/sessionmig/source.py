@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import params as P
 from .errors import SourceError
 from .transform import COLUMNS
 
@@ -208,7 +209,10 @@ class Backup:
             ) from None
 
     def rows(
-        self, batch: int = 10_000, order: str = "rowid", extra: tuple[str, ...] = ()
+        self,
+        batch: int = P.default("batch_rows"),
+        order: str = "rowid",
+        extra: tuple[str, ...] = (),
     ) -> Iterator[list[tuple]]:
         """Raw rows in batches: ``(rowid, 7 values, 7 storage classes)``, then the ``extra``
         columns' values and storage classes; text as bytes."""
@@ -227,7 +231,11 @@ class Backup:
         return shaped(row, len(extra))
 
     def raw_rows_between(
-        self, first: int, last: int, extra: tuple[str, ...] = (), batch: int = 10_000
+        self,
+        first: int,
+        last: int,
+        extra: tuple[str, ...] = (),
+        batch: int = P.default("batch_rows"),
     ) -> Iterator[list[tuple]]:
         """The rows with ``first <= rowid <= last``, in batches, in the form of :meth:`rows`."""
         where = "WHERE rowid BETWEEN ? AND ? ORDER BY rowid"

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta, tzinfo
 
 import numpy as np
 
+from . import params as P
 from .source import Backup
 from .transform import MAX_SESSION_ID_BYTES, Rules, Session
 
@@ -174,7 +175,7 @@ PLAIN = " AND ".join(
 )
 
 
-def plain_rows(backup: Backup, batch: int = 10_000) -> Iterator[list[tuple]]:
+def plain_rows(backup: Backup, batch: int = P.default("batch_rows")) -> Iterator[list[tuple]]:
     """Rows for the fast path, in rowid order: ``(rowid, session_id, user_id, jsonb wire
     metadata, created_at, expires_at, last_activity, request_count or 0, plain)``.
 

@@ -20,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.pool import NullPool
 
+from sessionmig import params as P
 from sessionmig.connect import engine, sqlalchemy_url
 from sessionmig.errors import SessionmigError
 from sessionmig.schema import LOCK_TIMEOUT, Base, create_schema_if_missing
@@ -76,7 +77,7 @@ def from_command_line() -> None:
         fileConfig(config.config_file_name, disable_existing_loggers=False)
     x = context.get_x_argument(as_dictionary=True)
     dsn = _dsn(x)
-    schema = x.get("schema", "public")
+    schema = x.get("schema", P.default("target_schema"))
     lock_timeout = x.get("lock_timeout", LOCK_TIMEOUT)
     if context.is_offline_mode():
         context.configure(
@@ -106,7 +107,7 @@ handed_over = config.attributes.get("connection")
 if handed_over is not None:
     migrate(
         handed_over,
-        config.attributes.get("target_schema", "public"),
+        config.attributes.get("target_schema", P.default("target_schema")),
         config.attributes.get("lock_timeout", LOCK_TIMEOUT),
     )
 else:
