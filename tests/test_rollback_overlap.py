@@ -203,6 +203,23 @@ def test_rollback_during_the_overlap_loses_nothing_on_either_side(overlap) -> No
         marks = conn.execute(f"SELECT catchup_pass FROM {MARKER_TABLE}").fetchall()
     assert marks == [(1,)]
 
+    # The file's own marker can be lost (a copy from before, a dropped table): the target's
+    # audit row still refuses a second rollback, and the file stays as it is.
+    with sqlite3.connect(live) as conn:
+        conn.execute(f"DROP TABLE {MARKER_TABLE}")
+    conn.close()
+    before = sha256_file(live)
+    with pytest.raises(BaseNotCurrentError, match="r-overlap-rollback-overlap"):
+        rollback_live(
+            settings.dsn(),
+            sqlite_path=settings.sqlite_path,
+            live_sqlite_path=str(live),
+            state_dir=str(state),
+            expected_sha256=sha256_file(snap0),
+            rules=settings.rules,
+        )
+    assert sha256_file(live) == before
+
     # After a rollback no catch-up pass may follow: what it carried back would count twice.
     counts_after = _count(dsn, ids[0])
     with pytest.raises(CatchupBaseNotCurrent, match="rolled the target back"):

@@ -198,9 +198,13 @@ def chain_of(conn: psycopg.Connection, schema: str) -> Chain:
     return Chain(migrate[0], migrate[1], last[0], last[1], last[2])
 
 
-def refuse_after_rollback(conn: psycopg.Connection, schema: str, chain: Chain) -> None:
-    """Refuse a pass once a rollback during the overlap carried PostgreSQL's changes back into
-    the live SQLite file: those changes would return as SQLite deltas and count twice."""
+def refuse_after_rollback(
+    conn: psycopg.Connection, schema: str, chain: Chain, what: str = "catch-up pass"
+) -> None:
+    """Refuse ``what`` once a rollback during the overlap carried PostgreSQL's changes back into
+    the live SQLite file (the target's audit row says so, whatever the file says): a catch-up
+    pass would bring them back as SQLite deltas, a second rollback would carry them again —
+    either way they would count twice."""
     rolled = conn.execute(
         sql.SQL(
             "SELECT run_id FROM {} WHERE step = 'rollback' AND parameters->>'mode' = 'overlap' "
@@ -211,7 +215,7 @@ def refuse_after_rollback(conn: psycopg.Connection, schema: str, chain: Chain) -
     if rolled is not None:
         raise BaseNotCurrent(
             f"run {rolled[0]} rolled the target back into the live SQLite file after migrate run "
-            f"{chain.migrate_run_id}: no catch-up pass may follow it (its changes would count "
+            f"{chain.migrate_run_id}: no {what} may follow it (its changes would count "
             "twice); to cut over again, take a new snapshot and migrate it"
         )
 

@@ -409,7 +409,7 @@ def rollback_live(
     refused, so no change is carried twice. Stop the new colour's traffic first: what it
     writes after PostgreSQL is read here is not carried.
     """
-    from .catchup import _SNAPSHOT_NAME, chain_of
+    from .catchup import _SNAPSHOT_NAME, chain_of, refuse_after_rollback
 
     started = time.perf_counter()
     started_at = datetime.now(UTC)
@@ -428,6 +428,15 @@ def rollback_live(
         )
     with migration_lock(dsn, schema), _connect(dsn) as conn:
         chain = chain_of(conn, schema)
+        # The live file's own marker can be lost (a file restored from before, a table
+        # dropped): the target's audit row of a committed rollback is the record that holds.
+        try:
+            refuse_after_rollback(conn, schema, chain, what="second rollback")
+        except ParameterError as exc:
+            raise BaseNotCurrentError(
+                f"a rollback already carried PostgreSQL's changes into the live file: {exc}. "
+                "Nothing was changed"
+            ) from None
         if chain.migrate_sha256 != expected_sha256:
             raise SourceError(
                 f"the latest migrate run on the target ({chain.migrate_run_id}) loaded "
