@@ -209,7 +209,8 @@ def test_a_writer_holding_the_file_delays_the_snapshot_and_never_fails(
         assert result.waited_s >= 0.8 * held_for
         assert found == 1 and result.sessions == 1001
     else:
-        assert result.waited_s < 0.5 and result.seconds < 1.0
+        # Done before the holder let go, however slowly this loaded machine copied.
+        assert result.waited_s < 0.5 and finished < held["committed_at"]
         assert found == 0 and result.sessions == 1000  # readers never wait in WAL mode
     assert validator.validated > 0
 
