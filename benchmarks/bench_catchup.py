@@ -68,9 +68,10 @@ LOAD_IDS = 400  # sessions the simulated users pick from (bench_store.py uses 20
 LEAD_S = 1.0  # the load runs alone this long before the pass starts
 TAIL_S = 0.5  # and this long after it ends
 LATENCY_HEADER = (
-    "| changed | p99 ms, no pass | p99 ms, pass beside | × (rounds) | p50 ms no pass / beside "
+    "| changed | p99 ms, no pass | p99 ms, pass beside | × (rounds) | × pooled "
+    "| p50 ms no pass / beside "
     "| requests in the pass's window | pass s beside the load | rows locked s | errors |\n"
-    "|---|---|---|---|---|---|---|---|---|"
+    "|---|---|---|---|---|---|---|---|---|---|"
 )
 DETAIL_HEADER = (
     "| changed | what the old colour did | changed / inserted / ended in PostgreSQL "
@@ -91,6 +92,20 @@ print(json.dumps({"verdict": r.verdict, "counts": r.counts, "seconds": r.seconds
 IDLE_DRIVER = """
 import json, sys, time
 time.sleep(float(sys.argv[1]))
+print(json.dumps({"verdict": "PASS", "locked_s": 0.0}))
+"""
+# No pass either, but both cores kept busy at the lowest priority Linux has (SCHED_IDLE) as long
+# as the pass took (``--idle-burn``): what CPU work costs the app when it yields at once.
+BURN_DRIVER = """
+import hashlib, json, os, sys, threading, time
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+until, block = time.monotonic() + float(sys.argv[1]), bytes(1 << 20)
+def burn():
+    while time.monotonic() < until:
+        hashlib.sha256(block).digest()  # releases the GIL: one core a thread
+threads = [threading.Thread(target=burn) for _ in range(os.cpu_count() or 2)]
+for t in threads: t.start()
+for t in threads: t.join()
 print(json.dumps({"verdict": "PASS", "locked_s": 0.0}))
 """
 # The same pass with its phases timed (``--trace``): each function below, wrapped, appends
@@ -395,6 +410,12 @@ def main() -> int:
         "noise floor of the p99 ratio on this machine",
     )
     parser.add_argument(
+        "--idle-burn",
+        action="store_true",
+        help="beside the load, every core kept busy at SCHED_IDLE as long as the pass took: "
+        "what CPU work that yields at once still costs the app on this machine",
+    )
+    parser.add_argument(
         "--trace",
         type=Path,
         help="keep, in this folder, each pass-beside-the-load's timeline: every request "
@@ -465,8 +486,9 @@ def main() -> int:
                     phases = args.trace / f"{args.trace_name}-phases.json"
                     pass_env = {**env, "SESSIONMIG_TRACE_PHASES": str(phases)}
                     pass_cmd = [*pass_cmd[:2], TRACED_PASS_DRIVER, *pass_cmd[3:]]
-                if args.idle_pass:
-                    pass_cmd = [sys.executable, "-c", IDLE_DRIVER, f"{one.wall:.2f}"]
+                if args.idle_pass or args.idle_burn:
+                    driver = IDLE_DRIVER if args.idle_pass else BURN_DRIVER
+                    pass_cmd = [sys.executable, "-c", driver, f"{one.wall:.2f}"]
                 measured = asyncio.run(app_latency(target_url, ids, pass_cmd, pass_env, args))
                 if measured.trace:
                     print(measured.trace, file=sys.stderr)
@@ -492,11 +514,17 @@ def latency_rows(fractions: list[float], latencies: dict[float, list[Latency]]) 
         base = [percentile(r.baseline, 0.99) * ms for r in runs]
         beside = [percentile(r.during, 0.99) * ms for r in runs]
         ratios = [b / a for a, b in zip(base, beside, strict=True)]
+        # Every round's requests together: the p99 of a few thousand requests moves with a
+        # handful of them, so one round's ratio is noisy; pooled, the rounds' noise averages.
+        pooled = percentile([x for r in runs for x in r.during], 0.99) / percentile(
+            [x for r in runs for x in r.baseline], 0.99
+        )
         p50 = statistics.median(percentile(r.baseline, 0.5) * ms for r in runs)
         p50_beside = statistics.median(percentile(r.during, 0.5) * ms for r in runs)
         rows.append(
             f"| {fraction:.0%} | {statistics.median(base):.1f} | {statistics.median(beside):.1f} "
             f"| {statistics.median(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)}) "
+            f"| {pooled:.2f} "
             f"| {p50:.1f} / {p50_beside:.1f} "
             f"| {statistics.median(len(r.during) for r in runs):,.0f} "
             f"| {statistics.median(r.pass_s for r in runs):.1f} "
@@ -549,6 +577,9 @@ def write_table(args, label, fractions, lives, migrates, passes, latencies, load
         "\n**`--idle-pass`: no pass ran beside the load, only a process sleeping as long as "
         "the pass took** — the ratio is this machine's noise floor."
         if args.idle_pass
+        else "\n**`--idle-burn`: no pass ran beside the load, only every core kept busy at "
+        "SCHED_IDLE as long as the pass took.**"
+        if args.idle_burn
         else ""
     )
     latency_text = (
@@ -565,7 +596,8 @@ scheduled start, so queueing counts) with `bench_store.py`'s mix (70% validate, 
 the store — the pass's changed sessions get their share of the requests. On a freshly migrated
 target: first {args.load_seconds:g} s of load alone, then the same load from {LEAD_S:g} s before
 the pass (its own process, as above) until {TAIL_S:g} s after; "beside" counts the requests
-scheduled while the pass ran. Client, server and pass share the 2 cores.{idle_note}
+scheduled while the pass ran; "× pooled" compares the p99 of every round's requests taken
+together (beside the passes, and without). Client, server and pass share the 2 cores.{idle_note}
 
 {LATENCY_HEADER}
 {chr(10).join(app_rows)}

@@ -22,7 +22,7 @@ from conftest import ROOT, TEST_ENV, rows_of
 
 from sessionmig import catchup, source, steps
 from sessionmig.catchup import BaseNotCurrent, catchup_step, catchup_tables
-from sessionmig.errors import LockHeld, ParameterError
+from sessionmig.errors import LockHeld, ParameterError, SourceError
 from sessionmig.mask import mask_id
 from sessionmig.snapshot import snapshot
 from sessionmig.source import sha256_file
@@ -621,9 +621,10 @@ def test_the_catchup_notebook_reports_the_pass(
 def test_the_sqlite_side_runs_at_background_priority_the_transaction_does_not(
     migrated: Migrated, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The snapshot, its hash and the diff (several threads of CPU) take only the CPU the app
-    and PostgreSQL leave idle on a shared host; the transaction, which holds the app's rows,
-    runs at the caller's priority, and the caller's priority is left as it was."""
+    """The snapshot, its hash, the diff and the migrated backup's re-hash (several threads of
+    CPU) take only the CPU the app and PostgreSQL leave idle on a shared host; the transaction,
+    which holds the app's rows, runs at the caller's priority, and the caller's priority is left
+    as it was."""
     m = migrated
 
     async def on_old() -> None:
@@ -659,8 +660,9 @@ def test_the_sqlite_side_runs_at_background_priority_the_transaction_does_not(
         "sha256_file": idle,  # on a thread the idle one started
         "diff": idle,
         "_ended_in_live": idle,
-        # The transaction and the migrated backup's re-hash its commit waits for: as the caller.
-        "hash_files": mine,
+        # The migrated backup's re-hash (the last hash_files), once the diff has read it.
+        "hash_files": idle,
+        # The transaction, which holds rows the app may want: as the caller.
         "_transaction": mine,
     }
     assert priority() == mine
@@ -694,3 +696,39 @@ def test_a_pass_failing_on_its_sqlite_side_leaves_nothing_and_the_rerun_applies_
     result = m.run()
     assert (result.changed, result.pass_number) == (1, 1)
     assert m.pg()[a][6] == before[a][6] + 2
+
+
+def test_a_migrated_backup_changed_while_the_pass_read_it_stops_the_pass_before_any_lock(
+    migrated: Migrated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The migrated snapshot is evidence: the first pass hashes it before and after reading it;
+    one changed in between (by anyone) stops the pass before PostgreSQL is touched."""
+    m = migrated
+
+    async def on_old() -> None:
+        old = legacy(m.live, m.clock)
+        assert await old.validate_session(m.ids[2])
+        await old.close()
+
+    asyncio.run(on_old())
+    before, evidence = m.pg(), sha256_file(m.snap0)
+    transactions: list[object] = []
+    diff, transaction = catchup.diff, catchup._transaction
+
+    def diff_then_tamper(*args, **kwargs):
+        delta = diff(*args, **kwargs)
+        with sqlite3.connect(m.snap0) as conn:  # the evidence, written after it was read
+            conn.execute("UPDATE sessions SET request_count = request_count + 7")
+        return delta
+
+    def noted(*args, **kwargs):
+        transactions.append(args)
+        return transaction(*args, **kwargs)
+
+    monkeypatch.setattr(catchup, "diff", diff_then_tamper)
+    monkeypatch.setattr(catchup, "_transaction", noted)
+    with pytest.raises(SourceError, match="the backup changed while it was being read"):
+        m.run()
+    assert sha256_file(m.snap0) != evidence  # it did change …
+    assert transactions == [] and m.pg() == before  # … and nothing was locked or written
+    assert catchup_runs(m.dsn) == [] and list(m.state.iterdir()) == []

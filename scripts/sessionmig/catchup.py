@@ -820,7 +820,6 @@ def _transaction(
     dry_run: bool,
     record: dict[str, Any],
     applied: Applied,
-    before_commit: Callable[[], object] | None = None,
 ) -> None:
     """The pass's one transaction: lock, merge, apply, prove, record; fills ``applied``.
     Raises to roll back (a failed proof, a dry run's end, any error)."""
@@ -864,8 +863,6 @@ def _transaction(
         problems = _prove(conn, schema, kinds, done)
         if problems:
             raise _ProofFailed(problems)
-        if before_commit is not None:
-            before_commit()  # raises (and so rolls back) when the migrated backup changed
         _record_pass(conn, schema, counts=_counts(delta, applied), **record)
         applied.locked_seconds = time.perf_counter() - locked
         if dry_run:
@@ -942,9 +939,12 @@ def _read_snapshots(
     incoming: Path,
     rules: Rules,
     batch_rows: int,
+    evidence: bool,
 ) -> _Snapshots:
     """Open and hash the base, snapshot the live store to ``incoming``, hash the snapshot while
-    SQLite compares it with the base. On failure nothing is left open and ``incoming`` is gone."""
+    SQLite compares it with the base. When the base is ``evidence`` (the migrated backup), it
+    is hashed again once the diff has read it, and a change raises before anything is locked in
+    PostgreSQL. On failure nothing is left open and ``incoming`` is gone."""
     base = open_backup(base_file)  # hashed on a thread meanwhile
     try:
         taken = take(live_path, incoming, check=False, replace=True)
@@ -954,6 +954,10 @@ def _read_snapshots(
             digest = in_background(sha256_file, incoming)
             _refuse_stale_base(base_file, base.sha256, chain)
             delta = diff(base, incoming, rules, batch_rows, taken.sessions)
+            # Every read of the base is done: its re-hash runs here, idle like the rest of the
+            # SQLite side, rather than beside the transaction at the caller's priority.
+            if evidence:
+                base.verify_unchanged()
             taken = dataclasses.replace(taken, sha256=digest.result())
         except BaseException:
             incoming.unlink(missing_ok=True)
@@ -1024,15 +1028,12 @@ def catchup(
             state / f".incoming-{run_id}.db",
             rules,
             batch_rows,
+            base_file == migrated,
         )
-        with local.base as base:
+        with local.base:
             taken, delta = local.taken, local.delta
             live_file, created, committed = Path(taken.path), True, False
             try:
-                # The migrated backup is evidence: re-hashed beside the transaction (at this
-                # thread's priority: the commit, with the touched rows locked, waits for it),
-                # checked before its commit.
-                unchanged = base.verify_unchanged_later() if base_file == migrated else None
                 live_file, created = _keep_snapshot(taken, state)
                 taken = dataclasses.replace(taken, path=str(live_file))
                 record = {
@@ -1063,7 +1064,6 @@ def catchup(
                     dry_run,
                     record,
                     retries,
-                    unchanged.result if unchanged else None,
                 )
             finally:
                 if committed:
@@ -1098,16 +1098,13 @@ def _apply(
     dry_run: bool,
     record: dict[str, Any],
     retries: int,
-    before_commit: Callable[[], object] | None = None,
 ) -> tuple[bool, Applied, tuple[str, ...]]:
     """The transaction, redone from scratch when the app's row locks got in its way:
     (committed, what it did, what its proof found wrong)."""
     for attempt in range(retries + 1):
         applied = Applied()  # each attempt starts again from PostgreSQL as it is now
         try:
-            _transaction(
-                conn, schema, delta, chain, lock_timeout, dry_run, record, applied, before_commit
-            )
+            _transaction(conn, schema, delta, chain, lock_timeout, dry_run, record, applied)
             return True, applied, ()
         except _DryRun:
             return False, applied, ()
