@@ -94,8 +94,8 @@ import json, sys, time
 time.sleep(float(sys.argv[1]))
 print(json.dumps({"verdict": "PASS", "locked_s": 0.0}))
 """
-# No pass either, but both cores kept busy at the lowest priority Linux has (SCHED_IDLE) as long
-# as the pass took (``--idle-burn``): what CPU work costs the app when it yields at once.
+# No pass either, but N cores kept busy at the lowest priority Linux has (SCHED_IDLE) as long
+# as the pass took (``--idle-burn N``): what CPU work costs the app when it yields at once.
 BURN_DRIVER = """
 import hashlib, json, os, sys, threading, time
 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
@@ -103,7 +103,7 @@ until, block = time.monotonic() + float(sys.argv[1]), bytes(1 << 20)
 def burn():
     while time.monotonic() < until:
         hashlib.sha256(block).digest()  # releases the GIL: one core a thread
-threads = [threading.Thread(target=burn) for _ in range(os.cpu_count() or 2)]
+threads = [threading.Thread(target=burn) for _ in range(int(sys.argv[2]))]
 for t in threads: t.start()
 for t in threads: t.join()
 print(json.dumps({"verdict": "PASS", "locked_s": 0.0}))
@@ -411,8 +411,10 @@ def main() -> int:
     )
     parser.add_argument(
         "--idle-burn",
-        action="store_true",
-        help="beside the load, every core kept busy at SCHED_IDLE as long as the pass took: "
+        type=int,
+        default=0,
+        metavar="N",
+        help="beside the load, N cores kept busy at SCHED_IDLE as long as the pass took: "
         "what CPU work that yields at once still costs the app on this machine",
     )
     parser.add_argument(
@@ -488,7 +490,13 @@ def main() -> int:
                     pass_cmd = [*pass_cmd[:2], TRACED_PASS_DRIVER, *pass_cmd[3:]]
                 if args.idle_pass or args.idle_burn:
                     driver = IDLE_DRIVER if args.idle_pass else BURN_DRIVER
-                    pass_cmd = [sys.executable, "-c", driver, f"{one.wall:.2f}"]
+                    pass_cmd = [
+                        sys.executable,
+                        "-c",
+                        driver,
+                        f"{one.wall:.2f}",
+                        str(args.idle_burn),
+                    ]
                 measured = asyncio.run(app_latency(target_url, ids, pass_cmd, pass_env, args))
                 if measured.trace:
                     print(measured.trace, file=sys.stderr)
@@ -577,8 +585,8 @@ def write_table(args, label, fractions, lives, migrates, passes, latencies, load
         "\n**`--idle-pass`: no pass ran beside the load, only a process sleeping as long as "
         "the pass took** — the ratio is this machine's noise floor."
         if args.idle_pass
-        else "\n**`--idle-burn`: no pass ran beside the load, only every core kept busy at "
-        "SCHED_IDLE as long as the pass took.**"
+        else f"\n**`--idle-burn {args.idle_burn}`: no pass ran beside the load, only "
+        f"{args.idle_burn} core(s) kept busy at SCHED_IDLE as long as the pass took.**"
         if args.idle_burn
         else ""
     )
