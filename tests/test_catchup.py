@@ -732,3 +732,36 @@ def test_a_migrated_backup_changed_while_the_pass_read_it_stops_the_pass_before_
     assert sha256_file(m.snap0) != evidence  # it did change …
     assert transactions == [] and m.pg() == before  # … and nothing was locked or written
     assert catchup_runs(m.dsn) == [] and list(m.state.iterdir()) == []
+
+
+def test_a_live_file_older_than_the_base_is_refused_and_nothing_changes(
+    migrated: Migrated,
+) -> None:
+    """A hurried operator points a pass at a restored copy (or another environment's file)
+    instead of the store the old colour writes to: carried, its "changes" would count requests
+    back down and end every session created since. Refused before PostgreSQL is touched."""
+    m = migrated
+    restored = m.live.parent / "restored.db"
+    restored.write_bytes(m.live.read_bytes())  # the store as it is now, kept aside
+
+    async def on_old() -> str:
+        old = legacy(m.live, m.clock)
+        for _ in range(2):
+            assert await old.validate_session(m.ids[4])
+        created, _ = await old.create_session("user-after", None)
+        await old.close()
+        return created
+
+    created = asyncio.run(on_old())
+    first = m.run()
+    assert (first.changed, first.inserted) == (1, 1)
+    after_first, kept = m.pg(), sorted(m.state.iterdir())
+    with pytest.raises(SourceError, match="not a later state") as refused:
+        catchup_step(m.settings, str(restored), str(m.state))
+    message = str(refused.value)
+    assert "request_count went back in 1 session" in message
+    assert mask_id(m.ids[4]) in message and m.ids[4] not in message
+    assert m.pg() == after_first and created in after_first
+    assert len(catchup_runs(m.dsn)) == 1 and sorted(m.state.iterdir()) == kept
+    # The right file still carries on from the same base.
+    assert m.run().pass_number == 2

@@ -16,8 +16,11 @@ from sessionmig.merge import (
     STAYS_ENDED,
     UNCHANGED,
     Conflict,
+    describe_going_back,
+    going_back,
     merge,
     saturated,
+    went_back,
 )
 from sessionmig.transform import INT4_MAX
 
@@ -282,3 +285,68 @@ def test_a_token_ended_anywhere_stays_ended(data) -> None:
     outcome = merge(base, live, target)
     if live is None or target is None:
         assert outcome.row is None
+
+
+# --- a live side that is not a later state of the base ---------------------------------------
+
+
+def test_what_the_app_does_never_goes_back() -> None:
+    base = row(count=4, last=T0 + H)
+    validated = with_(base, count=5, last=T0 + 2 * H)
+    extended = with_(base, expires=T0 + 48 * H)
+    shortened = with_(base, expires=T0 + 2 * H)  # an extension by fewer hours than were left
+    moved_user = with_(base, user="u2", meta='{"b": 2}')
+    for live in (base, validated, extended, shortened, moved_user, None):
+        assert went_back(base, live) == ()
+    assert went_back(None, validated) == ()  # created: nothing to go back from
+
+
+def test_a_count_down_or_another_creation_time_is_going_back() -> None:
+    base = row(count=4)
+    assert went_back(base, with_(base, count=3)) == ("request_count",)
+    assert went_back(base, with_(base, created=T0 - H)) == ("created_at",)
+    assert went_back(base, with_(base, count=0, created=T0 + H)) == (
+        "request_count",
+        "created_at",
+    )
+    # A clock set back on the old colour's host moves last_activity back: the merge takes the
+    # later one anyway, so that alone is no sign of another store.
+    assert went_back(base, with_(base, last=T0 - H, count=5)) == ()
+
+
+def test_going_back_counts_per_column_with_the_first_session() -> None:
+    b1, b2, b3 = row("s1", count=2), row("s2", count=9), row("s3", count=1)
+    found = going_back(
+        [
+            ("s1", b1, with_(b1, count=1)),
+            ("s2", b2, with_(b2, count=0, created=T0 + H)),
+            ("s3", b3, with_(b3, count=2)),  # up: fine
+            ("s4", None, row("s4")),
+            ("s5", row("s5"), None),
+        ]
+    )
+    assert found == {"request_count": (2, "s1"), "created_at": (1, "s2")}
+    text = describe_going_back(found)
+    assert "request_count went back in 2 sessions" in text
+    assert "created_at went back in 1 session (" in text
+    assert "s1" not in text.replace("sessions", "")  # ids are bearer tokens: masked
+
+
+@settings(max_examples=200)
+@given(
+    count=st.integers(0, INT4_MAX - 100),
+    validations=st.integers(0, 50),
+    extend_hours=st.integers(-10, 100),
+    later=st.integers(0, 1000),
+)
+def test_any_sequence_of_app_operations_is_not_going_back(
+    count: int, validations: int, extend_hours: int, later: int
+) -> None:
+    base = row(count=count)
+    live = with_(
+        base,
+        count=count + validations,
+        last=T0 + later * timedelta(seconds=1),
+        expires=T0 + later * timedelta(seconds=1) + extend_hours * H,
+    )
+    assert went_back(base, live) == ()

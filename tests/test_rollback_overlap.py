@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -67,8 +68,11 @@ class OldColour(threading.Thread):
         except BaseException as exc:  # the test fails on any error the app would have seen
             self.failures.append(exc)
 
-    def wait_for(self, n: int) -> None:
+    def wait_for(self, n: int, timeout: float = 120.0) -> None:
+        """Until ``n`` validations in all succeeded (bounded: a stalled colour fails the test)."""
+        deadline = time.monotonic() + timeout
         while sum(self.ledger.values()) < n and self.is_alive():
+            assert time.monotonic() < deadline, f"the old colour stalled below {n} validations"
             self.stop.wait(0.01)
 
 
@@ -159,8 +163,8 @@ def test_rollback_during_the_overlap_loses_nothing_on_either_side(overlap) -> No
     during = sum(serving.ledger.values())
     serving.wait_for(during + 20)
     serving.stop.set()
-    serving.join(30)
-    assert not serving.failures, serving.failures
+    serving.join(60)
+    assert not serving.is_alive() and not serving.failures, serving.failures
 
     assert result.catchup_pass == 1
     assert (result.inserted, result.changed, result.ended) == (1, 3, 1)
@@ -272,3 +276,33 @@ def test_rollback_before_any_pass_takes_the_migrated_snapshot_as_base(
     result = rollback_live(settings.dsn(), live_sqlite_path=str(live), **kwargs)
     assert result.catchup_pass == 0 and result.changed == 1
     assert sqlite_view(live, ids[:1], START)[ids[0]]["request_count"] == 3
+
+
+def test_rollback_refuses_a_postgres_that_went_back_and_leaves_the_live_file_as_it_was(
+    overlap,
+) -> None:
+    """PostgreSQL with a count lower than the base carried (changed by hand, or another
+    database behind the DSN): merged into the live file, it would count requests back down."""
+    live, snap0, settings, state, dsn, ids = overlap
+    rows_of(  # committed as the connection closes
+        dsn,
+        "UPDATE sessions SET request_count = request_count - 1 WHERE session_id = %s "
+        "RETURNING request_count",
+        (ids[0],),
+    )
+    before = sha256_file(live)
+    with pytest.raises(SourceError, match="PostgreSQL is not a later state") as refused:
+        rollback_live(
+            settings.dsn(),
+            sqlite_path=settings.sqlite_path,
+            live_sqlite_path=str(live),
+            state_dir=str(state),
+            expected_sha256=sha256_file(snap0),
+            rules=settings.rules,
+            run_id="r-back",
+        )
+    assert "request_count went back in 1 session" in str(refused.value)
+    assert ids[0] not in str(refused.value)
+    assert sha256_file(live) == before
+    recorded = "SELECT count(*) FROM session_migration_runs WHERE run_id LIKE %s"
+    assert rows_of(dsn, recorded, ("r-back%",)) == [(0,)]

@@ -968,6 +968,20 @@ def _read_snapshots(
     return _Snapshots(base, taken, delta)
 
 
+def _refuse_going_back(delta: Delta, live_path: Path, base_file: Path) -> None:
+    """Refuse a live snapshot that is not a later state of the base's store: carried, it
+    would count requests back down and end every session created since the older file."""
+    back = M.going_back((sid, delta.base.get(sid), delta.live.get(sid)) for sid in delta.ids)
+    if back:
+        raise SourceError(
+            f"{live_path}: not a later state of the store the base {base_file} was taken from: "
+            f"{M.describe_going_back(back)}. The app only counts requests up and never changes "
+            "created_at, so this file is older than the base or another store (a restored "
+            "backup, another environment's file). Nothing was changed; point "
+            "live_sqlite_path at the file the old colour writes to now"
+        )
+
+
 def catchup(
     dsn: str,
     *,
@@ -1034,6 +1048,7 @@ def catchup(
             taken, delta = local.taken, local.delta
             live_file, created, committed = Path(taken.path), True, False
             try:
+                _refuse_going_back(delta, live_path, base_file)
                 live_file, created = _keep_snapshot(taken, state)
                 taken = dataclasses.replace(taken, path=str(live_file))
                 record = {

@@ -27,11 +27,12 @@ Columns live did not change are never touched: changes made only in PostgreSQL s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
+from .mask import mask_id
 from .transform import INT4_MAX, INT4_MIN
 
 Row = tuple[str, str | None, str | None, datetime, datetime, datetime, int]
@@ -111,6 +112,43 @@ def _row(values: Sequence[Any]) -> Row:
     """A :data:`Row` of the seven values (in ``transform.COLUMNS`` order)."""
     session_id, user_id, metadata, created_at, expires_at, last_activity, count = values
     return (session_id, user_id, metadata, created_at, expires_at, last_activity, count)
+
+
+def went_back(base: Row | None, live: Row | None) -> tuple[str, ...]:
+    """What in ``live`` is older than ``base``, which no app ever does to a session it keeps:
+    ``request_count`` lower (it only counts up), ``created_at`` different (set once). A live
+    side that shows either is not a later state of the base's store (a restored copy, another
+    environment's file), and carrying its "changes" would count requests back down and end the
+    sessions created since. Empty when either side lacks the session."""
+    if base is None or live is None:
+        return ()
+    back = []
+    if live[COUNT] < base[COUNT]:
+        back.append("request_count")
+    if live[CREATED] != base[CREATED]:
+        back.append("created_at")
+    return tuple(back)
+
+
+def going_back(
+    pairs: Iterable[tuple[str, Row | None, Row | None]],
+) -> dict[str, tuple[int, str]]:
+    """Of ``(session_id, base, live)`` triples, those that :func:`went_back`, per column:
+    how many, and the first such session."""
+    found: dict[str, tuple[int, str]] = {}
+    for sid, base, live in pairs:
+        for column in went_back(base, live):
+            count, first = found.get(column, (0, sid))
+            found[column] = (count + 1, first)
+    return found
+
+
+def describe_going_back(found: dict[str, tuple[int, str]]) -> str:
+    """:func:`going_back`'s findings in words, with masked example sessions."""
+    return "; ".join(
+        f"{column} went back in {count:,} session{'s' * (count != 1)} (e.g. {mask_id(first)})"
+        for column, (count, first) in sorted(found.items())
+    )
 
 
 def merge(base: Row | None, live: Row | None, target: Row | None) -> Outcome:

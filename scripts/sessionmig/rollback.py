@@ -466,6 +466,15 @@ def rollback_live(
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 delta, unchanged = _pg_delta(conn, base, rules, schema, rejects)
             base.verify_unchanged()
+        back = M.going_back(delta)
+        if back:
+            raise SourceError(
+                f"PostgreSQL is not a later state of the base {base_file}: "
+                f"{M.describe_going_back(back)}. The app only counts requests up and never "
+                "changes created_at, so PostgreSQL was changed by hand or is another database; "
+                f"carrying it into {live_path} would count requests back down. Nothing was "
+                "changed; find out what changed PostgreSQL first"
+            )
         result = _merge_into_sqlite(live_path, delta, rules, chain, busy_timeout_s)
         kinds, conflicts, rejected, examples, locked = result
         record_row = RunRow(
