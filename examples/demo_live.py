@@ -187,7 +187,8 @@ async def demo(args: argparse.Namespace, work: Path) -> int:
     verdict = "MATCH" if (lost, extra, len(wrong), len(ledger.errors)) == (0, 0, 0, 0) else "FAIL"
     print(
         f"{verdict}: PostgreSQL holds {len(rows):,} sessions; ledger {len(ledger.alive()):,} "
-        f"alive, {len(ledger.ended):,} ended; {lost} lost, {extra} invented or not ended, "
+        f"alive ({len(ledger.expired):,} refused after they expired: absent or not, both "
+        f"right), {len(ledger.ended):,} ended; {lost} lost, {extra} invented or not ended, "
         f"{len(wrong)} with a wrong count or expiry"
     )
     return 0 if verdict == "MATCH" else 1

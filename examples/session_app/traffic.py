@@ -24,7 +24,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -57,11 +57,19 @@ class Ledger:
     # Sessions clients validate and extend but never log out, so that some sessions with counts
     # from before the traffic are always left to check, however the dice fall.
     keep: set[str] = field(default_factory=set)
+    # Sessions a colour refused after their expiry: deleted there, rightly absent.
+    expired: set[str] = field(default_factory=set)
     ops: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
 
     def alive(self) -> set[str]:
         return set(self.created) - set(self.ended)
+
+    def refused(self, sid: str) -> None:
+        """A colour refused ``sid``: when its latest expiry seen has passed, that colour has
+        deleted it (the store's rule for an expired session presented), so it may be absent."""
+        if max(self.expires_seen[sid]) <= datetime.now(UTC):
+            self.expired.add(sid)
 
     def add(self, sid: str, user: str | None, meta: Any, by: str, expires: datetime) -> None:
         self.created[sid] = (user, meta, by)
@@ -131,15 +139,20 @@ async def _chat(base_ws: str, sid: str, colour: str, ledger: Ledger, messages: i
                 await ws.send(json.dumps({"text": f"안녕 {k}"}))
                 answer = json.loads(await ws.recv())
                 if answer.get("type") != "reply":
+                    ledger.refused(sid)
                     return  # ended meanwhile: not a validation
                 ledger.validations[sid][colour] += 1
                 ledger.ops[f"validate {colour}"] += 1
     except InvalidStatus as exc:
         if exc.response.status_code != 403:  # 403: refused, the session is not valid here
             ledger.errors.append(f"chat {colour}: handshake answered {exc.response.status_code}")
+        else:
+            ledger.refused(sid)
     except ConnectionClosed as exc:
         if exc.rcvd is None or exc.rcvd.code != 1008:
             ledger.errors.append(f"chat {colour}: connection closed ({exc})")
+        else:
+            ledger.refused(sid)
 
 
 async def client(
@@ -176,6 +189,8 @@ async def client(
                             ledger.expires_seen[sid].append(seen)
                             ledger.extended_by.setdefault(sid, set()).add(colour)
                             ledger.ops[f"extend {colour}"] += 1
+                        else:
+                            ledger.refused(sid)
                     else:
                         answer = await http.post(f"/sessions/{sid}/logout")
                         answer.raise_for_status()
@@ -184,6 +199,8 @@ async def client(
                             with contextlib.suppress(ValueError):
                                 ledger.pool.remove(sid)
                             ledger.ops[f"delete {colour}"] += 1
+                        else:
+                            ledger.refused(sid)
             except (httpx.HTTPError, OSError, KeyError, ValueError) as exc:
                 ledger.errors.append(f"{colour}: {type(exc).__name__}: {exc}")
             await asyncio.sleep(rng.random() * pace_s)
@@ -192,9 +209,12 @@ async def client(
 def compare(ledger: Ledger, rows: dict[str, tuple]) -> tuple[int, int, list[str]]:
     """How PostgreSQL (``rows``: session_id -> (user_id, metadata, expires_at, request_count))
     differs from the ledger: sessions lost, sessions there that should not be (invented or not
-    ended), and one line per live session whose values differ (ids hashed)."""
-    alive = ledger.alive()
-    lost, extra = len(alive - set(rows)), len(set(rows) - alive)
+    ended), and one line per live session whose values differ (ids hashed).
+
+    A session a colour refused after its expiry may be absent (``Ledger.refused``): the app
+    deletes an expired session when it is presented, and tells the client only "not valid"."""
+    alive, expired = ledger.alive(), ledger.expired
+    lost, extra = len(alive - expired - set(rows)), len(set(rows) - alive)
     wrong = []
     for sid in sorted(alive & set(rows)):
         user, meta, expires, count = ledger.expected(sid)
