@@ -210,8 +210,10 @@ def changed_copy(store: Path, live: Path, fraction: float, seed: int = 7) -> dic
         conn.executemany("DELETE FROM sessions WHERE rowid = ?", [(r,) for r in ended])
         new = rng.sample(validated, len(touched) // 10)
         conn.executemany(
+            # Created as the app creates them: now (after everything the store held).
             "INSERT INTO sessions SELECT 'session-new-' || rowid, user_id, metadata, "
-            "created_at, expires_at, last_activity, 0 FROM sessions WHERE rowid = ?",
+            "'2026-01-15 12:30:00', expires_at, '2026-01-15 12:30:00', 0 FROM sessions "
+            "WHERE rowid = ?",
             [(r,) for r in new],
         )
     return {

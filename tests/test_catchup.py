@@ -765,3 +765,27 @@ def test_a_live_file_older_than_the_base_is_refused_and_nothing_changes(
     assert len(catchup_runs(m.dsn)) == 1 and sorted(m.state.iterdir()) == kept
     # The right file still carries on from the same base.
     assert m.run().pass_number == 2
+
+
+def test_another_environments_store_is_refused_and_nothing_changes(
+    migrated: Migrated, tmp_path: Path
+) -> None:
+    """The wrong path: a store with none of the base's sessions (staging's, say). Carried, every
+    production session would end and staging's tokens would land. Its sessions were created
+    before the base was taken, yet the base lacks them: refused."""
+    m = migrated
+    staging = tmp_path / "staging" / "sessions.db"
+    staging.parent.mkdir()
+
+    async def staging_app() -> None:
+        store = legacy(staging, Clock(START - H))  # the staging app, serving since earlier
+        await _create(store, 5, prefix="staging-user")
+        await store.close()
+
+    asyncio.run(staging_app())
+    before = m.pg()
+    with pytest.raises(SourceError, match="not a later state") as refused:
+        catchup_step(m.settings, str(staging), str(m.state))
+    assert "5 sessions created before the base was taken, not in it" in str(refused.value)
+    assert m.pg() == before and catchup_runs(m.dsn) == []
+    assert list(m.state.iterdir()) == []

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sessionmig.merge import (
+    BEFORE_BASE,
     CHANGED,
     ENDED,
     INSERTED,
@@ -16,6 +17,7 @@ from sessionmig.merge import (
     STAYS_ENDED,
     UNCHANGED,
     Conflict,
+    created_before_base,
     describe_going_back,
     going_back,
     merge,
@@ -350,3 +352,20 @@ def test_any_sequence_of_app_operations_is_not_going_back(
         expires=T0 + later * timedelta(seconds=1) + extend_hours * H,
     )
     assert went_back(base, live) == ()
+
+
+def test_sessions_new_in_live_but_created_before_the_base_was_taken() -> None:
+    margin, now = timedelta(minutes=10), T0 + 100 * H
+    ended = row("old", created=T0, last=T0 + 5 * H)  # the base was taken after T0 + 5 h
+    fresh = row("fresh", created=T0 + 5 * H - 5 * timedelta(minutes=1))  # within the margin
+    foreign = row("foreign", created=T0 + 2 * H)
+    assert created_before_base([("old", ended, None), ("fresh", None, fresh)], margin, now) is None
+    pairs = [("old", ended, None), ("fresh", None, fresh), ("foreign", None, foreign)]
+    assert created_before_base(pairs, margin, now) == (1, "foreign")
+    # Nothing of the base among the pairs: no bound, nothing to say.
+    assert created_before_base([("foreign", None, foreign)], margin, now) is None
+    # A base instant after now is odd data, not a bound: it would refuse every new session.
+    odd = row("odd", created=T0, last=T0 + 10_000 * H)
+    assert created_before_base([("odd", odd, None), ("fresh", None, fresh)], margin, now) is None
+    found = {BEFORE_BASE: created_before_base(pairs, margin, now)}
+    assert "1 session created before the base was taken, not in it" in describe_going_back(found)

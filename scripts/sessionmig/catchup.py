@@ -41,7 +41,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -303,6 +303,7 @@ class Delta:
     live_rows: int = 0
     unchanged: int = 0
     rejected: list[str] = field(default_factory=list)  # masked ids of refused live rows
+    base_rejected: set[str] = field(default_factory=set)  # base rows the rules refuse
 
 
 def _canonical(row: M.Row) -> M.Row:
@@ -475,6 +476,8 @@ def diff(
             row = normalise(raw, rules)
             if not isinstance(row, Reject):  # a base reject never landed: as if absent
                 delta.base[row[0]] = row
+            elif row.session_id is not None:
+                delta.base_rejected.add(row.session_id)
     finally:
         base.query("DROP TABLE IF EXISTS temp.sessionmig_delta")
         base.query("DETACH DATABASE live")
@@ -968,17 +971,28 @@ def _read_snapshots(
     return _Snapshots(base, taken, delta)
 
 
+CLOCK_MARGIN = timedelta(minutes=10)
+"""How much earlier than the base's latest instant a session created in live may say it was
+created (a transaction begun before the base's snapshot and committed after it; clocks)."""
+
+
 def _refuse_going_back(delta: Delta, live_path: Path, base_file: Path) -> None:
     """Refuse a live snapshot that is not a later state of the base's store: carried, it
     would count requests back down and end every session created since the older file."""
-    back = M.going_back((sid, delta.base.get(sid), delta.live.get(sid)) for sid in delta.ids)
+    pairs = [(sid, delta.base.get(sid), delta.live.get(sid)) for sid in delta.ids]
+    back = M.going_back(pairs)
+    older = M.created_before_base(
+        [p for p in pairs if p[0] not in delta.base_rejected], CLOCK_MARGIN, datetime.now(UTC)
+    )
+    if older:
+        back[M.BEFORE_BASE] = older
     if back:
         raise SourceError(
             f"{live_path}: not a later state of the store the base {base_file} was taken from: "
-            f"{M.describe_going_back(back)}. The app only counts requests up and never changes "
-            "created_at, so this file is older than the base or another store (a restored "
-            "backup, another environment's file). Nothing was changed; point "
-            "live_sqlite_path at the file the old colour writes to now"
+            f"{M.describe_going_back(back)}. The app only counts requests up, never changes "
+            "created_at and creates sessions as of now, so this file is older than the base or "
+            "another store (a restored backup, another environment's file). Nothing was "
+            "changed; point live_sqlite_path at the file the old colour writes to now"
         )
 
 

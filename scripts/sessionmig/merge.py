@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from .mask import mask_id
@@ -143,10 +143,45 @@ def going_back(
     return found
 
 
+BEFORE_BASE: Final = "created before the base"
+
+
+def created_before_base(
+    pairs: Sequence[tuple[str, Row | None, Row | None]], margin: timedelta, now: datetime
+) -> tuple[int, str] | None:
+    """Sessions new in ``live`` whose ``created_at`` is more than ``margin`` before the latest
+    instant of the base's sessions among ``pairs`` (each was created or active before the base
+    was taken, so that instant is a lower bound of when it was): they existed when the base
+    was taken, yet it does not have them — the live side is another store (another
+    environment's file), not a later state of the base's. Instants after ``now`` (odd data)
+    bound nothing. How many, and the first; None when there are none."""
+    taken = max(
+        (
+            instant
+            for _, base, _ in pairs
+            if base is not None
+            for instant in (base[CREATED], base[LAST])
+            if instant <= now
+        ),
+        default=None,
+    )
+    if taken is None:
+        return None
+    older = [
+        sid
+        for sid, base, live in pairs
+        if base is None and live is not None and live[CREATED] < taken - margin
+    ]
+    return (len(older), older[0]) if older else None
+
+
 def describe_going_back(found: dict[str, tuple[int, str]]) -> str:
     """:func:`going_back`'s findings in words, with masked example sessions."""
     return "; ".join(
-        f"{column} went back in {count:,} session{'s' * (count != 1)} (e.g. {mask_id(first)})"
+        f"{count:,} session{'s' * (count != 1)} {column} was taken, not in it "
+        f"(e.g. {mask_id(first)})"
+        if column == BEFORE_BASE
+        else f"{column} went back in {count:,} session{'s' * (count != 1)} (e.g. {mask_id(first)})"
         for column, (count, first) in sorted(found.items())
     )
 
