@@ -67,7 +67,7 @@ def running(pid: int) -> bool:
         return False
 
 
-def settle(path: Path, timeout: float = 20.0) -> list[psutil.Process]:
+def settle(path: Path, timeout: float = 60.0) -> list[psutil.Process]:
     """The processes of ``path`` still alive once a shutdown has had time to finish."""
     deadline = time.monotonic() + timeout
     while (left := processes_of(path)) and time.monotonic() < deadline:

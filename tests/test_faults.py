@@ -113,6 +113,7 @@ def _migrate_while_blocked(dsn: str, settings: steps.Settings) -> tuple[list, li
         blocker.rollback()
         blocker.close()
         thread.join(timeout=120)
+    assert not thread.is_alive(), "migrate did not end once its backend was terminated"
     return results, errors
 
 

@@ -197,7 +197,7 @@ def test_case11_timeout_cannot_be_lifted_by_the_statement(pg: queries.Backends) 
     ):
         started = time.monotonic()
         outcome = attempt(text, quick)
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 25  # not the 30 s sleep, however loaded the machine
         refused(outcome, "ran longer than 1 s")
 
 

@@ -5,10 +5,34 @@ from __future__ import annotations
 
 import io
 import re
-import time
+import threading
 from pathlib import Path
 
 from sessionmig import progress
+
+
+class Polls:
+    """Counts the echo thread's reads of its file, so that a test can wait until the thread
+    has certainly read what was just written, however late a loaded machine runs it."""
+
+    def __init__(self, echo: progress.ProgressEcho) -> None:
+        self.count = 0
+        self.changed = threading.Condition()
+        show = echo.show
+
+        def counted(final: bool = False) -> None:
+            show(final)
+            with self.changed:
+                self.count += 1
+                self.changed.notify_all()
+
+        echo.show = counted  # type: ignore[method-assign]
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait for two more reads: the second began after this call, so after any write."""
+        with self.changed:
+            wanted = self.count + 2
+            assert self.changed.wait_for(lambda: self.count >= wanted, timeout), "echo stalled"
 
 
 def test_the_bar_also_writes_to_the_progress_file(tmp_path: Path, monkeypatch) -> None:
@@ -41,10 +65,11 @@ def test_the_echo_shows_the_latest_line_and_ends_it(tmp_path: Path) -> None:
     path = tmp_path / "reconcile.progress"
     out = io.StringIO()
     echo = progress.ProgressEcho("reconcile", path, out, every=0.01)
+    polls = Polls(echo)
     echo.start()
-    time.sleep(0.05)  # no file yet: nothing shown, nothing raised
+    polls.settle()  # no file yet: nothing shown, nothing raised
     path.write_text("\r 10%|  | 1/10 [00:01<00:09, 1rows/s]")
-    time.sleep(0.05)
+    polls.settle()
     path.write_text("\r 10%|  | 1/10\r100%|##| 10/10 [00:02<00:00, 5rows/s]")
     echo.stop()
     shown = out.getvalue()
@@ -60,15 +85,17 @@ def test_plain_echo_writes_whole_lines_a_phase_at_a_time(tmp_path: Path) -> None
     path = tmp_path / "migrate.progress"
     out = io.StringIO()
     echo = progress.ProgressEcho("migrate", path, out, every=0.01, plain=True, plain_every=3600)
+    polls = Polls(echo)
     echo.start()
     path.write_text("\rcopying rows:  10%|#  | 1/10 [00:01<00:09, 1rows/s]")
-    time.sleep(0.1)
+    polls.settle()
     path.write_text("\rcopying rows:  10%|#  | 1/10\rcopying rows:  50%|#####  | 5/10 [00:02]")
-    time.sleep(0.1)  # the same phase again, within plain_every: not repeated
+    polls.settle()  # the same phase again, within plain_every: not repeated
     path.write_text(path.read_text() + "\rrebuilding indexes: 100%|##| 10/10 [00:03]")
-    time.sleep(0.1)
-    path.write_text(path.read_text() + "\rcommitting: 100%|##| 10/10 [00:04]")
-    path.write_text(path.read_text() + "\rcommitted: 100%|##| 10/10 [00:05]")
+    polls.settle()
+    # Two phases in one write (the echo may not read between two writes): only the last shows.
+    last = "\rcommitting: 100%|##| 10/10 [00:04]\rcommitted: 100%|##| 10/10 [00:05]"
+    path.write_text(path.read_text() + last)
     echo.stop()
     assert out.getvalue().splitlines() == [
         "  migrate: copying rows:  10%|#  | 1/10 [00:01<00:09, 1rows/s]",
@@ -82,9 +109,10 @@ def test_terminal_echo_covers_a_longer_previous_line(tmp_path: Path) -> None:
     path = tmp_path / "inspect.progress"
     out = io.StringIO()
     echo = progress.ProgressEcho("inspect", path, out, every=0.01)
+    polls = Polls(echo)
     echo.start()
     path.write_text("\rreading rows:  50%|#####     | 5/10 [00:01<00:01, 5rows/s]")
-    time.sleep(0.1)
+    polls.settle()
     path.write_text(path.read_text() + "\rdone: 10/10")
     echo.stop()
     first, second = out.getvalue().rstrip("\n").split("\r")[1:]

@@ -578,7 +578,9 @@ def test_case23_a_load_never_queues_behind_a_lock(tmp_path, target, dsn) -> None
         conn.execute("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
         worker = threading.Thread(target=blocked_migrate, daemon=True)
         worker.start()
-        worker.join(timeout=30)
+        # The lock is held until this wait ends: a load that queued behind it is still alive
+        # then, however long the wait. Generous, for a loaded machine's slow start.
+        worker.join(timeout=120)
         gave_up = not worker.is_alive()
         conn.rollback()  # let a load that queued go on, so the test ends either way
     worker.join(timeout=60)

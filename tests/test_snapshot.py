@@ -116,12 +116,13 @@ def test_snapshots_while_the_app_writes_are_consistent_and_never_fail_it(
     deadline = time.monotonic() + 30
     # Small steps (many chances for a commit to land between two), until the app has done
     # real work meanwhile, however loaded this machine is.
-    while len(taken) < 3 or min(w.commits for w in writers) < 20 or validator.validated < 20:
+    while len(taken) < 3 or min(w.commits for w in writers) <= 20 or validator.validated <= 20:
         assert time.monotonic() < deadline, "the app made no progress"
         taken.append(snapshot(live, out_dir / f"s{len(taken)}.db", pages=8, pause_s=0.001))
     for thread in (*writers, validator):
         thread.stop.set()
-        thread.join(10)
+        thread.join(30)
+    assert not any(t.is_alive() for t in (*writers, validator))
     assert [w.errors for w in writers] == [[], []] and validator.errors == []
     assert all(w.commits > 20 for w in writers) and validator.validated > 20
     committed = set().union(*(w.states for w in writers))
@@ -168,7 +169,7 @@ def test_a_writer_holding_the_file_delays_the_snapshot_and_never_fails(
     waits and the copy is the state before it."""
     live = tmp_path / "sessions.db"
     ids = live_store(live, mode, rows=1000)
-    holding = threading.Event()
+    holding, snapshotting, snapshotted = threading.Event(), threading.Event(), threading.Event()
     held: dict = {}
 
     def long_transaction() -> None:
@@ -176,7 +177,14 @@ def test_a_writer_holding_the_file_delays_the_snapshot_and_never_fails(
         conn.execute("BEGIN EXCLUSIVE")
         conn.execute(ROW, ("held-row",))
         holding.set()
-        time.sleep(1.5)
+        # Held for 1.5 s from the moment the snapshot starts, however late a loaded machine
+        # starts it; in WAL mode held until the snapshot is done (60 s at most), so that "it
+        # never waited" does not depend on how fast the copy runs.
+        snapshotting.wait(60)
+        if mode == "wal":
+            snapshotted.wait(60)
+        else:
+            time.sleep(1.5)
         conn.execute("COMMIT")
         held["committed_at"] = time.perf_counter()
         conn.close()
@@ -184,32 +192,37 @@ def test_a_writer_holding_the_file_delays_the_snapshot_and_never_fails(
     holder = threading.Thread(target=long_transaction)
     validator = Validator(live, ids)
     holder.start()
-    holding.wait(5)
+    assert holding.wait(30), "the holder never took the lock"
     validator.start()
     started = time.perf_counter()
-    result = snapshot(live, tmp_path / "copy.db", busy_timeout_s=30)
-    finished = time.perf_counter()
-    holder.join(10)
+    snapshotting.set()
+    try:
+        result = snapshot(live, tmp_path / "copy.db", busy_timeout_s=30)
+        finished = time.perf_counter()
+    finally:
+        snapshotted.set()
+    holder.join(70)
+    assert not holder.is_alive()
     # The validator was blocked for as long as the holder held the file (rollback journal);
     # give it time to show it resumes, however loaded this machine is.
     deadline = time.monotonic() + 20
     while validator.validated == 0 and not validator.errors and time.monotonic() < deadline:
         time.sleep(0.05)
     validator.stop.set()
-    validator.join(10)
+    validator.join(30)
+    assert not validator.is_alive()
     assert validator.errors == [] and "committed_at" in held
     with sqlite3.connect(result.path) as copy:
         has_held = copy.execute("SELECT count(*) FROM sessions WHERE session_id = 'held-row'")
         found = has_held.fetchone()[0]
     if mode == "delete":
-        # It waited for the commit (however late this loaded machine started it), counted
-        # the wait, and read the state after it.
+        # It waited for the commit, counted the wait, and read the state after it.
         held_for = held["committed_at"] - started
-        assert finished >= held["committed_at"] and held_for > 0.3
+        assert finished >= held["committed_at"] and held_for >= 1.5
         assert result.waited_s >= 0.8 * held_for
         assert found == 1 and result.sessions == 1001
     else:
-        # Done before the holder let go, however slowly this loaded machine copied.
+        # Done while the holder still held the file (it lets go only once the copy is done).
         assert result.waited_s < 0.5 and finished < held["committed_at"]
         assert found == 0 and result.sessions == 1000  # readers never wait in WAL mode
     assert validator.validated > 0
@@ -218,7 +231,7 @@ def test_a_writer_holding_the_file_delays_the_snapshot_and_never_fails(
 def test_a_lock_held_beyond_the_limit_fails_the_snapshot_not_the_app(tmp_path: Path) -> None:
     live = tmp_path / "sessions.db"
     live_store(live, "delete", rows=200)
-    holding = threading.Event()
+    holding, gave_up = threading.Event(), threading.Event()
     outcome: dict = {}
 
     def long_transaction() -> None:
@@ -226,18 +239,24 @@ def test_a_lock_held_beyond_the_limit_fails_the_snapshot_not_the_app(tmp_path: P
         conn.execute("BEGIN EXCLUSIVE")
         conn.execute(ROW, ("held-row",))
         holding.set()
-        time.sleep(1.5)
+        # Held until the snapshot has given up (60 s at most), however late a loaded machine
+        # starts it: "beyond the limit" never depends on how soon the snapshot began.
+        gave_up.wait(60)
         conn.execute("COMMIT")
         outcome["committed"] = conn.execute("SELECT count(*) FROM sessions").fetchone()[0]
         conn.close()
 
     holder = threading.Thread(target=long_transaction)
     holder.start()
-    holding.wait(5)
+    assert holding.wait(30), "the holder never took the lock"
     out = tmp_path / "out" / "copy.db"
-    with pytest.raises(SnapshotError, match="stayed locked|could not read it"):
-        snapshot(live, out, busy_timeout_s=0.3)
-    holder.join(10)
+    try:
+        with pytest.raises(SnapshotError, match="stayed locked|could not read it"):
+            snapshot(live, out, busy_timeout_s=0.3)
+    finally:
+        gave_up.set()
+    holder.join(30)
+    assert not holder.is_alive()
     assert outcome["committed"] == 201
     assert list(out.parent.iterdir()) == []  # nothing half-written left behind
 
@@ -247,15 +266,18 @@ def test_constant_commits_grow_the_step_until_a_copy_holds(tmp_path: Path) -> No
     live_store(live, "delete", rows=3000)
     writer = Writer(live, pause=0.0002)
     writer.start()
-    time.sleep(0.05)
+    deadline = time.monotonic() + 30
+    while writer.commits < 10 and not writer.errors:  # the app is committing, however loaded
+        assert time.monotonic() < deadline, "the writer made no progress"
+        time.sleep(0.01)
     result = snapshot(live, tmp_path / "copy.db", pages=4, pause_s=0.001)
     with pytest.raises(SnapshotError, match="WAL"):
         # A store that cannot be copied in steps, and whose one-step copy would hold the read
         # lock longer than allowed, is refused rather than held.
         snapshot(live, tmp_path / "refused.db", pages=4, pause_s=0.001, max_hold_s=1e-9)
     writer.stop.set()
-    writer.join(10)
-    assert writer.errors == []
+    writer.join(30)
+    assert not writer.is_alive() and writer.errors == []
     assert result.restarts > 0 and result.step_pages != 4 and result.attempts > 1
     assert sound(Path(result.path)) in writer.states
     assert not (tmp_path / "refused.db").exists()
