@@ -634,8 +634,9 @@ What the pass did and where its time went (medians):
 A pass = a consistent snapshot of the live store (SQLite online backup API, written back to disk
 every 4 MiB as it is made), hashed on a thread while SQLite compares it with the base (each live
 row against the base row with its rowid, checked by session_id; logouts by key on a second
-connection; only differing rows are normalised in Python by the migration's rules; all of it at
-a lower CPU priority: nicer for the snapshot, idle for the hashing and the diff), then one
+connection; only differing rows are normalised in Python by the migration's rules; the first
+pass then re-hashes the migrated backup, which is evidence; all of it at a lower CPU priority:
+nicer for the snapshot, idle for the hashing, the diff and the re-hash), then one
 PostgreSQL transaction: binary COPY of the delta into a temporary table, `FOR UPDATE` of the
 touched rows (by key), the merge rules in Python, set-based UPDATE / INSERT / DELETE, the
 in-transaction proof (a join against the expected rows; PostgreSQL's count of the rows the
