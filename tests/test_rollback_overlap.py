@@ -109,6 +109,19 @@ def overlap(tmp_path: Path, target, dsn: str):
     return live, snap0, settings, state, dsn, ids
 
 
+def rollback_overlap(settings, live: Path, state: Path, snap0: Path, **given):
+    """The rollback during the overlap, as the runbook runs it on this fixture's files."""
+    return rollback_live(
+        settings.dsn(),
+        sqlite_path=settings.sqlite_path,
+        live_sqlite_path=str(live),
+        state_dir=str(state),
+        expected_sha256=sha256_file(snap0),
+        rules=settings.rules,
+        **given,
+    )
+
+
 def _count(dsn: str, sid: str) -> int:
     return rows_of(dsn, "SELECT request_count FROM sessions WHERE session_id = %s", (sid,))[0][0]
 
@@ -151,15 +164,7 @@ def test_rollback_during_the_overlap_loses_nothing_on_either_side(overlap) -> No
     serving = OldColour(live, [shared, busy], now)
     serving.start()
     serving.wait_for(20)
-    result = rollback_live(
-        settings.dsn(),
-        sqlite_path=settings.sqlite_path,
-        live_sqlite_path=str(live),
-        state_dir=str(state),
-        expected_sha256=sha256_file(snap0),
-        rules=settings.rules,
-        run_id="r-overlap",
-    )
+    result = rollback_overlap(settings, live, state, snap0, run_id="r-overlap")
     during = sum(serving.ledger.values())
     serving.wait_for(during + 20)
     serving.stop.set()
@@ -191,14 +196,7 @@ def test_rollback_during_the_overlap_loses_nothing_on_either_side(overlap) -> No
     # Exactly once: the same rollback again is refused and changes nothing.
     before = sha256_file(live)
     with pytest.raises(BaseNotCurrentError, match="already carried"):
-        rollback_live(
-            settings.dsn(),
-            sqlite_path=settings.sqlite_path,
-            live_sqlite_path=str(live),
-            state_dir=str(state),
-            expected_sha256=sha256_file(snap0),
-            rules=settings.rules,
-        )
+        rollback_overlap(settings, live, state, snap0)
     assert sha256_file(live) == before
     assert rows_of(dsn, "SELECT 1 FROM session_migration_runs WHERE step = 'rollback'") == [(1,)]
     import sqlite3
@@ -214,14 +212,7 @@ def test_rollback_during_the_overlap_loses_nothing_on_either_side(overlap) -> No
     conn.close()
     before = sha256_file(live)
     with pytest.raises(BaseNotCurrentError, match="r-overlap-rollback-overlap"):
-        rollback_live(
-            settings.dsn(),
-            sqlite_path=settings.sqlite_path,
-            live_sqlite_path=str(live),
-            state_dir=str(state),
-            expected_sha256=sha256_file(snap0),
-            rules=settings.rules,
-        )
+        rollback_overlap(settings, live, state, snap0)
     assert sha256_file(live) == before
 
     # After a rollback no catch-up pass may follow: what it carried back would count twice.
@@ -292,15 +283,7 @@ def test_rollback_refuses_a_postgres_that_went_back_and_leaves_the_live_file_as_
     )
     before = sha256_file(live)
     with pytest.raises(SourceError, match="PostgreSQL is not a later state") as refused:
-        rollback_live(
-            settings.dsn(),
-            sqlite_path=settings.sqlite_path,
-            live_sqlite_path=str(live),
-            state_dir=str(state),
-            expected_sha256=sha256_file(snap0),
-            rules=settings.rules,
-            run_id="r-back",
-        )
+        rollback_overlap(settings, live, state, snap0, run_id="r-back")
     assert "request_count went back in 1 session" in str(refused.value)
     assert ids[0] not in str(refused.value)
     assert sha256_file(live) == before
