@@ -319,6 +319,9 @@ def interrupt_run(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell that starts the suite in the background ignores SIGINT, and children inherit
+        # that: the operator's terminal delivers Ctrl-C, so the run must get it here too.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert wait_for(dsn, when), "the run never reached the point to interrupt"
