@@ -71,6 +71,17 @@ class Migrated:
     def pg(self) -> dict[str, tuple]:
         return pg_rows(self.dsn)
 
+    def validate_on_old(self, *sids: str) -> None:
+        """The old colour validates each of ``sids`` once, in order (each must succeed)."""
+
+        async def on_old() -> None:
+            old = legacy(self.live, self.clock)
+            for sid in sids:
+                assert await old.validate_session(sid)
+            await old.close()
+
+        asyncio.run(on_old())
+
 
 def pg_rows(dsn: str) -> dict[str, tuple]:
     return {
@@ -250,12 +261,7 @@ def test_the_app_waits_only_on_the_rows_a_pass_changes(
     m = migrated
     touched, untouched = m.ids[0], m.ids[39]
 
-    async def on_old() -> None:
-        old = legacy(m.live, m.clock)
-        assert await old.validate_session(touched)
-        await old.close()
-
-    asyncio.run(on_old())
+    m.validate_on_old(touched)
     before = m.pg()
 
     def validate(sid: str, out: dict) -> None:
@@ -388,12 +394,7 @@ def test_a_pass_composes_with_concurrent_validations(
 def test_a_pass_on_a_base_already_carried_is_refused(migrated: Migrated) -> None:
     m = migrated
 
-    async def on_old() -> None:
-        old = legacy(m.live, m.clock)
-        assert await old.validate_session(m.ids[5])
-        await old.close()
-
-    asyncio.run(on_old())
+    m.validate_on_old(m.ids[5])
     first = m.run()
     assert first.changed == 1
     after_first = m.pg()
@@ -461,14 +462,7 @@ def test_a_pass_whose_process_is_killed_commits_nothing(migrated: Migrated) -> N
     advisory lock goes with the connection, and the same command then applies once."""
     m = migrated
     a = m.ids[9]
-
-    async def on_old() -> None:
-        old = legacy(m.live, m.clock)
-        for _ in range(3):
-            assert await old.validate_session(a)
-        await old.close()
-
-    asyncio.run(on_old())
+    m.validate_on_old(a, a, a)
     before = m.pg()
     driver = (
         "import json, os, signal, sys\n"
@@ -505,12 +499,7 @@ def test_the_proof_rolls_back_writes_that_differ_from_the_rules(
     m = migrated
     a, untouched = m.ids[11], m.ids[12]
 
-    async def on_old() -> None:
-        old = legacy(m.live, m.clock)
-        assert await old.validate_session(a)
-        await old.close()
-
-    asyncio.run(on_old())
+    m.validate_on_old(a)
     before = m.pg()
     apply = catchup._apply_statements
 
@@ -635,12 +624,7 @@ def test_the_sqlite_side_runs_at_background_priority_the_transaction_does_not(
     as it was."""
     m = migrated
 
-    async def on_old() -> None:
-        old = legacy(m.live, m.clock)
-        assert await old.validate_session(m.ids[3])
-        await old.close()
-
-    asyncio.run(on_old())
+    m.validate_on_old(m.ids[3])
     seen: dict[str, tuple[int, int]] = {}
 
     def priority() -> tuple[int, int]:
@@ -681,14 +665,7 @@ def test_a_pass_failing_on_its_sqlite_side_leaves_nothing_and_the_rerun_applies_
 ) -> None:
     m = migrated
     a = m.ids[9]
-
-    async def on_old() -> None:
-        old = legacy(m.live, m.clock)
-        for _ in range(2):
-            assert await old.validate_session(a)
-        await old.close()
-
-    asyncio.run(on_old())
+    m.validate_on_old(a, a)
     before = m.pg()
 
     def killed(*args, **kwargs):
@@ -713,12 +690,7 @@ def test_a_migrated_backup_changed_while_the_pass_read_it_stops_the_pass_before_
     one changed in between (by anyone) stops the pass before PostgreSQL is touched."""
     m = migrated
 
-    async def on_old() -> None:
-        old = legacy(m.live, m.clock)
-        assert await old.validate_session(m.ids[2])
-        await old.close()
-
-    asyncio.run(on_old())
+    m.validate_on_old(m.ids[2])
     before, evidence = m.pg(), sha256_file(m.snap0)
     transactions: list[object] = []
     diff, transaction = catchup.diff, catchup._transaction
