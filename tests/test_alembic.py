@@ -42,15 +42,15 @@ def test_the_ini_is_installed_with_the_package() -> None:
 
 
 def test_alembic_current_reads_a_database_sessionmig_migrated(dsn: str, tmp_path: Path) -> None:
-    assert schema.upgrade(dsn, "app13") == schema.HEAD == "0003"
+    assert schema.upgrade(dsn, "app13") == schema.HEAD == "0004"
     done = alembic("-x", "schema=app13", "current", cwd=tmp_path, DATABASE_URL=dsn)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["0003", "(head)"]
+    assert done.stdout.split() == ["0004", "(head)"]
     # Any DSN form libpq accepts, and the password never printed.
     key_value = make_conninfo(dsn, password=TEST_PASSWORD)  # trust auth ignores it
     done = alembic("-x", "schema=app13", "current", cwd=tmp_path, DATABASE_URL=key_value)
     assert done.returncode == 0, done.stderr
-    assert "0003 (head)" in done.stdout
+    assert "0004 (head)" in done.stdout
     assert TEST_PASSWORD not in done.stdout + done.stderr
     # Another schema of the same database was never migrated: no revision, and not created.
     done = alembic("-x", "schema=never13", "current", cwd=tmp_path, DATABASE_URL=dsn)
@@ -58,7 +58,7 @@ def test_alembic_current_reads_a_database_sessionmig_migrated(dsn: str, tmp_path
     assert done.stdout.strip() == ""
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT to_regnamespace('never13')").fetchone() == (None,)
-    assert schema.db_current(dsn, "app13") == "0003"
+    assert schema.db_current(dsn, "app13") == "0004"
     assert schema.db_current(dsn, "never13") is None
 
 
@@ -78,7 +78,7 @@ def test_alembic_upgrade_head_creates_the_tables_in_an_empty_schema(
     assert sessionmig_tables(dsn, "public") == []
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT version_num FROM empty13.alembic_version").fetchall() == [
-            ("0003",)
+            ("0004",)
         ]
     # What sessionmig does next finds the schema at head and changes nothing.
     assert schema.upgrade_detail(dsn, "empty13").created_tables == ()
@@ -87,7 +87,7 @@ def test_alembic_upgrade_head_creates_the_tables_in_an_empty_schema(
 def test_the_database_may_be_named_by_x_or_by_libpqs_environment(dsn: str, tmp_path: Path) -> None:
     done = alembic("-x", f"dsn={dsn}", "-x", "schema=xarg13", "upgrade", "head", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert schema.db_current(dsn, "xarg13") == "0003"
+    assert schema.db_current(dsn, "xarg13") == "0004"
     parts = parse(dsn)
     env = {"PGDATABASE": parts["dbname"]}
     for name, key in (("PGHOST", "host"), ("PGPORT", "port"), ("PGUSER", "user")):
@@ -95,7 +95,7 @@ def test_the_database_may_be_named_by_x_or_by_libpqs_environment(dsn: str, tmp_p
             env[name] = parts[key]
     done = alembic("-x", "schema=xarg13", "current", cwd=tmp_path, DATABASE_URL="", **env)
     assert done.returncode == 0, done.stderr
-    assert "0003 (head)" in done.stdout
+    assert "0004 (head)" in done.stdout
 
 
 def test_alembic_without_a_database_says_what_to_do(tmp_path: Path) -> None:
@@ -107,6 +107,6 @@ def test_alembic_without_a_database_says_what_to_do(tmp_path: Path) -> None:
 
 def test_db_history_lists_every_revision_oldest_first() -> None:
     lines = schema.db_history()
-    assert [line.split(":")[0].split()[0] for line in lines] == ["0001", "0002", "0003"]
+    assert [line.split(":")[0].split()[0] for line in lines] == ["0001", "0002", "0003", "0004"]
     assert lines[0].startswith("0001 (base): Create sessions")
-    assert lines[-1].startswith("0003 (head): ")
+    assert lines[-1].startswith("0004 (head): ")

@@ -179,7 +179,7 @@ def test_case19_resealed_fail_run_that_says_pass_fails_verify_env(
     """The attack of the issue, without a whole run: a FAIL run edited to PASS and re-sealed."""
     monkeypatch.setenv("SMTEST_DSN", dsn)
     env = str(env_file(tmp_path, small_backup))
-    assert schema.upgrade(dsn) == "0003"
+    assert schema.upgrade(dsn) == "0004"
     run = tmp_path / "run"
     sealed = seal_by_hand(run, "20261127T000000Z-abcd")
     with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
@@ -214,7 +214,7 @@ def test_case19_revision_0003_and_the_model_agree(dsn: str) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    assert schema.upgrade(dsn) == schema.HEAD == "0003"
+    assert schema.upgrade(dsn) == schema.HEAD == "0004"
     engine = create_engine(sqlalchemy_url(dsn))
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), schema.Base.metadata)
@@ -406,7 +406,7 @@ def tables_in(dsn: str, name: str = "public") -> set[str]:
 
 def test_case9_interrupted_first_load_leaves_no_tables_behind(dsn: str) -> None:
     with pytest.raises(KeyboardInterrupt), schema.provisional(dsn, "fresh") as revision:
-        assert revision == "0003"
+        assert revision == "0004"
         assert "sessions" in tables_in(dsn, "fresh")
         raise KeyboardInterrupt
     assert tables_in(dsn, "fresh") == set()
@@ -594,7 +594,7 @@ def test_case23_ddl_gives_up_on_a_lock_the_application_holds(
         if "thread" in locals():
             thread.join(30)
     assert rows_of(dsn, "SELECT version_num FROM alembic_version") == [("0001",)]
-    assert schema.upgrade(dsn) == "0003"  # once the application lets go, it goes through
+    assert schema.upgrade(dsn) == "0004"  # once the application lets go, it goes through
     engine = create_engine(sqlalchemy_url(dsn))
     with engine.connect() as conn:
         assert conn.execute(text("SHOW lock_timeout")).scalar() == "0"  # nothing leaked

@@ -16,7 +16,7 @@ from sessionmig import steps
 from sessionmig.catchup import BaseNotCurrent as CatchupBaseNotCurrent
 from sessionmig.catchup import catchup_step
 from sessionmig.errors import ParameterError, SourceError
-from sessionmig.rollback import MARKER_TABLE, BaseNotCurrentError, rollback_live
+from sessionmig.overlap import MARKER_TABLE, BaseNotCurrentError, rollback_live
 from sessionmig.snapshot import snapshot
 from sessionmig.source import sha256_file
 from sessionmig.store import LegacySQLiteSessionManager, SessionManager

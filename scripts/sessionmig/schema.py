@@ -50,7 +50,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # The installed Alembic configuration: ``alembic -c ALEMBIC_INI -x schema=… current`` works
 # against DATABASE_URL (see the file's header).
 ALEMBIC_INI = Path(__file__).parent / "alembic.ini"
-HEAD = "0003"
+HEAD = "0004"
 # How long any DDL waits for a lock before giving up (PostgreSQL interval syntax).
 LOCK_TIMEOUT = P.default("lock_timeout")
 
@@ -113,6 +113,27 @@ class MigrationRun(Base):
     operator: Mapped[str | None] = mapped_column(Text)
     host: Mapped[str | None] = mapped_column(Text)
 
+    # Revision 0004: one catch-up pass per number, one overlap rollback per migrate run, kept by
+    # the target itself (a lock connection can vanish; a unique index cannot).
+    __table_args__ = (
+        Index(
+            "uq_session_migration_runs_catchup_pass",
+            text("(parameters->>'migrate_run_id')"),
+            text("((parameters->>'catchup_pass')::int)"),
+            unique=True,
+            postgresql_where=text("step = 'catchup'"),
+        ),
+        Index(
+            "uq_session_migration_runs_overlap_rollback",
+            text("(parameters->>'migrate_run_id')"),
+            unique=True,
+            postgresql_where=text(
+                "step = 'rollback' AND parameters->>'mode' = 'overlap' "
+                "AND parameters->>'state' = 'intent'"
+            ),
+        ),
+    )
+
 
 class MigrationManifest(Base):
     """The digest of each run's sealed manifest, so a re-sealed run folder is caught (0003)."""
@@ -134,6 +155,7 @@ TABLES = (
     "session_migration_manifests",
 )
 VERSION_TABLE = "alembic_version"
+APPEND_ONLY_FUNCTION = "session_migration_append_only"  # revision 0004
 
 
 @dataclass(frozen=True)
@@ -306,6 +328,13 @@ def remove_created(dsn: str, target_schema: str, done: Upgraded) -> bool:
                     return False
             for table in done.created_tables:
                 conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(target_schema, table)))
+            if "session_migration_manifests" in done.created_tables:
+                # Revision 0004's trigger function came with the table.
+                conn.execute(
+                    sql.SQL("DROP FUNCTION IF EXISTS {}()").format(
+                        sql.Identifier(target_schema, APPEND_ONLY_FUNCTION)
+                    )
+                )
             if done.created_schema:
                 # RESTRICT: a schema someone else put objects in meanwhile is kept.
                 conn.execute("SAVEPOINT keep_schema")

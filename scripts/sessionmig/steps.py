@@ -26,18 +26,17 @@ from .connect import connect
 from .errors import EXIT_ERROR, SourceError, TargetError, TransientTargetError
 from .inspection import InspectResult, inspect_backup
 from .load import AuditInfo, LoadOutcome, load, migration_lock
+from .overlap import LiveRollbackResult, rollback_live
 from .progress import progress_bar
 from .reconcile import ReconcileResult, reconcile
 from .rollback import (
     FinalizeResult,
-    LiveRollbackResult,
     RollbackResult,
     finalize,
     migrated_sha256,
     read_manifest,
     record,
     rollback,
-    rollback_live,
 )
 
 # Re-exported: the notebooks and callers reach them as ``steps.settings`` and so on.

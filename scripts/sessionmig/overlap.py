@@ -1,0 +1,451 @@
+"""Roll back during a live cutover's overlap: carry what PostgreSQL learned since the last
+carried base into the SQLite file the old colour still serves from, exactly once.
+
+Two systems, one decision. The rollback writes SQLite (the live file) and PostgreSQL (the audit
+row that refuses every later catch-up pass). Neither can commit with the other, so the decision
+is taken in PostgreSQL first and completed afterwards:
+
+1. **intent**: the rollback's audit row is committed in PostgreSQL, ``state = 'intent'``,
+   *before* SQLite is touched. From that commit on, no catch-up pass and no second rollback may
+   start (:func:`sessionmig.catchup.refuse_after_rollback` reads it).
+2. **merge**: one SQLite transaction writes the merged rows and the marker
+   (:data:`MARKER_TABLE`, keyed by the base's sha256). SQLite commits both or neither.
+3. **done**: a second audit row (``state = 'done'``) records the counts.
+
+Every crash point is safe: before 1, nothing was written (run again); between 1 and 2 the
+target refuses catch-up and a re-run of the same command sees its intent, finds no marker in the
+live file and does the merge; between 2 and 3 the re-run finds the marker and only writes the
+done row. Catch-up also refuses a live file that carries a marker, whatever the target says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sqlite3
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime, tzinfo
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from . import merge as M
+from . import params as P
+from .audit import RunRow, write_run
+from .connect import connect
+from .copyin import stream_backup
+from .errors import ParameterError, SourceError, VerdictFailed
+from .expected import ExpectedPath
+from .jsonb import metadata_text
+from .load import migration_lock
+from .mask import mask_id
+from .reconcile import rejects_of_run
+from .rollback import legacy_row
+from .source import Backup, open_backup, shaped
+from .transform import COLUMNS, Reject, Rules, normalise
+
+# --- rollback during a live cutover's overlap --------------------------------------------------
+
+MARKER_TABLE = "sessionmig_rollback_passes"
+"""Kept in the SQLite file the merge wrote to, in the same SQLite transaction as the merge: the
+base whose PostgreSQL changes it carried, so they are never carried twice."""
+BUSY_TIMEOUT_S = 30.0  # the legacy manager's own sqlite3 timeout: the app waits as long for us
+_BASE_TABLE = "sessionmig_rollback_base"
+
+
+@dataclass(frozen=True)
+class LiveRollbackResult:
+    """What a rollback during the overlap carried from PostgreSQL into the live SQLite file."""
+
+    live_sqlite_path: str
+    migrate_run_id: str
+    catchup_pass: int  # the catch-up pass whose snapshot was the base (0: the migrated backup)
+    base_path: str
+    base_sha256: str
+    inserted: int  # created in PostgreSQL since the base
+    changed: int  # PostgreSQL's changes applied on top of the SQLite row
+    ended: int  # ended in PostgreSQL: ended in SQLite
+    stays_ended: int  # changed in PostgreSQL, already ended in SQLite
+    conflicts: int  # user_id/metadata/created_at changed on both: newer last_activity won
+    left_rejected: int  # SQLite rows the migration's rules refuse: left exactly as they are
+    unchanged: int  # the same in the base and PostgreSQL: not touched
+    examples: dict[str, tuple[str, ...]]
+    locked_seconds: float  # how long the app's SQLite writes waited for the merge at most
+    seconds: float
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {
+            "inserted": self.inserted,
+            "changed": self.changed,
+            "ended": self.ended,
+            "stays_ended": self.stays_ended,
+            "conflicts": self.conflicts,
+            "left_rejected": self.left_rejected,
+            "unchanged": self.unchanged,
+        }
+
+
+def _pg_delta(
+    conn: psycopg.Connection, base: Backup, rules: Rules, schema: str, rejects: dict[int, dict]
+) -> tuple[list[tuple[str, M.Row | None, M.Row | None]], int]:
+    """The sessions whose row differs between the base and PostgreSQL now, as
+    ``(session_id, base row, PostgreSQL row)`` (None: absent), and how many are the same.
+
+    The base is normalised by the migration's rules into a temporary table and compared in
+    PostgreSQL, so only the differing rows come back; a base row the rules refuse never landed
+    and counts as absent. Both sides come out of PostgreSQL, so metadata is spelled alike."""
+    conn.execute(
+        sql.SQL(
+            """CREATE TEMP TABLE {} (
+                   session_id text, user_id text, metadata jsonb, created_at timestamptz,
+                   expires_at timestamptz, last_activity timestamptz, request_count int4
+               ) ON COMMIT DROP"""
+        ).format(sql.Identifier(_BASE_TABLE))
+    )
+    stream_backup(
+        conn,
+        base,
+        rules,
+        sql.Identifier(_BASE_TABLE),
+        on_reject=lambda _reject: None,
+        divert=rejects,
+        on_diverted=lambda _raw: None,
+        fast=ExpectedPath(rules.zone),
+    )
+    conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(_BASE_TABLE)))
+    cols = "{p}.session_id, {p}.user_id, {p}.metadata::text, {p}.created_at, {p}.expires_at, "
+    cols += "{p}.last_activity, {p}.request_count"
+    query = sql.SQL(
+        """SELECT {b_cols}, {p_cols}, count(*) OVER ()
+           FROM {base} b FULL JOIN {sessions} p ON p.session_id = b.session_id
+           WHERE (b.session_id, b.user_id, b.metadata, b.created_at, b.expires_at,
+                  b.last_activity, b.request_count)
+                 IS DISTINCT FROM
+                 (p.session_id, p.user_id, p.metadata, p.created_at, p.expires_at,
+                  p.last_activity, p.request_count)
+           ORDER BY coalesce(b.session_id, p.session_id) COLLATE "C" """
+    ).format(
+        b_cols=sql.SQL(cols).format(p=sql.Identifier("b")),
+        p_cols=sql.SQL(cols).format(p=sql.Identifier("p")),
+        base=sql.Identifier(_BASE_TABLE),
+        sessions=sql.Identifier(schema, "sessions"),
+    )
+    delta = []
+    for row in conn.execute(query):
+        b, p = row[:7], row[7:14]
+        delta.append(
+            (
+                b[0] if b[0] is not None else p[0],
+                b if b[0] is not None else None,
+                p if p[0] is not None else None,
+            )
+        )
+    (same,) = conn.execute(
+        sql.SQL("SELECT count(*) FROM {} b JOIN {} p USING (session_id)").format(
+            sql.Identifier(_BASE_TABLE), sql.Identifier(schema, "sessions")
+        )
+    ).fetchone() or (0,)
+    changed_in_both = sum(1 for _, b, p in delta if b is not None and p is not None)
+    return delta, same - changed_in_both  # type: ignore[return-value]
+
+
+def _canonical(row: M.Row) -> M.Row:
+    meta = row[2]
+    if meta is not None:
+        with contextlib.suppress(ValueError, RecursionError):
+            meta = metadata_text(meta)
+    return (row[0], row[1], meta, row[3], row[4], row[5], row[6])
+
+
+def _sqlite_row(live: sqlite3.Connection, sid: str, rules: Rules) -> tuple[M.Row | None, bool]:
+    """The live file's session ``sid`` normalised by the rules (None: absent), and whether a
+    row the rules refuse holds that key (then it is left exactly as it is)."""
+    names = (*COLUMNS, *rules.extra_columns)
+    values = ", ".join(_quoted(c) for c in names)
+    types = ", ".join(f"typeof({_quoted(c)})" for c in names)
+    found = live.execute(
+        f"SELECT rowid, {values}, {types} FROM sessions WHERE session_id = ?", (sid,)
+    ).fetchall()
+    if not found:
+        return None, False
+    rows = [normalise(shaped(r, len(rules.extra_columns)), rules) for r in found]
+    if len(rows) != 1 or isinstance(rows[0], Reject):
+        return None, True
+    return _canonical(tuple(rows[0])), False  # type: ignore[arg-type]
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _write(
+    live: sqlite3.Connection, outcome: M.Outcome, before: M.Row | None, sid: str, zone: tzinfo
+) -> None:
+    """Make the live file hold ``outcome`` for ``sid``: only the columns that differ from the
+    row it holds are written, so what only SQLite changed keeps its very spelling."""
+    if outcome.kind == M.INSERTED:
+        assert outcome.row is not None
+        live.execute(
+            "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)", legacy_row(outcome.row, zone)
+        )
+    elif outcome.kind == M.ENDED:
+        live.execute("DELETE FROM sessions WHERE session_id = ?", (sid,))
+    elif outcome.kind == M.CHANGED:
+        assert outcome.row is not None and before is not None
+        legacy = legacy_row(outcome.row, zone)
+        names = COLUMNS[1:]
+        changed = [i for i in range(1, len(COLUMNS)) if outcome.row[i] != before[i]]
+        if changed:
+            sets = ", ".join(f"{names[i - 1]} = ?" for i in changed)
+            live.execute(
+                f"UPDATE sessions SET {sets} WHERE session_id = ?",
+                (*(legacy[i] for i in changed), sid),
+            )
+
+
+def _already_carried(live: sqlite3.Connection, base_sha256: str) -> bool:
+    exists = live.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (MARKER_TABLE,)
+    ).fetchone()
+    if not exists:
+        return False
+    return bool(
+        live.execute(
+            f"SELECT 1 FROM {MARKER_TABLE} WHERE base_sha256 = ?", (base_sha256,)
+        ).fetchone()
+    )
+
+
+def rollback_live(
+    dsn: str,
+    *,
+    sqlite_path: str | Path,
+    live_sqlite_path: str | Path,
+    state_dir: str | Path,
+    expected_sha256: str,
+    rules: Rules,
+    schema: str = P.default("target_schema"),
+    run_id: str | None = None,
+    operator: str | None = None,
+    busy_timeout_s: float = BUSY_TIMEOUT_S,
+) -> LiveRollbackResult:
+    """Roll back during a live cutover's overlap: carry PostgreSQL's changes since the base
+    into the SQLite file the old colour still serves from, by the catch-up's merge rules
+    (:func:`sessionmig.merge.merge`) in the other direction — base = the snapshot last carried
+    into PostgreSQL (``sqlite_path``, the migrated snapshot, before any pass; else the last
+    pass's snapshot in ``state_dir``), live = PostgreSQL now, target = the live file.
+
+    Created in PostgreSQL → inserted; changed → its changes applied on top of SQLite's row
+    (``request_count`` gains PostgreSQL − base, instants take the later value, user_id and
+    metadata the side that changed them); ended in PostgreSQL → ended in SQLite; what only
+    SQLite changed stays. The file is written in place, in one ``BEGIN IMMEDIATE`` transaction
+    (the old colour's writes wait for it, at most ``busy_timeout_s``, and then go on), proven
+    before its commit: every touched session re-read equals the rules' outcome. The base is
+    recorded in the file in that same transaction, and a second rollback on the same base is
+    refused, so no change is carried twice. Stop the new colour's traffic first: what it
+    writes after PostgreSQL is read here is not carried.
+    """
+    from .catchup import _SNAPSHOT_NAME, chain_of, refuse_after_rollback
+
+    started = time.perf_counter()
+    started_at = datetime.now(UTC)
+    live_path = Path(live_sqlite_path).resolve()
+    migrated = Path(sqlite_path).resolve()
+    if live_path == migrated:
+        raise ParameterError(
+            "live_sqlite_path is sqlite_path: the migrated snapshot is evidence and is never "
+            "written; give the file the old colour serves from"
+        )
+    if not live_path.is_file():
+        raise ParameterError(
+            f"live_sqlite_path {live_path}: no such file; during the overlap it is the file "
+            "the old colour serves from (its SESSION_SQLITE_PATH). With no old colour left, "
+            "roll back with restore_path instead"
+        )
+    with migration_lock(dsn, schema), _connect(dsn) as conn:
+        chain = chain_of(conn, schema)
+        # The live file's own marker can be lost (a file restored from before, a table
+        # dropped): the target's audit row of a committed rollback is the record that holds.
+        try:
+            refuse_after_rollback(conn, schema, chain, what="second rollback")
+        except ParameterError as exc:
+            raise BaseNotCurrentError(
+                f"a rollback already carried PostgreSQL's changes into the live file: {exc}. "
+                "Nothing was changed"
+            ) from None
+        if chain.migrate_sha256 != expected_sha256:
+            raise SourceError(
+                f"the latest migrate run on the target ({chain.migrate_run_id}) loaded "
+                f"{chain.migrate_sha256}, but migrate_manifest recorded {expected_sha256}: "
+                "give the manifest of the run that migrated this cutover's snapshot"
+            )
+        if chain.last_pass == 0:
+            base_file = migrated
+        else:
+            base_file = Path(state_dir) / _SNAPSHOT_NAME.format(sha256=chain.base_sha256)
+        if not base_file.is_file():
+            raise ParameterError(
+                f"{base_file}: the snapshot catch-up pass {chain.last_pass} carried (sha256 "
+                f"{chain.base_sha256}) is not there; give the state_dir the passes used"
+            )
+        with open_backup(base_file) as base:
+            if base.sha256 != chain.base_sha256:
+                raise SourceError(
+                    f"{base_file}: sha256 {base.sha256}, but the last pass recorded "
+                    f"{chain.base_sha256}; it is not the base PostgreSQL holds"
+                )
+            rejects = (
+                rejects_of_run(conn, schema, chain.migrate_run_id) if chain.last_pass == 0 else {}
+            )
+            with conn.transaction():
+                # One snapshot of PostgreSQL; only a temporary table is written.
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                delta, unchanged = _pg_delta(conn, base, rules, schema, rejects)
+            base.verify_unchanged()
+        back = M.going_back(delta)
+        if back:
+            raise SourceError(
+                f"PostgreSQL is not a later state of the base {base_file}: "
+                f"{M.describe_going_back(back)}. The app only counts requests up and never "
+                "changes created_at, so PostgreSQL was changed by hand or is another database; "
+                f"carrying it into {live_path} would count requests back down. Nothing was "
+                "changed; find out what changed PostgreSQL first"
+            )
+        result = _merge_into_sqlite(live_path, delta, rules, chain, busy_timeout_s)
+        kinds, conflicts, rejected, examples, locked = result
+        record_row = RunRow(
+            run_id=f"{run_id or chain.migrate_run_id}-rollback-overlap",
+            step="rollback",
+            started_at=started_at,
+            source_path=str(live_path),
+            source_sha256=chain.base_sha256,
+            source_timezone=getattr(rules.zone, "key", str(rules.zone)),
+            rows_read=len(delta),
+            inserted=kinds[M.INSERTED],
+            unchanged=unchanged,
+            updated=kinds[M.CHANGED],
+            parameters={
+                "mode": "overlap",
+                "migrate_run_id": chain.migrate_run_id,
+                "catchup_pass": chain.last_pass,
+                "base_path": str(base_file),
+                "base_sha256": chain.base_sha256,
+                "live_sqlite_path": str(live_path),
+                "counts": {k: kinds[k] for k in (M.INSERTED, M.CHANGED, M.ENDED, M.STAYS_ENDED)},
+            },
+            operator=operator,
+            host=socket.gethostname(),
+        )
+        with conn.transaction():
+            write_run(conn, schema, record_row)
+    return LiveRollbackResult(
+        live_sqlite_path=str(live_path),
+        migrate_run_id=chain.migrate_run_id,
+        catchup_pass=chain.last_pass,
+        base_path=str(base_file),
+        base_sha256=chain.base_sha256,
+        inserted=kinds[M.INSERTED],
+        changed=kinds[M.CHANGED],
+        ended=kinds[M.ENDED],
+        stays_ended=kinds[M.STAYS_ENDED],
+        conflicts=conflicts,
+        left_rejected=rejected,
+        unchanged=unchanged + kinds[M.UNCHANGED] + kinds[M.NOTHING],
+        examples=examples,
+        locked_seconds=locked,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _merge_into_sqlite(
+    live_path: Path,
+    delta: list[tuple[str, M.Row | None, M.Row | None]],
+    rules: Rules,
+    chain: Any,
+    busy_timeout_s: float,
+) -> tuple[Counter[str], int, int, dict[str, tuple[str, ...]], float]:
+    """The SQLite side: one IMMEDIATE transaction that reads each touched session as the old
+    colour left it, merges, writes, proves and records the base; rolled back on any mismatch."""
+    live = sqlite3.connect(live_path, timeout=busy_timeout_s, isolation_level=None)
+    live.text_factory = bytes
+    kinds: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {}
+    conflicts = rejected = 0
+    try:
+        live.execute("BEGIN IMMEDIATE")  # waits for the old colour's write, as it waits for ours
+        locked = time.perf_counter()
+        try:
+            if _already_carried(live, chain.base_sha256):
+                raise BaseNotCurrentError(
+                    f"{live_path}: a rollback already carried PostgreSQL's changes since base "
+                    f"{chain.base_sha256[:16]}… into this file; carrying them again would count "
+                    "them twice. Nothing was changed"
+                )
+            expected: list[tuple[str, M.Row | None]] = []
+            for sid, base_row, pg_row in delta:
+                target, refused = _sqlite_row(live, sid, rules)
+                if refused:
+                    rejected += 1
+                    continue
+                outcome = M.merge(base_row, pg_row, target)
+                kinds[outcome.kind] += 1
+                conflicts += bool(outcome.conflicts)
+                shown = examples.setdefault(outcome.kind, [])
+                if len(shown) < 3:
+                    shown.append(mask_id(sid))
+                _write(live, outcome, target, sid, rules.zone)
+                expected.append((sid, outcome.row))
+            problems = [
+                mask_id(sid) for sid, row in expected if _sqlite_row(live, sid, rules)[0] != row
+            ]
+            if problems:
+                raise VerdictFailed(
+                    f"the merged rows of {len(problems)} sessions ({', '.join(problems[:5])}) "
+                    "differ from the rules' outcome when read back; nothing was changed"
+                )
+            live.execute(
+                f"CREATE TABLE IF NOT EXISTS {MARKER_TABLE} (base_sha256 TEXT PRIMARY KEY, "
+                "migrate_run_id TEXT NOT NULL, catchup_pass INTEGER NOT NULL, "
+                "carried_at TEXT NOT NULL)"
+            )
+            live.execute(
+                f"INSERT INTO {MARKER_TABLE} VALUES (?, ?, ?, ?)",
+                (
+                    chain.base_sha256,
+                    chain.migrate_run_id,
+                    chain.last_pass,
+                    datetime.now(UTC).isoformat(),
+                ),
+            )
+            live.execute("COMMIT")
+        except BaseException:
+            live.execute("ROLLBACK")
+            raise
+        return (
+            kinds,
+            conflicts,
+            rejected,
+            {k: tuple(v) for k, v in examples.items()},
+            time.perf_counter() - locked,
+        )
+    except sqlite3.OperationalError as exc:
+        raise SourceError(
+            f"{live_path}: the merge could not write ({exc}); nothing was changed — if the old "
+            f"colour held its write lock longer than {busy_timeout_s:.0f} s, run again"
+        ) from None
+    finally:
+        live.close()
+
+
+class BaseNotCurrentError(ParameterError):
+    """A rollback on a base whose PostgreSQL changes this file already holds: refused."""
+
+
+def _connect(dsn: str) -> psycopg.Connection:
+    # autocommit: ``conn.transaction()`` is then a real BEGIN, whose isolation level we set.
+    return connect(dsn, "rollback", autocommit=True, connect_timeout=15)
