@@ -189,16 +189,19 @@ def test_rollback_during_the_overlap_loses_nothing_on_either_side(overlap) -> No
     assert view[created_in_pg]["metadata"] == {"k": "새 세션"}
     assert rows_of(
         dsn,
-        "SELECT run_id, inserted, updated, parameters->>'mode' FROM session_migration_runs "
-        "WHERE step = 'rollback'",
-    ) == [("r-overlap-rollback-overlap", 1, 3, "overlap")]
+        "SELECT run_id, inserted, updated, parameters->>'mode', parameters->>'state' "
+        "FROM session_migration_runs WHERE step = 'rollback' ORDER BY run_id",
+    ) == [  # the intent, written before the live file was touched, and the record
+        ("r-overlap-rollback-overlap", 1, 3, "overlap", "done"),
+        ("r-overlap-rollback-overlap-intent", 0, 0, "overlap", "intent"),
+    ]
 
     # Exactly once: the same rollback again is refused and changes nothing.
     before = sha256_file(live)
     with pytest.raises(BaseNotCurrentError, match="already carried"):
         rollback_overlap(settings, live, state, snap0)
     assert sha256_file(live) == before
-    assert rows_of(dsn, "SELECT 1 FROM session_migration_runs WHERE step = 'rollback'") == [(1,)]
+    assert len(rows_of(dsn, "SELECT 1 FROM session_migration_runs WHERE step = 'rollback'")) == 2
     import sqlite3
 
     with sqlite3.connect(live) as conn:

@@ -54,7 +54,7 @@ from .audit import RunRow, write_run
 from .connect import connect
 from .errors import ParameterError, SourceError, TargetError, TransientTargetError
 from .jsonb import metadata_text
-from .load import migration_lock
+from .load import lock_key, migration_lock
 from .mask import mask_id, redact
 from .snapshot import SnapshotResult, private_dir, take
 from .source import Backup, in_background, open_backup, sha256_file, shaped
@@ -279,14 +279,49 @@ def _keep_snapshot(taken: SnapshotResult, state_dir: Path) -> tuple[Path, bool]:
     return final, True
 
 
+_INCOMING = re.compile(r"^\.incoming-.*-(?P<pid>[0-9]+)\.db$")
+_PARTIAL = re.compile(r"^\.\.?incoming-.*\.partial-(?P<pid>[0-9]+)-[0-9a-f]+(-journal)?$")
+
+
+def _incoming_name(run_id: str) -> str:
+    """Where a pass writes its snapshot before it is named by its sha256; the pid lets a later
+    pass tell a killed pass's leftovers from a running one's."""
+    return f".incoming-{run_id}-{os.getpid()}.db"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ours(name: str) -> bool:
+    return (name.endswith(".db") and len(name) == 67) or name.startswith(
+        (".incoming-", "..incoming-")
+    )
+
+
 def _prune(state_dir: Path, keep: set[Path]) -> None:
-    """Remove the snapshots no pass can need any more (they hold tokens): all but the new head
-    and its base, and any partial file a killed pass left."""
+    """After a commit: remove the snapshots no pass can need any more (they hold tokens) — all
+    but the new head and its base — and whatever a killed or refused pass left (incoming
+    copies, partial snapshots and their journals). Safe while another pass runs: a pass that
+    has not committed yet will be refused by the chain this commit moved."""
     for item in state_dir.iterdir():
-        looks_like_ours = (item.suffix == ".db" and len(item.stem) == 64) or item.name.startswith(
-            ".incoming-"
-        )
-        if looks_like_ours and item.resolve() not in keep:
+        if _ours(item.name) and item.resolve() not in keep:
+            item.unlink(missing_ok=True)
+
+
+def _prune_dead(state_dir: Path) -> None:
+    """Before a pass: remove the incoming copies and partial snapshots of passes whose process
+    is gone (killed mid-way: each is a full copy of the store, tokens inside). A running pass's
+    files are left alone."""
+    for item in state_dir.iterdir():
+        found = _INCOMING.match(item.name) or _PARTIAL.match(item.name)
+        if found and not _alive(int(found["pid"])):
             item.unlink(missing_ok=True)
 
 
@@ -521,6 +556,7 @@ class Applied:
     examples: dict[str, list[str]] = field(default_factory=dict)
     conflicts: list[ConflictDetail] = field(default_factory=list)
     locked_seconds: float = 0.0
+    committing: bool = False  # the COMMIT was sent: an error after it leaves the outcome open
 
 
 _APPLY_COLUMNS = (
@@ -833,8 +869,17 @@ def _transaction(
         # holds the touched rows' locks that much longer. Local to this transaction.
         conn.execute("SELECT set_config('enable_hashjoin', 'off', true)")
         conn.execute("SELECT set_config('enable_mergejoin', 'off', true)")
-        if chain_of(conn, schema) != chain:  # the migration lock makes this a formality
-            raise BaseNotCurrent("another pass or migrate committed meanwhile; run again")
+        # The migration lock is a session-level lock on a connection that can vanish mid-pass
+        # unnoticed; what makes one pass per number is this transaction-level lock (released
+        # only by this transaction's end) and the chain read again under it (and, behind both,
+        # the target's unique index on the pass number).
+        commit_lock(conn, schema)
+        if chain_of(conn, schema) != chain:
+            raise BaseNotCurrent(
+                "another pass, migrate or rollback committed since this pass began (its "
+                "migration lock was lost); nothing was committed — run the same command again"
+            )
+        refuse_after_rollback(conn, schema, chain)
         _create_temp_tables(conn)
         _copy_rows(
             conn, "sessionmig_catchup", _APPLY_COLUMNS, _APPLY_COPY_TYPES, _apply_rows(delta)
@@ -870,6 +915,9 @@ def _transaction(
         applied.locked_seconds = time.perf_counter() - locked
         if dry_run:
             raise _DryRun
+        # From here the COMMIT is on its way: a failure or interrupt no longer proves that
+        # nothing was committed (the server may have committed and its answer been lost).
+        applied.committing = True
     applied.locked_seconds = time.perf_counter() - locked  # the commit included
 
 
@@ -883,6 +931,57 @@ def _counts(delta: Delta, applied: Applied) -> dict[str, int]:
         "unchanged": delta.unchanged,
         "rejected": len(delta.rejected),
     }
+
+
+def commit_lock(conn: psycopg.Connection, schema: str) -> None:
+    """Take the target's commit lock for the rest of this transaction: every transaction that
+    moves the chain (a pass, an overlap rollback's intent) holds it from its re-check of the
+    chain to its end. A transaction-level advisory lock dies with the transaction, never
+    separately from it (waits at most the transaction's ``lock_timeout``)."""
+    conn.execute(
+        "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(%s, 0))",
+        (lock_key(schema) + ":commit",),
+    )
+
+
+COMMITTED, NOT_COMMITTED, UNKNOWN = "committed", "not committed", "unknown"
+RESOLVE_TIMEOUT_S = 30.0
+
+
+def commit_outcome(
+    dsn: str,
+    schema: str,
+    run_id: str,
+    backend_pid: int | None,
+    timeout_s: float = RESOLVE_TIMEOUT_S,
+) -> str:
+    """Whether the transaction that writes audit row ``run_id`` committed, asked of the target
+    on a new connection after its COMMIT's answer was lost (a dropped connection, Ctrl-C).
+
+    The old backend is ended first if it is still there (a backend ends a COMMIT it has begun
+    before it obeys), and the commit lock is taken: once it is granted, the old transaction is
+    over one way or the other, and its audit row says which. ``UNKNOWN`` when the target
+    cannot be asked now."""
+    try:
+        with connect(dsn, "resolve", autocommit=True, connect_timeout=10) as conn:
+            if backend_pid is not None:
+                conn.execute(
+                    "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
+                    "WHERE pid = %s AND pid <> pg_catalog.pg_backend_pid()",
+                    (backend_pid,),
+                )
+            with conn.transaction():
+                conn.execute(
+                    "SELECT pg_catalog.set_config('lock_timeout', %s, true)",
+                    (f"{int(timeout_s * 1000)}ms",),
+                )
+                commit_lock(conn, schema)
+                found = conn.execute(
+                    sql.SQL("SELECT 1 FROM {} WHERE run_id = %s").format(_runs(schema)), (run_id,)
+                ).fetchone()
+            return COMMITTED if found else NOT_COMMITTED
+    except (psycopg.Error, OSError, TargetError):
+        return UNKNOWN
 
 
 # --- one pass --------------------------------------------------------------------------------
@@ -956,6 +1055,7 @@ def _read_snapshots(
             # The copy is hashed on a thread while SQLite compares it with the base.
             digest = in_background(sha256_file, incoming)
             _refuse_stale_base(base_file, base.sha256, chain)
+            _refuse_rolled_back_file(incoming, live_path)
             delta = diff(base, incoming, rules, batch_rows, taken.sessions)
             # Every read of the base is done: its re-hash runs here, idle like the rest of the
             # SQLite side, rather than beside the transaction at the caller's priority.
@@ -969,6 +1069,36 @@ def _read_snapshots(
         base.close()
         raise
     return _Snapshots(base, taken, delta)
+
+
+ROLLBACK_MARKER = "sessionmig_rollback_passes"
+"""The table a rollback during the overlap writes into the live SQLite file, in the SQLite
+transaction of its merge (:mod:`sessionmig.overlap`)."""
+
+
+def _refuse_rolled_back_file(snapshot_path: Path, live_path: Path) -> None:
+    """Refuse a live file a rollback during the overlap already wrote PostgreSQL's changes into
+    (its marker, read from the pass's own snapshot of it): carried again they would count twice.
+    The target's audit row says the same where it was written; this holds where it was not."""
+    conn = sqlite3.connect(snapshot_path.resolve().as_uri() + "?mode=ro&immutable=1", uri=True)
+    try:
+        marked = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (ROLLBACK_MARKER,)
+        ).fetchone()
+        rows = (
+            conn.execute(f"SELECT count(*) FROM {ROLLBACK_MARKER}").fetchone() if marked else None
+        )
+    except sqlite3.DatabaseError as exc:
+        raise SourceError(f"{live_path}: its snapshot cannot be read ({exc})") from None
+    finally:
+        conn.close()
+    if rows and rows[0]:
+        raise BaseNotCurrent(
+            f"{live_path}: a rollback during the overlap already carried PostgreSQL's changes "
+            f"into this file (its table {ROLLBACK_MARKER} says so): a catch-up pass would carry "
+            "them back and count them twice. Nothing was changed; to cut over again, take a new "
+            "snapshot and migrate it"
+        )
 
 
 CLOCK_MARGIN = timedelta(minutes=10)
@@ -1037,6 +1167,7 @@ def catchup(
         )
     _private_state_dir(state)
     with migration_lock(dsn, schema), _connect(dsn) as conn:
+        _prune_dead(state)
         chain = chain_of(conn, schema)  # autocommit: no transaction open while SQLite is read
         refuse_after_rollback(conn, schema, chain)
         base_file = _base_file(chain, migrated, state, Path(base_path) if base_path else None)
@@ -1053,14 +1184,14 @@ def catchup(
             base_file,
             chain,
             live_path,
-            state / f".incoming-{run_id}.db",
+            state / _incoming_name(run_id),
             rules,
             batch_rows,
             base_file == migrated,
         )
         with local.base:
             taken, delta = local.taken, local.delta
-            live_file, created, committed = Path(taken.path), True, False
+            live_file, created, outcome = Path(taken.path), True, Outcome()
             try:
                 _refuse_going_back(delta, live_path, base_file)
                 live_file, created = _keep_snapshot(taken, state)
@@ -1084,21 +1215,17 @@ def catchup(
                         "live_sha256": taken.sha256,
                     },
                 }
-                committed, applied, mismatches = _apply(
-                    conn,
-                    schema,
-                    delta,
-                    chain,
-                    lock_timeout,
-                    dry_run,
-                    record,
-                    retries,
+                applied, mismatches = _apply(
+                    conn, dsn, schema, delta, chain, lock_timeout, dry_run, record, retries, outcome
                 )
             finally:
-                if committed:
+                if outcome.value == COMMITTED:
                     _prune(state, {live_file.resolve(), base_file.resolve()})
-                elif created:
+                elif outcome.value == NOT_COMMITTED and created:
                     live_file.unlink(missing_ok=True)  # no pass recorded it: never a base
+                # UNKNOWN: kept — it may be the next base; the next pass asks the target and
+                # prunes whatever the chain does not name.
+    committed = outcome.value == COMMITTED
     counts = _counts(delta, applied)
     return _result(
         pass_run_id,
@@ -1115,11 +1242,21 @@ def catchup(
         time.perf_counter() - started_clock,
         committed,
         dry_run,
+        outcome.resolved,
     )
+
+
+@dataclass
+class Outcome:
+    """Whether the pass committed, as far as it is known (filled by :func:`_apply`)."""
+
+    value: str = NOT_COMMITTED
+    resolved: bool = False  # COMMIT's answer was lost and the target was asked
 
 
 def _apply(
     conn: psycopg.Connection,
+    dsn: str,
     schema: str,
     delta: Delta,
     chain: Chain,
@@ -1127,32 +1264,81 @@ def _apply(
     dry_run: bool,
     record: dict[str, Any],
     retries: int,
-) -> tuple[bool, Applied, tuple[str, ...]]:
-    """The transaction, redone from scratch when the app's row locks got in its way:
-    (committed, what it did, what its proof found wrong)."""
+    outcome: Outcome,
+) -> tuple[Applied, tuple[str, ...]]:
+    """The transaction, redone from scratch when the app's row locks got in its way: (what it
+    did, what its proof found wrong); ``outcome`` says whether it committed. When COMMIT's
+    answer is lost (a dropped connection, Ctrl-C, SIGTERM), the target is asked before anything
+    is decided: its audit row is the truth."""
+    pid = conn.info.backend_pid
     for attempt in range(retries + 1):
         applied = Applied()  # each attempt starts again from PostgreSQL as it is now
         try:
             _transaction(conn, schema, delta, chain, lock_timeout, dry_run, record, applied)
-            return True, applied, ()
+            outcome.value = COMMITTED
+            return applied, ()
         except _DryRun:
-            return False, applied, ()
+            return applied, ()
         except _ProofFailed as failed:
-            return False, applied, tuple(failed.problems)
-        except psycopg.OperationalError as exc:
-            if getattr(exc, "sqlstate", None) in _RETRY_SQLSTATES and attempt < retries:
+            return applied, tuple(failed.problems)
+        except BaseException as exc:
+            if not applied.committing:
+                _raise_uncommitted(exc, lock_timeout, attempt < retries)
                 time.sleep(0.2 * 2**attempt)  # the app's row locks are short-lived
                 continue
-            raise _target_error(exc, lock_timeout) from None
-        except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded) as exc:
-            # The rules accepted a value PostgreSQL refuses (migrate rejects such rows as
-            # refused_by_postgresql); here it stops the pass, which committed nothing.
-            raise SourceError(
-                "a session the old colour changed holds a value PostgreSQL refuses "
-                f"({redact(str(exc).strip().splitlines()[0])}); nothing was committed. End that "
-                "session on the old colour, or migrate it by hand, then run the pass again"
-            ) from None
+            outcome.value = commit_outcome(dsn, schema, record["run_id"], pid)
+            outcome.resolved = True
+            number = record["parameters"]["catchup_pass"]
+            if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM: stop, saying what holds
+                raise KeyboardInterrupt(
+                    f"interrupted at COMMIT: catch-up pass {number} {outcome.value} (asked of "
+                    "the target's audit row)"
+                ) from exc
+            if outcome.value == COMMITTED:
+                return applied, ()
+            raise _lost_commit(exc, number, outcome.value) from None
     raise AssertionError("unreachable")
+
+
+def _raise_uncommitted(exc: BaseException, lock_timeout: str, may_retry: bool) -> None:
+    """Raise what a failure before COMMIT means (nothing was committed); returns only when the
+    transaction should be redone (a lock timeout or deadlock with the app)."""
+    if isinstance(exc, psycopg.OperationalError):
+        if getattr(exc, "sqlstate", None) in _RETRY_SQLSTATES and may_retry:
+            return
+        raise _target_error(exc, lock_timeout) from None
+    if isinstance(exc, psycopg.errors.UniqueViolation):
+        # The target's own guard: another pass with this number committed first.
+        raise BaseNotCurrent(
+            "another catch-up pass with this number committed meanwhile (the target's unique "
+            "index on pass numbers refused this one); nothing was committed — run the same "
+            "command again"
+        ) from None
+    if isinstance(exc, (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded)):
+        # The rules accepted a value PostgreSQL refuses (migrate rejects such rows as
+        # refused_by_postgresql); here it stops the pass, which committed nothing.
+        raise SourceError(
+            "a session the old colour changed holds a value PostgreSQL refuses "
+            f"({redact(str(exc).strip().splitlines()[0])}); nothing was committed. End that "
+            "session on the old colour, or migrate it by hand, then run the pass again"
+        ) from None
+    raise exc
+
+
+def _lost_commit(exc: BaseException, number: int, outcome: str) -> TransientTargetError:
+    message = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    if outcome == NOT_COMMITTED:
+        return TransientTargetError(
+            f"the connection was lost at COMMIT ({message}); the target's audit row, read on a "
+            f"new connection, shows catch-up pass {number} was not committed: nothing was "
+            "committed — run the same command again"
+        )
+    return TransientTargetError(
+        f"the connection was lost while COMMIT's answer was in flight ({message}) and the "
+        f"target cannot be asked now: whether catch-up pass {number} committed is unknown. Its "
+        "snapshot is kept in state_dir; run the same command again once the target answers: it "
+        "reads the audit row first and carries exactly what is not yet carried"
+    )
 
 
 def _connect(dsn: str) -> psycopg.Connection:
@@ -1172,9 +1358,8 @@ def _target_error(exc: psycopg.Error, lock_timeout: str) -> TargetError:
             "same command again"
         )
     return TransientTargetError(
-        f"the target failed during the pass ({message}); nothing was committed unless "
-        "session_migration_runs shows this pass — run the same command again: it carries "
-        "exactly what is not yet carried"
+        f"the target failed during the pass, before its COMMIT ({message}); nothing was "
+        "committed — run the same command again: it carries exactly what is not yet carried"
     )
 
 
@@ -1193,6 +1378,7 @@ def _result(
     seconds: float,
     committed: bool,
     dry_run: bool,
+    resolved: bool = False,
 ) -> CatchupResult:
     conflicts = counts["conflicts"]
     if mismatches:
@@ -1222,6 +1408,11 @@ def _result(
         reason = "; ".join([did, *warnings])
         if dry_run:
             reason = "dry run, nothing committed: " + reason
+        if resolved:
+            reason += (
+                "; COMMIT's answer was lost, and the target's audit row (read on a new "
+                "connection) shows the pass committed"
+            )
     return CatchupResult(
         run_id=pass_run_id,
         pass_number=number,

@@ -21,11 +21,13 @@ done row. Catch-up also refuses a live file that carries a marker, whatever the 
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import socket
 import sqlite3
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
@@ -36,13 +38,26 @@ from psycopg import sql
 from . import merge as M
 from . import params as P
 from .audit import RunRow, write_run
+from .catchup import (
+    _SNAPSHOT_NAME,
+    ROLLBACK_MARKER,
+    chain_of,
+    commit_lock,
+    refuse_after_rollback,
+)
 from .connect import connect
 from .copyin import stream_backup
-from .errors import ParameterError, SourceError, VerdictFailed
+from .errors import (
+    ParameterError,
+    SourceError,
+    TargetError,
+    TransientTargetError,
+    VerdictFailed,
+)
 from .expected import ExpectedPath
 from .jsonb import metadata_text
 from .load import migration_lock
-from .mask import mask_id
+from .mask import mask_id, redact
 from .reconcile import rejects_of_run
 from .rollback import legacy_row
 from .source import Backup, open_backup, shaped
@@ -50,7 +65,7 @@ from .transform import COLUMNS, Reject, Rules, normalise
 
 # --- rollback during a live cutover's overlap --------------------------------------------------
 
-MARKER_TABLE = "sessionmig_rollback_passes"
+MARKER_TABLE = ROLLBACK_MARKER
 """Kept in the SQLite file the merge wrote to, in the same SQLite transaction as the merge: the
 base whose PostgreSQL changes it carried, so they are never carried twice."""
 BUSY_TIMEOUT_S = 30.0  # the legacy manager's own sqlite3 timeout: the app waits as long for us
@@ -76,6 +91,7 @@ class LiveRollbackResult:
     examples: dict[str, tuple[str, ...]]
     locked_seconds: float  # how long the app's SQLite writes waited for the merge at most
     seconds: float
+    completed_earlier: bool = False  # an earlier run wrote the file; this one only the record
 
     @property
     def counts(self) -> dict[str, int]:
@@ -250,7 +266,6 @@ def rollback_live(
     refused, so no change is carried twice. Stop the new colour's traffic first: what it
     writes after PostgreSQL is read here is not carried.
     """
-    from .catchup import _SNAPSHOT_NAME, chain_of, refuse_after_rollback
 
     started = time.perf_counter()
     started_at = datetime.now(UTC)
@@ -269,15 +284,7 @@ def rollback_live(
         )
     with migration_lock(dsn, schema), _connect(dsn) as conn:
         chain = chain_of(conn, schema)
-        # The live file's own marker can be lost (a file restored from before, a table
-        # dropped): the target's audit row of a committed rollback is the record that holds.
-        try:
-            refuse_after_rollback(conn, schema, chain, what="second rollback")
-        except ParameterError as exc:
-            raise BaseNotCurrentError(
-                f"a rollback already carried PostgreSQL's changes into the live file: {exc}. "
-                "Nothing was changed"
-            ) from None
+        begun = _begun(conn, schema, chain, live_path)
         if chain.migrate_sha256 != expected_sha256:
             raise SourceError(
                 f"the latest migrate run on the target ({chain.migrate_run_id}) loaded "
@@ -288,77 +295,281 @@ def rollback_live(
             base_file = migrated
         else:
             base_file = Path(state_dir) / _SNAPSHOT_NAME.format(sha256=chain.base_sha256)
-        if not base_file.is_file():
-            raise ParameterError(
-                f"{base_file}: the snapshot catch-up pass {chain.last_pass} carried (sha256 "
-                f"{chain.base_sha256}) is not there; give the state_dir the passes used"
+        carried = _marker(live_path, chain.base_sha256, busy_timeout_s)
+        if carried is not None and begun is None:
+            raise BaseNotCurrentError(
+                f"{live_path}: a rollback already carried PostgreSQL's changes since base "
+                f"{chain.base_sha256[:16]}… into this file (its table {MARKER_TABLE} says so), "
+                "though the target has no record of it; carrying them again would count them "
+                "twice. Nothing was changed"
             )
-        with open_backup(base_file) as base:
-            if base.sha256 != chain.base_sha256:
-                raise SourceError(
-                    f"{base_file}: sha256 {base.sha256}, but the last pass recorded "
-                    f"{chain.base_sha256}; it is not the base PostgreSQL holds"
-                )
-            rejects = (
-                rejects_of_run(conn, schema, chain.migrate_run_id) if chain.last_pass == 0 else {}
-            )
-            with conn.transaction():
-                # One snapshot of PostgreSQL; only a temporary table is written.
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                delta, unchanged = _pg_delta(conn, base, rules, schema, rejects)
-            base.verify_unchanged()
-        back = M.going_back(delta)
-        if back:
-            raise SourceError(
-                f"PostgreSQL is not a later state of the base {base_file}: "
-                f"{M.describe_going_back(back)}. The app only counts requests up and never "
-                "changes created_at, so PostgreSQL was changed by hand or is another database; "
-                f"carrying it into {live_path} would count requests back down. Nothing was "
-                "changed; find out what changed PostgreSQL first"
-            )
-        result = _merge_into_sqlite(live_path, delta, rules, chain, busy_timeout_s)
-        kinds, conflicts, rejected, examples, locked = result
-        record_row = RunRow(
-            run_id=f"{run_id or chain.migrate_run_id}-rollback-overlap",
+        parameters = {
+            "mode": "overlap",
+            "migrate_run_id": chain.migrate_run_id,
+            "catchup_pass": chain.last_pass,
+            "base_path": str(base_file),
+            "base_sha256": chain.base_sha256,
+            "live_sqlite_path": str(live_path),
+        }
+        name = f"{run_id or chain.migrate_run_id}-rollback-overlap"
+        row = functools.partial(
+            RunRow,
             step="rollback",
             started_at=started_at,
             source_path=str(live_path),
             source_sha256=chain.base_sha256,
             source_timezone=getattr(rules.zone, "key", str(rules.zone)),
-            rows_read=len(delta),
-            inserted=kinds[M.INSERTED],
-            unchanged=unchanged,
-            updated=kinds[M.CHANGED],
-            parameters={
-                "mode": "overlap",
-                "migrate_run_id": chain.migrate_run_id,
-                "catchup_pass": chain.last_pass,
-                "base_path": str(base_file),
-                "base_sha256": chain.base_sha256,
-                "live_sqlite_path": str(live_path),
-                "counts": {k: kinds[k] for k in (M.INSERTED, M.CHANGED, M.ENDED, M.STAYS_ENDED)},
-            },
             operator=operator,
             host=socket.gethostname(),
         )
-        with conn.transaction():
-            write_run(conn, schema, record_row)
+        if carried is None:
+            delta, unchanged = _delta_since_base(conn, base_file, chain, rules, schema)
+            _refuse_going_back(delta, base_file, live_path)
+            if begun is None:
+                _record_intent(
+                    conn,
+                    schema,
+                    chain,
+                    row(run_id=f"{name}-intent", parameters={**parameters, "state": "intent"}),
+                )
+            merged = _merge_into_sqlite(live_path, delta, rules, chain, busy_timeout_s, unchanged)
+        else:  # a re-run after the SQLite side committed: only the record is left to write
+            merged = carried
+        done = row(
+            run_id=name,
+            rows_read=merged.rows_read,
+            inserted=merged.kinds[M.INSERTED],
+            unchanged=merged.unchanged,
+            updated=merged.kinds[M.CHANGED],
+            parameters={**parameters, "state": "done", "counts": merged.counts},
+        )
+        _record_done(conn, dsn, schema, chain, done, live_path, merged)
     return LiveRollbackResult(
         live_sqlite_path=str(live_path),
         migrate_run_id=chain.migrate_run_id,
         catchup_pass=chain.last_pass,
         base_path=str(base_file),
         base_sha256=chain.base_sha256,
-        inserted=kinds[M.INSERTED],
-        changed=kinds[M.CHANGED],
-        ended=kinds[M.ENDED],
-        stays_ended=kinds[M.STAYS_ENDED],
-        conflicts=conflicts,
-        left_rejected=rejected,
-        unchanged=unchanged + kinds[M.UNCHANGED] + kinds[M.NOTHING],
-        examples=examples,
-        locked_seconds=locked,
+        inserted=merged.kinds[M.INSERTED],
+        changed=merged.kinds[M.CHANGED],
+        ended=merged.kinds[M.ENDED],
+        stays_ended=merged.kinds[M.STAYS_ENDED],
+        conflicts=merged.conflicts,
+        left_rejected=merged.rejected,
+        unchanged=merged.unchanged + merged.kinds[M.UNCHANGED] + merged.kinds[M.NOTHING],
+        examples=merged.examples,
+        locked_seconds=merged.locked_seconds,
         seconds=time.perf_counter() - started,
+        completed_earlier=carried is not None,
+    )
+
+
+@dataclass
+class Merged:
+    """What the SQLite side did (also kept in the live file's marker, for a re-run that only
+    has the record left to write)."""
+
+    kinds: Counter[str]
+    conflicts: int
+    rejected: int
+    unchanged: int
+    rows_read: int
+    examples: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    locked_seconds: float = 0.0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {
+            **{k: self.kinds[k] for k in (M.INSERTED, M.CHANGED, M.ENDED, M.STAYS_ENDED)},
+            "conflicts": self.conflicts,
+            "left_rejected": self.rejected,
+            "unchanged": self.unchanged,
+            "rows_read": self.rows_read,
+        }
+
+
+def _begun(
+    conn: psycopg.Connection, schema: str, chain: Any, live_path: Path
+) -> dict[str, Any] | None:
+    """The intent of a rollback begun on this chain and not finished (None: none). Refused:
+    a finished rollback (a second would carry the changes twice) and one begun into another
+    file (finish that one first)."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT run_id, parameters FROM {} WHERE step = 'rollback' "
+            "AND parameters->>'mode' = 'overlap' AND parameters->>'migrate_run_id' = %s"
+        ).format(sql.Identifier(schema, "session_migration_runs")),
+        (chain.migrate_run_id,),
+    ).fetchall()
+    intent = None
+    for run, params in rows:
+        if params.get("state") != "intent":  # "done", or a row from before intents existed
+            raise BaseNotCurrentError(
+                f"a rollback already carried PostgreSQL's changes into the live file: run {run} "
+                f"rolled the target back after migrate run {chain.migrate_run_id}; no second "
+                "rollback may follow it (its changes would count twice). Nothing was changed"
+            )
+        intent = (run, params)
+    if intent is None:
+        return None
+    run, params = intent
+    if params.get("live_sqlite_path") != str(live_path):
+        raise ParameterError(
+            f"run {run} began a rollback into {params.get('live_sqlite_path')} and did not "
+            f"finish it; finish that one first: run the same command with live_sqlite_path="
+            f"{params.get('live_sqlite_path')}. Nothing was changed"
+        )
+    return dict(params)
+
+
+def _delta_since_base(
+    conn: psycopg.Connection, base_file: Path, chain: Any, rules: Rules, schema: str
+) -> tuple[list[tuple[str, M.Row | None, M.Row | None]], int]:
+    if not base_file.is_file():
+        raise ParameterError(
+            f"{base_file}: the snapshot catch-up pass {chain.last_pass} carried (sha256 "
+            f"{chain.base_sha256}) is not there; give the state_dir the passes used"
+        )
+    with open_backup(base_file) as base:
+        if base.sha256 != chain.base_sha256:
+            raise SourceError(
+                f"{base_file}: sha256 {base.sha256}, but the last pass recorded "
+                f"{chain.base_sha256}; it is not the base PostgreSQL holds"
+            )
+        rejects = rejects_of_run(conn, schema, chain.migrate_run_id) if chain.last_pass == 0 else {}
+        with conn.transaction():
+            # One snapshot of PostgreSQL; only a temporary table is written.
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            delta, unchanged = _pg_delta(conn, base, rules, schema, rejects)
+        base.verify_unchanged()
+    return delta, unchanged
+
+
+def _refuse_going_back(
+    delta: list[tuple[str, M.Row | None, M.Row | None]], base_file: Path, live_path: Path
+) -> None:
+    back = M.going_back(delta)
+    if back:
+        raise SourceError(
+            f"PostgreSQL is not a later state of the base {base_file}: "
+            f"{M.describe_going_back(back)}. The app only counts requests up and never "
+            "changes created_at, so PostgreSQL was changed by hand or is another database; "
+            f"carrying it into {live_path} would count requests back down. Nothing was "
+            "changed; find out what changed PostgreSQL first"
+        )
+
+
+def _record_intent(conn: psycopg.Connection, schema: str, chain: Any, row: RunRow) -> None:
+    """Step 1 of the protocol: the intent, committed before the live file is touched, under the
+    commit lock and with the chain read again (a catch-up pass whose migration lock was lost
+    may have committed meanwhile). From its commit on, no catch-up pass can commit."""
+    try:
+        with conn.transaction():
+            conn.execute("SELECT pg_catalog.set_config('lock_timeout', %s, true)", ("30s",))
+            commit_lock(conn, schema)
+            if chain_of(conn, schema) != chain:
+                raise BaseNotCurrentError(
+                    "a catch-up pass committed since this rollback read PostgreSQL; nothing was "
+                    "changed — run the same command again"
+                )
+            refuse_after_rollback(conn, schema, chain, what="second rollback")
+            write_run(conn, schema, row)
+    except psycopg.errors.UniqueViolation:
+        raise BaseNotCurrentError(
+            "another rollback during the overlap of this cutover was begun meanwhile; nothing "
+            "was changed in the live file — run the same command again to finish it"
+        ) from None
+    except psycopg.Error as exc:
+        raise TransientTargetError(
+            f"the rollback's intent could not be recorded in PostgreSQL ({_first_line(exc)}); "
+            "the live SQLite file was not touched — run the same command again"
+        ) from None
+
+
+def _recorded(dsn: str, schema: str, run_id: str) -> bool:
+    """Whether audit row ``run_id`` is in the target, asked on a new connection (False when
+    the target cannot be asked: the caller then says the record is missing, and a re-run
+    settles it)."""
+    try:
+        with _connect(dsn) as conn:
+            return (
+                conn.execute(
+                    sql.SQL("SELECT 1 FROM {} WHERE run_id = %s").format(
+                        sql.Identifier(schema, "session_migration_runs")
+                    ),
+                    (run_id,),
+                ).fetchone()
+                is not None
+            )
+    except (psycopg.Error, OSError, TargetError):
+        return False
+
+
+def _record_done(
+    conn: psycopg.Connection,
+    dsn: str,
+    schema: str,
+    chain: Any,
+    row: RunRow,
+    live_path: Path,
+    merged: Merged,
+) -> None:
+    """Step 3: the rollback's record, once (a re-run that finds it written says so)."""
+    try:
+        with conn.transaction():
+            write_run(conn, schema, row)
+    except (psycopg.Error, OSError) as exc:
+        if _recorded(dsn, schema, row.run_id):
+            return  # the COMMIT went through; only its answer was lost
+        counts = ", ".join(f"{v} {k}" for k, v in merged.counts.items() if v)
+        raise TransientTargetError(
+            f"the live SQLite file {live_path} WAS changed ({counts or 'no session differed'}; "
+            f"its table {MARKER_TABLE} records base {chain.base_sha256[:16]}…), but PostgreSQL's "
+            f"record of the rollback could not be written ({_first_line(exc)}). No catch-up "
+            "pass can run meanwhile (the recorded intent and the file's marker refuse it). Run "
+            "the same command again: it finds the marker and completes the record"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return redact(text.splitlines()[0]) if text else type(exc).__name__
+
+
+def _marker(live_path: Path, base_sha256: str, busy_timeout_s: float) -> Merged | None:
+    """What a rollback on ``base_sha256`` recorded in the live file's marker (None: not
+    carried). Read-only; waits for the old colour's write like any reader."""
+    uri = live_path.resolve().as_uri() + "?mode=ro"
+    try:
+        live = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s)
+    except sqlite3.Error as exc:
+        raise SourceError(f"{live_path}: cannot be opened ({exc})") from None
+    try:
+        if not live.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (MARKER_TABLE,)
+        ).fetchone():
+            return None
+        columns = {r[1] for r in live.execute(f"PRAGMA table_info({MARKER_TABLE})")}
+        counts = "counts" if "counts" in columns else "NULL"
+        found = live.execute(
+            f"SELECT {counts} FROM {MARKER_TABLE} WHERE base_sha256 = ?", (base_sha256,)
+        ).fetchone()
+    except sqlite3.Error as exc:
+        raise SourceError(f"{live_path}: its rollback marker cannot be read ({exc})") from None
+    finally:
+        live.close()
+    if found is None:
+        return None
+    kept = json.loads(found[0]) if found[0] else {}
+    kinds = Counter(
+        {k: int(kept.get(k, 0)) for k in (M.INSERTED, M.CHANGED, M.ENDED, M.STAYS_ENDED)}
+    )
+    return Merged(
+        kinds,
+        int(kept.get("conflicts", 0)),
+        int(kept.get("left_rejected", 0)),
+        int(kept.get("unchanged", 0)),
+        int(kept.get("rows_read", 0)),
     )
 
 
@@ -368,9 +579,11 @@ def _merge_into_sqlite(
     rules: Rules,
     chain: Any,
     busy_timeout_s: float,
-) -> tuple[Counter[str], int, int, dict[str, tuple[str, ...]], float]:
-    """The SQLite side: one IMMEDIATE transaction that reads each touched session as the old
-    colour left it, merges, writes, proves and records the base; rolled back on any mismatch."""
+    unchanged: int,
+) -> Merged:
+    """Step 2, the SQLite side: one IMMEDIATE transaction that reads each touched session as
+    the old colour left it, merges, writes, proves and records the base (with its counts, for a
+    re-run that only has the record left to write); rolled back on any mismatch."""
     live = sqlite3.connect(live_path, timeout=busy_timeout_s, isolation_level=None)
     live.text_factory = bytes
     kinds: Counter[str] = Counter()
@@ -408,31 +621,30 @@ def _merge_into_sqlite(
                     f"the merged rows of {len(problems)} sessions ({', '.join(problems[:5])}) "
                     "differ from the rules' outcome when read back; nothing was changed"
                 )
+            merged = Merged(kinds, conflicts, rejected, unchanged, len(delta))
             live.execute(
                 f"CREATE TABLE IF NOT EXISTS {MARKER_TABLE} (base_sha256 TEXT PRIMARY KEY, "
                 "migrate_run_id TEXT NOT NULL, catchup_pass INTEGER NOT NULL, "
-                "carried_at TEXT NOT NULL)"
+                "carried_at TEXT NOT NULL, counts TEXT)"
             )
             live.execute(
-                f"INSERT INTO {MARKER_TABLE} VALUES (?, ?, ?, ?)",
+                f"INSERT INTO {MARKER_TABLE} (base_sha256, migrate_run_id, catchup_pass, "
+                "carried_at, counts) VALUES (?, ?, ?, ?, ?)",
                 (
                     chain.base_sha256,
                     chain.migrate_run_id,
                     chain.last_pass,
                     datetime.now(UTC).isoformat(),
+                    json.dumps(merged.counts),
                 ),
             )
             live.execute("COMMIT")
         except BaseException:
             live.execute("ROLLBACK")
             raise
-        return (
-            kinds,
-            conflicts,
-            rejected,
-            {k: tuple(v) for k, v in examples.items()},
-            time.perf_counter() - locked,
-        )
+        merged.examples = {k: tuple(v) for k, v in examples.items()}
+        merged.locked_seconds = time.perf_counter() - locked
+        return merged
     except sqlite3.OperationalError as exc:
         raise SourceError(
             f"{live_path}: the merge could not write ({exc}); nothing was changed — if the old "
