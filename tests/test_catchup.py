@@ -167,6 +167,7 @@ def test_a_pass_carries_creations_changes_and_logouts_composed_with_postgres(
         "changed": 2,
         "ended": 1,
         "stays_ended": 0,
+        "recreated": 0,
         "conflicts": 0,
         "unchanged": 37,  # the 40 migrated, less a, b (changed) and c (ended)
         "rejected": 0,

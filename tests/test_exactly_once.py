@@ -418,3 +418,42 @@ def _sqlite_count(live: Path, sid: str) -> int:
         return conn.execute(
             "SELECT request_count FROM sessions WHERE session_id = ?", (sid,)
         ).fetchone()[0]
+
+
+# --- case 6: one session must not stall a cutover -----------------------------------------------
+
+
+def test_a_session_recreated_under_its_id_is_carried_named_and_counted(migrated: Migrated) -> None:
+    from datetime import timedelta
+
+    m = migrated
+    sid = m.ids[12]
+    with psycopg.connect(m.dsn) as conn:  # the new colour used the old session meanwhile
+        conn.execute(
+            "UPDATE sessions SET request_count = request_count + 2 WHERE session_id = %s", (sid,)
+        )
+    m.clock.now += timedelta(hours=1)
+
+    async def recreate_on_old() -> None:
+        old = legacy(m.live, m.clock)
+        assert await old.delete_session(sid)
+        fresh, _ = await old.create_session("someone-else", {"again": True})
+        await old.close()
+        with sqlite3.connect(m.live) as conn:  # the app gave the new session the same id
+            conn.execute("UPDATE sessions SET session_id = ? WHERE session_id = ?", (sid, fresh))
+        conn.close()
+        old = legacy(m.live, m.clock)
+        assert await old.validate_session(sid)
+        await old.close()
+
+    asyncio.run(recreate_on_old())
+    result = m.run()
+    assert result.committed and result.recreated == 1
+    assert result.verdict == "PASS_WITH_WARNINGS" and "created again under the same id" in (
+        result.reason
+    )
+    row = m.pg()[sid]
+    assert (row[1], row[2], row[6]) == ("someone-else", '{"again": true}', 1)
+    # The refusals keep holding for what they exist for: a file older than the base.
+    Ledger(m).traffic(validate=[m.ids[13]])
+    assert m.run().pass_number == 2

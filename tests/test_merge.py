@@ -14,6 +14,7 @@ from sessionmig.merge import (
     ENDED,
     INSERTED,
     NOTHING,
+    RECREATED,
     STAYS_ENDED,
     UNCHANGED,
     Conflict,
@@ -191,12 +192,14 @@ def rows(draw, sid: str = "s") -> tuple:
 
 @st.composite
 def forward(draw, base: tuple) -> tuple:
-    """What the old colour may do to a session: more requests, later instants, new values."""
+    """What the old colour may do to a session it keeps: more requests, later instants, new
+    values; never another created_at (a later one is a new session under the same id:
+    :func:`recreate`)."""
     return (
         base[0],
         draw(st.one_of(st.just(base[1]), users)),
         draw(st.one_of(st.just(base[2]), metas)),
-        draw(st.one_of(st.just(base[3]), instants)),
+        base[3],
         base[4] + draw(st.integers(0, 48)) * H,
         base[5] + draw(st.integers(0, 48)) * H,
         base[6] + draw(st.integers(0, 50)),
@@ -307,10 +310,13 @@ def test_a_count_down_or_another_creation_time_is_going_back() -> None:
     base = row(count=4)
     assert went_back(base, with_(base, count=3)) == ("request_count",)
     assert went_back(base, with_(base, created=T0 - H)) == ("created_at",)
-    assert went_back(base, with_(base, count=0, created=T0 + H)) == (
+    assert went_back(base, with_(base, count=0, created=T0 - H)) == (
         "request_count",
         "created_at",
     )
+    # A later created_at with the count back at 0 is a new session under the same id (issue
+    # 20, case 6): carried as recreated, never a sign of another store.
+    assert went_back(base, with_(base, count=0, created=T0 + H)) == ()
     # A clock set back on the old colour's host moves last_activity back: the merge takes the
     # later one anyway, so that alone is no sign of another store.
     assert went_back(base, with_(base, last=T0 - H, count=5)) == ()
@@ -321,7 +327,7 @@ def test_going_back_counts_per_column_with_the_first_session() -> None:
     found = going_back(
         [
             ("s1", b1, with_(b1, count=1)),
-            ("s2", b2, with_(b2, count=0, created=T0 + H)),
+            ("s2", b2, with_(b2, count=0, created=T0 - H)),
             ("s3", b3, with_(b3, count=2)),  # up: fine
             ("s4", None, row("s4")),
             ("s5", row("s5"), None),
@@ -369,3 +375,35 @@ def test_sessions_new_in_live_but_created_before_the_base_was_taken() -> None:
     assert created_before_base([("odd", odd, None), ("fresh", None, fresh)], margin, now) is None
     found = {BEFORE_BASE: created_before_base(pairs, margin, now)}
     assert "1 session created before the base was taken, not in it" in describe_going_back(found)
+
+
+@st.composite
+def recreate(draw, base: tuple) -> tuple:
+    """The old colour ended the session and created a new one under its id, later."""
+    created = base[3] + draw(st.integers(1, 48)) * H
+    return row(base[0], draw(users), draw(metas), created, created + 24 * H, created,
+               draw(st.integers(0, 5)))  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_a_session_recreated_under_its_id_is_carried_as_the_new_one(data) -> None:
+    """Issue 20, case 6: a recreated id is neither refused nor merged into the old session:
+    PostgreSQL ends up holding the new session exactly, whatever it did to the old one."""
+    base = data.draw(rows())
+    live = data.draw(recreate(base))
+    target = data.draw(st.one_of(st.none(), forward(base)))
+    assert went_back(base, live) == ()
+    assert going_back([("s", base, live)]) == {}
+    outcome = merge(base, live, target)
+    assert outcome.kind == RECREATED and outcome.row == live
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_an_older_created_at_is_still_refused(data) -> None:
+    """The wrong-file refusals hold: a created_at earlier than the base's is a restored copy or
+    another store, never a recreation."""
+    live = data.draw(rows())
+    base = with_(live, created=live[3] + data.draw(st.integers(1, 48)) * H)
+    assert "created_at" in went_back(base, live)

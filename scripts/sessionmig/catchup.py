@@ -116,6 +116,7 @@ class CatchupResult:
     changed: int
     ended: int
     stays_ended: int  # changed or ended in live, already ended in PostgreSQL
+    recreated: int  # ended and created again under the same id on the old colour: live's row
     conflicts: int
     unchanged: int
     rejected: int  # live rows the migration's rules refuse: left as they are, named
@@ -142,6 +143,7 @@ class CatchupResult:
             "changed": self.changed,
             "ended": self.ended,
             "stays_ended": self.stays_ended,
+            "recreated": self.recreated,
             "conflicts": self.conflicts,
             "unchanged": self.unchanged,
             "rejected": self.rejected,
@@ -563,6 +565,7 @@ _APPLY_COLUMNS = (
     "session_id",
     "has_base",
     "has_live",
+    "recreated",
     *(f"b_{c}" for c in COLUMNS[1:]),
     *(f"l_{c}" for c in COLUMNS[1:]),
 )
@@ -574,7 +577,7 @@ _ROW_TYPES = (
     "last_activity timestamptz, request_count int4"
 )
 _ROW_COPY_TYPES = ["text", "text", "timestamptz", "timestamptz", "timestamptz", "int4"]
-_APPLY_COPY_TYPES = ["text", "bool", "bool", *_ROW_COPY_TYPES, *_ROW_COPY_TYPES]
+_APPLY_COPY_TYPES = ["text", "bool", "bool", "bool", *_ROW_COPY_TYPES, *_ROW_COPY_TYPES]
 _EXPECTED_COPY_TYPES = ["text", "bool", *_ROW_COPY_TYPES]
 
 
@@ -583,7 +586,8 @@ def _create_temp_tables(conn: psycopg.Connection) -> None:
     conn.execute(
         f"""CREATE TEMP TABLE sessionmig_catchup (
                 session_id text COLLATE "C" NOT NULL,
-                has_base boolean NOT NULL, has_live boolean NOT NULL, {prefixed}
+                has_base boolean NOT NULL, has_live boolean NOT NULL,
+                recreated boolean NOT NULL, {prefixed}
             ) ON COMMIT DROP"""
     )
     conn.execute(
@@ -627,6 +631,7 @@ def _apply_rows(delta: Delta) -> Iterator[tuple]:
             sid,
             b is not None,
             lv is not None,
+            M.recreated(b, lv),
             *(b[1:] if b else empty),
             *(lv[1:] if lv else empty),
         )
@@ -686,15 +691,29 @@ def _apply_statements(conn: psycopg.Connection, schema: str) -> dict[str, set[st
     updated = conn.execute(
         sql.SQL(
             """UPDATE {} AS s SET {} FROM sessionmig_catchup a
-               WHERE a.has_live AND s.session_id = a.session_id RETURNING s.session_id"""
+               WHERE a.has_live AND NOT a.recreated AND s.session_id = a.session_id
+               RETURNING s.session_id"""
         ).format(sessions, sql.SQL(", ").join(assignments))
+    ).fetchall()
+    # Ended and created again under its id on the old colour: the new session is live's row.
+    replaced = conn.execute(
+        sql.SQL(
+            """UPDATE {} AS s SET ({}) = ({}) FROM sessionmig_catchup a
+               WHERE a.recreated AND s.session_id = a.session_id RETURNING s.session_id"""
+        ).format(
+            sessions,
+            sql.SQL(", ").join(map(sql.Identifier, COLUMNS[1:])),
+            sql.SQL(", ").join(
+                sql.SQL("a.{}").format(sql.Identifier(f"l_{c}")) for c in COLUMNS[1:]
+            ),
+        )
     ).fetchall()
     columns = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
     live_columns = sql.SQL(", ").join(sql.Identifier(f"l_{c}") for c in COLUMNS[1:])
     inserted = conn.execute(
         sql.SQL(
             """INSERT INTO {} ({}) SELECT a.session_id, {} FROM sessionmig_catchup a
-               WHERE a.has_live AND NOT a.has_base ORDER BY a.session_id
+               WHERE a.has_live AND (NOT a.has_base OR a.recreated) ORDER BY a.session_id
                ON CONFLICT (session_id) DO NOTHING RETURNING session_id"""
         ).format(sessions, columns, live_columns)
     ).fetchall()
@@ -706,7 +725,7 @@ def _apply_statements(conn: psycopg.Connection, schema: str) -> dict[str, set[st
         ).format(sessions)
     ).fetchall()
     return {
-        M.CHANGED: {r[0] for r in updated},
+        M.CHANGED: {r[0] for r in updated} | {r[0] for r in replaced},
         M.INSERTED: {r[0] for r in inserted},
         M.ENDED: {r[0] for r in deleted},
     }
@@ -892,7 +911,9 @@ def _transaction(
             b, lv, t = delta.base.get(sid), delta.live.get(sid), before.get(sid)
             outcome = M.merge(b, lv, t)
             applied.kinds[outcome.kind] += 1
-            if outcome.kind in kinds:
+            if outcome.kind == M.RECREATED:  # replaced where PostgreSQL has it, else inserted
+                kinds[M.CHANGED if t is not None else M.INSERTED].add(sid)
+            elif outcome.kind in kinds:
                 kinds[outcome.kind].add(sid)
             shown = applied.examples.setdefault(outcome.kind, [])
             if len(shown) < EXAMPLES:
@@ -927,6 +948,7 @@ def _counts(delta: Delta, applied: Applied) -> dict[str, int]:
         "changed": applied.kinds[M.CHANGED],
         "ended": applied.kinds[M.ENDED],
         "stays_ended": applied.kinds[M.STAYS_ENDED],
+        "recreated": applied.kinds[M.RECREATED],
         "conflicts": len({c.session for c in applied.conflicts}),
         "unchanged": delta.unchanged,
         "rejected": len(delta.rejected),
@@ -1394,6 +1416,11 @@ def _result(
             warnings.append(
                 f"{conflicts} sessions changed on both colours (the newer last_activity won)"
             )
+        if counts["recreated"]:
+            warnings.append(
+                f"{counts['recreated']} sessions were ended and created again under the same id "
+                "on the old colour: the new session replaced the old one (examples below)"
+            )
         if counts["rejected"]:
             warnings.append(
                 f"{counts['rejected']} live rows the migration's rules refuse were left as "
@@ -1428,6 +1455,7 @@ def _result(
         changed=counts["changed"],
         ended=counts["ended"],
         stays_ended=counts["stays_ended"],
+        recreated=counts["recreated"],
         conflicts=conflicts,
         unchanged=counts["unchanged"],
         rejected=counts["rejected"],
@@ -1491,6 +1519,8 @@ MEANINGS = {
     "changed": "changed on the old colour: its changes applied on top of PostgreSQL's row",
     "ended": "ended on the old colour (logout, cleanup): deleted from PostgreSQL",
     "stays_ended": "changed or ended on the old colour, already ended in PostgreSQL: stays ended",
+    "recreated": "ended and created again under the same id on the old colour: the new session "
+    "replaces the old one in PostgreSQL",
     "conflicts": "user_id/metadata/created_at changed on both colours: newer last_activity won",
     "unchanged": "the same in both snapshots: PostgreSQL's row untouched",
     "rejected": "live rows the migration's rules refuse: left as PostgreSQL has them",

@@ -20,6 +20,9 @@ Per session:
   PostgreSQL's, the colour that now serves). A session PostgreSQL has ended stays ended.
 * **ended** in live (in base, not in live): ended in PostgreSQL — a token ended anywhere stays
   ended.
+* **recreated** in live (the same id with a later ``created_at``: the session was ended and a
+  new one created under its id): the old session is ended everywhere and the new one is live's,
+  so PostgreSQL holds live's row exactly (inserted if PostgreSQL had ended the old one).
 
 Columns live did not change are never touched: changes made only in PostgreSQL stay.
 ``catchup`` applies the same rules with set-based SQL and proves the outcome equals these.
@@ -55,7 +58,8 @@ CHANGED = "changed"  # live's changes applied on top of PostgreSQL's row
 ENDED = "ended"  # ended in live: deleted from PostgreSQL
 STAYS_ENDED = "stays_ended"  # changed or ended in live, but PostgreSQL had already ended it
 NOTHING = "nothing"  # in neither snapshot: PostgreSQL's business alone
-KINDS = (INSERTED, CHANGED, ENDED, STAYS_ENDED, UNCHANGED)
+RECREATED = "recreated"  # ended and created again under the same id in live: live's row
+KINDS = (INSERTED, CHANGED, ENDED, STAYS_ENDED, UNCHANGED, RECREATED)
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ def went_back(base: Row | None, live: Row | None) -> tuple[str, ...]:
     side that shows either is not a later state of the base's store (a restored copy, another
     environment's file), and carrying its "changes" would count requests back down and end the
     sessions created since. Empty when either side lacks the session."""
-    if base is None or live is None:
+    if base is None or live is None or recreated(base, live):
         return ()
     back = []
     if live[COUNT] < base[COUNT]:
@@ -128,6 +132,13 @@ def went_back(base: Row | None, live: Row | None) -> tuple[str, ...]:
     if live[CREATED] != base[CREATED]:
         back.append("created_at")
     return tuple(back)
+
+
+def recreated(base: Row | None, live: Row | None) -> bool:
+    """Whether live's session is a new one under the base's id: created later than the base's
+    (the app ended it and created another with the same id). An older ``created_at`` is never
+    that — it is a restored copy or another store — and stays a refusal (:func:`went_back`)."""
+    return base is not None and live is not None and live[CREATED] > base[CREATED]
 
 
 def going_back(
@@ -194,6 +205,8 @@ def merge(base: Row | None, live: Row | None, target: Row | None) -> Outcome:
         return Outcome(ENDED if target is not None else STAYS_ENDED, None)
     if base is not None and live == base:
         return Outcome(UNCHANGED, target)
+    if recreated(base, live):
+        return Outcome(RECREATED, live)
     if target is None:
         # Created in live: PostgreSQL has never had it. Changed in live: PostgreSQL ended it.
         return Outcome(INSERTED, live) if base is None else Outcome(STAYS_ENDED, None)

@@ -211,6 +211,12 @@ def _write(
         )
     elif outcome.kind == M.ENDED:
         live.execute("DELETE FROM sessions WHERE session_id = ?", (sid,))
+    elif outcome.kind == M.RECREATED:
+        assert outcome.row is not None
+        live.execute("DELETE FROM sessions WHERE session_id = ?", (sid,))
+        live.execute(
+            "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)", legacy_row(outcome.row, zone)
+        )
     elif outcome.kind == M.CHANGED:
         assert outcome.row is not None and before is not None
         legacy = legacy_row(outcome.row, zone)
