@@ -457,3 +457,40 @@ def test_a_session_recreated_under_its_id_is_carried_named_and_counted(migrated:
     # The refusals keep holding for what they exist for: a file older than the base.
     Ledger(m).traffic(validate=[m.ids[13]])
     assert m.run().pass_number == 2
+
+
+# --- migrate: its one transaction's COMMIT --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "point", "attempts"),
+    [
+        (COMMIT, "before", 2),  # nothing committed: the built-in retry loads it once
+        (COMMIT, "after", 1),  # committed, answer lost: asked, and done — never loaded twice
+        (AUDIT_INSERT, "after", 2),
+    ],
+)
+def test_migrate_cut_at_its_commit_lands_every_row_once(
+    small_backup: Path, target, dsn: str, monkeypatch: pytest.MonkeyPatch, pattern, point, attempts
+) -> None:
+    from sessionmig import steps
+
+    with FaultProxy.for_dsn(dsn) as proxy:
+        monkeypatch.setenv("SMTEST_DSN", proxy.dsn(dsn))
+        settings = target(small_backup)
+        proxy.arm(pattern, point, application_name="sessionmig-migrate")
+        monkeypatch.setattr(steps, "RETRY_BACKOFF_S", 0.05)
+        result = steps.migrate(settings, progress=False)
+        loads = proxy.connections
+    assert result.verdict in ("PASS", "PASS_WITH_WARNINGS") and result.outcome.committed
+    assert rows_of(dsn, "SELECT count(*) FROM session_migration_runs") == [(1,)]
+    landed = rows_of(dsn, "SELECT count(*) FROM sessions")[0][0]
+    rejected = rows_of(dsn, "SELECT count(*) FROM session_migration_rejects")[0][0]
+    assert (landed, rejected) == (result.outcome.inserted, result.outcome.rejected)
+    assert landed + rejected == 400
+    assert loads >= attempts
+    # The same command again changes nothing (every row already there, byte for byte).
+    monkeypatch.setenv("SMTEST_DSN", dsn)
+    again = steps.migrate(target(small_backup, run_id=""), progress=False)
+    assert again.outcome.inserted == 0 and again.outcome.updated == 0
+    assert rows_of(dsn, "SELECT count(*) FROM sessions")[0][0] == landed

@@ -7,6 +7,8 @@ transaction of the change it describes where there is one.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -14,6 +16,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
+
+from .connect import connect
+from .errors import TargetError
 
 
 @dataclass(frozen=True)
@@ -71,3 +76,62 @@ def write_run(conn: psycopg.Connection, schema: str, row: RunRow) -> None:
         ),
         values,
     )
+
+
+# --- when COMMIT's answer is lost: the audit row is the truth ----------------------------------
+
+COMMITTED, NOT_COMMITTED, UNKNOWN = "committed", "not committed", "unknown"
+RESOLVE_TIMEOUT_S = 30.0
+
+
+def commit_outcome(
+    dsn: str,
+    schema: str,
+    run_id: str,
+    backend_pid: int | None,
+    *,
+    settle: Callable[[psycopg.Connection], None] | None = None,
+    timeout_s: float = RESOLVE_TIMEOUT_S,
+) -> str:
+    """Whether the transaction that writes audit row ``run_id`` committed, asked of the target
+    on a new connection after its COMMIT's answer was lost (a dropped connection, Ctrl-C).
+
+    The old backend is ended if it is still there (a backend finishes a COMMIT it has begun
+    before it obeys) and awaited, so its transaction is over one way or the other; ``settle``
+    may wait for more inside the reading transaction (a lock the old one held). ``UNKNOWN``
+    when the target cannot be asked now or the old backend does not go away in time."""
+    try:
+        with connect(dsn, "resolve", autocommit=True, connect_timeout=10) as conn:
+            if backend_pid and not _backend_gone(conn, backend_pid, timeout_s):
+                return UNKNOWN
+            with conn.transaction():
+                conn.execute(
+                    "SELECT pg_catalog.set_config('lock_timeout', %s, true)",
+                    (f"{int(timeout_s * 1000)}ms",),
+                )
+                if settle is not None:
+                    settle(conn)
+                found = conn.execute(
+                    sql.SQL("SELECT 1 FROM {} WHERE run_id = %s").format(
+                        sql.Identifier(schema, "session_migration_runs")
+                    ),
+                    (run_id,),
+                ).fetchone()
+            return COMMITTED if found else NOT_COMMITTED
+    except (psycopg.Error, OSError, TargetError):
+        return UNKNOWN
+
+
+def _backend_gone(conn: psycopg.Connection, pid: int, timeout_s: float) -> bool:
+    """End backend ``pid`` (only if it is one of ours) and wait until it has gone."""
+    ours = (
+        "SELECT pid FROM pg_catalog.pg_stat_activity WHERE pid = %s "
+        "AND pid <> pg_catalog.pg_backend_pid() AND application_name LIKE 'sessionmig-%%'"
+    )
+    conn.execute(f"SELECT pg_catalog.pg_terminate_backend(pid) FROM ({ours}) AS old", (pid,))
+    deadline = time.monotonic() + timeout_s
+    while conn.execute(ours, (pid,)).fetchone() is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

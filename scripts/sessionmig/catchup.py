@@ -50,7 +50,8 @@ from psycopg import sql
 
 from . import merge as M
 from . import params as P
-from .audit import RunRow, write_run
+from .audit import COMMITTED, NOT_COMMITTED, RunRow, write_run
+from .audit import commit_outcome as audit_outcome
 from .connect import connect
 from .errors import ParameterError, SourceError, TargetError, TransientTargetError
 from .jsonb import metadata_text
@@ -966,44 +967,12 @@ def commit_lock(conn: psycopg.Connection, schema: str) -> None:
     )
 
 
-COMMITTED, NOT_COMMITTED, UNKNOWN = "committed", "not committed", "unknown"
-RESOLVE_TIMEOUT_S = 30.0
-
-
-def commit_outcome(
-    dsn: str,
-    schema: str,
-    run_id: str,
-    backend_pid: int | None,
-    timeout_s: float = RESOLVE_TIMEOUT_S,
-) -> str:
-    """Whether the transaction that writes audit row ``run_id`` committed, asked of the target
-    on a new connection after its COMMIT's answer was lost (a dropped connection, Ctrl-C).
-
-    The old backend is ended first if it is still there (a backend ends a COMMIT it has begun
-    before it obeys), and the commit lock is taken: once it is granted, the old transaction is
-    over one way or the other, and its audit row says which. ``UNKNOWN`` when the target
-    cannot be asked now."""
-    try:
-        with connect(dsn, "resolve", autocommit=True, connect_timeout=10) as conn:
-            if backend_pid is not None:
-                conn.execute(
-                    "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
-                    "WHERE pid = %s AND pid <> pg_catalog.pg_backend_pid()",
-                    (backend_pid,),
-                )
-            with conn.transaction():
-                conn.execute(
-                    "SELECT pg_catalog.set_config('lock_timeout', %s, true)",
-                    (f"{int(timeout_s * 1000)}ms",),
-                )
-                commit_lock(conn, schema)
-                found = conn.execute(
-                    sql.SQL("SELECT 1 FROM {} WHERE run_id = %s").format(_runs(schema)), (run_id,)
-                ).fetchone()
-            return COMMITTED if found else NOT_COMMITTED
-    except (psycopg.Error, OSError, TargetError):
-        return UNKNOWN
+def commit_outcome(dsn: str, schema: str, run_id: str, backend_pid: int | None) -> str:
+    """:func:`sessionmig.audit.commit_outcome` for a pass: also waits for the commit lock, so
+    whichever transaction held it last (this pass's, lost) is over."""
+    return audit_outcome(
+        dsn, schema, run_id, backend_pid, settle=lambda conn: commit_lock(conn, schema)
+    )
 
 
 # --- one pass --------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import psycopg
 from psycopg import sql
 
 from . import params as P
-from .audit import RunRow, write_run
+from .audit import COMMITTED, NOT_COMMITTED, RunRow, commit_outcome, write_run
 from .connect import connect
 from .copyin import stream_backup
 from .errors import (
@@ -36,6 +36,7 @@ from .errors import (
     is_connection_loss,
 )
 from .keys import duplicate_rejects
+from .mask import redact
 from .source import Backup
 from .transform import Reject, Rules
 
@@ -279,6 +280,31 @@ def target_errors(schema: str) -> Iterator[None]:
         ) from None
 
 
+def _commit(conn: psycopg.Connection, dsn: str, schema: str, run_id: str) -> None:
+    """COMMIT; when its answer is lost, ask the target (the audit row is the truth) before
+    anything is decided: committed is success, not committed may be retried, unknown must not
+    be (a retry could load on top of a committed run)."""
+    pid = conn.info.backend_pid
+    try:
+        conn.commit()
+    except psycopg.OperationalError as exc:
+        outcome = commit_outcome(dsn, schema, run_id, pid)
+        if outcome == COMMITTED:
+            return
+        if outcome == NOT_COMMITTED:
+            raise TransientTargetError(
+                f"lost the connection at COMMIT ({redact(str(exc).strip())}); the target's "
+                f"audit row, read on a new connection, shows run {run_id} was not committed: "
+                "nothing was written"
+            ) from None
+        raise TargetError(
+            f"lost the connection while COMMIT's answer was in flight ({redact(str(exc).strip())})"
+            f" and the target cannot be asked now: whether run {run_id} committed is unknown. "
+            f"Look for it in {schema}.session_migration_runs (or run `sessionmig db current` and "
+            "reconcile) before running migrate again"
+        ) from None
+
+
 def _is_first_load(conn: psycopg.Connection, target: sql.Identifier) -> bool:
     """True when the target is empty, and then locked so that it stays empty until commit.
 
@@ -411,7 +437,7 @@ def load(
                 say("rolled back (dry run)")
             else:
                 say("committing")
-                conn.commit()
+                _commit(conn, dsn, schema, audit.run_id)
                 say("committed")
         return LoadOutcome(
             run_id=audit.run_id,
