@@ -843,6 +843,15 @@ def _live_rollback_table(live: Any) -> pd.DataFrame:
         ("longest wait of the app's SQLite writes", f"{live.locked_seconds:.2f} s"),
         ("time", f"{live.seconds:.1f} s"),
     ]
+    if getattr(live, "completed_earlier", False):
+        rows.insert(
+            0,
+            (
+                "completed here",
+                "an earlier run wrote the live file and could not record it; this run wrote "
+                "only the record (the counts are the earlier run's, from the file's marker)",
+            ),
+        )
     return pd.DataFrame(rows, columns=["measure", "value"])
 
 
@@ -885,7 +894,12 @@ def conclude_rollback(restored: Any, result: Any) -> None:
             f"{restored.live_sqlite_path}: PostgreSQL's changes since catch-up pass "
             f"{restored.catchup_pass} merged in ({restored.inserted} new, {restored.changed} "
             f"changed, {restored.ended} ended, {restored.conflicts} conflicts); every touched "
-            "session checked before commit",
+            "session checked before commit"
+            + (
+                "; written by an earlier run that could not record it, recorded by this one"
+                if getattr(restored, "completed_earlier", False)
+                else ""
+            ),
             figures=[
                 Figure(
                     "carried from PostgreSQL",
