@@ -4,10 +4,21 @@ SQLite one behind the same interface (the rollback target), chosen by ``get_sess
 Semantics (the digest's seven methods, all instants timezone-aware UTC): a session is *active*
 while ``expires_at > now``; at ``expires_at`` it has expired. ``validate_session`` is one atomic
 statement — an expired session is deleted, an active one has ``last_activity`` bumped and
-``request_count`` incremented — so concurrent validations each count. A lost connection (and a
-serialization failure or deadlock, which the server rolled back) is retried a bounded number of
-times; nothing else is — a data error is raised at once. A database that stays down, a pool
-that frees no connection in time, or a statement past its timeout raises
+``request_count`` incremented — so concurrent validations each count.
+
+An acknowledged operation happens exactly once; an unacknowledged one at most once. So a
+statement is sent again (a bounded number of times) only when that cannot apply it twice: when
+it never left (the pool could not connect, or the connection was found closed by the server
+before the statement was sent: one poll of its socket, no round trip), when the server answered
+that it did not run it (a serialization failure or deadlock it rolled back; its FATAL error,
+shutting the session down, as the whole answer — see :func:`_may_have_run`), or when running it
+twice is running it once — a read, and the insert of ``create_session``, keyed by the id it
+made (``ON CONFLICT DO NOTHING``; an insert that finds its id taken reads back whether the row
+is its own). A write whose connection was lost after it was sent — validate, extend, delete,
+cleanup: the server may have run it, only its answer lost — is never sent again: it raises
+:class:`~sessionmig.errors.StoreUnavailable` saying the outcome is unknown. Nothing else is
+retried — a data error is raised at once. A database that
+stays down, a pool that frees no connection in time, or a statement past its timeout raises
 :class:`~sessionmig.errors.StoreUnavailable`, never hangs.
 
 ``now`` is the database's clock, read inside the statement itself (``statement_timestamp()``),
@@ -33,6 +44,7 @@ import asyncio
 import contextlib
 import json
 import os
+import select as _select
 import sqlite3
 import threading
 import uuid
@@ -40,7 +52,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 from zoneinfo import ZoneInfo
@@ -59,13 +71,13 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
-    insert,
     literal_column,
     select,
     text,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -80,12 +92,13 @@ T = TypeVar("T")
 Clock = Callable[[], datetime]
 # A declarative class's table is a Table (the ORM types it as the wider FromClause).
 SESSIONS = cast(Table, SessionRecord.__table__)
-# Retried: the connection broke or could not be made (no SQLSTATE: the client saw the socket
+# A lost connection: it broke or could not be made (no SQLSTATE: the client saw the socket
 # fail), class 08 (connection exception), or the server ended the session (shutdown, crash,
-# still starting) — the statement never ran or, if only its answer was lost, at worst ran once
-# more; and a serialization failure or deadlock, which the server rolled back and asks to be
-# retried (neither can really happen to these one-row autocommit statements). Anything else —
-# a data error, a constraint — is raised at once.
+# still starting). Retried when the statement was never sent, or is safe to send again (see the
+# module's docstring); a write already sent may have run, so it is not. A serialization failure
+# or deadlock is retried: the server rolled the statement back and asks for it (neither can
+# really happen to these one-row autocommit statements). Anything else — a data error, a
+# constraint — is raised at once.
 CONNECTION_LOST_SQLSTATES = {"57P01", "57P02", "57P03"}
 ROLLED_BACK_SQLSTATES = {"40001", "40P01"}
 # statement_timeout fired: the database is too slow right now. Retrying would only add load.
@@ -178,6 +191,10 @@ class Statement:
     """One statement of the store, compiled once from the model."""
 
     sql: str
+    # Running it twice is running it once (a read; the insert keyed by its own id): it may be
+    # sent again after its connection was lost with the answer. A write that is not is never
+    # sent twice — its lost answer is reported as an unknown outcome.
+    resend_safe: bool
     # The model's own conversion of a Python value for a parameter (the jsonb column's, for
     # one), applied per call exactly as SQLAlchemy would apply it.
     processors: tuple[tuple[str, Callable[[Any], Any]], ...] = ()
@@ -190,7 +207,11 @@ class Statement:
 
 
 def _compile(
-    statement: ClauseElement, schema: str, row_factory: RowFactory[Any] = tuple_row
+    statement: ClauseElement,
+    schema: str,
+    row_factory: RowFactory[Any] = tuple_row,
+    *,
+    resend_safe: bool,
 ) -> Statement:
     compiled = cast(
         SQLCompiler,  # what a dialect compiles a statement with; it knows the binds
@@ -210,7 +231,7 @@ def _compile(
         process = param.type.dialect_impl(_DIALECT).bind_processor(_DIALECT)
         if process is not None:
             processors.append((name, process))
-    return Statement(str(compiled), tuple(processors), row_factory)
+    return Statement(str(compiled), resend_safe, tuple(processors), row_factory)
 
 
 @dataclass(frozen=True)
@@ -218,6 +239,7 @@ class Statements:
     """Every statement the manager runs, for one schema and one kind of clock."""
 
     create: Statement
+    created: Statement
     validate: Statement
     get: Statement
     delete: Statement
@@ -244,20 +266,32 @@ def statements(schema: str, database_clock: bool) -> Statements:
         else bindparam("now", type_=TIMESTAMPTZ)
     )
     sid = bindparam("session_id", type_=s.c.session_id.type)
+    user_id = bindparam("user_id", type_=s.c.user_id.type)
+    metadata = bindparam("metadata", type_=s.c.metadata.type)
 
     create = (
-        insert(s)
+        pg_insert(s)
         .values(
             session_id=sid,
-            user_id=bindparam("user_id", type_=s.c.user_id.type),
-            metadata=bindparam("metadata", type_=s.c.metadata.type),
+            user_id=user_id,
+            metadata=metadata,
             created_at=now,
             expires_at=now + exact_interval("ttl_us"),
             last_activity=now,
             request_count=literal_column("0", Integer),
         )
+        # Sent again with the same id after a lost answer, it cannot insert a second row:
+        # no row comes back when the id is taken, and ``created`` tells whose row it is.
+        .on_conflict_do_nothing()
         # The stored instant comes back with the insert: no second query.
         .returning(s.c.session_id, s.c.expires_at)
+    )
+    # The row an earlier attempt of this very create inserted (its answer lost): the same
+    # random id with the same values. Run only when the insert found its id taken.
+    created = select(s.c.session_id, s.c.expires_at).where(
+        s.c.session_id == sid,
+        s.c.user_id.is_not_distinct_from(user_id),
+        s.c.metadata.is_not_distinct_from(metadata),
     )
 
     expired = (
@@ -289,18 +323,24 @@ def statements(schema: str, database_clock: bool) -> Statements:
     )
 
     return Statements(
-        create=_compile(create, schema),
-        validate=_compile(validate, schema),
-        get=_compile(select(s).where(s.c.session_id == sid), schema, dict_row),
-        delete=_compile(delete(s).where(s.c.session_id == sid), schema),
+        create=_compile(create, schema, resend_safe=True),
+        created=_compile(created, schema, resend_safe=True),
+        validate=_compile(validate, schema, resend_safe=False),
+        get=_compile(select(s).where(s.c.session_id == sid), schema, dict_row, resend_safe=True),
+        delete=_compile(delete(s).where(s.c.session_id == sid), schema, resend_safe=False),
         extend=_compile(
             update(s)
             .where(s.c.session_id == sid, s.c.expires_at > now)
             .values(expires_at=s.c.expires_at + exact_interval("extra_us")),
             schema,
+            resend_safe=False,
         ),
-        cleanup=_compile(delete(s).where(s.c.expires_at <= now), schema),
-        count=_compile(select(func.count()).select_from(s).where(s.c.expires_at > now), schema),
+        cleanup=_compile(delete(s).where(s.c.expires_at <= now), schema, resend_safe=False),
+        count=_compile(
+            select(func.count()).select_from(s).where(s.c.expires_at > now),
+            schema,
+            resend_safe=True,
+        ),
         active_among=_compile(
             select(s.c.session_id).where(
                 # One array parameter, so one statement text whatever the number of ids.
@@ -308,8 +348,55 @@ def statements(schema: str, database_clock: bool) -> Statements:
                 s.c.expires_at > bindparam("at", type_=TIMESTAMPTZ),
             ),
             schema,
+            resend_safe=True,
         ),
     )
+
+
+def _closed_by_the_server(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether this idle pool connection is already gone: closed on our side, or anything to
+    read on its socket — the server sends an idle autocommit connection nothing unasked but
+    the error that ends it and the end itself (the store never LISTENs). One poll of the
+    socket, no round trip; a connection that answers a poll this way never got a statement."""
+    if conn.closed or conn.broken:
+        return True
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.OperationalError:
+        return True
+    if hasattr(_select, "poll"):
+        poller = _select.poll()
+        poller.register(fd, _select.POLLIN | _select.POLLPRI)
+        return bool(poller.poll(0))
+    return bool(_select.select([fd], [], [], 0)[0])
+
+
+class _Cursor(psycopg.AsyncCursor[Any]):
+    """The store's cursor. It notes whether the server's answer held a completed command
+    (``completed``, set when psycopg checks the results of an execution), which is what tells,
+    when that answer ends in the server's own FATAL error, whether the statement ran."""
+
+    completed: bool | None = None
+
+    def _check_results(self, results: list[Any]) -> None:
+        self.completed = any(r.status in _COMPLETED for r in results)
+        super()._check_results(results)
+
+
+_COMPLETED = (psycopg.pq.ExecStatus.COMMAND_OK, psycopg.pq.ExecStatus.TUPLES_OK)
+
+
+def _may_have_run(exc: psycopg.Error, cur: _Cursor, extended: bool) -> bool:
+    """Whether a statement sent on a connection that was then lost may have run.
+
+    It has not when the server itself ended the session (shutdown, a terminated backend:
+    its FATAL error) without first completing the statement, in the extended protocol (a
+    prepared statement, or one with parameters): there the server commits at the Sync after
+    queueing the Execute's CommandComplete, and an error it raises later is queued behind that,
+    so an answer that is only the error means rolled back, or never started. Any other loss
+    (the socket failed, no SQLSTATE) may have come after the commit."""
+    ended_first = exc.sqlstate in CONNECTION_LOST_SQLSTATES and cur.completed is not True
+    return not (extended and ended_first)
 
 
 def _connection_lost(exc: psycopg.Error) -> bool:
@@ -544,18 +631,25 @@ class SessionManager:
         self, statement: Statement, params: Callable[[], dict[str, Any]], read: Reader[T]
     ) -> T:
         """Run ``statement`` with ``params()`` (made again for each attempt) and ``read`` its
-        answer; retry a lost connection, turn every way of being unavailable into
+        answer; retry a lost connection when that cannot apply the statement twice (it was
+        never sent, or it is ``resend_safe``), turn every way of being unavailable into
         :class:`StoreUnavailable`."""
         for attempt in range(self.retries + 1):
+            sent: _Cursor | None = None  # once sent, the server may run it, answer or not
             try:
                 pool = self._ready_pool() or await self._pool()
                 conn = await pool.getconn()
                 try:
+                    if _closed_by_the_server(conn):
+                        await conn.close()  # the pool replaces it
+                        raise psycopg.OperationalError("the server had closed the connection")
                     values = statement.bind(params())
                     if self.clock is not None:
                         # Read only now that a connection is held: queueing never makes it stale.
                         values["now"] = self.clock()
-                    cur = conn.cursor(row_factory=statement.row_factory)
+                    # (psycopg's row factories serve both kinds of cursor; its types say sync.)
+                    factory = cast(Any, statement.row_factory)
+                    sent = cur = _Cursor(conn, row_factory=factory)
                     await cur.execute(statement.sql, values, prepare=self.prepare)
                     return await read(cur)
                 finally:
@@ -581,6 +675,18 @@ class SessionManager:
                 lost = _connection_lost(exc) or isinstance(exc, PoolClosed)
                 if not (lost or exc.sqlstate in ROLLED_BACK_SQLSTATES):
                     raise
+                if (
+                    lost
+                    and sent is not None
+                    and not statement.resend_safe
+                    and _may_have_run(exc, sent, extended=self.prepare or bool(values))
+                ):
+                    # Sending it again could run it twice.
+                    raise StoreUnavailable(
+                        "the connection to the session database was lost after the statement "
+                        "was sent: its outcome is unknown (it took effect at most once; it was "
+                        f"not sent again): {redact(str(exc)).strip()}"
+                    ) from None
                 if attempt == self.retries:
                     raise StoreUnavailable(
                         f"the session database is unavailable after {attempt + 1} attempts: "
@@ -607,19 +713,21 @@ class SessionManager:
     async def create_session(
         self, user_id: str | None = None, metadata: Any = None
     ) -> tuple[str, datetime]:
-        # A new id per attempt: if a lost connection had in fact committed the first insert,
-        # the retry neither collides with it nor hands out an id another session holds.
-        row = await self._run(
-            self.sql.create,
-            lambda: {
-                "session_id": new_session_id(),
-                "user_id": user_id,
-                "metadata": metadata,
-                "ttl_us": self._ttl_us,
-            },
-            _one_row,
-        )
-        return row[0], row[1]
+        for _ in range(3):
+            # One id for every attempt of this insert: one sent again after a lost answer
+            # finds the row the first one committed and inserts nothing.
+            values = {"session_id": new_session_id(), "user_id": user_id, "metadata": metadata}
+            row = await self._run(
+                self.sql.create, partial(dict, values, ttl_us=self._ttl_us), _one_row
+            )
+            if row is None:
+                # The id is taken: by this very insert, committed by an attempt whose answer
+                # was lost (then the row holds our values), or by another session (random
+                # 122-bit ids: never seen) — then a new id.
+                row = await self._run(self.sql.created, partial(dict, values), _one_row)
+            if row is not None:
+                return row[0], row[1]
+        raise AssertionError("three random session ids were all taken")
 
     async def validate_session(self, session_id: object) -> bool:
         sid = usable_session_id(session_id)
