@@ -25,6 +25,7 @@ from . import params as P
 from .connect import connect
 from .keys import duplicate_rejects
 from .mask import mask_id
+from .reconcile import latest_migrate_run
 from .source import Backup
 from .store import SessionManager
 from .transform import ROWID, Reject, Rules, normalise
@@ -79,10 +80,17 @@ async def _check(
     examples: list[str] = []
     try:
         repeated = duplicate_rejects(backup, rules)  # later copies of a session_id never land
+        # Rows the rules accept but PostgreSQL refused never landed either: the app cannot know
+        # them. (Whether each such reject is true, reconcile checks by offering it again.)
+        refused = _refused_by_postgresql(dsn, schema)
         for batch in backup.rows(batch_rows, extra=rules.extra_columns):
             rows = [
                 r
-                for r in (normalise(raw, rules) for raw in batch if raw[ROWID] not in repeated)
+                for r in (
+                    normalise(raw, rules)
+                    for raw in batch
+                    if raw[ROWID] not in repeated and raw[ROWID] not in refused
+                )
                 if not isinstance(r, Reject)
             ]
             active = await manager.active_among([r.session_id for r in rows], as_of)
@@ -121,6 +129,22 @@ async def _check(
     return AppCheck(
         checked, expected, accepted, rejected_wrongly, accepted_wrongly, examples, explained
     )
+
+
+def _refused_by_postgresql(dsn: str, schema: str) -> set[int]:
+    """The source rowids the latest migrate run kept as ``refused_by_postgresql`` rejects."""
+    rejects = sql.Identifier(schema, "session_migration_rejects")
+    with connect(dsn, "appcheck", read_only=True) as conn:
+        run = latest_migrate_run(conn, schema)
+        if run is None:
+            return set()
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT source_rowid FROM {} WHERE run_id = %s AND reason = 'refused_by_postgresql'"
+            ).format(rejects),
+            (run,),
+        ).fetchall()
+    return {r[0] for r in rows}
 
 
 def _expires_now(dsn: str, schema: str, ids: list[str]) -> dict[str, datetime]:

@@ -403,7 +403,7 @@ def _live_shape(base: Backup, live_path: Path) -> dict[str, str]:
     """The attached live snapshot's columns and declared types; refused unless it is the app's
     table: the base's columns, session_id unique, a rowid table."""
     columns = {
-        _decoded(r[1]): _decoded(r[2]) for r in base.query("PRAGMA live.table_info(sessions)")
+        _decoded(r[1]): _decoded(r[2]) for r in base.query("PRAGMA live.table_xinfo(sessions)")
     }
     if sorted(columns) != sorted(base.columns):
         raise SourceError(
@@ -466,6 +466,12 @@ def diff(
     """
     if base.missing_columns:
         raise SourceError(f"{base.original}: sessions lacks {base.missing_columns}")
+    if base.renamed:
+        raise SourceError(
+            f"{base.original}: sessions has a column named rowid, which hides SQLite's rowid; "
+            "catch-up matches live rows to the base's by rowid, so it cannot carry this store "
+            "— migrate a fresh snapshot instead (migrate reads it from a private copy)"
+        )
     if not base.session_id_unique:
         raise SourceError(
             f"{base.original}: session_id is not unique in this file; catch-up matches sessions "

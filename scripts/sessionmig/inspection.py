@@ -7,6 +7,8 @@ and turns what it saw into a findings table with severities.
 
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -97,8 +99,11 @@ class Census:
                 f"rowid {result.rowid} ({mask_id(result.session_id)}): {result.message}",
             )
             return
-        session_id, _, _, created, expires, last, count = result
+        session_id, _, metadata, created, expires, last, count = result
         label = f"rowid {raw[0]} ({mask_id(session_id)})"
+        if metadata is not None and repeats_a_key(metadata):
+            self.anomalies["json_repeated_key"] += 1
+            self._example(self.anomaly_examples, "json_repeated_key", label)
         if expires > self.as_of:
             self.active += 1
             hours = int((expires - self.as_of) / timedelta(hours=1))
@@ -140,6 +145,31 @@ class Census:
                 self._example(self.dst_examples, kind, f"{column}={text}")
 
 
+_KEY = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:')
+
+
+def repeats_a_key(text: str) -> bool:
+    """Whether a JSON object in ``text`` names one key twice (``{"a": 1, "a": 2}``): ``jsonb``
+    keeps only the last value, so the earlier ones would be silently dropped. A key spelled
+    twice is the only way to repeat one, unless escapes spell it differently, so the parse runs
+    only then (most rows cost one regex scan)."""
+    keys = _KEY.findall(text)
+    if len(keys) == len(set(keys)) and "\\u" not in text:
+        return False
+    repeated = False
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal repeated
+        repeated = repeated or len({k for k, _ in items}) != len(items)
+        return dict(items)
+
+    try:
+        json.loads(text, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return False  # not JSON the rules accept: a reject, counted as such
+    return repeated
+
+
 @dataclass(frozen=True)
 class InspectResult:
     """Everything the inspect report shows; ``ok`` is False when migrating would be unsafe."""
@@ -154,6 +184,12 @@ class InspectResult:
     @property
     def ok(self) -> bool:
         return not any(f.severity == "error" for f in self.findings)
+
+
+ANOMALY_WORDS = {
+    "json_repeated_key": "metadata JSON names a key twice in one object; jsonb (PostgreSQL, and "
+    "what the app reads back) keeps only the last value of each, the earlier ones are dropped",
+}
 
 
 def findings_from(census: Census, zone_name: str) -> list[Finding]:
@@ -171,12 +207,13 @@ def findings_from(census: Census, zone_name: str) -> list[Finding]:
             )
         )
     for name, count in sorted(census.anomalies.items()):
+        said = ANOMALY_WORDS.get(name, f"{name.replace('_', ' ')} (migrated as they are)")
         out.append(
             Finding(
                 "warning",
                 f"anomaly:{name}",
                 count,
-                f"{count} rows: {name.replace('_', ' ')} (migrated as they are)",
+                f"{count} rows: {said}",
                 tuple(census.anomaly_examples[name]),
             )
         )

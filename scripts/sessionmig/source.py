@@ -12,7 +12,7 @@ import hashlib
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -97,6 +97,9 @@ class Backup:
     hashes_after: tuple[FileHash, ...] = ()
     # A WITHOUT ROWID table is read from a copy whose rowids are primary-key positions.
     rowids_by_key: bool = False
+    # A column named "rowid" hides SQLite's rowid, which everything here addresses rows by: it is
+    # read from a copy where that column has another name (its values and name kept).
+    renamed: dict[str, str] = field(default_factory=dict)
 
     @property
     def hashes_before(self) -> tuple[FileHash, ...]:
@@ -249,7 +252,7 @@ class Backup:
             yield [shaped(row, k) for row in chunk]
 
     def _raw_cursor(self, extra: tuple[str, ...], where: str, params: tuple) -> sqlite3.Cursor:
-        names = (*COLUMNS, *extra)
+        names = [self.renamed.get(c, c) for c in (*COLUMNS, *extra)]
         # Column names come from the file's own schema, quoted as SQLite identifiers.
         values = ", ".join('"' + c.replace('"', '""') + '"' for c in names)
         types = ", ".join('typeof("' + c.replace('"', '""') + '")' for c in names)
@@ -355,14 +358,20 @@ def open_backup(path: str | Path, workdir: str | Path | None = None) -> Backup:
     connection.text_factory = bytes
     backup = Backup(original, copy, before, connection, uri)
     try:
-        info = connection.execute("PRAGMA table_info(sessions)").fetchall()
-        if info and not _has_rowid(connection):
+        info = _columns_of(connection)
+        hiding = [r[1] for r in info if r[1].decode("utf-8", "replace").lower() == "rowid"]
+        names = [r[1].decode("utf-8", "replace") for r in info]
+        if info and (hiding or not _has_rowid(connection, names)):
+            by_key = not _has_rowid(connection, names)
+            renamed = {name.decode(): _HIDDEN_ROWID_COLUMN for name in hiding}
             backup.close()
-            copy = _rowid_copy(uri, info, workdir)
+            copy = _rowid_copy(uri, info, workdir, renamed, keep_rowids=not by_key)
             uri = copy.resolve().as_uri() + "?mode=ro"
             connection = sqlite3.connect(uri, uri=True, check_same_thread=False)
             connection.text_factory = bytes
-            backup = Backup(original, copy, before, connection, uri, rowids_by_key=True)
+            backup = Backup(
+                original, copy, before, connection, uri, rowids_by_key=by_key, renamed=renamed
+            )
     except sqlite3.DatabaseError as exc:
         backup.close()
         raise SourceError(
@@ -383,15 +392,29 @@ def extra_columns_of(path: str | Path) -> tuple[str, ...]:
     uri = Path(path).resolve().as_uri() + "?mode=ro&immutable=1"
     try:
         with closing(sqlite3.connect(uri, uri=True)) as connection:
-            info = connection.execute("PRAGMA table_info(sessions)").fetchall()
+            info = _columns_of(connection)
     except sqlite3.DatabaseError:
         return ()  # open_backup says what is wrong with the file, with the file's name
     return tuple(r[1] for r in info if r[1] not in EXPECTED_SCHEMA)
 
 
-def _has_rowid(connection: sqlite3.Connection) -> bool:
+def _columns_of(connection: sqlite3.Connection) -> list[tuple]:
+    """The sessions table's columns as ``PRAGMA table_info`` rows, generated columns included
+    (``table_info`` leaves them out; ``table_xinfo`` marks them hidden 2 or 3, and a SELECT
+    reads their values like any other's)."""
+    rows = connection.execute("PRAGMA table_xinfo(sessions)").fetchall()
+    return [r[:6] for r in rows if r[6] != 1]  # 1: a virtual table's hidden column
+
+
+def _has_rowid(connection: sqlite3.Connection, names: Iterable[str] = ()) -> bool:
+    """Whether sessions is a rowid table, asked under a name of the rowid that no column
+    hides (``WITHOUT ROWID`` tables have none)."""
+    taken = {n.lower() for n in names}
+    alias = next((a for a in ("rowid", "_rowid_", "oid") if a not in taken), None)
+    if alias is None:
+        return True  # every name is a column's; the copy orders rows by position then
     try:
-        connection.execute("SELECT rowid FROM sessions LIMIT 0")
+        connection.execute(f"SELECT {alias} FROM sessions LIMIT 0")
     except sqlite3.OperationalError as exc:
         if "rowid" in str(exc):
             return False
@@ -399,26 +422,51 @@ def _has_rowid(connection: sqlite3.Connection) -> bool:
     return True
 
 
-def _rowid_copy(uri: str, info: list[tuple], workdir: str | Path | None) -> Path:
-    """A private copy of a ``WITHOUT ROWID`` sessions table as an ordinary one, whose rowids
-    are the rows' positions in primary-key order (everything here addresses rows by rowid).
-    Columns keep their declared types, so every value keeps its storage class."""
+_HIDDEN_ROWID_COLUMN = "sessionmig: the column named rowid"
+
+
+def _rowid_copy(
+    uri: str,
+    info: list[tuple],
+    workdir: str | Path | None,
+    renamed: dict[str, str] | None = None,
+    keep_rowids: bool = False,
+) -> Path:
+    """A private copy of the sessions table as an ordinary rowid table (everything here
+    addresses rows by rowid). A ``WITHOUT ROWID`` table's rows get their positions in
+    primary-key order as rowids; a table with a column named ``rowid`` keeps its real rowids
+    (read under SQLite's other names for it, ``_rowid_`` or ``oid``) and that column is stored
+    under another name (``renamed``). Columns keep their declared types, so every value keeps
+    its storage class."""
+    renamed = renamed or {}
     copy = Path(tempfile.mkdtemp(prefix="sessionmig-src-", dir=workdir)) / "sessions.db"
 
-    def quoted(name: bytes) -> str:
-        return '"' + name.decode().replace('"', '""') + '"'
+    def quoted(name: bytes | str) -> str:
+        text = name.decode() if isinstance(name, bytes) else name
+        return '"' + text.replace('"', '""') + '"'
 
-    columns = ", ".join(quoted(r[1]) for r in info)
-    declared = ", ".join(f"{quoted(r[1])} {r[2].decode()}" for r in info)
+    names = [r[1].decode() for r in info]
+    taken = {n.lower() for n in names}
+    real = next((alias for alias in ("_rowid_", "oid") if alias not in taken), None)
+    if keep_rowids and real is None:
+        keep_rowids = False  # rowid, _rowid_ and oid are all columns: positions it is
+    source_columns = ", ".join(quoted(n) for n in names)
+    columns = ", ".join(quoted(renamed.get(n, n)) for n in names)
+    declared = ", ".join(
+        f"{quoted(renamed.get(n, n))} {r[2].decode()}" for n, r in zip(names, info, strict=True)
+    )
     key = ", ".join(quoted(r[1]) for r in sorted((r for r in info if r[5]), key=lambda r: r[5]))
+    if keep_rowids:
+        into, select, order = f"rowid, {columns}", f"{real}, {source_columns}", real
+    else:
+        into, select, order = columns, source_columns, key or source_columns
     # Opened as a URI, so that ATTACH reads the backup's URI (read-only, immutable) as one.
     connection = sqlite3.connect(copy.resolve().as_uri(), uri=True)
     try:
         connection.execute("ATTACH DATABASE ? AS src", (uri,))
         connection.execute(f"CREATE TABLE sessions ({declared})")
         connection.execute(
-            f"INSERT INTO sessions ({columns}) SELECT {columns} FROM src.sessions "
-            f"ORDER BY {key or columns}"
+            f"INSERT INTO sessions ({into}) SELECT {select} FROM src.sessions ORDER BY {order}"
         )
         connection.commit()
         connection.execute("DETACH DATABASE src")
