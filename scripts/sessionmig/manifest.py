@@ -6,9 +6,11 @@ the manifest — is detected by :func:`verify`.
 
 A digest alone has no key: whoever can edit a folder can re-seal it. So when a run ends, its
 digest is also recorded in the target (``session_migration_manifests``, which only the
-migration's role writes), and ``sessionmig verify RUN_DIR --env ENV`` compares the two
-(:func:`check_recorded`). Reviewers who want a signature can add one with an SSH key
-(``ssh-keygen -Y sign``, as git does; :func:`sign`).
+migration's role writes and a trigger keeps append-only), and ``sessionmig verify RUN_DIR --env
+ENV`` compares the two (:func:`check_recorded`). A step that acts on a run folder (finalize,
+rollback) reads it only through :func:`read_trusted`, which checks it the same way. Reviewers
+who want a signature can add one with an SSH key (``ssh-keygen -Y sign``, as git does;
+:func:`sign`).
 
 A run folder is evidence: it is written ``0750`` and its files ``0640`` (owner and group read;
 nobody else), and the manifest says so.
@@ -282,6 +284,66 @@ def recorded_digest(conn: Any, schema: str, run_id: str) -> tuple[str, str] | No
     return (row[0], row[1].isoformat()) if row else None
 
 
+APPEND_ONLY_FUNCTION = "session_migration_append_only"
+"""The trigger function of revision 0004: it refuses UPDATE, DELETE and TRUNCATE of the digests."""
+_ROW, _BEFORE, _DELETE, _UPDATE, _TRUNCATE = 1, 2, 8, 16, 32  # pg_trigger.tgtype bits
+_GUARDED = {"UPDATE": _UPDATE, "DELETE": _DELETE, "TRUNCATE": _TRUNCATE}
+
+
+def append_only_problems(conn: Any, schema: str) -> list[str]:
+    """Why ``session_migration_manifests`` is not append-only, if it is not (empty: it is).
+
+    A recorded digest proves something only while nobody can rewrite it: revision 0004's
+    triggers must be there, enabled (``pg_trigger.tgenabled`` ``O`` or ``A``: ``D`` is disabled,
+    ``R`` fires only for replication), fire BEFORE each of UPDATE, DELETE (per row) and TRUNCATE,
+    and call the function that refuses."""
+    from psycopg import sql
+
+    table = f"{schema}.{DIGEST_TABLE}"
+    rows = conn.execute(
+        """SELECT t.tgname, t.tgenabled::text, t.tgtype::int, p.proname::text, p.prosrc
+           FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+           WHERE t.tgrelid = to_regclass(format('%%I.%%I', %s::text, %s::text))
+             AND NOT t.tgisinternal
+           ORDER BY t.tgname""",
+        (schema, DIGEST_TABLE),
+    ).fetchall()
+    guarded: set[str] = set()
+    disabled: list[str] = []
+    for name, enabled, kind, function, body in rows:
+        if function != APPEND_ONLY_FUNCTION or "RAISE EXCEPTION" not in str(body).upper():
+            continue
+        if not kind & _BEFORE:
+            continue
+        events = {
+            event
+            for event, bit in _GUARDED.items()
+            if kind & bit and (event == "TRUNCATE" or kind & _ROW)
+        }
+        if enabled in ("O", "A"):
+            guarded |= events
+        elif events:
+            disabled.append(f"{name} ({'disabled' if enabled == 'D' else 'replica only'})")
+    missing = [event for event in _GUARDED if event not in guarded]
+    if not missing:
+        return []
+    upgrade = "sessionmig db upgrade --env ENV"
+    what = f"nothing refuses {', '.join(missing)} of its rows"
+    if disabled:
+        what += f": the append-only trigger is switched off ({', '.join(disabled)})"
+        fix = (
+            f"have its owner run ALTER TABLE {sql.Identifier(schema, DIGEST_TABLE).as_string()} "
+            "ENABLE TRIGGER USER, and find out who switched it off"
+        )
+    else:
+        what += " (revision 0004's append-only trigger is missing)"
+        fix = f"bring the target to revision 0004 ({upgrade})"
+    return [
+        f"{table} is not append-only: {what}; a digest table that can be rewritten proves "
+        f"nothing: {fix}, then check again"
+    ]
+
+
 @dataclass(frozen=True)
 class RecordCheck:
     """What :func:`check_recorded` found in the target."""
@@ -291,23 +353,30 @@ class RecordCheck:
 
 
 def check_recorded(run_dir: Path, conn: Any, schema: str) -> RecordCheck:
-    """Compare the folder's manifest digest with the one its run recorded in the target."""
+    """Compare the folder's manifest digest with the one its run recorded in the target.
+
+    Also: the folder's run must have reached this database (system identifier and database
+    name, as the manifest recorded them), and the digest table must be append-only
+    (:func:`append_only_problems`)."""
     data = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
     run_id = str(data.get("run_id"))
     problems: list[str] = []
     here = target_identity(conn)
     sealed_for = data.get("target_database") or {}
-    known = sealed_for.get("system_identifier", "unknown")
-    if (
-        sealed_for
-        and not str(known).startswith("unknown")
+    known = str(sealed_for.get("system_identifier", "unknown"))
+    other_server = (
+        not known.startswith("unknown")
         and not str(here["system_identifier"]).startswith("unknown")
-        and (known, sealed_for.get("dbname")) != (here["system_identifier"], here["dbname"])
-    ):
+        and known != str(here["system_identifier"])
+    )
+    other_database = bool(sealed_for.get("dbname")) and sealed_for.get("dbname") != here["dbname"]
+    if sealed_for and (other_server or other_database):
         problems.append(
             f"the run's target was {describe_target(sealed_for)}, but --env reaches "
             f"{describe_target(here)}: check the environment"
         )
+    if digest_table_ready(conn, schema):
+        problems += append_only_problems(conn, schema)
     recorded = recorded_digest(conn, schema, run_id)
     if recorded is None:
         said = (data.get("manifest_record") or {}).get("status", "no word in the manifest")
@@ -328,6 +397,48 @@ def check_recorded(run_dir: Path, conn: Any, schema: str) -> RecordCheck:
         tuple(problems),
         f"its digest is the one run {run_id} recorded in {describe_target(here)} at {sealed_at}",
     )
+
+
+def read_trusted(run_dir: str | Path, conn: Any, schema: str) -> dict[str, Any]:
+    """A run's manifest (its folder or its ``manifest.json``) for a step that acts on it,
+    checked as ``sessionmig verify DIR --env ENV`` checks it.
+
+    Every file must match the manifest (:func:`verify`), the manifest's digest must be the one
+    its run recorded in this target, the run must have reached this database, and the digest
+    table must be append-only (:func:`check_recorded`, on the step's own connection ``conn``).
+    A folder's own hashes prove nothing alone: whoever edits a folder can recompute them.
+    Raises :class:`ParameterError` when there is no manifest and :class:`VerdictFailed` naming
+    every problem otherwise; nothing is read from the folder unless it holds."""
+    from .errors import ParameterError, VerdictFailed
+
+    folder = Path(run_dir)
+    if not folder.is_dir() and folder.name == "manifest.json":
+        folder = folder.parent
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise ParameterError(f"{path}: no manifest here; give the run folder of the step's run")
+    text = path.read_text(encoding="utf-8")
+    try:
+        environment = str(json.loads(text).get("environment") or "ENV")
+    except (ValueError, AttributeError):
+        environment = "ENV"
+    check = f"run `sessionmig verify {folder} --env {environment}` to see what it finds"
+    result = verify(folder)
+    if not result.ok:
+        raise VerdictFailed(
+            f"{folder}: the reports were altered: {'; '.join(result.problems)}; nothing was done "
+            f"with it: {check}"
+        )
+    recorded = check_recorded(folder, conn, schema)
+    if recorded.problems:
+        raise VerdictFailed(
+            f"{folder} cannot be trusted: {'; '.join(recorded.problems)}; nothing was done with "
+            f"it: {check}"
+        )
+    if path.read_text(encoding="utf-8") != text:
+        raise VerdictFailed(f"{path} changed while it was being checked; nothing was done: {check}")
+    data: dict[str, Any] = json.loads(text)
+    return data
 
 
 # --- SSH signatures (optional, for reviewers who sign) -----------------------------------------

@@ -22,20 +22,24 @@ import psycopg
 from psycopg import sql
 
 from . import params as P
-from .connect import connect
+from .connect import connect, failure_text
 from .errors import EXIT_ERROR, SourceError, TargetError, TransientTargetError
 from .inspection import InspectResult, inspect_backup
 from .load import AuditInfo, LoadOutcome, load, migration_lock
+from .manifest import read_trusted
 from .overlap import LiveRollbackResult, rollback_live
 from .progress import progress_bar
 from .reconcile import ReconcileResult, reconcile
 from .rollback import (
     FinalizeResult,
     RollbackResult,
+    earlier_restore,
+    earlier_result,
     finalize,
+    finalize_intents,
     migrated_sha256,
-    read_manifest,
-    record,
+    record_once,
+    recorded_at,
     rollback,
 )
 
@@ -818,6 +822,26 @@ def analysis(
 # --- rollback and finalize -------------------------------------------------------------------
 
 
+def _trusted_check(dsn: str, step: str) -> psycopg.Connection:
+    """The step's own connection to the target, for reading the run folder it acts on; a
+    failure says that nothing was done (the folder is read before anything is written)."""
+    try:
+        return connect(dsn, step, autocommit=True)
+    except TargetError as exc:
+        raise type(exc)(
+            f"{step} stopped before writing anything (nothing was moved, written or "
+            f"recorded): {exc}"
+        ) from None
+
+
+def _before_writing(step: str, exc: psycopg.Error) -> TargetError:
+    return TransientTargetError(
+        f"{step} stopped while checking the run folder against the target "
+        f"({failure_text(exc)}): nothing was moved, written or recorded; run the same command "
+        "again"
+    )
+
+
 def rollback_step(
     s: Settings,
     *,
@@ -830,10 +854,16 @@ def rollback_step(
     """Restore the migrated backup with PostgreSQL's sessions carried back, record it, and
     reconcile the restored file against PostgreSQL with the same engine as step 03.
 
-    With ``live_sqlite_path`` (a live cutover's overlap, the old colour still serving) the
-    catch-up's merge runs the other way into that file instead; it checks every session it
-    touched before committing and records itself, and there is no reconcile (the live file
-    rightly holds the old colour's own changes), so the second value is None."""
+    ``migrate_manifest`` is read as ``sessionmig verify DIR --env ENV`` checks it
+    (:func:`~sessionmig.manifest.read_trusted`): its digest must be the one its run recorded in
+    this target. With ``live_sqlite_path`` (a live cutover's overlap, the old colour still
+    serving) the catch-up's merge runs the other way into that file instead; it checks every
+    session it touched before committing and records itself, and there is no reconcile (the
+    live file rightly holds the old colour's own changes), so the second value is None.
+
+    Re-running the same command after a fault: a restored file this command wrote and did not
+    record is restored afresh and recorded once; one it recorded is reconciled again, without a
+    second restore or row (``confirm=true`` restores afresh as a new rollback)."""
     if live_sqlite_path:
         if not migrate_manifest:
             raise P.ParameterError(
@@ -844,12 +874,20 @@ def rollback_step(
             raise P.ParameterError(
                 "state_dir is empty: give the catch-up passes' state_dir (the base is there)"
             )
+        dsn = s.dsn()
+        try:
+            with _trusted_check(dsn, "rollback") as conn:
+                expected_sha256 = migrated_sha256(
+                    read_trusted(migrate_manifest, conn, s.target_schema)
+                )
+        except psycopg.Error as exc:
+            raise _before_writing("rollback", exc) from None
         live = rollback_live(
-            s.dsn(),
+            dsn,
             sqlite_path=s.sqlite_path,
             live_sqlite_path=live_sqlite_path,
             state_dir=state_dir,
-            expected_sha256=migrated_sha256(read_manifest(migrate_manifest)),
+            expected_sha256=expected_sha256,
             rules=s.rules,
             schema=s.target_schema,
             run_id=s.run_id,
@@ -866,9 +904,25 @@ def rollback_step(
             "migrate_manifest is empty: give the run folder (or its "
             "manifest.json) of the run that migrated this backup"
         )
-    expected = migrated_sha256(read_manifest(migrate_manifest))
     started = datetime.now(UTC)
     dsn = s.dsn()
+    try:
+        with _trusted_check(dsn, "rollback") as conn:
+            expected = migrated_sha256(read_trusted(migrate_manifest, conn, s.target_schema))
+            earlier = earlier_restore(restore_path)
+            if earlier is not None and earlier.get("backup_sha256") != expected:
+                earlier = None  # another backup's restore: not this command's to replace
+            when = (
+                recorded_at(conn, s.target_schema, "rollback", str(earlier["run_id"]))
+                if earlier
+                else None
+            )
+    except psycopg.Error as exc:
+        raise _before_writing("rollback", exc) from None
+    if earlier is not None and when is not None and not confirm:
+        # This command's restore, recorded, untouched since: the rollback is done; check it.
+        done = earlier_result(earlier, when)
+        return done, reconcile_step(replace(s, sqlite_path=done.restore_path))
     result = rollback(
         s.sqlite_path,
         restore_path,
@@ -878,16 +932,21 @@ def rollback_step(
         schema=s.target_schema,
         confirm=bool(confirm),
         batch_rows=s.batch_rows,
+        run_id=s.run_id,
+        replaceable=earlier is not None,
     )
-    record(
+    record_once(
         dsn,
         s.target_schema,
         "rollback",
         s.run_id,
-        result.restore_path,
-        result.restored_sha256,
-        s.source_timezone,
-        {
+        f"rollback wrote the restored file {result.restore_path} (sha256 {result.restored_sha256})",
+        "do not switch the app to it yet: run the same command again (it restores afresh and "
+        "records it once)",
+        path=result.restore_path,
+        sha256=result.restored_sha256,
+        zone=s.source_timezone,
+        counts={
             "rows": result.carried_new
             + result.carried_changed
             + result.carried_ended
@@ -896,10 +955,14 @@ def rollback_step(
             "updated": result.carried_changed,
             "unchanged": result.kept,
         },
-        {**s.public(), "restore_path": restore_path, "migrate_manifest": migrate_manifest},
-        s.operator,
-        socket.gethostname(),
-        started,
+        parameters={
+            **s.public(),
+            "restore_path": restore_path,
+            "migrate_manifest": migrate_manifest,
+        },
+        operator=s.operator,
+        host=socket.gethostname(),
+        started=started,
     )
     check = replace(s, sqlite_path=result.restore_path)
     return result, reconcile_step(check)
@@ -915,8 +978,11 @@ def finalize_step(
 ) -> FinalizeResult:
     """Archive the live SQLite file after a reconcile PASS and the soak period; record it.
 
-    The soak period is measured on the wall clock: ``as_of`` is the data's "now" (which
-    sessions are active), and an environment may fix it in the past."""
+    ``reconcile_manifest`` is read as ``sessionmig verify DIR --env ENV`` checks it
+    (:func:`~sessionmig.manifest.read_trusted`). The soak period is measured on the wall clock:
+    ``as_of`` is the data's "now" (which sessions are active), and an environment may fix it in
+    the past. Re-running the same command after a fault completes an earlier run's move and
+    records it once (under that run's id, the one the archived names carry)."""
     for name, value in (
         ("live_sqlite_path", live_sqlite_path),
         ("archive_dir", archive_dir),
@@ -926,32 +992,48 @@ def finalize_step(
             raise P.ParameterError(f"{name} is empty; see runbook/RUNBOOK.md, step Finalize")
     P.validate({"soak_hours": soak_hours})
     started = datetime.now(UTC)
+    dsn = s.dsn()
+    try:
+        with _trusted_check(dsn, "finalize") as conn:
+            trusted = read_trusted(reconcile_manifest, conn, s.target_schema)
+            recorded = {}
+            for intent in finalize_intents(archive_dir, live_sqlite_path):
+                when = recorded_at(conn, s.target_schema, "finalize", str(intent["run_id"]))
+                if when is not None:
+                    recorded[str(intent["run_id"])] = when
+    except psycopg.Error as exc:
+        raise _before_writing("finalize", exc) from None
     result = finalize(
         live_sqlite_path,
         archive_dir,
-        read_manifest(reconcile_manifest),
+        trusted,
         soak_hours,
         started,
         s.run_id,
+        recorded=recorded,
     )
-    record(
-        s.dsn(),
+    moved = ", ".join(f"{path} (sha256 {sha})" for path, sha in result.files)
+    record_once(
+        dsn,
         s.target_schema,
         "finalize",
-        s.run_id,
-        result.archived_to,
-        result.files[0][1],
-        s.source_timezone,
-        {},
-        {
+        result.run_id,
+        f"finalize moved the live file to {moved}",
+        "run the same command again: it finds the archived file and records it once",
+        path=result.archived_to,
+        sha256=result.files[0][1],
+        zone=s.source_timezone,
+        counts={},
+        parameters={
             "live_sqlite_path": live_sqlite_path,
             "archive_dir": archive_dir,
             "reconcile_manifest": reconcile_manifest,
             "soak_hours": soak_hours,
+            **({"completed_by_run": s.run_id} if result.resumed else {}),
         },
-        s.operator,
-        socket.gethostname(),
-        started,
+        operator=s.operator,
+        host=socket.gethostname(),
+        started=started,
     )
     return result
 
