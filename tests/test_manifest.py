@@ -62,3 +62,30 @@ def test_edited_manifest_added_and_removed_files(tmp_path: Path) -> None:
 def test_index_links_are_relative(tmp_path: Path) -> None:
     page = (make_run(tmp_path) / "index.html").read_text()
     assert 'href="01_inspect.html"' in page and "http" not in page.replace("http-equiv", "")
+
+
+def test_verify_sees_every_entry_of_the_folder(tmp_path: Path) -> None:
+    """Issue 21, case 6: a file added inside a symlinked sub-folder, an added FIFO, a sealed file
+    swapped for a link — every entry is either sealed or a problem (and a FIFO is never opened,
+    which would hang)."""
+    import os
+
+    run = make_run(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "forged.html").write_text("<html>PASS</html>")
+    (run / "extra").symlink_to(elsewhere, target_is_directory=True)
+    os.mkfifo(run / "pipe")
+    (run / "sub").mkdir()
+    (run / "sub" / "added.txt").write_text("x")
+    sealed = run / "01_inspect.ipynb"
+    copy = tmp_path / "copy.ipynb"
+    copy.write_bytes(sealed.read_bytes())
+    sealed.unlink()
+    sealed.symlink_to(copy)  # the same bytes, behind a link
+    problems = verify(run).problems
+    assert "extra: a symbolic link, which a sealed folder never holds (added)" in problems
+    assert "pipe: a FIFO, which a sealed folder never holds (added)" in problems
+    assert "sub/added.txt: not listed in the manifest (added)" in problems
+    assert "01_inspect.ipynb: is a symbolic link now, not the sealed file" in problems
+    assert len(problems) == 4

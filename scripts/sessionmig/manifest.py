@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -159,19 +160,54 @@ def verify(run_dir: Path) -> Verification:
     problems = []
     if data.get(DIGEST_FIELD) != hashlib.sha256(canonical(data)).hexdigest():
         problems.append("manifest.json: its own digest does not match its content (edited)")
-    for name, expected in sorted(data.get("files", {}).items()):
-        file = run_dir / name
-        if not file.exists():
-            problems.append(f"{name}: missing")
-        elif sha256_file(file) != expected:
-            problems.append(f"{name}: sha256 differs from the manifest (edited)")
     listed = set(data.get("files", {}))
-    for file in sorted(run_dir.rglob("*")):
-        rel = str(file.relative_to(run_dir))
+    entries = _entries(run_dir)
+    for name, expected in sorted(data.get("files", {}).items()):
+        kind = entries.get(name)
+        if kind is None:
+            problems.append(f"{name}: missing")
+        elif kind != "file":
+            problems.append(f"{name}: is {kind} now, not the sealed file")
+        elif sha256_file(run_dir / name) != expected:
+            problems.append(f"{name}: sha256 differs from the manifest (edited)")
+    for rel, kind in sorted(entries.items()):
         # The signature is made after sealing, by whoever signs: it cannot be listed.
-        if file.is_file() and rel not in ("manifest.json", SIGNATURE) and rel not in listed:
+        if rel in listed or (rel in ("manifest.json", SIGNATURE) and kind == "file"):
+            continue
+        if kind == "file":
             problems.append(f"{rel}: not listed in the manifest (added)")
+        elif kind != "folder":
+            problems.append(f"{rel}: {kind}, which a sealed folder never holds (added)")
     return Verification(str(run_dir), len(listed), tuple(problems))
+
+
+def _entries(run_dir: Path) -> dict[str, str]:
+    """Every entry under ``run_dir`` by relative path, with what it is: ``file`` (regular),
+    ``folder``, or a description of anything else (a symbolic link — never followed, so what
+    lies behind one is not read as part of the folder — a FIFO, a socket, a device). Opening a
+    FIFO to hash it would block, so nothing but a regular file is ever opened."""
+    found: dict[str, str] = {}
+    pending = [run_dir]
+    while pending:
+        folder = pending.pop()
+        with os.scandir(folder) as listing:
+            for entry in listing:
+                rel = str(Path(entry.path).relative_to(run_dir))
+                mode = entry.stat(follow_symlinks=False).st_mode
+                if stat.S_ISLNK(mode):
+                    found[rel] = "a symbolic link"
+                elif stat.S_ISDIR(mode):
+                    found[rel] = "folder"
+                    pending.append(Path(entry.path))
+                elif stat.S_ISREG(mode):
+                    found[rel] = "file"
+                elif stat.S_ISFIFO(mode):
+                    found[rel] = "a FIFO"
+                elif stat.S_ISSOCK(mode):
+                    found[rel] = "a socket"
+                else:
+                    found[rel] = "a device or other special file"
+    return found
 
 
 # --- the target's own record: who received the data, and the digest of the run's manifest ----
