@@ -18,7 +18,7 @@ install: $(STAMP)
 
 ## The whole runbook on a generated sample backup, against the embedded PostgreSQL 18 server.
 demo: $(STAMP)
-	$(BIN)/sessionmig sample --rows $(ROWS) --out .sessionmig/sample/sessions.db
+	$(BIN)/sessionmig sample --rows $(ROWS) --out .sessionmig/sample/sessions.db --replace
 	$(BIN)/sessionmig run --env local --fresh
 
 ## The live cutover end to end: blue (SQLite) and green (PostgreSQL) instances of the example app

@@ -119,7 +119,8 @@ def papermill_overhead(env_file: Path, env: dict[str, str]) -> float:
     on a tiny backup so that the engine's own time is negligible."""
     tiny = OUT / "tiny.db"
     subprocess.run(
-        [sys.executable, "-m", "sessionmig.cli", "sample", "--rows", "200", "--out", str(tiny)],
+        [sys.executable, "-m", "sessionmig.cli", "sample", "--rows", "200", "--out", str(tiny)]
+        + ["--replace"],
         check=True,
         capture_output=True,
     )

@@ -59,7 +59,7 @@ def test_top_help_says_what_it_is_lists_the_verbs_in_runbook_order_and_exit_code
     assert listed == list(RUNBOOK_ORDER)
     assert list(verbs()) == list(RUNBOOK_ORDER)
     assert f"  {EXIT_OK}  passed" in out
-    assert f"  {EXIT_FAIL}  a verdict is FAIL or NO-GO" in out
+    assert f"  {EXIT_FAIL}  a verdict is FAIL:" in out
     assert f"  {EXIT_ERROR}  could not be carried out" in out
     assert "examples:\n  sessionmig run --env" in out
 
@@ -188,3 +188,30 @@ def test_query_on_the_backup_reuses_its_analysis_copy(
     code, second, err = run_cli(*command)
     assert code == 0, err
     assert second == first and json.loads(second)["rows"] == 393
+
+
+def test_sample_never_overwrites_a_file_it_did_not_write(tmp_path: Path) -> None:
+    """Issue 21, case 12: a typo naming the live store must not replace real sessions."""
+    import sqlite3
+
+    live = tmp_path / "sessions.db"
+    with sqlite3.connect(live) as conn:
+        conn.execute("CREATE TABLE sessions (session_id TEXT PRIMARY KEY)")
+        conn.execute("INSERT INTO sessions VALUES ('session-real')")
+    conn.close()
+    before = live.read_bytes()
+    for extra in ((), ("--replace",)):
+        code, _, err = run_cli("sample", "--rows", "5", "--out", str(live), *extra)
+        assert code == 2 and "sessions.db exists" in err
+        assert live.read_bytes() == before
+    made = tmp_path / "sample.db"
+    assert run_cli("sample", "--rows", "5", "--out", str(made))[0] == 0
+    assert run_cli("sample", "--rows", "5", "--out", str(made))[0] == 2  # not without --replace
+    assert run_cli("sample", "--rows", "7", "--out", str(made), "--replace")[0] == 0
+
+
+def test_help_says_what_each_exit_code_means_as_the_run_exits() -> None:
+    """NO-GO ends a run with 2 (it could not be carried out), as README and RUNBOOK say."""
+    _, out, _ = run_cli("run", "--help")
+    assert "1  a verdict is FAIL:" in out
+    assert "2  could not be carried out (preflight's NO-GO" in out

@@ -26,6 +26,7 @@ from .errors import (
     EXIT_ERROR,
     EXIT_FAIL,
     EXIT_OK,
+    ParameterError,
     SessionmigError,
     TargetError,
     TargetUnreachable,
@@ -74,8 +75,20 @@ def _settings(args: argparse.Namespace) -> Any:
 def cmd_sample(args: argparse.Namespace) -> int:
     """Write a made-up backup in the legacy schema, with the known oddities planted: for a
     demo, a rehearsal or a test."""
-    from .sample import generate
+    from .sample import generate, is_sample
 
+    out = Path(args.out)
+    if out.exists() or out.is_symlink():
+        if not args.replace:
+            raise ParameterError(
+                f"{out} exists; sample never overwrites a file (a typo could name the live "
+                "store). Give a new path, or --replace to replace an earlier sample"
+            )
+        if not is_sample(out):
+            raise ParameterError(
+                f"{out} exists and is not a sample sessionmig wrote: refused even with "
+                "--replace (it may be a real store). Give a new path"
+            )
     applied = generate(
         args.out,
         rows=args.rows,
@@ -460,9 +473,9 @@ def version() -> str:
 EXIT_CODES = f"""\
 exit codes:
   {EXIT_OK}  passed (PASS, PASS_WITH_WARNINGS, preflight's GO)
-  {EXIT_FAIL}  a verdict is FAIL or NO-GO: a difference was found; do not go on
-  {EXIT_ERROR}  could not be carried out (bad parameter, unreachable server, unreadable source,
-     interrupted), with a one-line reason on stderr"""
+  {EXIT_FAIL}  a verdict is FAIL: a difference was found; do not go on
+  {EXIT_ERROR}  could not be carried out (preflight's NO-GO, bad parameter, unreachable server,
+     unreadable source, damaged target, interrupted), with a one-line reason on stderr"""
 
 EXAMPLES: dict[str, tuple[str, ...]] = {
     "run": (
@@ -708,6 +721,11 @@ def parser() -> argparse.ArgumentParser:
     p = _verb(sub, "sample", cmd_sample)
     p.add_argument("--rows", type=int, default=1000, help="sessions to write (default 1000)")
     p.add_argument("--out", required=True, help="the SQLite file to write (a new file)")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace --out if it is a sample sessionmig wrote earlier (never any other file)",
+    )
     p.add_argument("--seed", type=int, default=7, help="random seed: the same seed, the same file")
     p.add_argument(
         "--as-of",

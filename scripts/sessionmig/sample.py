@@ -150,6 +150,24 @@ def _rows(n: int, rng: random.Random, as_of_local: datetime, users: int):
         )
 
 
+APPLICATION_ID = 0x534D4753  # "SMGS" in the file's header: a sample this module wrote
+
+
+def is_sample(path: str | Path) -> bool:
+    """Whether ``path`` is a SQLite file this module wrote (its header's application id), read
+    from the header alone: a real store is never taken for one."""
+    try:
+        with open(path, "rb") as file:
+            header = file.read(100)
+    except OSError:
+        return False
+    return (
+        len(header) == 100
+        and header.startswith(b"SQLite format 3\x00")
+        and int.from_bytes(header[68:72], "big") == APPLICATION_ID
+    )
+
+
 def generate(
     out: str | Path,
     rows: int = 1000,
@@ -168,6 +186,7 @@ def generate(
     conn = sqlite3.connect(path)
     try:
         conn.executescript(LEGACY_SCHEMA)
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         conn.executemany(
             "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
             _rows(rows, rng, as_of_local, max(rows // 5, 1)),
