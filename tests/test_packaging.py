@@ -92,3 +92,37 @@ def test_first_cell_is_the_documented_parameters_cell(path) -> None:
     for name, spec in declared.items():
         assert spec["help"], f"{path.name}: parameter {name} has no help comment"
     assert not any(line.strip()[:1] == "!" for c in nb.cells for line in c.source.splitlines())
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_runbook_its_help_points_to(tmp_path) -> None:
+    """Issue 21, case 12: --help names RUNBOOK.md; an installed wheel must carry it (with the
+    notebooks, the environment files and the migrations), and the help must name the copy."""
+    import subprocess
+    import sys
+    import zipfile
+
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = tmp_path.glob("sessionmig-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "sessionmig/runbook/RUNBOOK.md" in names
+    assert "sessionmig/environments/local.yaml" in names
+    assert "sessionmig/notebooks/02_migrate.ipynb" in names
+    assert "sessionmig/migrations/versions/0004_exactly_once.py" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    shown = subprocess.run(
+        [sys.executable, "-c", "from sessionmig import project; print(project.runbook_path())"],
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.stdout.strip() == str(site / "sessionmig" / "runbook" / "RUNBOOK.md"), shown

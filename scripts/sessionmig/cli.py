@@ -31,7 +31,7 @@ from .errors import (
     TargetError,
     TargetUnreachable,
 )
-from .project import PROJECT_DIR_VARIABLE
+from .project import PROJECT_DIR_VARIABLE, runbook_path
 from .verdict import Verdict
 
 DEBUG_VARIABLE = "SESSIONMIG_DEBUG"
@@ -618,7 +618,8 @@ DESCRIPTION = f"""\
 sessionmig moves the web app's sessions from the legacy SQLite store (a backup file) into
 PostgreSQL, proves that every row arrived or says why it could not, and leaves a sealed folder
 of reports as evidence of each action. The procedure, its gates and sign-offs are in
-runbook/RUNBOOK.md; the parameters of each environment in runbook/environments/.
+{runbook_path()} (installed with sessionmig); the parameters of each environment in the
+environment files (`--env NAME`: runbook/environments/NAME.yaml, or a .yaml of your own).
 
 The commands below are listed in the order of the runbook. `sessionmig COMMAND --help`
 explains each, with examples.

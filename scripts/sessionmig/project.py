@@ -23,6 +23,8 @@ ENVIRONMENTS = Path("runbook") / "environments"
 # Inside the installed package (a wheel's package data; see pyproject.toml):
 PACKAGED_NOTEBOOKS = "notebooks"
 PACKAGED_ENVIRONMENTS = "environments"
+RUNBOOK = Path("runbook") / "RUNBOOK.md"
+PACKAGED_RUNBOOK = Path("runbook") / "RUNBOOK.md"
 _PACKAGE = Path(__file__).resolve().parent
 
 
@@ -73,3 +75,12 @@ def locate(project_dir: str | Path | None = None) -> Project:
         f"carries none; pass --project-dir PATH or set {PROJECT_DIR_VARIABLE}=PATH (a sessionmig "
         "checkout), or reinstall it from a wheel built by its pyproject.toml"
     )
+
+
+def runbook_path() -> Path:
+    """The written procedure (RUNBOOK.md) that goes with this code: the checkout's, else the
+    copy an installed wheel carries; the checkout-relative name when neither is there."""
+    for candidate in (_PACKAGE.parent.parent / RUNBOOK, _PACKAGE / PACKAGED_RUNBOOK):
+        if candidate.is_file():
+            return candidate
+    return RUNBOOK
