@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 
@@ -126,3 +127,39 @@ def test_the_wheel_carries_the_runbook_its_help_points_to(tmp_path) -> None:
         timeout=120,
     )
     assert shown.stdout.strip() == str(site / "sessionmig" / "runbook" / "RUNBOOK.md"), shown
+
+    # Issue 21, case 10: installed from the wheel and run inside another git repository, the
+    # evidence names sessionmig's own commit and version, never that repository's.
+    other = tmp_path / "operators-repo"
+    other.mkdir()
+    git = ["git", "-c", "user.name=o", "-c", "user.email=o@example.invalid"]
+    subprocess.run([*git, "init", "-q"], cwd=other, check=True)
+    (other / "notes.txt").write_text("the operator's own work")
+    subprocess.run([*git, "add", "."], cwd=other, check=True)
+    subprocess.run([*git, "commit", "-qm", "theirs"], cwd=other, check=True)
+    theirs = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=other, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    ours = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    inside = other / "venv-site"
+    zipfile.ZipFile(wheel).extractall(inside)
+    recorded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json; from sessionmig import manifest; print(json.dumps(manifest.git_state()))",
+        ],
+        env={"PYTHONPATH": str(inside), "PATH": "/usr/bin:/bin"},
+        cwd=other,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    state = json.loads(recorded.stdout)
+    assert state["commit"] == ours != theirs, (state, recorded.stderr)
+    assert state["source"] == "recorded when sessionmig was built"
+    assert state["version"] is None or state["version"] != "0.1.0"
+    version = (inside / "sessionmig" / "_version.py").read_text()
+    assert ours[:7] in version and "0.1.0'" not in version

@@ -67,22 +67,66 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def git_state(cwd: Path | None = None) -> dict[str, Any]:
-    """Commit and dirtiness of the checkout the run was made from (None outside git)."""
+_CHECKOUT = Path(__file__).resolve().parents[2]  # scripts/sessionmig -> the repository
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
+
+
+def _own_checkout() -> Path | None:
+    """The sessionmig checkout this code runs from (a source tree or an editable install), or
+    None: an installed copy inside someone else's repository is not ours to describe."""
+    pyproject = _CHECKOUT / "pyproject.toml"
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        return {"commit": commit, "dirty": bool(status.strip())}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
+        if 'name = "sessionmig"' not in pyproject.read_text(encoding="utf-8"):
+            return None
+        top = Path(_git(_CHECKOUT, "rev-parse", "--show-toplevel")).resolve()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return _CHECKOUT if top == _CHECKOUT else None
+
+
+def git_state(cwd: Path | None = None) -> dict[str, Any]:
+    """The code that ran: sessionmig's version and the commit it came from, with dirtiness —
+    from its own checkout when it runs from one (never the operator's current directory, which
+    may be any other repository), else from what the build recorded (``_version.py``), else
+    unknown (None). ``cwd`` names a checkout explicitly."""
+    version = _installed_version()
+    checkout = cwd if cwd is not None else _own_checkout()
+    if checkout is not None:
+        try:
+            commit = _git(checkout, "rev-parse", "HEAD")
+            dirty = bool(_git(checkout, "status", "--porcelain", "--untracked-files=no"))
+            return {
+                "commit": commit,
+                "dirty": dirty,
+                "source": "sessionmig's checkout",
+                "version": version,
+            }
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        from . import _version  # type: ignore[attr-defined]
+
+        node = getattr(_version, "commit", None)
+        return {
+            "commit": node[1:] if isinstance(node, str) and node.startswith("g") else node,
+            "dirty": getattr(_version, "dirty", None),
+            "source": "recorded when sessionmig was built",
+            "version": version,
+        }
+    except ImportError:
+        return {"commit": None, "dirty": None, "source": None, "version": version}
+
+
+def _installed_version() -> str | None:
+    try:
+        return metadata.version("sessionmig")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def canonical(data: dict[str, Any]) -> bytes:
