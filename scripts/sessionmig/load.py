@@ -12,6 +12,7 @@ conflicting) so a rerun over the same backup changes nothing and says so; confli
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import Counter
@@ -101,6 +102,7 @@ def migration_lock(dsn: str, schema: str) -> Iterator[None]:
     the process dies, so a killed run never leaves the target locked.
     """
     conn = connect(dsn, "lock", autocommit=True, connect_timeout=15)
+    held = False
     try:
         got = conn.execute(
             "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (lock_key(schema),)
@@ -110,8 +112,17 @@ def migration_lock(dsn: str, schema: str) -> Iterator[None]:
                 f"another sessionmig migration holds the lock on schema {schema!r} of this "
                 "target; wait for it to finish (see session_migration_runs) and run again"
             )
+        held = True
         yield
     finally:
+        if held:
+            # Released here, not by the close: a backend ends its session (and drops its
+            # locks) after the client has gone, so the next step could find it still held.
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(
+                    "SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtextextended(%s, 0))",
+                    (lock_key(schema),),
+                )
         conn.close()
 
 
