@@ -4,20 +4,29 @@ Every step report of a passing run and of failing ones (reconcile FAIL on a dama
 preflight NO-GO on a backup that is not the reviewed one, inspect ERROR on a damaged backup)
 must show its verdict and key figures in the first 900 px, no traceback or papermill
 "An Exception was encountered" outside the collapsed appendix, and no table wider than the
-page; no request may leave the machine, no console error. Screenshots (the first 900 px) are
-kept in test-artifacts/.
+page; no request may leave the machine, no console error. The cover page of a run of every
+verdict (PASS, PASS_WITH_WARNINGS, FAIL, ERROR, INTERRUPTED, NO-GO) says that verdict with a
+headline that agrees with it, and the analysis page lays SQLite out on the left as it says.
+Screenshots (the first 900 px) are kept in test-artifacts/: pass/, fail/, covers/ (one per
+verdict) and analysis/.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
 from conftest import ROOT, env_file
 
-from sessionmig import orchestrate
+from sessionmig import embedded, orchestrate, sample
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -62,7 +71,7 @@ LAYOUT = """() => {
 }""".replace("FOLD", str(FOLD))
 
 
-def _check_page(page, url: str, shot: Path, expect: str) -> dict:
+def _check_page(page, url: str, shot: Path, expect: str, exact: bool = False) -> dict:
     page.goto(url)
     page.wait_for_load_state("load")
     page.screenshot(path=str(shot), full_page=False)
@@ -70,7 +79,8 @@ def _check_page(page, url: str, shot: Path, expect: str) -> dict:
     name = shot.stem
     assert info["verdict"] is not None, f"{name}: no verdict banner"
     assert info["verdict"]["bottom"] <= FOLD, f"{name}: verdict below the fold: {info['verdict']}"
-    assert expect in info["badge"].replace(" ", "_"), f"{name}: {info['badge']} is not {expect}"
+    badge = info["badge"].replace(" ", "_")
+    assert (badge == expect) if exact else (expect in badge), f"{name}: {badge} is not {expect}"
     for word in HIDDEN_WORDS:
         assert word not in info["text"], f"{name}: '{word}' visible outside the appendix"
     assert info["scroll"] <= info["client"], f"{name}: page wider than the window"
@@ -87,9 +97,59 @@ def _check_step(page, run: Path, stem: str, folder: Path, expect: str) -> None:
             assert label in info["above"], f"{stem}: '{label}' not above the fold"
 
 
+def _database(server_url: str) -> str:
+    """Another fresh database on the server under test (the caller drops it)."""
+    name = f"smtest_{uuid.uuid4().hex[:12]}"
+    embedded.ensure_database(server_url, name)
+    return embedded.with_database(server_url, name)
+
+
+def _drop(server_url: str, url: str) -> None:
+    name = url.rsplit("/", 1)[-1].split("?")[0]
+    with psycopg.connect(embedded.with_database(server_url, "postgres"), autocommit=True) as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _interrupted_run(tmp_path: Path, dsn: str) -> Path:
+    """``sessionmig run`` stopped by Ctrl-C once migrate has committed: an INTERRUPTED run."""
+    backup = tmp_path / "interrupted.db"
+    sample.generate(backup, rows=3000, seed=3)
+    folder = tmp_path / "interrupted"
+    folder.mkdir()
+    env = env_file(folder, backup, batch_rows=5000)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sessionmig.cli", "run", "--env", str(env)]
+        + ["--steps", "migrate,reconcile", "--reports-dir", str(tmp_path / "reports")],
+        cwd=ROOT,
+        env={**os.environ, "SMTEST_DSN": dsn},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while time.monotonic() < deadline:
+                try:
+                    if conn.execute("SELECT 1 FROM session_migration_runs").fetchone():
+                        break
+                except psycopg.errors.UndefinedTable:
+                    pass
+                time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 2, stdout + stderr
+    line = next(x for x in (stdout + stderr).splitlines() if x.startswith("reports: "))
+    return Path(line.removeprefix("reports: ")).parent
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs it)")
 def test_reports_open_with_their_answer_in_a_real_browser(
-    tmp_path, small_backup, dsn, backend, monkeypatch
+    tmp_path, small_backup, clean_backup, dsn, server_url, backend, monkeypatch
 ) -> None:
     if backend != "embedded":
         pytest.skip("the pages do not depend on the server")
@@ -100,6 +160,10 @@ def test_reports_open_with_their_answer_in_a_real_browser(
     reports = tmp_path / "reports"
     passing = orchestrate.run(str(env), None, {}, reports)
     assert passing.exit_code == 0, passing.message
+    assert passing.verdict == "PASS_WITH_WARNINGS"
+    # The analysis step on both sources, side by side.
+    analysis = orchestrate.run(str(env), ["analysis"], {"source": "both"}, reports)
+    assert analysis.exit_code == 0, analysis.message
 
     # Reconcile FAIL: one session gone from the target, one changed.
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -120,6 +184,16 @@ def test_reports_open_with_their_answer_in_a_real_browser(
     damaged.write_bytes(b"SQLite format 3\x00" + b"\x00" * 2000)
     broken = orchestrate.run(str(env_file(tmp_path, damaged)), ["inspect"], {}, reports)
     assert broken.exit_code == 2, broken.message
+    # PASS: a clean backup into a database of its own; INTERRUPTED: Ctrl-C after the commit.
+    clean_dsn, stopped_dsn = _database(server_url), _database(server_url)
+    try:
+        monkeypatch.setenv("SMTEST_DSN", clean_dsn)
+        clean = orchestrate.run(str(env_file(tmp_path, clean_backup)), None, {}, reports)
+        assert clean.exit_code == 0 and clean.verdict == "PASS", clean.message
+        interrupted = _interrupted_run(tmp_path, stopped_dsn)
+    finally:
+        _drop(server_url, clean_dsn)
+        _drop(server_url, stopped_dsn)
 
     failed: list[str] = []
     errors: list[str] = []
@@ -173,7 +247,8 @@ def test_reports_open_with_their_answer_in_a_real_browser(
                 page,
                 (outcome.run_dir / "index.html").as_uri(),
                 fail / f"index_{stem}.png",
-                "FAIL" if verdict == "FAIL" else "ERROR",
+                verdict,
+                exact=True,
             )
         # The traceback is kept, scrubbed, in the collapsed appendix.
         page.goto((failing.run_dir / "03_reconcile.html").as_uri())
@@ -181,15 +256,60 @@ def test_reports_open_with_their_answer_in_a_real_browser(
         assert not page.locator("details.appendix pre.traceback").first.is_visible()
         text = page.content()
         assert "1 missing" in text and "1 changed" in text.replace(",", "")
+        assert "400 ≠ 392 + 7" in text and "1 row unaccounted" in text
+
+        # A cover for every verdict: the badge is the verdict, the headline agrees with it.
+        covers = ARTIFACTS / "covers"
+        covers.mkdir(parents=True, exist_ok=True)
+        for verdict, folder in (
+            ("PASS", clean.run_dir),
+            ("PASS_WITH_WARNINGS", passing.run_dir),
+            ("FAIL", failing.run_dir),
+            ("ERROR", broken.run_dir),
+            ("INTERRUPTED", interrupted),
+            ("NO-GO", nogo.run_dir),
+        ):
+            info = _check_page(
+                page, (folder / "index.html").as_uri(), covers / f"{verdict}.png", verdict, True
+            )
+            headline = page.inner_text(".verdict .line")
+            assert ("passed" in headline) == (verdict in ("PASS", "PASS_WITH_WARNINGS")), headline
+            assert ("warnings" in headline) == (verdict == "PASS_WITH_WARNINGS"), headline
+            assert "UTC" in info["text"] and "sessionmig verify /" in info["text"]
+        page.goto((failing.run_dir / "index.html").as_uri())
+        assert "400 ≠ 392 + 7" in page.inner_text("table.steps")
+        assert page.locator("table.steps span.bad").count() >= 1
+
+        # The analysis page: SQLite on the left, as it says; every chart drawn.
+        shelf = ARTIFACTS / "analysis"
+        shelf.mkdir(parents=True, exist_ok=True)
+        info = _check_page(
+            page,
+            (analysis.run_dir / "04_session_analysis.html").as_uri(),
+            shelf / "04_session_analysis.png",
+            "PASS",
+        )
+        text = info["text"]
+        assert "SQLite (the backup) on the left, PostgreSQL (the target) on the right" in text
+        assert text.index("on SQLite (the backup)") < text.index("on PostgreSQL (the target)")
+        widths = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
+        assert len(widths) >= 3 and all(w > 0 for w in widths)
+        chart = page.locator("img").first
+        chart.scroll_into_view_if_needed()
+        chart.screenshot(path=str(shelf / "chart.png"))
         browser.close()
     assert failed == [] and errors == [] and outside == []
 
 
 def test_screenshots_are_committed() -> None:
-    """The acceptance set: index and each step report, pass and fail, small PNGs."""
+    """The acceptance set: index and each step report, pass and fail, a cover per verdict,
+    the analysis page; small PNGs."""
     names = {p.relative_to(ARTIFACTS).as_posix() for p in ARTIFACTS.rglob("*.png")}
     for stem in ("index", "00_preflight", "01_inspect", "02_migrate", "03_reconcile"):
         assert f"pass/{stem}.png" in names
     for stem in ("03_reconcile", "00_preflight", "01_inspect"):
         assert f"fail/{stem}.png" in names
+    for verdict in ("PASS", "PASS_WITH_WARNINGS", "FAIL", "ERROR", "INTERRUPTED", "NO-GO"):
+        assert f"covers/{verdict}.png" in names
+    assert "analysis/04_session_analysis.png" in names and "analysis/chart.png" in names
     assert all(p.stat().st_size < 400_000 for p in ARTIFACTS.rglob("*.png"))

@@ -79,7 +79,9 @@ def test_a_step_that_stopped_before_its_verdict_still_opens_with_one(tmp_path: P
     path = tmp_path / "x.ipynb"
     nbformat.write(nb, path)
     main = notebook_to_html(path, tmp_path / "x.html").read_text().split("<details")[0]
-    assert "ERROR" in main and "VerdictFailed" in main and "report.py line 9" not in main
+    # A VerdictFailed is a refusal the step makes: NO-GO in its own words, no class name.
+    assert "NO-GO" in main and "reconcile: FAIL" in main and "report.py line 9" not in main
+    assert "VerdictFailed" not in main and "Read the traceback" not in main
 
 
 def test_tables_read_in_words() -> None:

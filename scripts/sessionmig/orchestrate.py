@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -35,14 +36,15 @@ from papermill.exceptions import PapermillExecutionError
 
 from . import embedded, manifest, mask
 from . import params as P
+from .cover import of_step, run_headline, when
 from .errors import EXIT_ERROR, EXIT_FAIL, EXIT_OK, ParameterError, SessionmigError
 from .progress import PROGRESS_VARIABLE, ProgressEcho, plain
-from .project import locate
-from .render import notebook_to_html, scrub_notebook
+from .project import ENVIRONMENTS, PROJECT_DIR_VARIABLE, locate
+from .render import Answer, notebook_to_html, scrub_notebook
 from .report import RESULT_VARIABLE
 from .settings import complete, new_run_id
 from .source import hash_files
-from .verdict import Verdict, worst
+from .verdict import FAILED, Verdict, partition, worst
 
 # The notebook of each step (P.STEPS, in that order; a test holds them equal).
 STEPS: dict[str, str] = {
@@ -76,6 +78,7 @@ class StepRecord:
     outputs: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
+    died: bool = False  # its kernel died (killed, out of memory, crashed) before it concluded
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class RunOutcome:
     steps: tuple[StepRecord, ...] = ()
     source_sha256: str | None = None
     verdict: str | None = None  # the run's, as the manifest records it
+    verify: str = ""  # the command that re-checks the folder, as the cover prints it
 
 
 def resolve_parameters(
@@ -236,7 +240,15 @@ def step_line(record: StepRecord) -> str:
         for key, label in KEY_FIGURES.items()
         if isinstance(record.summary.get(key), int)
     )
-    verdict = record.verdict or record.status.upper()
+    counts = [record.summary.get(k) for k in ("source_rows", "migrated", "rejected")]
+    whole = [v for v in counts if isinstance(v, int) and not isinstance(v, bool)]
+    if len(whole) == 3:
+        holds = record.summary.get("partition_holds")
+        figure, note, _ = partition(
+            whole[0], whole[1], whole[2], holds if isinstance(holds, bool) else None
+        )
+        figures += f"; partition {figure}: {note}"
+    verdict = of_step(record.verdict, record.status)
     tail = f" ({figures})" if figures else ""
     return f"{record.name}: {verdict} in {record.duration_s:.1f} s{tail}"
 
@@ -295,6 +307,13 @@ def execute_step(
             record.status = "failed"
             record.reason = f"{error.ename}: {error.evalue}"
             record.exit_code = EXIT_ERROR
+        elif _kernel_died(error):
+            record.status, record.died = "failed", True
+            record.reason = (
+                f"its kernel (the Python process running the notebook) died before {record.name} "
+                f"concluded ({type(error).__name__}: {error}); {writes(record.name, parameters)}"
+            )
+            record.exit_code = EXIT_ERROR
         else:
             record.status = "failed"
             record.reason = f"{type(error).__name__}: {error}"
@@ -317,9 +336,85 @@ def execute_step(
         # A Ctrl-C now waits until both files are whole: a half-written report is no evidence.
         with _deferred_interrupt(record):
             scrub_notebook(raw, secrets, dest=output)
-            html_path = notebook_to_html(output, output.with_suffix(".html"))
+            died = died_answer(record, parameters, None) if record.died else None
+            html_path = notebook_to_html(output, output.with_suffix(".html"), stopped=died)
             record.outputs = [html_path.name, output.name]
     record.reason = P.redact(record.reason) if record.reason else record.reason
+
+
+def _kernel_died(error: BaseException | None) -> bool:
+    from nbclient.exceptions import DeadKernelError
+
+    return isinstance(error, DeadKernelError)
+
+
+def writes(step: str, parameters: dict[str, Any]) -> str:
+    """What ``step`` writes, with these parameters: whether a dead step may have touched the
+    live SQLite file, the target, or nothing."""
+    live = parameters.get("live_sqlite_path") or ""
+    if step == "rollback" and live:
+        return f"rollback during the overlap writes the live SQLite file {live}"
+    if step == "rollback":
+        where = parameters.get("restore_path") or "restore_path"
+        return (
+            f"rollback writes the restored file {where} (the file the app reads after the "
+            "switch back), not the live file the app serves from now"
+        )
+    if step == "finalize":
+        return (
+            f"finalize moves the live SQLite file {live or 'live_sqlite_path'} into "
+            f"{parameters.get('archive_dir') or 'archive_dir'}"
+        )
+    if step == "catchup":
+        return (
+            f"catchup reads the live SQLite file {live or 'live_sqlite_path'} (never writes it) "
+            "and writes the target"
+        )
+    if step == "migrate":
+        return "migrate writes the target only; it never writes a SQLite file"
+    return f"{step} writes no SQLite file and no session in the target"
+
+
+def _audit_words(step: str, facts: TargetFacts | None) -> str:
+    """What the target's audit rows for this run say of ``step`` (or that it is unknown)."""
+    if facts is None:
+        return "the target's audit rows are read when the run folder is sealed: see index.html"
+    if facts.audit is None:
+        problem = facts.problem or "the target could not be asked"
+        return f"whether it recorded anything is unknown: {problem}"
+    rows = [r for r in facts.audit if r.get("step") == step]
+    if not rows:
+        return (
+            f"the target has no audit row of {step} for this run: it did not record its work; "
+            "what it may have done before recording is found and finished, or redone, by "
+            "running the same command again"
+        )
+    row = rows[-1]
+    counts = ", ".join(
+        f"{row.get(k)} {k.replace('rows_', '')}"
+        for k in ("rows_read", "inserted", "updated", "rejected")
+    )
+    return (
+        f"the target's audit row records {step} for this run as finished at "
+        f"{when(row.get('finished_at'))} ({counts}): its work was committed"
+    )
+
+
+def died_answer(
+    record: StepRecord, parameters: dict[str, Any], facts: TargetFacts | None
+) -> Answer:
+    """The answer of a step whose kernel died: which step, what it writes, what the target's
+    audit row says (``facts``: None before the target was asked)."""
+    known = f"{writes(record.name, parameters)}; {_audit_words(record.name, facts)}."
+    return Answer(
+        step=record.name,
+        verdict=Verdict.ERROR,
+        reason=(
+            f"{record.name} did not conclude: its kernel (the Python process running the "
+            "notebook) died — killed, out of memory, or crashed"
+        ),
+        todo=f"What is known: {known} Do not go on before that is settled.",
+    )
 
 
 @contextmanager
@@ -466,7 +561,7 @@ def _account_for_interrupt(
             f"migrate had committed: the target's audit row for this run records "
             f"{row['rows_read']} read, {row['inserted']} inserted, {row['unchanged']} "
             f"unchanged, {row['updated']} updated, {row['rejected']} rejected "
-            f"(finished {row['finished_at']})"
+            f"(finished {when(row['finished_at'])})"
         )
         if migrate is not None and migrate.status in ("interrupted", "skipped", "failed"):
             # The commit is the step's work; its report was cut short, not its effect.
@@ -596,11 +691,47 @@ def run(
                     salt,
                     interrupted,
                     exit_code,
+                    {"verify": verify_command(env, run_dir, overrides or {}, project_dir)},
                 )
         finally:
             if _target_name(merged) is None:
                 embedded.stop()
                 os.environ.pop(embedded.URL_VARIABLE, None)
+
+
+def run_verdict(exit_code: int, verdicts: list[Verdict]) -> Verdict:
+    """The run's verdict: the worst step's, whatever it is (NO-GO stays NO-GO, ERROR stays
+    ERROR); the exit code's own (FAIL, ERROR) only when no step's verdict explains it."""
+    steps = worst([Verdict.PASS, *verdicts]) if verdicts else Verdict.PASS
+    if exit_code == EXIT_OK or steps in FAILED:
+        return steps
+    return {EXIT_FAIL: Verdict.FAIL}.get(exit_code, Verdict.ERROR)
+
+
+def verify_command(
+    env: str, run_dir: Path, overrides: dict[str, Any], project_dir: str | Path | None = None
+) -> str:
+    """``sessionmig verify`` of this run folder, as it runs when pasted anywhere: the folder's
+    absolute path; ``--env`` as given when it names an environment (with the ``--project-dir``
+    it was found in, unless that is this installation's own), the file's absolute path when it
+    is one; and any ``-p`` that moved the target (``database_url_env``, ``target_schema``)."""
+    args = ["sessionmig", "verify", str(Path(run_dir).resolve())]
+    candidate = Path(env).expanduser()
+    if candidate.suffix in (".yaml", ".yml") or os.sep in env or candidate.is_file():
+        args += ["--env", str(candidate.resolve())]
+    else:
+        args += ["--env", env]
+        found = locate(project_dir)
+        if found.origin in ("--project-dir", f"${PROJECT_DIR_VARIABLE}"):
+            root = found.environments
+            for _ in ENVIRONMENTS.parts:
+                root = root.parent
+            args += ["--project-dir", str(root)]
+    for name in ("database_url_env", "target_schema"):
+        if name in overrides:
+            value = overrides[name]
+            args += ["-p", f"{name}={'null' if value is None else value}"]
+    return shlex.join(args)
 
 
 def _seal(
@@ -615,6 +746,7 @@ def _seal(
     salt: str,
     interrupted: bool,
     exit_code: int,
+    commands: dict[str, str] | None = None,
 ) -> RunOutcome:
     """Write index.html and manifest.json for what happened, and record the digest."""
     after = hash_files(Path(merged["sqlite_path"]))
@@ -636,16 +768,21 @@ def _seal(
         else TargetFacts(problem="the target was not prepared")
     )
     interruption = _account_for_interrupt(records, facts, merged["run_id"]) if interrupted else None
-    failed = [r for r in records if r.status == "failed"]
+    stopped = None
+    for record in records:
+        if record.died:
+            # Its report said what was known before the target was asked; now say the rest.
+            answer = died_answer(record, merged, facts)
+            page = run_dir / Path(record.notebook).with_suffix(".html")
+            if (run_dir / record.notebook).exists():
+                notebook_to_html(run_dir / record.notebook, page, stopped=answer)
+            stopped = {"step": record.name, "what_is_known": answer.todo}
     verdict: str
     if interrupted:
         exit_code = EXIT_ERROR
         verdict = INTERRUPTED
     else:
-        # The exit code's verdict first: of equally bad ones, worst() keeps the first (PASS
-        # over a preflight's GO, FAIL over its NO-GO).
-        by_code = {EXIT_OK: Verdict.PASS, EXIT_FAIL: Verdict.FAIL}.get(exit_code, Verdict.ERROR)
-        verdict = worst([by_code, *(r.verdict for r in records if r.verdict in set(Verdict))])
+        verdict = run_verdict(exit_code, [of_step(r.verdict, r.status) for r in records])
     data: dict[str, Any] = {
         "run_id": merged["run_id"],
         "environment": Path(env).stem,
@@ -674,16 +811,19 @@ def _seal(
     }
     if interruption is not None:
         data["interrupted"] = interruption
+    if stopped is not None:
+        data["stopped"] = stopped
+    if commands:
+        data["commands"] = commands
     index = manifest.write_index(run_dir, data)
     manifest.write_manifest(run_dir, data)
     problem = _record_digest(facts, merged, run_dir, env, verdict)
     if interruption is not None:
         where = f" during {interruption['step']}" if interruption["step"] else ""
         message = f"{INTERRUPTED}{where}: {interruption['what_happened']}"
-    elif failed:
-        message = f"{verdict}: {failed[0].name}: {failed[0].reason}"
-    else:
-        message = f"{verdict}: every step passed"
+    else:  # the cover's headline (the verdict already says there are warnings to read)
+        shown, sentence = run_headline(data)
+        message = f"{shown}: {sentence if shown in FAILED else sentence.split('; warnings')[0]}"
     if problem:
         exit_code = exit_code or EXIT_ERROR
         message += f"; {problem}"
@@ -695,4 +835,5 @@ def _seal(
         tuple(records),
         before[0].sha256 if before else after[0].sha256,
         verdict,
+        (commands or {}).get("verify", ""),
     )

@@ -12,6 +12,7 @@ HTML is rearranged. Every page (step reports and ``index.html``) uses one styles
 from __future__ import annotations
 
 import copy
+import dataclasses
 import html
 import re
 from dataclasses import dataclass, field
@@ -128,6 +129,35 @@ def _progress_free(text: str) -> str:
     return "\n".join(line for line in lines if line.strip())
 
 
+REFUSAL_TODO = (
+    "This is a check the step makes before it acts, not a crash: the reason above says what "
+    "was found and what to do. Run the step again once it holds."
+)
+ERROR_TODO = (
+    "The step stopped on an error it did not expect; nothing after the failing cell ran. The "
+    "appendix at the end holds the error's traceback for whoever fixes it."
+)
+
+
+def stopped_answer(step: str, ename: str, evalue: str) -> Answer:
+    """The answer of a step that stopped before it concluded, from the error it stopped on.
+
+    A ``VerdictFailed`` is a refusal the step was built to make (the soak period is not over,
+    a run folder was altered): NO-GO, in its own words, with no traceback to read. Anything
+    else is an ERROR whose traceback is in the appendix."""
+    lines = [line for line in evalue.splitlines() if line.strip()]
+    text = " ".join(lines) if ename == "VerdictFailed" else (lines[0] if lines else "")
+    if ename == "VerdictFailed":
+        return Answer(step=step, verdict=Verdict.NO_GO, reason=text, todo=REFUSAL_TODO)
+    what = f"{ename}: {text}" if text else ename
+    return Answer(
+        step=step,
+        verdict=Verdict.ERROR,
+        reason=f"the step stopped on an unexpected error ({what})",
+        todo=ERROR_TODO,
+    )
+
+
 def arrange(node: Any) -> Arranged:
     """Sort ``node``'s cells and outputs (pure: ``node`` is not modified)."""
     body = nbformat.from_dict(copy.deepcopy(dict(node)))
@@ -185,19 +215,7 @@ def arrange(node: Any) -> Arranged:
             cells.append(fresh)
     body.cells = cells
     if not answer and errors:
-        # The step stopped before it could conclude: say so from the error, briefly.
-        ename, evalue = errors[-1]
-        first_line = evalue.splitlines()[0] if evalue else ""
-        answer.append(
-            answer_html(
-                Answer(
-                    step=title,
-                    verdict=Verdict.ERROR,
-                    reason=f"the step stopped on {ename}: {first_line}",
-                    todo="Read the traceback in the appendix; nothing after this cell ran.",
-                )
-            )
-        )
+        answer.append(answer_html(stopped_answer(title, *errors[-1])))
     return Arranged(
         title=title or node.metadata.get("title", ""),
         answer=tuple(answer),
@@ -211,14 +229,17 @@ def arrange(node: Any) -> Arranged:
     )
 
 
-def notebook_to_html(notebook: Path, html_path: Path) -> Path:
+def notebook_to_html(notebook: Path, html_path: Path, stopped: Answer | None = None) -> Path:
     """Write ``html_path`` from ``notebook``: the answer first, then the evidence (outputs and
     inline PNG figures), then the parameters, code and any traceback in a collapsed appendix;
-    with no script or style fetched from the network (the ``sessionmig`` template)."""
+    with no script or style fetched from the network (the ``sessionmig`` template).
+    ``stopped`` is the answer to show when the notebook holds none (its kernel died)."""
     from nbconvert import HTMLExporter
 
     node = nbformat.read(notebook, as_version=4)
     page = arrange(node)
+    if stopped is not None and not page.answer:  # e.g. its kernel died: what is known instead
+        page = dataclasses.replace(page, answer=(answer_html(stopped),))
     exporter = HTMLExporter(template_name="sessionmig", extra_template_basedirs=[str(TEMPLATES)])
     exporter.embed_images = True
     exporter.exclude_input = True
@@ -251,3 +272,40 @@ def cover_page(model: Any) -> str:
     return mask.redact_html(
         _jinja.get_template("index.html.j2").render(c=model, css=css(), esc=html.escape)
     )
+
+
+# The cover's slot for the manifest's digest: the manifest seals index.html, so the digest can
+# only be written into the page after sealing, and the page's sha256 is taken with it blanked.
+DIGEST_OPEN, DIGEST_CLOSE = "<!--digest-->", "<!--/digest-->"
+
+
+def _slot(page: str) -> tuple[int, int] | None:
+    start = page.find(DIGEST_OPEN)
+    end = page.find(DIGEST_CLOSE, start + 1)
+    if start < 0 or end < 0 or page.count(DIGEST_OPEN) != 1 or page.count(DIGEST_CLOSE) != 1:
+        return None
+    return start + len(DIGEST_OPEN), end
+
+
+def with_digest(page: str, digest: str) -> str:
+    """``page`` with the manifest's digest shown in its slot (unchanged when it has none)."""
+    slot = _slot(page)
+    if slot is None:
+        return page
+    shown = f'<code class="digest">{html.escape(digest)}</code>'
+    return page[: slot[0]] + shown + page[slot[1] :]
+
+
+def without_digest(page: str) -> str:
+    """``page`` with its digest slot emptied: what the manifest's sha256 of the page is of."""
+    slot = _slot(page)
+    return page if slot is None else page[: slot[0]] + page[slot[1] :]
+
+
+def shown_digest(page: str) -> str | None:
+    """The digest the page shows in its slot, if it shows one."""
+    slot = _slot(page)
+    if slot is None:
+        return None
+    found = re.fullmatch(r'<code class="digest">([0-9a-f]{64})</code>', page[slot[0] : slot[1]])
+    return found.group(1) if found else None

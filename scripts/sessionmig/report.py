@@ -26,9 +26,9 @@ import pandas as pd
 from .errors import EXIT_ERROR, EXIT_FAIL, SessionmigError, VerdictFailed
 from .mask import mask_id
 from .params import redact
-from .render import ANSWER, ANSWER_KEY, Answer, Figure, answer_html
+from .render import ANSWER, ANSWER_KEY, REFUSAL_TODO, Answer, Figure, answer_html
 from .transform import COLUMNS, REASONS
-from .verdict import FAILED, Verdict
+from .verdict import FAILED, Verdict, partition, plural
 
 RESULT_VARIABLE = "SESSIONMIG_RESULT_FILE"
 COLOURS = {
@@ -77,8 +77,8 @@ TODO: dict[tuple[str, str], str] = {
     ),
 }
 TODO_FAILED = (
-    "Do not go on to the next step. Read the reason above and the evidence below; "
-    "the error's traceback, if any, is in the appendix at the end."
+    "Do not go on to the next step: read the reason above and the evidence below, fix the "
+    "cause, then run this step again."
 )
 TODO_WARNINGS = "Read the warnings below and sign off on them before the next step."
 
@@ -196,7 +196,7 @@ def show(obj: Any, caption: str = "", empty: str = "", limit: int = MAX_ROWS) ->
         frame = obj.head(limit) if more > 0 else obj
         markup = table_html(frame, caption, empty)
         if more > 0:
-            markup += f'<p class="muted">… and {more:,} more rows, not shown.</p>'
+            markup += f'<p class="muted">… and {plural(more, "more row")}, not shown.</p>'
         _publish(markup, frame.to_string() if len(frame) else (empty or "No rows."))
     else:
         _display(obj)
@@ -207,14 +207,17 @@ def say(text: str) -> None:
     _publish(f'<p class="say">{html.escape(text)}</p>', text)
 
 
-def side_by_side(parts: Sequence[tuple[str, pd.DataFrame]], empty: str = "") -> None:
-    """Two (or more) tables beside each other, each with its heading."""
+def side_by_side(
+    parts: Sequence[tuple[str, pd.DataFrame]], empty: str = "", note: str = ""
+) -> None:
+    """Two (or more) tables beside each other, each with its heading (``note`` above them)."""
     cells = "".join(
         f"<div><h4>{html.escape(label)}</h4>{table_html(frame, empty=empty)}</div>"
         for label, frame in parts
     )
     text = "\n\n".join(f"{label}\n{frame.to_string()}" for label, frame in parts)
-    _publish(f'<div class="side-by-side">{cells}</div>', text)
+    said = f'<p class="muted">{html.escape(note)}</p>' if note else ""
+    _publish(f'{said}<div class="side-by-side">{cells}</div>', (note + "\n" if note else "") + text)
 
 
 # --- the answer: verdict, reason, what to do, key figures ----------------------------------------
@@ -274,11 +277,14 @@ def conclude(
     banner(verdict, reason, figures, todo, step)
     failed = verdict in FAILED
     if figures:
-        summary["key_figures"] = [[f.label, f.value] for f in figures]
+        summary["key_figures"] = [[f.label, f.value, f.note, f.bad] for f in figures]
     record(step, verdict, reason, exit_code if failed else 0, **summary)
     if failed:
-        error = VerdictFailed if exit_code == EXIT_FAIL else SessionmigError
-        raise error(f"{step}: {verdict}: {reason}")
+        error = (VerdictFailed if exit_code == EXIT_FAIL else SessionmigError)(
+            f"{step}: {verdict}: {reason}"
+        )
+        error.concluded = True  # type: ignore[attr-defined]  # shown and recorded: step() lets it by
+        raise error
 
 
 def short(sha256: str | None) -> str:
@@ -387,8 +393,15 @@ def step(name: str) -> Iterator[None]:
     try:
         yield
     except SessionmigError as exc:
-        if not isinstance(exc, VerdictFailed):
-            message = redact(str(exc))
+        if getattr(exc, "concluded", False):
+            raise
+        message = redact(str(exc))
+        if isinstance(exc, VerdictFailed):
+            # A refusal the step is built to make (the soak period is not over, a run folder
+            # was altered): NO-GO in its own words, and no traceback to read.
+            banner(Verdict.NO_GO, f"{name} refused: {message}", todo=REFUSAL_TODO, step=name)
+            record(name, Verdict.NO_GO, message, exc.exit_code)
+        else:
             banner(Verdict.ERROR, f"{name} could not be carried out: {message}", step=name)
             record(name, Verdict.ERROR, message, exc.exit_code)
         raise
@@ -628,12 +641,28 @@ def kinds() -> dict[str, str]:
     return KINDS
 
 
-def partition_sentence(result: Any) -> str:
-    holds = "holds" if result.partition_holds else "does NOT hold"
-    return (
-        f"{result.source_rows:,} source rows = {result.migrated:,} migrated + "
-        f"{result.rejected:,} rejected — {holds}"
+def partition_words(result: Any) -> tuple[str, str, bool]:
+    """(figure, note, holds) of a reconcile's partition proof, see :func:`verdict.partition`:
+    the figure says ≠ and ✘ when it does not hold, and the note by how many rows."""
+    broken = [
+        f"{k.replace('_', ' ')} {v:,}"
+        for k in ("both", "missing", "unaccounted", "orphan_reject", "false_reject", "duplicate")
+        if (v := result.counts.get(k, 0))
+    ]
+    return partition(
+        result.source_rows,
+        result.migrated,
+        result.rejected,
+        result.partition_holds,
+        ", ".join(broken),
     )
+
+
+def partition_sentence(result: Any) -> str:
+    """Source rows = migrated + rejected, in words, saying whether it holds."""
+    figure, note, _ = partition_words(result)
+    mark, source, sign, migrated, _, rejected = figure.split(" ")
+    return f"{mark} {source} source rows {sign} {migrated} migrated + {rejected} rejected — {note}"
 
 
 # The explained kinds that count rows; the others count a row's columns (a row can be in several).
@@ -657,7 +686,7 @@ def reconcile_figures(result: Any) -> list[Figure]:
         [
             Figure(
                 "changes the application explains (after cutover)",
-                f"{sum(explained.get(k, 0) for k in EXPLAINED_ROWS):,} rows",
+                plural(sum(explained.get(k, 0) for k in EXPLAINED_ROWS), "row"),
                 "; ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in explained.items() if v)
                 or "none",
             )
@@ -668,11 +697,8 @@ def reconcile_figures(result: Any) -> list[Figure]:
     return mode + [
         Figure(
             "partition: source = migrated + rejected",
-            f"{result.source_rows:,} = {result.migrated:,} + {result.rejected:,}",
-            "holds: every source row is accounted for once"
-            if result.partition_holds
-            else "does NOT hold",
-            bad=not result.partition_holds,
+            *partition_words(result)[:2],
+            bad=not partition_words(result)[2],
         ),
         Figure(
             "differences",
@@ -683,8 +709,8 @@ def reconcile_figures(result: Any) -> list[Figure]:
         ),
         Figure(
             "what was compared",
-            f"{compared:,} rows",
-            "every column, by session_id" + (f"; {days:,} days of counts" if days else ""),
+            plural(compared, "row"),
+            "every column, by session_id" + (f"; {plural(days, 'day')} of counts" if days else ""),
         ),
         Figure("rows in PostgreSQL", number(result.target_rows), f"{result.matched:,} identical"),
     ]
@@ -730,7 +756,7 @@ def reconcile_tables(result: Any) -> dict[str, pd.DataFrame]:
             ("migrated (matched or changed)", result.migrated),
             ("rejected (in session_migration_rejects)", result.rejected),
             ("migrated + rejected", result.migrated + result.rejected),
-            ("partition holds", result.partition_holds),
+            ("partition: source = migrated + rejected", " — ".join(partition_words(result)[:2])),
             ("rows in PostgreSQL", result.target_rows),
             (
                 "rows compared in PostgreSQL (full join on session_id, every column)",
@@ -769,10 +795,18 @@ def show_differences(result: Any) -> None:
     """The "no differences" sentence, or the differences per kind and column, then the rows."""
     tables = reconcile_tables(result)
     if len(tables["summary"]) == 0:
+        compared = plural(result.matched, "compared row")
+        rejects = (
+            "no row was rejected"
+            if not result.rejected
+            else f"the {plural(1, 'rejected row')} is recorded with its reason"
+            if result.rejected == 1
+            else f"each of the {plural(result.rejected, 'rejected row')} is recorded with its "
+            "reason"
+        )
         say(
-            f"No differences: all {result.matched:,} compared rows are identical in every "
-            f"column, and each of the {result.rejected:,} rejected rows is recorded with its "
-            "reason."
+            f"No differences: {'the' if result.matched == 1 else 'all'} {compared} "
+            f"{'is' if result.matched == 1 else 'are'} identical in every column, and {rejects}."
         )
         return
     show(tables["summary"], caption="Differences per kind and column")
@@ -780,7 +814,9 @@ def show_differences(result: Any) -> None:
     total = sum(v for k, v in result.counts.items() if k != "matched")
     show(
         tables["differences"],
-        caption=f"The rows ({shown:,} named of {total:,}; ids hashed)",
+        caption=f"The rows ({shown:,} named of {total:,}; ids hashed)"
+        if shown != total
+        else f"The {plural(total, 'row')} (ids hashed)",
         limit=50,
     )
 
@@ -810,7 +846,7 @@ def conclude_reconcile(result: Any, app: Any = None) -> None:
             Figure(
                 "app check at as_of",
                 f"{app.accepted_active:,} of {app.expected_active:,} active accepted",
-                f"{wrong:,} sessions treated differently" if wrong else "the app agrees",
+                f"{plural(wrong, 'session')} treated differently" if wrong else "the app agrees",
                 bad=bool(wrong),
             )
         )
@@ -822,6 +858,7 @@ def conclude_reconcile(result: Any, app: Any = None) -> None:
         source_rows=result.source_rows,
         migrated=result.migrated,
         rejected=result.rejected,
+        partition_holds=result.partition_holds,
     )
 
 
@@ -884,8 +921,52 @@ def rollback_table(restored: Any) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["measure", "value"])
 
 
-def conclude_rollback(restored: Any, result: Any) -> None:
-    """The restored file must reconcile with PostgreSQL before the app is switched back."""
+def _run_of(migrate_manifest: str) -> str | None:
+    """The run id a migrate run folder (or its manifest.json) names; None when unreadable."""
+    if not migrate_manifest:
+        return None
+    path = Path(migrate_manifest)
+    path = path / "manifest.json" if path.is_dir() else path
+    try:
+        return str(json.loads(path.read_text(encoding="utf-8"))["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _rollback_reconcile_words(result: Any, migrate_run: str | None) -> str:
+    """The restored file's reconcile in a rollback's words.
+
+    The restored file holds PostgreSQL's changes, so it is not the migrated backup byte for
+    byte: reconcile's note that a migrate run recorded another sha256 is expected here, and it
+    names the run it looked up, which need not be the one the rollback was given; it is left
+    out. When the rejects reconcile read are another run's than ``migrate_run``'s, that is
+    said, naming both."""
+    parts = [
+        part
+        for part in str(result.reason).split("; ")
+        if not (part.startswith("migrate run ") and "recorded source sha256" in part)
+    ]
+    words = "; ".join(parts)
+    if len(parts) < len(str(result.reason).split("; ")):
+        words += (
+            "; the restored file's sha256 differs from the migrated backup's, as a restore "
+            "that carried PostgreSQL's changes back must"
+        )
+    read = getattr(result, "run_id", None)
+    if migrate_run and read and read != migrate_run:
+        words += (
+            f"; reconcile compared the rejects of migrate run {read} (the latest on the "
+            f"target), not those of migrate run {migrate_run}, whose backup was restored: "
+            "check that no other migration ran into this target since"
+        )
+    return words
+
+
+def conclude_rollback(restored: Any, result: Any, migrate_manifest: str = "") -> None:
+    """The restored file must reconcile with PostgreSQL before the app is switched back.
+
+    ``migrate_manifest`` (the step's parameter) names the migrate run whose backup was
+    restored; the reason names that run, and no other as if it were it."""
     if result is None:  # during the overlap: checked and recorded by the rollback itself
         carried = restored.inserted + restored.changed + restored.ended
         conclude(
@@ -927,12 +1008,17 @@ def conclude_rollback(restored: Any, result: Any) -> None:
         ),
         *reconcile_figures(result)[:2],
     ]
+    migrate_run = _run_of(migrate_manifest)
+    origin = (
+        f"the backup migrate run {migrate_run} migrated" if migrate_run else "the migrated backup"
+    )
     conclude(
         "rollback",
         result.verdict,
-        f"{restored.restore_path} restored ({restored.carried_new} new, "
-        f"{restored.carried_changed} changed, {restored.carried_ended} ended carried back); "
-        f"reconcile: {result.reason}",
+        f"{restored.restore_path} restored from {origin} (sha256 {short(restored.backup_sha256)}), "
+        f"with PostgreSQL's sessions carried back ({restored.carried_new:,} new, "
+        f"{restored.carried_changed:,} changed, {restored.carried_ended:,} ended); "
+        f"the restored file against PostgreSQL: {_rollback_reconcile_words(result, migrate_run)}",
         figures=figures,
     )
 
@@ -948,17 +1034,39 @@ def query_header(name: str) -> Any:
     return _html(f"<h3>{html.escape(name)}</h3><p>{html.escape(get(name).description)}</p>")
 
 
+SOURCE_ORDER = ("sqlite", "postgres")
+"""Before, then after: the order two sources are laid out in, left to right (tables, charts)."""
+SOURCE_WORDS = {"sqlite": "SQLite (the backup)", "postgres": "PostgreSQL (the target)"}
+
+
+def source_order(sources: Iterable[Any]) -> list[str]:
+    """``sources`` left to right: SQLite (before) first, PostgreSQL (after), any other last."""
+    found = [str(s) for s in dict.fromkeys(sources)]
+    return sorted(found, key=lambda s: (SOURCE_ORDER.index(s) if s in SOURCE_ORDER else 9, s))
+
+
+def order_sentence(sources: Sequence[str]) -> str:
+    """The order the page lays two sources out in, stated from that same order."""
+    names = [SOURCE_WORDS.get(s, s) for s in sources]
+    return f"{names[0]} on the left, {names[-1]} on the right."
+
+
 def show_query(name: str, frame: pd.DataFrame, window: str = "") -> None:
-    """One analysis query: heading, its answer (two sources side by side), or a sentence when
-    there is nothing to show."""
+    """One analysis query: heading, its answer (two sources side by side, SQLite on the left),
+    or a sentence when there is nothing to show."""
     show(query_header(name))
     empty = f"No rows: the query found nothing{(' in ' + window) if window else ''}."
     if len(frame) and "source" in frame.columns and frame["source"].nunique() > 1:
+        groups = {str(src): part for src, part in frame.groupby("source", sort=False)}
+        order = source_order(groups)
         parts = [
-            (f"on {src}", part.drop(columns="source").reset_index(drop=True))
-            for src, part in frame.groupby("source", sort=True)
+            (
+                f"on {SOURCE_WORDS.get(src, src)}",
+                groups[src].drop(columns="source").reset_index(drop=True),
+            )
+            for src in order
         ]
-        side_by_side(parts, empty=empty)
+        side_by_side(parts, empty=empty, note=order_sentence(order))
     else:
         show(frame, empty=empty)
 
@@ -1037,10 +1145,12 @@ def show_reconcile_days(result: Any, plots: Any) -> None:
         say("No per-day counts were kept by this reconcile.")
     elif differing:
         say(
-            f"{len(differing):,} of {compared:,} days have different session counts: "
-            + ", ".join(map(str, differing))
+            f"{len(differing):,} of {plural(compared, 'day')} "
+            f"{'has a' if len(differing) == 1 else 'have'} different session "
+            f"{'count' if len(differing) == 1 else 'counts'}: " + ", ".join(map(str, differing))
         )
     else:
         say(
-            f"All {compared:,} days (by created_at) hold the same number of sessions on both sides."
+            f"{'The' if compared == 1 else 'All'} {plural(compared, 'day')} (by created_at) "
+            f"{'holds' if compared == 1 else 'hold'} the same number of sessions on both sides."
         )

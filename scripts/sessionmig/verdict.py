@@ -58,3 +58,46 @@ FAILED = frozenset(v for v, severity in _SEVERITY.items() if severity >= 3)
 def worst(verdicts: Iterable[str]) -> Verdict:
     """The worst of some verdicts (text or :class:`Verdict`); SKIPPED when there are none."""
     return max((Verdict(v) for v in verdicts), key=lambda v: v.severity, default=Verdict.SKIPPED)
+
+
+# --- the words of the figures a verdict rests on ------------------------------------------------
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 row``, ``2 rows``, ``1,000 days``: a count with its noun agreeing (``many`` for an
+    irregular plural: ``plural(n, "entry", "entries")``)."""
+    return f"{count:,} {word if count == 1 else (many or word + 's')}"
+
+
+def _noun_phrase(count: int, phrase: str) -> str:
+    """``1 row unaccounted``: the count and the first word of ``phrase`` agreeing."""
+    word, _, rest = phrase.partition(" ")
+    return plural(count, word) + (f" {rest}" if rest else "")
+
+
+MARK_HOLDS, MARK_BROKEN = "✔", "✘"
+
+
+def partition(
+    source: int, migrated: int, rejected: int, holds: bool | None = None, why: str = ""
+) -> tuple[str, str, bool]:
+    """The partition proof (source = migrated + rejected) as (figure, note, holds).
+
+    The figure never reads as an equation that holds when it does not: ``50,000 ≠ 49,992 + 7``
+    with ``1 row unaccounted``, marked ✘. ``holds`` is the reconcile's own judgement (it also
+    fails on a row counted twice whose sums still agree); ``why`` says what broke it then."""
+    gap = source - (migrated + rejected)
+    ok = gap == 0 if holds is None else bool(holds) and gap == 0
+    sign = "=" if gap == 0 else "≠"
+    figure = f"{source:,} {sign} {migrated:,} + {rejected:,}"
+    if ok:
+        return f"{MARK_HOLDS} {figure}", "holds: every source row is accounted for once", True
+    if gap > 0:
+        note = _noun_phrase(gap, "row unaccounted") + " (in neither PostgreSQL nor the rejects)"
+    elif gap < 0:
+        note = _noun_phrase(-gap, "row more") + " in PostgreSQL and the rejects than the source has"
+    else:
+        note = "the sums agree, but rows are counted in the wrong place" + (
+            f": {why}" if why else ""
+        )
+    return f"{MARK_BROKEN} {figure}", f"does NOT hold: {note}", False
