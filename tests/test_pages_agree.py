@@ -200,11 +200,6 @@ def test_case8_a_partition_that_does_not_hold_never_reads_as_an_equation(monkeyp
     assert "50,000 ≠ 49,992 + 7" in line and "1 row unaccounted" in line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.run_summary (not this change's file) prints 'source rows X = migrated Y + "
-    "rejected Z' itself; it must print verdict.partition()'s words (see the closing report)",
-)
 def test_case8_the_terminal_summary_says_the_partition_does_not_hold() -> None:
     record = orchestrate.StepRecord("reconcile", "03_reconcile.ipynb", "failed", "FAIL")
     record.summary = {"source_rows": 50_000, "migrated": 49_992, "rejected": 7}

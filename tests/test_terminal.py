@@ -53,13 +53,18 @@ def test_run_under_no_color_names_each_step_and_ends_with_the_sha256(
     assert re.search(r"^  reconcile: .*rows", result.stderr, re.M), result.stderr
     sealed = json.loads((folder_of(result) / "manifest.json").read_text())
     sha = sealed["source"]["sha256_before"]
-    tail = result.stdout.splitlines()[-4:]
+    tail = result.stdout.splitlines()[-6:]
     assert tail == [
         "PASS_WITH_WARNINGS: every step passed",
         tail[1],
-        "  rows read 400, inserted 393, unchanged 0, rejected 7",
+        # The README's words: read / landed / rejected, and whether the partition holds.
+        "  rows read 400, landed 393 (393 new, 0 already there), rejected 7",
+        "  partition (source rows = migrated + rejected): ✔ 400 = 393 + 7 — holds: every source "
+        "row is accounted for once",
+        tail[4],
         f"  source sha256 {sha}",
     ]
+    assert tail[4].startswith("  verify: ") and "--env" in tail[4]
     assert re.fullmatch(
         r"  preflight GO [\d.]+ s · inspect PASS_WITH_WARNINGS [\d.]+ s · migrate "
         r"PASS_WITH_WARNINGS [\d.]+ s · reconcile PASS_WITH_WARNINGS [\d.]+ s",
@@ -107,7 +112,10 @@ def test_migrate_and_reconcile_leave_sealed_folders_and_json(
     assert [(s["name"], s["verdict"]) for s in summary["steps"]] == [
         ("reconcile", "PASS_WITH_WARNINGS")
     ]
-    assert "  source rows 400 = migrated 393 + rejected 7" in checked.stderr
+    assert (
+        "  partition (source rows = migrated + rejected): ✔ 400 = 393 + 7 — holds: every "
+        "source row is accounted for once" in checked.stderr
+    )
 
     # A difference: reconcile exits 1, and says FAIL in its JSON and its folder.
     with psycopg.connect(dsn) as conn:

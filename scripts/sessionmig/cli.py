@@ -32,7 +32,7 @@ from .errors import (
     TargetUnreachable,
 )
 from .project import PROJECT_DIR_VARIABLE, runbook_path
-from .verdict import Verdict
+from .verdict import Verdict, partition
 
 DEBUG_VARIABLE = "SESSIONMIG_DEBUG"
 
@@ -155,26 +155,30 @@ def run_summary(outcome: Any) -> list[str]:
     migrate = next((r for r in outcome.steps if r.name == "migrate" and r.summary), None)
     if migrate is not None:
         counts = migrate.summary
-        lines.append(
-            ", ".join(
-                f"{label} {counts[key]:,}"
-                for key, label in (
-                    ("rows_read", "rows read"),
-                    ("inserted", "inserted"),
-                    ("unchanged", "unchanged"),
-                    ("rejected", "rejected"),
-                )
-                if isinstance(counts.get(key), int)
-            )
-        )
-    reconcile = next((r for r in outcome.steps if r.name == "reconcile" and r.summary), None)
-    if migrate is None and reconcile is not None:
-        counts = counts_of([reconcile])
-        if None not in counts.values():
+        read, rejected = counts.get("rows_read"), counts.get("rejected")
+        new, there = counts.get("inserted"), counts.get("unchanged")
+        if all(isinstance(v, int) for v in (read, rejected, new, there)):
+            # The README's words: read / landed / rejected; landed = new rows + rows already there.
             lines.append(
-                f"source rows {counts['read']:,} = migrated {counts['landed']:,} + rejected "
-                f"{counts['rejected']:,}"
+                f"rows read {read:,}, landed {new + there:,} ({new:,} new, {there:,} already "
+                f"there), rejected {rejected:,}"
             )
+    reconcile = next((r for r in outcome.steps if r.name == "reconcile" and r.summary), None)
+    if reconcile is not None:
+        proved = reconcile.summary
+        source, migrated = proved.get("source_rows"), proved.get("migrated")
+        rejected = proved.get("rejected")
+        if all(
+            isinstance(v, int) and not isinstance(v, bool) for v in (source, migrated, rejected)
+        ):
+            holds = proved.get("partition_holds")
+            figure, note, _ = partition(
+                source, migrated, rejected, holds if isinstance(holds, bool) else None
+            )
+            lines.append(f"partition (source rows = migrated + rejected): {figure} — {note}")
+    verify = getattr(outcome, "verify", None)
+    if verify:
+        lines.append(f"verify: {verify}")
     if outcome.source_sha256:
         lines.append(f"source sha256 {outcome.source_sha256}")
     return [line for line in lines if line]
