@@ -452,11 +452,7 @@ def test_case9_the_printed_verify_command_runs_as_printed(
 
     page = (by_path.run_dir / "index.html").read_text()
     digest = json.loads((by_path.run_dir / "manifest.json").read_text())["manifest_sha256"]
-    if render.shown_digest(page) != digest:
-        pytest.xfail(
-            "the cover can show the digest only once manifest.write_manifest hashes index.html "
-            "with its digest slot blanked and then fills it (see the closing report)"
-        )
+    assert render.shown_digest(page) == digest
 
 
 DYING = """import os, signal

@@ -149,7 +149,7 @@ def write_manifest(run_dir: Path, data: dict[str, Any]) -> Path:
     evidence modes before the manifest is written (and the manifest after)."""
     restrict(run_dir)
     files = {
-        str(p.relative_to(run_dir)): sha256_file(p)
+        str(p.relative_to(run_dir)): _sealed_hash(run_dir, p)
         for p in sorted(run_dir.rglob("*"))
         if p.is_file() and p.name not in ("manifest.json", SIGNATURE)
     }
@@ -158,7 +158,28 @@ def write_manifest(run_dir: Path, data: dict[str, Any]) -> Path:
     path = run_dir / "manifest.json"
     path.write_text(json.dumps(sealed, indent=2, default=str), encoding="utf-8")
     path.chmod(FILE_MODE)
+    cover = run_dir / COVER
+    if cover.is_file():
+        # The cover shows the digest it is sealed under: its hash above is of the page with
+        # the digest's slot empty, so filling the slot now changes nothing sealed.
+        cover.write_text(
+            render.with_digest(cover.read_text(encoding="utf-8"), sealed[DIGEST_FIELD]),
+            encoding="utf-8",
+        )
+        cover.chmod(FILE_MODE)
     return path
+
+
+COVER = "index.html"
+
+
+def _sealed_hash(run_dir: Path, file: Path) -> str:
+    """The sha256 a file is sealed under: its bytes, except the cover's, which is hashed with
+    its digest slot empty (the digest is known only once everything else is hashed)."""
+    if file == run_dir / COVER:
+        text = file.read_text(encoding="utf-8")
+        return hashlib.sha256(render.without_digest(text).encode("utf-8")).hexdigest()
+    return sha256_file(file)
 
 
 def digest_of(run_dir: Path) -> str | None:
@@ -212,8 +233,12 @@ def verify(run_dir: Path) -> Verification:
             problems.append(f"{name}: missing")
         elif kind != "file":
             problems.append(f"{name}: is {kind} now, not the sealed file")
-        elif sha256_file(run_dir / name) != expected:
+        elif _sealed_hash(run_dir, run_dir / name) != expected:
             problems.append(f"{name}: sha256 differs from the manifest (edited)")
+        elif name == COVER:
+            shown = render.shown_digest((run_dir / name).read_text(encoding="utf-8"))
+            if shown not in (None, data.get(DIGEST_FIELD)):
+                problems.append(f"{name}: shows the digest {shown[:16]}…, not the manifest's")
     for rel, kind in sorted(entries.items()):
         # The signature is made after sealing, by whoever signs: it cannot be listed.
         if rel in listed or (rel in ("manifest.json", SIGNATURE) and kind == "file"):
@@ -499,10 +524,17 @@ def read_trusted(run_dir: str | Path, conn: Any, schema: str) -> dict[str, Any]:
         raise ParameterError(f"{path}: no manifest here; give the run folder of the step's run")
     text = path.read_text(encoding="utf-8")
     try:
-        environment = str(json.loads(text).get("environment") or "ENV")
+        sealed = json.loads(text)
+        environment = str(sealed.get("environment") or "ENV")
+        # The command the run recorded runs as printed (--env as given, --project-dir); a
+        # forged folder may have changed it, so it is offered beside the plain form.
+        recorded = (sealed.get("commands") or {}).get("verify")
     except (ValueError, AttributeError):
-        environment = "ENV"
-    check = f"run `sessionmig verify {folder} --env {environment}` to see what it finds"
+        environment, recorded = "ENV", None
+    plain = f"sessionmig verify {folder} --env {environment}"
+    check = f"run `{plain}` to see what it finds" + (
+        f" (as the run recorded it: `{recorded}`)" if recorded and recorded != plain else ""
+    )
     result = verify(folder)
     if not result.ok:
         raise VerdictFailed(
