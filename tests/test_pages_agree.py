@@ -498,3 +498,39 @@ def test_case11_a_dead_kernel_says_what_is_known(
     assert "NO VERDICT" not in step
     assert headline_of((outcome.run_dir / "index.html").read_text()).startswith("ERROR rollback: ")
     assert outcome.message.startswith("ERROR: rollback: ")
+
+
+@pytest.mark.parametrize(
+    ("step", "rows", "said"),
+    [
+        (
+            "finalize",
+            [{"run_id": "r1-finalize", "step": "finalize", "dry_run": False}],
+            "finalize had moved the live file and recorded it",
+        ),
+        (
+            "rollback",
+            [{"run_id": "r1-rollback-overlap-intent", "step": "rollback", "state": "intent"}],
+            "recorded its intent",
+        ),
+        (
+            "catchup",
+            [{"run_id": "r1-catchup-3", "step": "catchup", "catchup_pass": "3"}],
+            "catch-up pass 3 had committed",
+        ),
+        ("finalize", [], "the same command finishes it exactly once"),
+    ],
+)
+def test_an_interrupted_writing_step_says_what_its_audit_rows_say(step, rows, said) -> None:
+    """Issue 20: an interrupted finalize, rollback or catch-up pass said "nothing of this run
+    was committed" (only migrate's rows were read): every step's rows are read and named."""
+    record = orchestrate.StepRecord(step, f"0x_{step}.ipynb", "interrupted")
+    record.interrupted = True
+    facts = orchestrate.TargetFacts(
+        audit=[{"finished_at": "2026-12-07T09:00:00+00:00", **r} for r in rows]
+    )
+    found = orchestrate._account_for_interrupt([record], facts, "r1")
+    assert said in found["what_happened"]
+    assert found["committed"] is bool(rows)
+    if rows:
+        assert "nothing of this run was committed" not in found["what_happened"]

@@ -321,13 +321,16 @@ def audit_rows(conn: Any, schema: str, run_id: str) -> list[dict[str, Any]]:
 
     if not _regclass(conn, schema, "session_migration_runs"):
         return []
+    # A step that is not migrate writes its row under the run id and a suffix of its own
+    # (``-finalize``, ``-rollback``, ``-catchup-2``, ``-rollback-overlap-intent`` …).
     query = sql.SQL(
-        """SELECT step, started_at, finished_at, dry_run, source_sha256, rows_read, inserted,
-                  unchanged, conflicting, updated, rejected
-           FROM {} WHERE run_id = %s ORDER BY started_at"""
+        """SELECT run_id, step, started_at, finished_at, dry_run, source_sha256, rows_read,
+                  inserted, unchanged, conflicting, updated, rejected,
+                  parameters->>'state' AS state, parameters->>'catchup_pass' AS catchup_pass
+           FROM {} WHERE run_id = %s OR left(run_id, %s) = %s ORDER BY started_at"""
     ).format(sql.Identifier(schema, "session_migration_runs"))
     with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(query, (run_id,)).fetchall()
+        rows = cur.execute(query, (run_id, len(run_id) + 1, run_id + "-")).fetchall()
     return [
         {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
         for row in rows

@@ -572,16 +572,42 @@ def _account_for_interrupt(
             )
             migrate.exit_code = EXIT_OK
             migrate.summary = {**migrate.summary, **{k: v for k, v in row.items()}}
+    elif others := [row for row in facts.audit or [] if not row.get("dry_run")]:
+        committed = others
+        happened = "; ".join(_what_a_row_says(row) for row in others)
     else:
         happened = "nothing of this run was committed: the target has no audit row for it" + (
             "" if facts.settled else " (its connections were still closing)"
         )
+        if step is not None and step.name in ("finalize", "rollback"):
+            happened += (
+                f"; {step.name} may have moved or written a file before its record: the same "
+                "command finishes it exactly once"
+            )
     return {
         "step": step.name if step else None,
         "committed": None if facts.audit is None else bool(committed),
         "what_happened": happened,
         "audit_rows": facts.audit,
     }
+
+
+def _what_a_row_says(row: dict[str, Any]) -> str:
+    """One audit row of this run, in words (for a run interrupted after a step committed)."""
+    step, finished = row.get("step"), when(row.get("finished_at"))
+    if step == "catchup":
+        return f"catch-up pass {row.get('catchup_pass')} had committed (finished {finished})"
+    if step == "rollback" and row.get("state") == "intent":
+        return (
+            "the rollback during the overlap had recorded its intent (catch-up is refused from "
+            "then on); whether it wrote the live file is in the file's marker: run the same "
+            "command again, it completes the rollback exactly once"
+        )
+    if step == "rollback":
+        return f"the rollback had committed and recorded it (finished {finished})"
+    if step == "finalize":
+        return f"finalize had moved the live file and recorded it (finished {finished})"
+    return f"{step} had committed (finished {finished})"
 
 
 def _record_digest(
