@@ -336,7 +336,7 @@ def migrated(target, dsn: str, tmp_path: Path, small_backup: Path):
     settings = target(small_backup)
     assert steps.migrate(settings, progress=False).verdict == "PASS_WITH_WARNINGS"
     folder = sealed_run(
-        tmp_path / "reports" / "migrate-1",
+        tmp_path / "reports" / settings.run_id,  # a run folder is named by its run id
         dsn,
         {"name": "migrate", "verdict": "PASS_WITH_WARNINGS"},
         source={"path": str(small_backup), "sha256_before": sha256_file(small_backup)},

@@ -205,7 +205,7 @@ nb(
             "code",
             "report.show_rollback_check(result)",
         ),
-        ("code", "report.conclude_rollback(restored, result)"),
+        ("code", "report.conclude_rollback(restored, result, migrate_manifest)"),
     ],
 )
 

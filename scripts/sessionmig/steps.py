@@ -628,7 +628,9 @@ def skipped_reconcile(reason: str) -> ReconcileResult:
     )
 
 
-def reconcile_step(s: Settings, progress: bool = True) -> ReconcileResult:
+def reconcile_step(
+    s: Settings, progress: bool = True, run_id: str | None = None
+) -> ReconcileResult:
     """Compare the raw backup with the target, every row and column.
 
     In a dry run migrate rolled back everything it loaded: comparing the backup with the
@@ -650,6 +652,7 @@ def reconcile_step(s: Settings, progress: bool = True) -> ReconcileResult:
                 batch_rows=s.batch_rows,
                 progress=bar.update,
                 mode=s.reconcile_mode,
+                run_id=run_id,
             )
 
 
@@ -908,7 +911,8 @@ def rollback_step(
     dsn = s.dsn()
     try:
         with _trusted_check(dsn, "rollback") as conn:
-            expected = migrated_sha256(read_trusted(migrate_manifest, conn, s.target_schema))
+            given = read_trusted(migrate_manifest, conn, s.target_schema)
+            expected = migrated_sha256(given)
             earlier = earlier_restore(restore_path)
             if earlier is not None and earlier.get("backup_sha256") != expected:
                 earlier = None  # another backup's restore: not this command's to replace
@@ -922,7 +926,8 @@ def rollback_step(
     if earlier is not None and when is not None and not confirm:
         # This command's restore, recorded, untouched since: the rollback is done; check it.
         done = earlier_result(earlier, when)
-        return done, reconcile_step(replace(s, sqlite_path=done.restore_path))
+        named = str(given.get("run_id") or "") or None
+        return done, reconcile_step(replace(s, sqlite_path=done.restore_path), run_id=named)
     result = rollback(
         s.sqlite_path,
         restore_path,
@@ -965,7 +970,8 @@ def rollback_step(
         started=started,
     )
     check = replace(s, sqlite_path=result.restore_path)
-    return result, reconcile_step(check)
+    # Against the rejects of the run the operator named, not whichever migrate ran last.
+    return result, reconcile_step(check, run_id=str(given.get("run_id") or "") or None)
 
 
 def finalize_step(
