@@ -311,8 +311,9 @@ def _commit(conn: psycopg.Connection, dsn: str, schema: str, run_id: str) -> Non
         raise TargetError(
             f"lost the connection while COMMIT's answer was in flight ({redact(str(exc).strip())})"
             f" and the target cannot be asked now: whether run {run_id} committed is unknown. "
-            f"Look for it in {schema}.session_migration_runs (or run `sessionmig db current` and "
-            "reconcile) before running migrate again"
+            f"Once the target answers, look for run {run_id} in {schema}.session_migration_runs "
+            "(or run `sessionmig reconcile --env ENV` with this run's environment) before "
+            "running migrate again"
         ) from None
 
 
