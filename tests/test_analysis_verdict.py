@@ -43,10 +43,10 @@ def test_case20_sources_that_agree_pass_and_that_differ_are_named(
     s = target(small_backup)
     steps.migrate(s, progress=False)
     same = steps.analysis(s, BOTH, [], {})
-    assert len(same.results) == 10  # every query but user_sessions (no user given)
+    assert len(same.results) == 12  # every query but user_sessions (no user given)
     assert (same.verdict, same.reason) == (
         "PASS",
-        "10 queries on sqlite, postgres, every answer the same on both",
+        "12 queries on sqlite, postgres, every answer the same on both",
     )
     n, anonymous = active(dsn, s.as_of)
     assert n > 0

@@ -1,5 +1,7 @@
 """Every named query gives the same answer on the SQLite backup and on migrated PostgreSQL,
-with values asserted on a known sample."""
+with values asserted on a known sample; every parameter is checked before any query runs
+(issue 22 item 3). What each answer *means* is checked against an independent computation in
+``test_query_oracle.py``."""
 
 from __future__ import annotations
 
@@ -39,6 +41,11 @@ CASES = [
     ("active_at", {}),
     ("active_over_time", {"start": "2026-01-01T00:00:00+09:00", "unit": "day"}),
     ("active_over_time", {"start": "2026-01-14T00:00:00Z", "unit": "hour", "timezone": "UTC"}),
+    ("active_over_time", {"unit": "15min", "timezone": "Asia/Kolkata"}),
+    ("active_over_time", {"start": "2025-12-01T00:00:00Z", "unit": "week"}),
+    ("active_over_time", {"start": "2025-11-01T00:00:00Z", "unit": "month"}),
+    ("sessions_started", {"unit": "hour", "timezone": "America/New_York"}),
+    ("percentiles", {}),
     ("sessions_per_user", {"top_n": 5}),
     ("request_count_distribution", {"width": 25}),
     ("lifetime_hours", {}),
@@ -48,6 +55,7 @@ CASES = [
     ("anomalies", {}),
     ("cutover_watch", {"hours": 6}),
     ("user_sessions", {"user_id": "user-000007"}),
+    ("user_sessions", {"anonymous": True}),
 ]
 
 
@@ -183,3 +191,118 @@ def test_distributions_add_up_to_the_rows(both) -> None:
     assert by_hours[24] > 500 and sum(by_hours.values()) == 593
     used = queries.run("ttl_used", "postgres", both, values("ttl_used"))
     assert set(used["tenths_used"]) <= set(range(11)) and used["sessions"].sum() <= 593
+
+
+BAD = [
+    ("request_count_distribution", {"width": 0}, "width=0 must be between 1 and"),
+    ("request_count_distribution", {"width": -5}, "width=-5 must be between 1"),
+    ("request_count_distribution", {"width": 2.5}, "width=2.5 must be a whole number"),
+    ("request_count_distribution", {"width": "ten"}, "width='ten' must be a whole number"),
+    ("request_count_distribution", {"width": True}, "width=True must be a whole number"),
+    ("sessions_per_user", {"top_n": 0}, "top_n=0 must be between 1"),
+    ("metadata_top_values", {"top_n": -1}, "top_n=-1 must be between 1"),
+    ("user_sessions", {"user_id": "u", "limit": 0}, "limit=0 must be between 1"),
+    ("cutover_watch", {"hours": 0}, "hours=0 must be between 1"),
+    ("cutover_watch", {"hours": 10**6}, "hours=1000000 must be between 1 and 8,784"),
+    ("cutover_watch", {"cutover": "yesterday"}, "cutover='yesterday' is not an ISO-8601"),
+    ("active_over_time", {"unit": "fortnight"}, "unit='fortnight': choose one of 15min"),
+    ("active_over_time", {"timezone": "Mars/Olympus"}, "timezone='Mars/Olympus' is not an IANA"),
+    ("active_over_time", {"start": "2026-01-15T00:00:00"}, "start=.* has no UTC offset"),
+    ("active_over_time", {"start": "2026-01-16T00:00:00Z"}, "start=.* must be before end="),
+    ("active_over_time", {"start": "2000-01-01T00:00:00Z", "unit": "15min"}, "more than 100,000"),
+    ("sessions_started", {"end": "2026-01-01T00:00:00Z"}, "must be before end="),
+    ("user_sessions", {"anonymous": "maybe"}, "anonymous='maybe' must be true or false"),
+    ("user_sessions", {"user_id": "a\x00b"}, "without NUL"),
+    ("anomalies", {"timeout_s": 0}, "timeout_s=0 must be more than 0"),
+    ("anomalies", {"timeout_s": "soon"}, "timeout_s='soon' must be a number of seconds"),
+]
+
+
+@pytest.mark.parametrize(("name", "given", "message"), BAD, ids=[str(i) for i in range(len(BAD))])
+def test_item3_every_parameter_is_checked_before_any_query_runs(name, given, message) -> None:
+    with pytest.raises(ParameterError, match=message) as caught:
+        values(name, **given)
+    assert f"query {name}" in str(caught.value)  # which query, which parameter
+
+
+def test_item3_width_zero_is_refused_by_the_cli_on_both_sources(backup, tmp_path) -> None:
+    """Nothing runs: no server is reachable here, no analysis copy is built."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, env_file
+
+    env = env_file(tmp_path, backup, as_of=AS_OF.isoformat())
+    cache = tmp_path / "cache"
+    for source in ("sqlite", "postgres"):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sessionmig.cli",
+                "query",
+                "request_count_distribution",
+                "--env",
+                str(env),
+                "--source",
+                source,
+                "-p",
+                "width=0",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={
+                **os.environ,
+                "SMTEST_DSN": "postgresql://nobody@127.0.0.1:1/none",
+                "XDG_CACHE_HOME": str(cache),
+            },
+        )
+        assert done.returncode == 2, done.stderr
+        assert "width=0 must be between 1 and" in done.stderr
+        assert "DivisionByZero" not in done.stderr and not done.stdout
+    assert not cache.exists()
+
+
+def test_item5_timeout_is_a_parameter(both, monkeypatch) -> None:
+    seen = []
+    real = queries.run_sql_postgres
+
+    def spy(statement, bound, dsn, timeout_s, limit):
+        seen.append(timeout_s)
+        return real(statement, bound, dsn, timeout_s, limit)
+
+    monkeypatch.setattr(queries, "run_sql_postgres", spy)
+    queries.run("anomalies", "postgres", both, values("anomalies"))
+    queries.run("anomalies", "postgres", both, values("anomalies", timeout_s=120))
+    queries.run("anomalies", "postgres", both, values("anomalies", timeout_s="2.5"))
+    assert seen == [queries.DEFAULT_TIMEOUT_S, 120.0, 2.5]
+    assert "timeout_s" in queries.listing()[0]
+
+
+def test_item5_default_unit_is_the_analysis_steps_everywhere() -> None:
+    from sessionmig import params
+
+    assert values("active_over_time")["unit"] == params.default("unit")
+    assert values("sessions_started")["unit"] == params.default("unit")
+
+
+def test_exports_carry_zone_unit_and_window(both) -> None:
+    given = {"start": "2026-01-14T00:00:00+09:00", "unit": "hour", "timezone": "Asia/Seoul"}
+    frame = queries.run("active_over_time", "sqlite", both, values("active_over_time", **given))
+    assert frame.loc[0, "bucket"] == "2026-01-14 00:00+09:00"
+    header, first = queries.to_text(frame, "csv").splitlines()[:2]
+    assert header == "bucket,peak,timezone,unit,start,end"
+    assert first.endswith(
+        ",Asia/Seoul,hour,2026-01-13T15:00:00.000000Z,2026-01-15T03:00:00.000000Z"
+    )
+    import json
+
+    row = json.loads(queries.to_text(frame, "json").splitlines()[0])
+    assert (row["timezone"], row["unit"], row["end"]) == (
+        "Asia/Seoul",
+        "hour",
+        "2026-01-15T03:00:00.000000Z",
+    )
+    assert "(timezone=Asia/Seoul, unit=hour" in queries.to_text(frame, "table")

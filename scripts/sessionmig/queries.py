@@ -1,12 +1,34 @@
-"""Named, documented analysis queries that give the same answer on the SQLite backup and on
-PostgreSQL, so a before/after comparison is one call.
+"""Named, documented analysis queries with one meaning each, computed the same way on the
+SQLite backup and on PostgreSQL, so a before/after comparison is one call.
+
+**What every query means** is written once, in its :class:`Query` description (``sessionmig
+query --list`` prints it), and ``tests/oracle.py`` computes exactly that in plain Python over the
+normalised rows; both SQL texts are checked against it (``tests/test_query_oracle.py``), not
+only against each other. The conventions they share:
+
+* Instants are UTC. A session is **active** at instant ``t`` when ``created_at <= t <
+  expires_at``; a session whose ``expires_at <= created_at`` is therefore never active (the
+  ``anomalies`` query counts those that expire before they start).
+* **Intervals are exact**: an hour is 3,600 s and a week 168 hours, whatever the calendar or the
+  client's time zone (PostgreSQL's own ``TimeZone`` is set to UTC on the query's connection, so
+  nothing depends on where the client sits).
+* **Buckets** (``unit``: ``15min``, ``hour``, ``day``, ``week`` — ISO, from Monday — or
+  ``month``) are the local calendar's, in ``timezone``: an instant belongs to the bucket of its
+  local wall-clock time truncated to the unit; for ``15min`` and ``hour`` also to the UTC offset
+  in force, so New York's repeated 01:00 on the fall-back day is two buckets, and a skipped hour
+  is no bucket. A bucket is labelled by the local time of its first instant **with its UTC
+  offset** (``2026-11-01 01:00-05:00``), so every label is one instant. The buckets of a window
+  ``[start, end)`` are all those holding an instant of it, empty ones included; the first and
+  last are counted over their part inside the window. The bucket boundaries are computed once in
+  Python (:func:`buckets`) and handed to both SQL texts, so the servers' own time-zone data never
+  decides a boundary.
 
 PostgreSQL runs them on the live table in a read-only transaction with a statement timeout. The
 SQLite side never queries the backup directly: the backup is normalised once by the migration's
 own rules into a private *analysis copy* (instants as UTC microseconds, metadata printed as
 jsonb prints it, rows that cannot land left out — exactly what migrate would load), opened
-read-only, with small SQL functions for zone-aware bucketing. Session ids are masked in results
-unless asked otherwise.
+read-only, with small SQL functions for what SQLite lacks. Session ids are masked in results
+unless asked otherwise. Every parameter is checked by :func:`resolve` before any query runs.
 
 The analysis copy holds every session id in clear, so it lives in a private cache, never in a
 shared temporary directory: ``$XDG_CACHE_HOME/sessionmig/analysis`` (else
@@ -24,16 +46,18 @@ result whatever the column is called: see :mod:`sessionmig.readonly`.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import sqlite3
 import stat
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -56,47 +80,203 @@ from .transform import Reject, Rules, normalise
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MICROS = timedelta(microseconds=1)
 ISO_PG = """to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+UNITS = ("15min", "hour", "day", "week", "month")
+"""Bucket sizes; the default is the analysis step's (``params``' ``unit``), one for everyone."""
+SUBDAY = {"15min": timedelta(minutes=15), "hour": timedelta(hours=1)}
+MAX_BUCKETS = 100_000
+DEFAULT_TIMEOUT_S = 30.0
+MAX_TIMEOUT_S = 3600.0
+MAX_WATCH_HOURS = 24 * 366
+WEEK = timedelta(hours=168)
 
 
 @dataclass(frozen=True)
 class Param:
-    """One query parameter: its name, kind (instant, zone, int, str, unit), default, meaning."""
+    """One query parameter: its name, kind (instant, zone, int, str, unit, bool), default,
+    meaning, and for ``int`` the smallest and largest value accepted."""
 
     name: str
     kind: str
     default: Any
     help: str
+    low: int = 0
+    high: int = 2**31 - 1
 
 
 @dataclass(frozen=True)
 class Query:
-    """A named query with the same meaning in both dialects."""
+    """A named query: its meaning (``description``, the one definition both SQL texts compute
+    and the oracle checks), parameters, the two SQL texts, and Python steps shared by both
+    sources: ``prepare`` adds derived values (bucket edges, instants) before, ``post`` shapes
+    the answer after."""
 
     name: str
     description: str
     params: tuple[Param, ...]
     postgres: str
     sqlite: str
-    post: Callable[[pd.DataFrame], pd.DataFrame] | None = field(default=None, compare=False)
+    post: Callable[[pd.DataFrame, dict[str, Any]], pd.DataFrame] | None = field(
+        default=None, compare=False
+    )
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = field(default=None, compare=False)
+    context: tuple[str, ...] = ()  # parameters an export of the answer carries (zone, window …)
 
 
 AT = Param("at", "instant", None, "the instant (default: as_of)")
-START = Param("start", "instant", None, "window start (default: 7 days before as_of)")
+START = Param("start", "instant", None, "window start, inclusive (default: 7 days before as_of)")
 END = Param("end", "instant", None, "window end, exclusive (default: as_of)")
-UNIT = Param("unit", "unit", "hour", "bucket size: hour or day")
+UNIT = Param("unit", "unit", P.default("unit"), "bucket size: " + ", ".join(UNITS))
 ZONE = Param("timezone", "zone", None, "IANA zone of the buckets (default: source_timezone)")
-TOP = Param("top_n", "int", 10, "how many rows to keep")
+TOP = Param("top_n", "int", 10, "how many rows to keep", low=1)
+TIMEOUT = Param(
+    "timeout_s", "seconds", None, f"statement timeout in seconds (default {DEFAULT_TIMEOUT_S:g})"
+)
+WINDOWED = ("timezone", "unit", "start", "end")
 
 
-def _share(df: pd.DataFrame) -> pd.DataFrame:
-    df["share_pct"] = (100 * df["sessions"] / df.pop("total")).round(2)
-    return df
+# --- buckets and instants, shared by both sources ---------------------------------------------
 
+
+def _offset_text(offset: timedelta | None) -> str:
+    seconds = int((offset or timedelta(0)).total_seconds())
+    sign = "-" if seconds < 0 else "+"
+    hours, rest = divmod(abs(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{sign}{hours:02d}:{minutes:02d}" + (f":{secs:02d}" if secs else "")
+
+
+def bucket_label(first: datetime, zone: ZoneInfo) -> str:
+    """A bucket's label: the local time of its first instant and the UTC offset there."""
+    local = first.astimezone(zone)
+    return local.strftime("%Y-%m-%d %H:%M") + _offset_text(local.utcoffset())
+
+
+def _local_midnight(year: int, month: int, day: int, zone: ZoneInfo) -> datetime:
+    """The first instant of a local date: midnight's first occurrence; when midnight falls in
+    a gap, the gap's end (``fold=0`` reads it with the offset before the gap)."""
+    return datetime(year, month, day, tzinfo=zone).astimezone(UTC)
+
+
+def _bucket_first(t: datetime, unit: str, zone: ZoneInfo) -> datetime:
+    """The first instant of the bucket holding instant ``t`` (UTC)."""
+    local = t.astimezone(zone)
+    if unit in SUBDAY:
+        step = int(SUBDAY[unit].total_seconds() // 60)
+        # The wall clock truncated, with the offset in force at t (fold kept): a repeated
+        # hour's second pass is a bucket of its own.
+        offset = local.utcoffset() or timedelta(0)
+        wall = local.replace(tzinfo=None)
+        wall = wall.replace(minute=wall.minute - wall.minute % step, second=0, microsecond=0)
+        return (wall - offset).replace(tzinfo=UTC)
+    day = local.date()
+    if unit == "week":
+        day -= timedelta(days=day.weekday())
+    elif unit == "month":
+        day = day.replace(day=1)
+    return _local_midnight(day.year, day.month, day.day, zone)
+
+
+def _bucket_next(first: datetime, unit: str, zone: ZoneInfo) -> datetime:
+    """The first instant of the bucket after the one starting at ``first``."""
+    if unit in SUBDAY:
+        return first + SUBDAY[unit]
+    day = first.astimezone(zone).date()
+    if unit == "month":
+        year, month = divmod(day.year * 12 + day.month, 12)  # month is 0-based here
+        return _local_midnight(year, month + 1, 1, zone)
+    following = day + timedelta(days=7 if unit == "week" else 1)
+    return _local_midnight(following.year, following.month, following.day, zone)
+
+
+def buckets(
+    start: datetime, end: datetime, unit: str, zone: str | ZoneInfo
+) -> list[tuple[str, datetime]]:
+    """The buckets of the window ``[start, end)``: ``(label, lower edge)`` in time order, the
+    first edge clipped to ``start`` (see the module docstring)."""
+    tz = zone if isinstance(zone, ZoneInfo) else ZoneInfo(zone)
+    out: list[tuple[str, datetime]] = []
+    first = _bucket_first(start, unit, tz)
+    while first < end:
+        out.append((bucket_label(first, tz), max(first, start)))
+        following = _bucket_next(first, unit, tz)
+        if following <= first:  # an offset change no unit boundary lines up with
+            following = _bucket_first(first + SUBDAY.get(unit, timedelta(days=1)), unit, tz)
+        first = following
+        if len(out) > MAX_BUCKETS:
+            raise ParameterError(
+                f"the window holds more than {MAX_BUCKETS:,} {unit} buckets; choose a larger "
+                "unit or a shorter window"
+            )
+    return out
+
+
+def _window_buckets(values: dict[str, Any]) -> dict[str, Any]:
+    found = buckets(values["start"], values["end"], values["unit"], values["timezone"])
+    return {**values, "labels": [b[0] for b in found], "edges": [b[1] for b in found]}
+
+
+def _watch_instants(values: dict[str, Any]) -> dict[str, Any]:
+    cutover, hours = values["cutover"], values["hours"]
+    at = [cutover + h * timedelta(hours=1) for h in range(hours)]
+    grid = sorted({*at, *(t - WEEK for t in at)})
+    return {**values, "at": at, "edges": grid, "last": at[-1]}
+
+
+def _by_bucket(frame: pd.DataFrame, values: dict[str, Any]) -> pd.DataFrame:
+    """Bucket numbers (1-based) replaced by their labels."""
+    labels = values["labels"]
+    out = frame.copy()
+    out.insert(0, "bucket", [labels[int(k) - 1] for k in out.pop("k")])
+    for column in out.columns[1:]:
+        out[column] = pd.Series([int(v) for v in out[column]], index=out.index, dtype="int64")
+    return out
+
+
+def _watch(frame: pd.DataFrame, values: dict[str, Any]) -> pd.DataFrame:
+    """Active sessions at each watched instant and 168 hours before it, from the counts at
+    the distinct instants."""
+    active = dict(
+        zip(
+            (values["edges"][int(k) - 1] for k in frame["k"]),
+            (int(n) for n in frame["active"]),
+            strict=True,
+        )
+    )
+    return pd.DataFrame(
+        {
+            "hour": list(range(len(values["at"]))),
+            "at": [t.strftime("%Y-%m-%dT%H:%M:%S.%fZ") for t in values["at"]],
+            "active": [active[t] for t in values["at"]],
+            "week_before": [active[t - WEEK] for t in values["at"]],
+        },
+        columns=["hour", "at", "active", "week_before"],
+    )
+
+
+def _share(frame: pd.DataFrame, values: dict[str, Any]) -> pd.DataFrame:
+    frame["share_pct"] = (100 * frame["sessions"] / frame.pop("total")).round(2)
+    frame["tied_at_cutoff"] = frame.pop("tied_at_cutoff").astype(bool)
+    return frame[["user_id", "sessions", "share_pct", "rank", "tied_at_cutoff"]]
+
+
+def _tied(frame: pd.DataFrame, values: dict[str, Any]) -> pd.DataFrame:
+    frame["tied_at_cutoff"] = frame["tied_at_cutoff"].astype(bool)
+    return frame
+
+
+# --- the queries ------------------------------------------------------------------------------
+
+# Counting at instants: each session active at some of the sorted instants E_1 < … < E_m is
+# active exactly at E_i for lo < i <= hi, where lo (hi) is how many instants lie before its
+# created_at (expires_at); so the count at E_i is #(lo < i) - #(hi < i), one pass over the table.
+_PG_EDGES = "%(edges)s::timestamptz[]"
+_PG_BEFORE = "width_bucket({} - interval '1 microsecond', " + _PG_EDGES + ")"
 
 QUERIES: tuple[Query, ...] = (
     Query(
         "active_at",
-        "sessions active at an instant (created <= at < expires), anonymous among them",
+        "sessions active at instant `at` (created_at <= at < expires_at), and how many of them "
+        "are anonymous (user_id NULL)",
         (AT,),
         "SELECT count(*) AS active, count(*) FILTER (WHERE user_id IS NULL) AS anonymous "
         "FROM {sessions} WHERE created_at <= %(at)s AND expires_at > %(at)s",
@@ -105,40 +285,117 @@ QUERIES: tuple[Query, ...] = (
     ),
     Query(
         "active_over_time",
-        "peak concurrent sessions per local hour or day within a window",
+        "peak concurrency per bucket of the window: for every bucket (local `unit` in "
+        "`timezone`, empty ones included), the largest number of sessions active at one "
+        "instant of the bucket inside [start, end) — active as in active_at, so sessions "
+        "carried in from before the bucket count, every start and expiry at one instant is "
+        "applied together, and a session with expires_at <= created_at never counts",
         (START, END, UNIT, ZONE),
-        """WITH ev AS (SELECT created_at AS t, 1 AS d FROM {sessions}
-                       UNION ALL SELECT expires_at, -1 FROM {sessions}),
-                run AS (SELECT t, sum(d) OVER (ORDER BY t, d ROWS UNBOUNDED PRECEDING) AS n
-                        FROM ev)
-           SELECT to_char(date_trunc(%(unit)s, t AT TIME ZONE %(timezone)s),
-                          'YYYY-MM-DD HH24:MI') AS bucket, max(n)::bigint AS peak
-           FROM run WHERE t >= %(start)s AND t < %(end)s GROUP BY 1 ORDER BY 1""",
-        """WITH ev AS (SELECT created_at AS t, 1 AS d FROM sessions
-                       UNION ALL SELECT expires_at, -1 FROM sessions),
-                run AS (SELECT t, sum(d) OVER (ORDER BY t, d ROWS UNBOUNDED PRECEDING) AS n
-                        FROM ev)
-           SELECT tz_bucket(t, :timezone, :unit) AS bucket, max(n) AS peak
-           FROM run WHERE t >= :start AND t < :end GROUP BY 1 ORDER BY 1""",
+        """WITH base AS (SELECT count(*) AS n FROM {sessions}
+                         WHERE created_at <= %(start)s AND expires_at > %(start)s),
+                ev AS (SELECT t, sum(d) AS d FROM (
+                           SELECT created_at AS t, 1 AS d FROM {sessions}
+                           WHERE created_at > %(start)s AND created_at < %(end)s
+                             AND expires_at > created_at
+                           UNION ALL
+                           SELECT expires_at, -1 FROM {sessions}
+                           WHERE expires_at > %(start)s AND expires_at < %(end)s
+                             AND expires_at > created_at) AS x GROUP BY t),
+                run AS (SELECT t, d, sum(d) OVER (ORDER BY t) AS n,
+                               width_bucket(t, %(edges)s::timestamptz[]) AS k FROM ev),
+                per AS (SELECT k, sum(d) AS d, max(n) AS top,
+                               sum(d) FILTER (WHERE t = (%(edges)s::timestamptz[])[k]) AS at_edge
+                        FROM run GROUP BY k),
+                b AS (SELECT k, base.n + coalesce(sum(per.d) OVER (ORDER BY k ROWS BETWEEN
+                              UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS carried,
+                             per.at_edge, base.n + per.top AS top
+                      FROM generate_series(1, cardinality(%(edges)s::timestamptz[])) AS k
+                      CROSS JOIN base LEFT JOIN per USING (k))
+           SELECT k, greatest(carried + coalesce(at_edge, 0), top) AS peak FROM b ORDER BY k""",
+        """WITH base AS (SELECT count(*) AS n FROM sessions
+                         WHERE created_at <= :start AND expires_at > :start),
+                ev AS (SELECT t, sum(d) AS d FROM (
+                           SELECT created_at AS t, 1 AS d FROM sessions
+                           WHERE created_at > :start AND created_at < :end
+                             AND expires_at > created_at
+                           UNION ALL
+                           SELECT expires_at, -1 FROM sessions
+                           WHERE expires_at > :start AND expires_at < :end
+                             AND expires_at > created_at) GROUP BY t),
+                run AS (SELECT t, d, sum(d) OVER (ORDER BY t) AS n, edge_index(t) AS k FROM ev),
+                per AS (SELECT k, sum(d) AS d, max(n) AS top,
+                               sum(CASE WHEN t = edge_at(k) THEN d END) AS at_edge
+                        FROM run GROUP BY k),
+                ks(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM ks WHERE k < edge_count()),
+                b AS (SELECT ks.k, base.n + coalesce(sum(per.d) OVER (ORDER BY ks.k ROWS BETWEEN
+                              UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS carried,
+                             per.at_edge, base.n + per.top AS top
+                      FROM ks CROSS JOIN base LEFT JOIN per ON per.k = ks.k)
+           SELECT k, max(carried + coalesce(at_edge, 0), coalesce(top, 0)) AS peak
+           FROM b ORDER BY k""",
+        _by_bucket,
+        _window_buckets,
+        WINDOWED,
+    ),
+    Query(
+        "sessions_started",
+        "sessions started per bucket of the window (created_at in the bucket and in [start, "
+        "end); buckets as in active_over_time, empty ones included), the distinct users who "
+        "started them (user_id not NULL; '' is a user id like any other) and the anonymous ones",
+        (START, END, UNIT, ZONE),
+        """WITH x AS (SELECT width_bucket(created_at, %(edges)s::timestamptz[]) AS k, user_id
+                      FROM {sessions} WHERE created_at >= %(start)s AND created_at < %(end)s),
+                per AS (SELECT k, count(*) AS sessions, count(DISTINCT user_id) AS users,
+                               count(*) FILTER (WHERE user_id IS NULL) AS anonymous
+                        FROM x GROUP BY k)
+           SELECT k, coalesce(sessions, 0) AS sessions, coalesce(users, 0) AS users,
+                  coalesce(anonymous, 0) AS anonymous
+           FROM generate_series(1, cardinality(%(edges)s::timestamptz[])) AS k
+           LEFT JOIN per USING (k) ORDER BY k""",
+        """WITH x AS (SELECT edge_index(created_at) AS k, user_id FROM sessions
+                      WHERE created_at >= :start AND created_at < :end),
+                per AS (SELECT k, count(*) AS sessions, count(DISTINCT user_id) AS users,
+                               sum(user_id IS NULL) AS anonymous FROM x GROUP BY k),
+                ks(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM ks WHERE k < edge_count())
+           SELECT ks.k AS k, coalesce(sessions, 0) AS sessions, coalesce(users, 0) AS users,
+                  coalesce(anonymous, 0) AS anonymous
+           FROM ks LEFT JOIN per ON per.k = ks.k ORDER BY ks.k""",
+        _by_bucket,
+        _window_buckets,
+        WINDOWED,
     ),
     Query(
         "sessions_per_user",
-        "users with the most sessions (top N), anonymous as one row, with shares",
+        "the top_n users by number of sessions (all anonymous sessions as one row, "
+        "'(anonymous)'), with each one's share of all sessions in percent (2 decimals), its "
+        "rank (1 + rows with more sessions) and tied_at_cutoff: true when a row not shown has "
+        "as many sessions; ties are ordered by user id, bytewise",
         (TOP,),
-        """SELECT coalesce(user_id, '(anonymous)') AS user_id, count(*) AS sessions,
-                  sum(count(*)) OVER ()::bigint AS total
-           FROM {sessions} GROUP BY user_id
-           ORDER BY sessions DESC, coalesce(user_id, '(anonymous)') COLLATE "C"
-           LIMIT %(top_n)s""",
-        """SELECT coalesce(user_id, '(anonymous)') AS user_id, count(*) AS sessions,
-                  sum(count(*)) OVER () AS total
-           FROM sessions GROUP BY user_id ORDER BY sessions DESC, 1 LIMIT :top_n""",
+        """WITH g AS (SELECT coalesce(user_id, '(anonymous)') AS user_id, count(*) AS sessions
+                      FROM {sessions} GROUP BY {sessions}.user_id),
+                r AS (SELECT user_id, sessions, sum(sessions) OVER ()::bigint AS total,
+                             rank() OVER (ORDER BY sessions DESC) AS rank,
+                             count(*) OVER (PARTITION BY sessions) AS same
+                      FROM g)
+           SELECT user_id, sessions, total, rank,
+                  (rank + same - 1 > %(top_n)s) AS tied_at_cutoff
+           FROM r ORDER BY sessions DESC, user_id COLLATE "C" LIMIT %(top_n)s""",
+        """WITH g AS (SELECT coalesce(user_id, '(anonymous)') AS user_id, count(*) AS sessions
+                      FROM sessions GROUP BY sessions.user_id),
+                r AS (SELECT user_id, sessions, sum(sessions) OVER () AS total,
+                             rank() OVER (ORDER BY sessions DESC) AS rank,
+                             count(*) OVER (PARTITION BY sessions) AS same
+                      FROM g)
+           SELECT user_id, sessions, total, rank,
+                  (rank + same - 1 > :top_n) AS tied_at_cutoff
+           FROM r ORDER BY sessions DESC, user_id LIMIT :top_n""",
         _share,
     ),
     Query(
         "request_count_distribution",
-        "how many sessions made how many requests (buckets of width)",
-        (Param("width", "int", 10, "bucket width in requests"),),
+        "sessions per request-count bucket: from_count = floor(request_count / width) * width, "
+        "every non-empty bucket, ascending",
+        (Param("width", "int", 10, "bucket width in requests", low=1),),
         """SELECT (floor(request_count::numeric / %(width)s) * %(width)s)::bigint AS from_count,
                   count(*) AS sessions FROM {sessions} GROUP BY 1 ORDER BY 1""",
         """SELECT floordiv(request_count, :width) * :width AS from_count, count(*) AS sessions
@@ -146,7 +403,8 @@ QUERIES: tuple[Query, ...] = (
     ),
     Query(
         "lifetime_hours",
-        "session lifetime (expires - created) in whole hours",
+        "sessions per lifetime in whole hours: floor((expires_at - created_at) / 3600 s), "
+        "negative for a session that expires before it starts; every non-empty value, ascending",
         (),
         """SELECT floor(extract(epoch FROM expires_at - created_at) / 3600)::bigint AS hours,
                   count(*) AS sessions FROM {sessions} GROUP BY 1 ORDER BY 1""",
@@ -154,9 +412,41 @@ QUERIES: tuple[Query, ...] = (
            FROM sessions GROUP BY 1 ORDER BY 1""",
     ),
     Query(
+        "percentiles",
+        "nearest-rank percentiles (the smallest value at or below which at least p% of the "
+        "sessions lie) of request_count and of the lifetime in whole minutes "
+        "(floor((expires_at - created_at) / 60 s)): sessions, min, p50, p90, p99, max",
+        (),
+        """WITH v AS (SELECT 'lifetime_minutes' AS measure,
+                             floor(extract(epoch FROM expires_at - created_at) / 60)::bigint AS x
+                      FROM {sessions}
+                      UNION ALL SELECT 'request_count', request_count::bigint FROM {sessions}),
+                c AS (SELECT measure, x, count(*) AS n FROM v GROUP BY 1, 2),
+                r AS (SELECT measure, x, sum(n) OVER (PARTITION BY measure ORDER BY x) AS cum,
+                             sum(n) OVER (PARTITION BY measure) AS total FROM c)
+           SELECT measure, max(total)::bigint AS sessions, min(x) AS min,
+                  min(x) FILTER (WHERE 100 * cum >= 50 * total) AS p50,
+                  min(x) FILTER (WHERE 100 * cum >= 90 * total) AS p90,
+                  min(x) FILTER (WHERE 100 * cum >= 99 * total) AS p99, max(x) AS max
+           FROM r GROUP BY measure ORDER BY measure""",
+        """WITH v AS (SELECT 'lifetime_minutes' AS measure,
+                             floordiv(expires_at - created_at, 60000000) AS x FROM sessions
+                      UNION ALL SELECT 'request_count', request_count FROM sessions),
+                c AS (SELECT measure, x, count(*) AS n FROM v GROUP BY 1, 2),
+                r AS (SELECT measure, x, sum(n) OVER (PARTITION BY measure ORDER BY x) AS cum,
+                             sum(n) OVER (PARTITION BY measure) AS total FROM c)
+           SELECT measure, max(total) AS sessions, min(x) AS min,
+                  min(x) FILTER (WHERE 100 * cum >= 50 * total) AS p50,
+                  min(x) FILTER (WHERE 100 * cum >= 90 * total) AS p90,
+                  min(x) FILTER (WHERE 100 * cum >= 99 * total) AS p99, max(x) AS max
+           FROM r GROUP BY measure ORDER BY measure""",
+    ),
+    Query(
         "ttl_used",
-        "share of the lifetime used before the last activity, in tenths "
-        "(sessions with last_activity inside their lifetime)",
+        "share of the lifetime used before the last activity, in whole tenths: "
+        "min(floor(10 * (last_activity - created_at) / (expires_at - created_at)), 10), over "
+        "the sessions with created_at < expires_at and last_activity within [created_at, "
+        "expires_at]; every non-empty value, ascending",
         (),
         """SELECT least(10 * (extract(epoch FROM last_activity - created_at) * 1000000)::bigint
                         / (extract(epoch FROM expires_at - created_at) * 1000000)::bigint, 10)
@@ -174,7 +464,8 @@ QUERIES: tuple[Query, ...] = (
     ),
     Query(
         "metadata_keys",
-        "top-level metadata keys in use and how many sessions carry each",
+        "top-level keys of the metadata objects (metadata that is not a JSON object has none) "
+        "and how many sessions carry each; most sessions first, then the key bytewise",
         (),
         """SELECT k AS key, count(*) AS sessions FROM {sessions},
                   jsonb_object_keys(CASE WHEN jsonb_typeof(metadata) = 'object'
@@ -185,28 +476,38 @@ QUERIES: tuple[Query, ...] = (
     ),
     Query(
         "metadata_top_values",
-        "most frequent string values of each top-level metadata key",
-        (Param("top_n", "int", 3, "values kept per key"),),
+        "for each top-level metadata key, its top_n most frequent string values (other JSON "
+        "types are left out) and how many sessions carry each, with rank within the key and "
+        "tied_at_cutoff: true when a value not shown is as frequent; key and ties bytewise",
+        (Param("top_n", "int", 3, "values kept per key", low=1),),
         """WITH kv AS (SELECT e.key, e.value #>> '{{}}' AS value FROM {sessions},
                           jsonb_each(CASE WHEN jsonb_typeof(metadata) = 'object'
                                           THEN metadata END) AS e
                        WHERE jsonb_typeof(e.value) = 'string'),
                 c AS (SELECT key, value, count(*) AS sessions FROM kv GROUP BY 1, 2),
                 r AS (SELECT *, row_number() OVER (PARTITION BY key ORDER BY sessions DESC,
-                                                   value COLLATE "C") AS rank FROM c)
-           SELECT key, value, sessions FROM r WHERE rank <= %(top_n)s
+                                                   value COLLATE "C") AS pos,
+                             rank() OVER (PARTITION BY key ORDER BY sessions DESC) AS rank,
+                             count(*) OVER (PARTITION BY key, sessions) AS same FROM c)
+           SELECT key, value, sessions, rank, (rank + same - 1 > %(top_n)s) AS tied_at_cutoff
+           FROM r WHERE pos <= %(top_n)s
            ORDER BY key COLLATE "C", sessions DESC, value COLLATE "C" """,
         """WITH kv AS (SELECT j.key, j.value FROM sessions, json_each(sessions.metadata) j
                        WHERE json_type(sessions.metadata) = 'object' AND j.type = 'text'),
                 c AS (SELECT key, value, count(*) AS sessions FROM kv GROUP BY 1, 2),
                 r AS (SELECT *, row_number() OVER (PARTITION BY key ORDER BY sessions DESC,
-                                                   value) AS rank FROM c)
-           SELECT key, value, sessions FROM r WHERE rank <= :top_n
+                                                   value) AS pos,
+                             rank() OVER (PARTITION BY key ORDER BY sessions DESC) AS rank,
+                             count(*) OVER (PARTITION BY key, sessions) AS same FROM c)
+           SELECT key, value, sessions, rank, (rank + same - 1 > :top_n) AS tied_at_cutoff
+           FROM r WHERE pos <= :top_n
            ORDER BY key, sessions DESC, value""",
+        _tied,
     ),
     Query(
         "anomalies",
-        "the inspect rules on the live table: rows breaking each one",
+        "the inspect rules on the live table: rows whose expires_at < created_at, whose "
+        "last_activity is outside [created_at, expires_at], whose request_count < 0; all rows",
         (),
         """SELECT count(*) FILTER (WHERE expires_at < created_at) AS expires_before_created,
                   count(*) FILTER (WHERE last_activity < created_at OR last_activity > expires_at)
@@ -221,41 +522,57 @@ QUERIES: tuple[Query, ...] = (
     ),
     Query(
         "cutover_watch",
-        "active sessions at each hour since a cutover, beside the same hour a "
-        "week earlier (the digest's 24 h watch)",
+        "sessions active (as in active_at) at cutover + h hours for h = 0 … hours-1 (`at`, UTC), "
+        "beside those active exactly 168 hours earlier (week_before): exact UTC arithmetic, the "
+        "same across a DST change and wherever the client sits (the digest's 24 h watch)",
         (
             Param("cutover", "instant", None, "the cutover instant (default: as_of)"),
-            Param("hours", "int", 24, "how many hours to watch"),
+            Param("hours", "int", 24, "how many hours to watch", low=1, high=MAX_WATCH_HOURS),
         ),
-        """SELECT h AS hour, (SELECT count(*) FROM {sessions}
-                              WHERE created_at <= w.t AND expires_at > w.t) AS active,
-                  (SELECT count(*) FROM {sessions}
-                   WHERE created_at <= w.t - interval '7 days'
-                     AND expires_at > w.t - interval '7 days') AS week_before
-           FROM (SELECT h, %(cutover)s::timestamptz + h * interval '1 hour' AS t
-                 FROM generate_series(0, %(hours)s - 1) AS h) AS w ORDER BY h""",
-        """WITH RECURSIVE w(h) AS (SELECT 0 WHERE :hours > 0
-                                  UNION ALL SELECT h + 1 FROM w WHERE h + 1 < :hours)
-           SELECT h AS hour,
-                  (SELECT count(*) FROM sessions WHERE created_at <= :cutover + h * 3600000000
-                     AND expires_at > :cutover + h * 3600000000) AS active,
-                  (SELECT count(*) FROM sessions
-                   WHERE created_at <= :cutover + h * 3600000000 - 604800000000
-                     AND expires_at > :cutover + h * 3600000000 - 604800000000) AS week_before
-           FROM w ORDER BY h""",
+        f"""WITH s AS (SELECT {_PG_BEFORE.format("created_at")} AS lo,
+                              {_PG_BEFORE.format("expires_at")} AS hi
+                       FROM {{sessions}}
+                       WHERE expires_at > created_at
+                         AND expires_at > (%(edges)s::timestamptz[])[1]
+                         AND created_at <= %(last)s),
+                 d AS (SELECT k, sum(n) AS n FROM (SELECT lo AS k, count(*) AS n FROM s GROUP BY lo
+                       UNION ALL SELECT hi, -count(*) FROM s GROUP BY hi) AS x GROUP BY k)
+            SELECT k + 1 AS k, (sum(coalesce(n, 0)) OVER (ORDER BY k))::bigint AS active
+            FROM generate_series(0, cardinality(%(edges)s::timestamptz[]) - 1) AS k
+            LEFT JOIN d USING (k) ORDER BY k""",
+        """WITH s AS (SELECT edge_index(created_at - 1) AS lo, edge_index(expires_at - 1) AS hi
+                      FROM sessions
+                      WHERE expires_at > created_at AND expires_at > edge_at(1)
+                        AND created_at <= :last),
+                d AS (SELECT k, sum(n) AS n FROM (SELECT lo AS k, count(*) AS n FROM s GROUP BY lo
+                      UNION ALL SELECT hi, -count(*) FROM s GROUP BY hi) GROUP BY k),
+                ks(k) AS (SELECT 0 UNION ALL SELECT k + 1 FROM ks WHERE k + 1 < edge_count())
+           SELECT ks.k + 1 AS k, sum(coalesce(d.n, 0)) OVER (ORDER BY ks.k) AS active
+           FROM ks LEFT JOIN d ON d.k = ks.k ORDER BY ks.k""",
+        _watch,
+        _watch_instants,
+        ("cutover", "hours"),
     ),
     Query(
         "user_sessions",
-        "one user's sessions, newest first (ids hashed unless shown)",
-        (Param("user_id", "str", "", "the user to list"), Param("limit", "int", 50, "rows")),
+        "one user's sessions (user_id equal to the text given, '' included — or, with "
+        "anonymous=true, those whose user_id is NULL), newest created_at first, then session "
+        "id bytewise; at most `limit` (ids hashed unless shown)",
+        (
+            Param("user_id", "str", None, "the user to list ('' is the empty user id)"),
+            Param("anonymous", "bool", False, "list the sessions without a user (user_id NULL)"),
+            Param("limit", "int", 50, "rows", low=1),
+        ),
         f"""SELECT session_id, {ISO_PG.format("created_at")} AS created_at,
                    {ISO_PG.format("expires_at")} AS expires_at,
                    {ISO_PG.format("last_activity")} AS last_activity, request_count
-            FROM {{sessions}} WHERE user_id = %(user_id)s
-            ORDER BY created_at DESC, session_id COLLATE "C" LIMIT %(limit)s""",
+            FROM {{sessions}}
+            WHERE CASE WHEN %(anonymous)s THEN user_id IS NULL ELSE user_id = %(user_id)s END
+            ORDER BY {{sessions}}.created_at DESC, session_id COLLATE "C" LIMIT %(limit)s""",
         """SELECT session_id, iso(created_at) AS created_at, iso(expires_at) AS expires_at,
                   iso(last_activity) AS last_activity, request_count
-           FROM sessions WHERE user_id = :user_id
+           FROM sessions
+           WHERE CASE WHEN :anonymous THEN user_id IS NULL ELSE user_id = :user_id END
            ORDER BY sessions.created_at DESC, session_id LIMIT :limit""",
     ),
 )
@@ -274,52 +591,118 @@ def listing() -> list[str]:
     """One line per query: its name first, then what it answers and its parameters."""
     lines = []
     for q in QUERIES:
-        args = ", ".join(f"{p.name}: {p.kind} = {p.default!r}" for p in q.params)
-        lines.append(f"{q.name} — {q.description}" + (f" ({args})" if args else ""))
+        args = ", ".join(f"{p.name}: {p.kind} = {p.default!r}" for p in (*q.params, TIMEOUT))
+        lines.append(f"{q.name} — {q.description} ({args})")
     return lines
 
 
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0", "")
+
+
+def _check(query: Query, p: Param, value: Any, zone: str) -> Any:
+    """One parameter's value typed and checked, or a ParameterError naming it."""
+    where = f"query {query.name}: {p.name}={value!r}"
+    if p.kind == "zone":
+        value = str(value or zone)
+        try:
+            ZoneInfo(value)
+        except (ValueError, OSError, KeyError):  # ZoneInfoNotFoundError is a KeyError
+            raise ParameterError(
+                f"query {query.name}: {p.name}={value!r} is not an IANA zone name; use e.g. "
+                "Asia/Seoul or UTC"
+            ) from None
+        return value
+    if p.kind == "int":
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            value = int(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParameterError(f"{where} must be a whole number")
+        if not p.low <= value <= p.high:
+            raise ParameterError(f"{where} must be between {p.low} and {p.high:,}")
+        return value
+    if p.kind == "unit":
+        if value not in UNITS:
+            raise ParameterError(f"{where}: choose one of {', '.join(UNITS)}")
+        return value
+    if p.kind == "bool":
+        if isinstance(value, str) and value.strip().lower() in (*_TRUE, *_FALSE):
+            return value.strip().lower() in _TRUE
+        if not isinstance(value, bool):
+            raise ParameterError(f"{where} must be true or false")
+        return value
+    if p.kind == "seconds":
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            raise ParameterError(f"{where} must be a number of seconds") from None
+        if isinstance(value, bool) or not 0 < seconds <= MAX_TIMEOUT_S or math.isnan(seconds):
+            raise ParameterError(f"{where} must be more than 0 and at most {MAX_TIMEOUT_S:g} s")
+        return seconds
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or "\x00" in value:
+        raise ParameterError(f"{where} must be text without NUL characters")
+    return value
+
+
 def resolve(query: Query, given: dict[str, Any], as_of: datetime, zone: str) -> dict[str, Any]:
-    """Typed parameter values with defaults; unknown names are refused."""
-    unknown = sorted(set(given) - {p.name for p in query.params})
+    """Typed, checked parameter values with defaults — every one checked here, before any
+    query runs; unknown names are refused. ``timeout_s`` is accepted by every query."""
+    known = {p.name for p in query.params} | {TIMEOUT.name}
+    unknown = sorted(set(given) - known)
     if unknown:
         raise ParameterError(
             f"query {query.name} has no parameter {unknown}; it takes "
-            f"{', '.join(p.name for p in query.params) or 'none'}"
+            f"{', '.join(p.name for p in query.params) or 'none'} (and timeout_s)"
         )
     out: dict[str, Any] = {}
     for p in query.params:
         value = given.get(p.name, p.default)
         if p.kind == "instant":
             default = as_of - timedelta(days=7) if p.name == "start" else as_of
-            value = P.parse_instant(value, p.name) or default
-        elif p.kind == "zone":
-            value = str(value or zone)
-            P.zone(value)
-        elif p.kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ParameterError(f"{p.name}={value!r} must be a whole number >= 0")
-        elif p.kind == "unit":
-            if value not in ("hour", "day"):
-                raise ParameterError(f"{p.name}={value!r}: choose hour or day")
+            try:
+                value = P.parse_instant(value, p.name) or default
+            except ParameterError as exc:
+                raise ParameterError(f"query {query.name}: {exc}") from None
         else:
-            value = "" if value is None else str(value)
+            value = _check(query, p, value, zone)
         out[p.name] = value
+    if TIMEOUT.name in given and given[TIMEOUT.name] not in (None, ""):
+        out[TIMEOUT.name] = _check(query, TIMEOUT, given[TIMEOUT.name], zone)
+    if "start" in out and "end" in out:
+        if not out["start"] < out["end"]:
+            raise ParameterError(
+                f"query {query.name}: start={out['start'].isoformat()} must be before "
+                f"end={out['end'].isoformat()} (the window is [start, end))"
+            )
+        shortest = SUBDAY.get(out["unit"], timedelta(hours=23))
+        try:
+            if (out["end"] - out["start"]) / shortest > MAX_BUCKETS + 2:
+                raise ParameterError(
+                    f"the window holds more than {MAX_BUCKETS:,} {out['unit']} buckets; choose a "
+                    "larger unit or a shorter window"
+                )
+            buckets(out["start"], out["end"], out["unit"], out["timezone"])
+        except ParameterError as exc:
+            raise ParameterError(f"query {query.name}: start/end/unit: {exc}") from None
+    if query.name == "user_sessions":
+        if out["anonymous"] and out["user_id"] is not None:
+            raise ParameterError("query user_sessions: give user_id or anonymous=true, not both")
+        if not out["anonymous"] and out["user_id"] is None:
+            raise ParameterError(
+                "query user_sessions: user_id is required (user_id='' lists the sessions whose "
+                "user id is the empty text); anonymous=true lists those without a user"
+            )
     return out
 
 
 def _micros(moment: datetime) -> int:
     return (moment - EPOCH) // MICROS
-
-
-def _tz_bucket(micros: int | None, zone: str, unit: str) -> str | None:
-    if micros is None:
-        return None
-    local = (EPOCH + micros * MICROS).astimezone(ZoneInfo(zone))
-    local = local.replace(minute=0, second=0, microsecond=0)
-    if unit == "day":
-        local = local.replace(hour=0)
-    return local.strftime("%Y-%m-%d %H:%M")
 
 
 def _iso(micros: int | None) -> str | None:
@@ -491,7 +874,6 @@ class AnalysisCopy:
         # immutable: SQLite never writes, locks or creates a side file for this file.
         uri = self.path.resolve().as_uri() + "?mode=ro&immutable=1"
         conn = sqlite3.connect(uri, uri=True)
-        conn.create_function("tz_bucket", 3, _tz_bucket, deterministic=True)
         conn.create_function("iso", 1, _iso, deterministic=True)
         conn.create_function("floordiv", 2, _floordiv, deterministic=True)
         return conn, readonly.guard_sqlite(conn, timeout_s)
@@ -500,7 +882,14 @@ class AnalysisCopy:
 def _fill(
     path: Path, original: Path, hashes: tuple[FileHash, ...], rules: Rules, batch_rows: int
 ) -> tuple[int, int]:
-    """Normalise the backup into a new file at ``path``; rows kept and left out."""
+    """Normalise the backup into a new file at ``path``; rows kept and left out.
+
+    Plain rows (text where text belongs, timestamps spelled ``YYYY-MM-DD HH:MM:SS[.ffffff]``)
+    take migrate's own fast path for their instants (:class:`~sessionmig.wire.WallClock`, a
+    batch at a time); their text and metadata are checked by the same rules as every other row,
+    which :func:`~sessionmig.transform.normalise` decides whole. The file is private and renamed
+    into place only when complete, so it is written without a journal, and its indexes are
+    built once the rows are in."""
     _write_private(path, b"")  # created 0600 before SQLite writes a byte into it
     kept = left_out = 0
     # Any private copy open_backup makes of a backup with side files goes into our folder.
@@ -513,48 +902,156 @@ def _fill(
                 f"{original}: changed while the analysis copy was being made; is the app still "
                 "writing to it? Stop it, take a new backup and start again"
             )
+        out.execute("PRAGMA journal_mode = OFF")
+        out.execute("PRAGMA synchronous = OFF")
+        out.execute("PRAGMA cache_size = -131072")  # 128 MiB while the indexes are sorted
         out.execute(
-            "CREATE TABLE sessions (session_id TEXT PRIMARY KEY, user_id TEXT, "
+            "CREATE TABLE sessions (session_id TEXT NOT NULL, user_id TEXT, "
             "metadata TEXT, created_at INTEGER, expires_at INTEGER, "
             "last_activity INTEGER, request_count INTEGER)"
         )
         # Exactly what migrate lands: a repeated session_id only once, by the same rule.
         repeated = duplicate_rejects(backup, rules)
-        for batch in backup.rows(batch_rows, extra=rules.extra_columns):
-            rows = []
-            for raw in batch:
-                result = normalise(raw, rules)
-                if isinstance(result, Reject) or raw[0] in repeated:
-                    left_out += 1
-                    continue
-                sid, user, meta, created, expires, last, count = result
-                rows.append(
-                    (
-                        sid,
-                        user,
-                        None if meta is None else metadata_text(meta),
-                        _micros(created),
-                        _micros(expires),
-                        _micros(last),
-                        count,
-                    )
-                )
-            out.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        insert = "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)"
+        fast = not rules.extra_columns and not getattr(backup, "renamed", None)
+        batches = _plain_batches(backup, rules, batch_rows) if fast else None
+        for batch in batches or _rule_batches(backup, rules, batch_rows):
+            rows = [r for rowid, r in batch if rowid not in repeated and r is not None]
+            left_out += len(batch) - len(rows)
+            out.executemany(insert, rows)
             kept += len(rows)
-        out.execute("CREATE INDEX idx_expires_at ON sessions(expires_at)")
+        out.execute("CREATE UNIQUE INDEX sessions_pkey ON sessions(session_id)")
+        # Covering indexes: the time and count queries read these, never the wide rows.
+        out.execute("CREATE INDEX idx_expires_at ON sessions(expires_at, created_at)")
+        out.execute(
+            "CREATE INDEX idx_created_at ON sessions(created_at, expires_at, user_id, "
+            "request_count, last_activity)"
+        )
+        out.execute("ANALYZE")
         out.commit()
         backup.verify_unchanged()
     return kept, left_out
 
 
+CopyRow = tuple[str, str | None, str | None, int, int, int, int]
+
+
+def _by_the_rules(raw: tuple, rules: Rules) -> CopyRow | None:
+    result = normalise(raw, rules)
+    if isinstance(result, Reject):
+        return None
+    sid, user, meta, created, expires, last, count = result
+    text = None if meta is None else metadata_text(meta)
+    return (sid, user, text, _micros(created), _micros(expires), _micros(last), count)
+
+
+def _rule_batches(
+    backup: Any, rules: Rules, batch_rows: int
+) -> Iterator[list[tuple[int, CopyRow | None]]]:
+    for batch in backup.rows(batch_rows, extra=rules.extra_columns):
+        yield [(raw[0], _by_the_rules(raw, rules)) for raw in batch]
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotPlain(name)
+
+
+def _jsonb_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as ``jsonb`` keeps it: the last of a repeated key, keys in byte length
+    then byte order (for ASCII keys the same as length then text order)."""
+    found = dict(pairs)
+    if len(found) < 2:
+        return found
+    if "".join(found).isascii():
+        keys = sorted(found)
+        keys.sort(key=len)
+    else:
+        keys = sorted(found, key=lambda k: (len(k.encode()), k.encode()))
+    return {k: found[k] for k in keys}
+
+
+def _plain_metadata(raw: bytes, rules: Rules) -> str:
+    """A plain row's metadata as ``metadata_text(parse_metadata(…))`` prints it, in one parse
+    when the text holds no fraction, exponent, escape or constant; otherwise by those rules."""
+    from .transform import decode_text, parse_metadata
+
+    text = decode_text(raw, "text", "metadata")
+    if "\\u" not in text:
+        fractions: list[str] = []
+        try:
+            value = json.loads(
+                text,
+                parse_float=fractions.append,
+                parse_constant=_no_constant,
+                object_pairs_hook=_jsonb_object,
+            )
+        except (ValueError, RecursionError, _NotPlain):
+            pass
+        else:
+            if not fractions:
+                return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+    checked = parse_metadata(raw, "text", rules.on_invalid_metadata)
+    assert checked is not None  # metadata that is not NULL stays text
+    return metadata_text(checked)
+
+
+def _plain_batches(
+    backup: Any, rules: Rules, batch_rows: int
+) -> Iterator[list[tuple[int, CopyRow | None]]]:
+    """Rows as :func:`_rule_batches` makes them, with plain rows' instants from the fast path."""
+    from .transform import RowProblem, decode_text
+    from .wire import _UNIX_TO_PG, WallClock, plain_rows
+
+    clock = WallClock(rules.zone)
+    for batch in plain_rows(backup, batch_rows):
+        rowids, sids, uids, metas, created, expires, last, counts, plain = zip(*batch, strict=True)
+        # Only plain rows' timestamps are texts for the clock; the others take the rules.
+        ok = [i for i, p in enumerate(plain) if p]
+        c, c_ok = clock.utc([created[i] for i in ok])
+        e, e_ok = clock.utc([expires[i] for i in ok])
+        la, la_ok = clock.utc([last[i] for i in ok])
+        sure = dict(zip(ok, (c_ok & e_ok & la_ok).tolist(), strict=True))
+        at = {i: n for n, i in enumerate(ok)}
+        out: list[tuple[int, CopyRow | None]] = []
+        for i, rowid in enumerate(rowids):
+            row: CopyRow | None = None
+            if sure.get(i):
+                n = at[i]
+                try:
+                    sid = decode_text(sids[i], "text", "session_id")
+                    uid = None if uids[i] is None else decode_text(uids[i], "text", "user_id")
+                    meta = None if metas[i] is None else _plain_metadata(metas[i][1:], rules)
+                except RowProblem:
+                    pass  # the rules decide it whole, below
+                else:
+                    row = (
+                        sid,
+                        uid,
+                        meta,
+                        c[n] + _UNIX_TO_PG,
+                        e[n] + _UNIX_TO_PG,
+                        la[n] + _UNIX_TO_PG,
+                        counts[i],
+                    )
+            if row is None:
+                row = _by_the_rules(backup.raw_row(rowid, ()), rules)
+            out.append((rowid, row))
+        yield out
+
+
 @dataclass(frozen=True)
 class Backends:
-    """Where queries run: a PostgreSQL DSN and schema, and/or an analysis copy of the backup."""
+    """Where queries run: a PostgreSQL DSN and schema, and/or an analysis copy of the backup,
+    and the statement timeout (a query's own ``timeout_s`` parameter overrides it)."""
 
     dsn: str | None = None
     schema: str = P.default("target_schema")
     analysis: AnalysisCopy | None = None
-    timeout_s: float = 30.0
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
 
 def _frame(columns: list[str], rows: list[tuple]) -> pd.DataFrame:
@@ -566,17 +1063,41 @@ def run_sql_postgres(
 ) -> pd.DataFrame:
     conn = connect(dsn, "query", read_only=True, statement_timeout_ms=int(timeout_s * 1000))
     with conn:
+        # The answer never depends on the client's zone (PGTZ, the role's default): every
+        # instant the queries compute with is UTC.
+        conn.execute("SET TIME ZONE 'UTC'")
         cur = conn.execute(statement, values)
         rows = cur.fetchmany(limit) if cur.description else []
         columns = [c.name for c in cur.description or []]
     return _frame(columns, rows)
 
 
+def _edge_functions(conn: sqlite3.Connection, edges: list[int]) -> None:
+    """``edge_index(t)``: how many of the sorted ``edges`` are <= t (PostgreSQL's
+    ``width_bucket`` over an array); ``edge_at(k)``: the k-th (1-based); ``edge_count()``."""
+
+    def index(t: int | None) -> int | None:
+        return None if t is None else bisect.bisect_right(edges, t)
+
+    def at(k: int | None) -> int | None:
+        return edges[k - 1] if k is not None and 1 <= k <= len(edges) else None
+
+    conn.create_function("edge_index", 1, index, deterministic=True)
+    conn.create_function("edge_at", 1, at, deterministic=True)
+    conn.create_function("edge_count", 0, lambda: len(edges), deterministic=True)
+
+
 def run_sql_sqlite(
-    statement: str, values: dict[str, Any], analysis: AnalysisCopy, timeout_s: float, limit: int
+    statement: str,
+    values: dict[str, Any],
+    analysis: AnalysisCopy,
+    timeout_s: float,
+    limit: int,
+    edges: list[int] | None = None,
 ) -> pd.DataFrame:
     conn, guard = analysis.open(timeout_s)
     try:
+        _edge_functions(conn, edges or [])
         cur = conn.execute(statement, values)
         rows = cur.fetchmany(limit) if cur.description else []
         columns = [c[0] for c in cur.description or []]
@@ -594,6 +1115,17 @@ def mask_ids(frame: pd.DataFrame, show_ids: bool) -> pd.DataFrame:
     return frame
 
 
+def _context(query: Query, values: dict[str, Any]) -> dict[str, Any]:
+    """What an export of the answer carries so it can be read alone: its zone, unit, window."""
+    out: dict[str, Any] = {}
+    for name in query.context:
+        value = values[name]
+        out[name] = (
+            value.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if isinstance(value, datetime) else value
+        )
+    return out
+
+
 def run(
     name: str,
     source: str,
@@ -603,33 +1135,47 @@ def run(
     show_ids: bool = False,
     limit: int = 1000,
 ) -> pd.DataFrame:
-    """Run a named query on ``source`` (``postgres`` or ``sqlite``) with resolved values."""
+    """Run a named query on ``source`` (``postgres`` or ``sqlite``) with values from
+    :func:`resolve`. The frame's ``attrs["context"]`` holds the zone, unit and window (or
+    cutover) the answer is about; :func:`to_text` writes them into CSV and JSON."""
     query = get(name)
+    timeout_s = float(values.get(TIMEOUT.name) or backends.timeout_s)
+    prepared = query.prepare(values) if query.prepare else dict(values)
+    # Bucket edges are computed rows, not rows of the answer: never cut by the display limit.
+    fetch = max(limit, len(prepared.get("edges", ())) + 1)
     if source == "postgres":
         if not backends.dsn:
             raise ParameterError("no PostgreSQL target configured for --source postgres")
         statement = sql.SQL(query.postgres).format(
             sessions=sql.Identifier(backends.schema, "sessions")
         )  # type: ignore[arg-type]
-        frame = run_sql_postgres(statement, values, backends.dsn, backends.timeout_s, limit)
+        bound = {k: v for k, v in prepared.items() if f"%({k})s" in query.postgres}
+        frame = run_sql_postgres(statement, bound, backends.dsn, timeout_s, fetch)
     elif source == "sqlite":
         if backends.analysis is None:
             raise ParameterError("no SQLite backup configured for --source sqlite")
-        lite = {k: _micros(v) if isinstance(v, datetime) else v for k, v in values.items()}
-        frame = run_sql_sqlite(query.sqlite, lite, backends.analysis, backends.timeout_s, limit)
+        lite = {
+            k: _micros(v) if isinstance(v, datetime) else v
+            for k, v in prepared.items()
+            if f":{k}" in query.sqlite
+        }
+        edges = [_micros(t) for t in prepared.get("edges", ())]
+        frame = run_sql_sqlite(query.sqlite, lite, backends.analysis, timeout_s, fetch, edges)
     else:
         raise ParameterError(f"--source {source!r}: choose sqlite or postgres")
     if query.post:
-        frame = query.post(frame)
-    return mask_ids(frame, show_ids)
+        frame = query.post(frame, prepared)
+    frame = mask_ids(frame.head(limit).reset_index(drop=True), show_ids)
+    frame.attrs["context"] = _context(query, values)
+    return frame
 
 
 def run_free_sql(
     text: str, source: str, backends: Backends, *, show_ids: bool = False, limit: int = 1000
 ) -> pd.DataFrame:
     """An analyst's own SQL: one read-only statement over the table ``sessions`` (on
-    PostgreSQL in ``target_schema``), stopped at the timeout, with every session id in the
-    result masked unless ``show_ids`` (see :mod:`sessionmig.readonly`)."""
+    PostgreSQL in ``target_schema``, with ``TimeZone`` UTC), stopped at the timeout, with every
+    session id in the result masked unless ``show_ids`` (see :mod:`sessionmig.readonly`)."""
     if source == "postgres":
         if not backends.dsn:
             raise ParameterError("no PostgreSQL target configured")
@@ -658,7 +1204,11 @@ def run_free_sql(
 
 def to_text(frame: pd.DataFrame, fmt: str) -> str:
     """A result as a terminal table, CSV or JSON lines (one object a row; ``[]`` when there
-    is none, so a script reading it always gets JSON)."""
+    is none, so a script reading it always gets JSON). CSV and JSON carry the answer's context
+    (zone, unit, window; see :func:`run`) as columns, so an exported file says what it is."""
+    context = frame.attrs.get("context") or {}
+    if fmt in ("csv", "json") and context and len(frame):
+        frame = frame.assign(**{k: v for k, v in context.items() if k not in frame.columns})
     if fmt == "csv":
         return frame.to_csv(index=False)
     if fmt == "json":
@@ -667,17 +1217,26 @@ def to_text(frame: pd.DataFrame, fmt: str) -> str:
         return "\n".join(
             json.dumps(r, default=str, ensure_ascii=False) for r in frame.to_dict(orient="records")
         )
-    return frame.to_string(index=False) if len(frame) else "(no rows)"
+    if not len(frame):
+        return "(no rows)"
+    about = ", ".join(f"{k}={v}" for k, v in context.items())
+    return frame.to_string(index=False) + (f"\n({about})" if about else "")
 
 
-def backends_for(settings: Any, sources: tuple[str, ...], timeout_s: float = 30.0) -> Backends:
+def backends_for(
+    settings: Any, sources: tuple[str, ...], timeout_s: float | None = None
+) -> Backends:
     """Backends for a step's settings: the target (``postgres``) and/or the analysis copy of
-    the backup (``sqlite``)."""
+    the backup (``sqlite``); the timeout is ``timeout_s``, else the settings'
+    ``query_timeout_s`` when they have one, else :data:`DEFAULT_TIMEOUT_S`."""
     analysis = (
         AnalysisCopy.build(settings.sqlite_path, settings.rules) if "sqlite" in sources else None
     )
     dsn = settings.dsn() if "postgres" in sources else None
-    return Backends(dsn=dsn, schema=settings.target_schema, analysis=analysis, timeout_s=timeout_s)
+    timeout = timeout_s or getattr(settings, "query_timeout_s", None) or DEFAULT_TIMEOUT_S
+    return Backends(
+        dsn=dsn, schema=settings.target_schema, analysis=analysis, timeout_s=float(timeout)
+    )
 
 
 def run_many(
@@ -689,16 +1248,23 @@ def run_many(
     show_ids: bool = False,
 ) -> dict[str, pd.DataFrame]:
     """Run several named queries with the parameters each declares, taken from ``common``
-    (empty values mean the query's default); with two sources, the results sit side by side."""
-    out: dict[str, pd.DataFrame] = {}
+    (empty values mean the query's default); every query's parameters are checked before the
+    first one runs. With two sources, the results sit side by side."""
+    resolved = {}
     for name in names:
         query = get(name)
         given = {
-            p.name: common[p.name] for p in query.params if common.get(p.name) not in (None, "")
+            p.name: common[p.name]
+            for p in (*query.params, TIMEOUT)
+            if common.get(p.name) not in (None, "")
         }
-        values = resolve(query, given, settings.as_of, settings.source_timezone)
+        resolved[name] = resolve(query, given, settings.as_of, settings.source_timezone)
+    out: dict[str, pd.DataFrame] = {}
+    for name, values in resolved.items():
         frames = [
             run(name, s, backends, values, show_ids=show_ids).assign(source=s) for s in sources
         ]
-        out[name] = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        frame.attrs["context"] = frames[0].attrs.get("context", {})
+        out[name] = frame
     return out

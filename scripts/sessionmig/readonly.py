@@ -16,6 +16,8 @@ PostgreSQL — the server, not a parser of ours, decides what the text is:
   read-only transaction (``lo_from_bytea``) is undone, and the connection is closed after it.
 * The time limit is set for the transaction and enforced from outside as well: a timer cancels
   the statement from the client, whatever the statement did to ``statement_timeout``.
+* ``TimeZone`` is UTC for the transaction, so an answer (``date_trunc('day', created_at)``, a
+  timestamptz printed as text) does not depend on the client's zone.
 * A superuser (or a member of ``pg_read_server_files``, ``pg_write_server_files``,
   ``pg_execute_server_program``, or of any superuser role) cannot be held by ``SET ROLE`` or
   ``SET SESSION AUTHORIZATION``: inside one statement it takes its powers back with
@@ -345,6 +347,8 @@ def _begin(conn: psycopg.Connection, schema: str, timeout_s: float) -> tuple[str
     conn.execute("BEGIN READ ONLY")
     conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
     conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(int(timeout_s * 1000)),))
+    # Instants read and truncated in UTC, wherever the client sits (PGTZ, the role's default).
+    conn.execute("SET LOCAL TimeZone TO 'UTC'")
     # A query: this takes the transaction's first snapshot, after which PostgreSQL refuses to
     # make it read-write again.
     who = _identity(conn)
