@@ -46,7 +46,8 @@ def test_case20_sources_that_agree_pass_and_that_differ_are_named(
     assert len(same.results) == 12  # every query but user_sessions (no user given)
     assert (same.verdict, same.reason) == (
         "PASS",
-        "12 queries on sqlite, postgres, every answer the same on both",
+        "12 queries on sqlite, postgres; each query computes the meaning `sessionmig query "
+        "--list` states, checked against an independent computation, and the sources agree",
     )
     n, anonymous = active(dsn, s.as_of)
     assert n > 0

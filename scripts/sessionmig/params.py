@@ -36,7 +36,7 @@ ON_INVALID_METADATA = ("reject", "keep_as_json_string")
 ON_EXTRA_COLUMNS = ("fail", "into_metadata")
 RECONCILE_MODES = ("strict", "after_cutover")
 SOURCES = ("postgres", "sqlite", "both")
-UNITS = ("hour", "day")
+UNITS = ("15min", "hour", "day", "week", "month")  # queries.UNITS
 # Every step of the runbook, in the order ``sessionmig run --steps`` lists them.
 STEPS = (
     "preflight",
@@ -490,7 +490,12 @@ PARAMETERS: tuple[Parameter, ...] = (
         ("analysis",),
     ),
     Parameter(
-        "unit", str, "day", "time bucket: hour or day", ("analysis",), _one_of("unit", UNITS)
+        "unit",
+        str,
+        "day",
+        "time bucket: 15min, hour, day, week (ISO, from Monday) or month, local to timezone",
+        ("analysis",),
+        _one_of("unit", UNITS),
     ),
     Parameter(
         "timezone",
