@@ -97,7 +97,7 @@ def landed(url: str, database: str) -> int:
     """Rows that actually arrived in ``database`` (pgloader reports success on failed batches)."""
     try:
         with connect(embedded.with_database(url, database), "bench") as conn:
-            return conn.execute("SELECT count(*) FROM sessions").fetchone()[0]  # type: ignore[index]
+            return conn.execute("SELECT count(*) FROM public.sessions").fetchone()[0]  # type: ignore[index]
     except (TargetError, psycopg.Error):
         return 0
 

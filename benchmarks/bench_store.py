@@ -201,8 +201,8 @@ async def measure(
 
 def reset_table(dsn: str) -> None:
     with connect(dsn, "bench", autocommit=True) as conn:
-        conn.execute("TRUNCATE sessions")
-        conn.execute("VACUUM ANALYZE sessions")
+        conn.execute("TRUNCATE public.sessions")
+        conn.execute("VACUUM ANALYZE public.sessions")
 
 
 HEADER = (

@@ -169,7 +169,8 @@ async def demo(args: argparse.Namespace, work: Path) -> int:
         rows = {
             r[0]: r[1:]
             for r in conn.execute(
-                "SELECT session_id, user_id, metadata, expires_at, request_count FROM sessions"
+                "SELECT session_id, user_id, metadata, expires_at, request_count "
+                "FROM public.sessions"
             )
         }
     lost, extra, wrong = compare(ledger, rows)

@@ -507,7 +507,8 @@ def test_the_proof_rolls_back_writes_that_differ_from_the_rules(
     def wrong_count(conn, schema):
         done = apply(conn, schema)
         conn.execute(
-            "UPDATE sessions SET request_count = request_count + 1 WHERE session_id = %s", (a,)
+            "UPDATE public.sessions SET request_count = request_count + 1 WHERE session_id = %s",
+            (a,),
         )
         return done
 
@@ -521,7 +522,7 @@ def test_the_proof_rolls_back_writes_that_differ_from_the_rules(
     def stray_write(conn, schema):
         done = apply(conn, schema)
         conn.execute(
-            "UPDATE sessions SET last_activity = last_activity WHERE session_id = %s",
+            "UPDATE public.sessions SET last_activity = last_activity WHERE session_id = %s",
             (untouched,),
         )
         return done

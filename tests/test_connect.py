@@ -94,12 +94,12 @@ def test_a_key_value_dsn_works_for_psycopg_sqlalchemy_and_the_store(dsn: str) ->
 
 
 def test_the_dsns_own_options_are_kept_beside_ours(dsn: str) -> None:
-    with_options = _with_query(dsn, "options=-c%20search_path%3Dmine")
+    with_options = _with_query(dsn, "options=-c%20work_mem%3D7MB")
     with C.connect(with_options, "query", lock_timeout_ms=2500) as conn:
         row = conn.execute(
-            "SELECT current_setting('search_path'), current_setting('lock_timeout')"
+            "SELECT current_setting('work_mem'), current_setting('lock_timeout')"
         ).fetchone()
-    assert row == ("mine", "2500ms")
+    assert row == ("7MB", "2500ms")
 
 
 def test_an_empty_dsn_means_libpqs_environment(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:

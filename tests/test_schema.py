@@ -14,6 +14,7 @@ def test_autogenerate_against_a_migrated_database_finds_no_diff(dsn) -> None:
     assert upgrade(dsn) == HEAD
     engine = make_engine(dsn, "test")
     with engine.connect() as conn:
+        conn.exec_driver_sql("SET search_path TO public")  # the tool's connections fix pg_catalog
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         indexes = {i["name"] for i in inspect(conn).get_indexes("sessions")}
     engine.dispose()
@@ -25,6 +26,7 @@ def test_session_ids_sort_bytewise(dsn) -> None:
     upgrade(dsn)
     engine = make_engine(dsn, "test")
     with engine.connect() as conn:
+        conn.exec_driver_sql("SET search_path TO public")
         (column,) = [c for c in inspect(conn).get_columns("sessions") if c["name"] == "session_id"]
     engine.dispose()
     assert column["type"].collation == "C"

@@ -12,6 +12,13 @@ The server sees the operator's own ``application_name`` (from the DSN or ``PGAPP
 and which step it is. Timeouts travel as startup ``options`` (merged with the DSN's own and
 ``PGOPTIONS``), so every connection of a pool carries them too.
 
+What a reading depends on is fixed the same way, last, so that it overrides a database's or a
+role's settings (``ALTER DATABASE … SET``, ``ALTER ROLE … SET``) and the user's options alike:
+:data:`FIXED_SETTINGS`. A DBA's ``search_path`` cannot put a function or operator of theirs
+before ``pg_catalog`` (every table sessionmig reads is qualified by its schema; temporary
+tables are found in ``pg_temp``), and no ``DateStyle``, ``TimeZone``, ``IntervalStyle`` … can
+change how a value is printed to or parsed by us.
+
 A connection that cannot be made raises :class:`~sessionmig.errors.TargetUnreachable` (worth
 trying again) or :class:`~sessionmig.errors.TargetRefused` (it is not), saying what failed,
 where (host, port, database, user — never the password) and what to do; the text goes through
@@ -38,6 +45,22 @@ PREFIX = "sessionmig-"
 APPLICATION_NAME_BYTES = 63
 # Keyword arguments psycopg keeps for itself; every other keyword is a libpq parameter.
 _PSYCOPG_KWARGS = frozenset({"prepare_threshold", "context", "row_factory", "cursor_factory"})
+# Session settings that change what a read returns or how its text is parsed, each fixed on
+# every connection (see the module docstring). Only settings any user may set at startup.
+FIXED_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("search_path", "pg_catalog, pg_temp"),
+    ("DateStyle", "ISO, MDY"),
+    ("IntervalStyle", "postgres"),
+    ("TimeZone", "UTC"),
+    ("extra_float_digits", "1"),
+    ("bytea_output", "hex"),
+    ("client_encoding", "UTF8"),
+    ("standard_conforming_strings", "on"),
+    ("lc_monetary", "C"),
+    ("lc_numeric", "C"),
+    ("lc_time", "C"),
+)
+_FIXED_OPTIONS = " ".join(f"-c {name}={value.replace(' ', '')}" for name, value in FIXED_SETTINGS)
 _SCHEME = re.compile(r"^\s*postgres(?:ql)?(?:\+\w+)?://", re.IGNORECASE)
 
 MALFORMED_DSN_HINT = (
@@ -94,8 +117,9 @@ def _options(
     read_only: bool,
     statement_timeout_ms: int | None,
     lock_timeout_ms: int | None,
-) -> str | None:
-    """The startup options: the user's (DSN or ``PGOPTIONS``), then the caller's, then ours."""
+) -> str:
+    """The startup options: the user's (DSN or ``PGOPTIONS``), then the caller's, then ours,
+    and last :data:`FIXED_SETTINGS` (the last of a setting given twice wins)."""
     base = parsed.get("options") or os.environ.get("PGOPTIONS")
     extra = [given] if given else []
     if read_only:
@@ -104,8 +128,8 @@ def _options(
         extra.append(f"-c statement_timeout={int(statement_timeout_ms)}")
     if lock_timeout_ms is not None:
         extra.append(f"-c lock_timeout={int(lock_timeout_ms)}")
-    joined = " ".join(part for part in (base or "", *extra) if part)
-    return joined or None
+    extra.append(_FIXED_OPTIONS)
+    return " ".join(part for part in (base or "", *extra) if part)
 
 
 def conninfo(

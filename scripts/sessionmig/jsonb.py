@@ -16,15 +16,18 @@ def _jsonb_key(key: str) -> tuple[int, bytes]:
     return len(raw), raw
 
 
-def _jsonb_number(value: Any) -> str:
+def number_text(value: int | Decimal) -> str:
+    """A JSON number (``int``, or ``Decimal`` as parsed) as ``jsonb`` prints it."""
     if isinstance(value, int):
         return str(value)
     # PostgreSQL numeric keeps the scale the text implies (1.0 -> 1.0, 1e2 -> 100) and has
     # no negative zero.
+    exponent = value.as_tuple().exponent
+    if not isinstance(exponent, int):  # NaN or Infinity: no JSON number, never in jsonb
+        return str(value)
     if value.is_zero():
         value = value.copy_abs()
-    scale = max(0, -value.as_tuple().exponent)
-    return format(value, f".{scale}f")
+    return format(value, f".{max(0, -exponent)}f")
 
 
 def jsonb_text(value: Any) -> str:
@@ -39,7 +42,7 @@ def jsonb_text(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, int | Decimal):
-        return _jsonb_number(value)
+        return number_text(value)
     if isinstance(value, list):
         return "[" + ", ".join(jsonb_text(v) for v in value) + "]"
     keys = sorted(value, key=_jsonb_key)

@@ -3,9 +3,10 @@
 The source is read again and normalised by the rules migrate applies — its plain rows by
 reconcile's own reading (``expected``), never by migrate's fast path — into a temporary table
 on the target, so that nothing of the target is pulled into Python.
-PostgreSQL fingerprints every row of both tables (a 64-bit hash of all columns — jsonb by
-value, times to the microsecond) and sums the fingerprints per day: when every day agrees, the
-tables hold the same rows. When one does not, a full join on ``session_id`` compares every
+PostgreSQL fingerprints every row of both tables (a 64-bit hash of all columns — metadata by
+the text jsonb prints, so ``1.0`` is not ``1``, as the app reading it sees; times to the
+microsecond) and sums the fingerprints per day: when every day agrees, the tables hold the same
+rows. When one does not, a full join on ``session_id`` compares every
 column and counts each difference; the differing rows (missing, extra, changed) are fetched,
 at most :data:`MAX_DIFFERENCES`, and described field by field. Rows recorded as
 rejects are not copied: their raw values are checked against what the rejects table claims,
@@ -13,6 +14,14 @@ and the partition source = migrated + rejected is proved. Distributions (per-day
 extremes) and the legacy active-session rule give second signals. The temporary table needs
 the TEMP privilege on the target database and disk for one copy of the sessions; it is
 dropped at the end.
+
+The proof trusts nothing of the target but its rows: every function and operator it calls is
+``pg_catalog``'s, by name (and every connection fixes ``search_path`` and the formats it reads:
+:data:`sessionmig.connect.FIXED_SETTINGS`); the target's ``sessions`` must be an ordinary table
+with the migrated columns, types and bytewise collations, without rules, inheritance children
+or row-level security applying to the reader (:func:`check_shape`); and when the fingerprints
+disagree while the row-by-row comparison finds every row the same, the two readings contradict
+each other and reconcile fails.
 
 Two modes. ``strict`` (the default) is the proof right after migrate: any difference fails.
 ``after_cutover`` is the re-check once the app serves from PostgreSQL and changes rows on every
@@ -47,6 +56,7 @@ from .connect import connect
 from .copyin import REFUSALS, stream_backup
 from .errors import ParameterError, TargetError
 from .expected import ExpectedPath
+from .jsonb import number_text
 from .mask import mask_id
 from .source import Backup, in_background
 from .transform import COLUMNS, STORAGE, VALUE, Reject, Rules, Session, normalise, raw_record
@@ -148,11 +158,14 @@ class ReconcileResult:
 
 
 def canonical_json(value: Any) -> Any:
-    """A JSON value in a form where equal means equal in jsonb (``true`` is not ``1``)."""
+    """A JSON value in a form where equal means what a reader of the stored ``jsonb`` sees as
+    equal: ``true`` is not ``1``, and a number is its text as jsonb prints it (``1.0`` is not
+    ``1``, ``1.50`` is not ``1.5``; ``1e2`` is ``100``, as jsonb stores it)."""
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
     if isinstance(value, int | float | Decimal):
-        return ("number", Decimal(str(value)).normalize() if not isinstance(value, int) else value)
+        number = value if isinstance(value, int) else Decimal(str(value))
+        return ("number", number_text(number))
     if isinstance(value, list):
         return [canonical_json(v) for v in value]
     return {k: canonical_json(v) for k, v in value.items()}
@@ -264,11 +277,36 @@ def _decoded_key(row: tuple) -> str | None:
 
 
 SOURCE_TABLE = "sessionmig_source"
+_SOURCE = sql.Identifier("pg_temp", SOURCE_TABLE)  # the temporary table, found nowhere else
 WORK_MEM = "128MB"  # enough to hash-join a million rows in one pass; per query, for this run
-_SAME = """s.user_id IS NOT DISTINCT FROM t.user_id
-       AND s.metadata IS NOT DISTINCT FROM t.metadata
-       AND s.created_at = t.created_at AND s.expires_at = t.expires_at
-       AND s.last_activity = t.last_activity AND s.request_count = t.request_count"""
+
+# The proof's SQL names pg_catalog's functions, operators, types and collations itself, so that
+# nothing a schema of the target's defines can stand in for them (the connection's search_path
+# is fixed too: defence in depth). Texts compare and hash byte by byte (COLLATE "C"); metadata
+# by the text jsonb prints, which keeps each number's spelling (1.0 is not 1).
+_C = 'COLLATE pg_catalog."C"'
+_TEXT = "::pg_catalog.text"
+
+
+def _op(left: str, op: str, right: str) -> str:
+    return f"{left} OPERATOR(pg_catalog.{op}) {right}"
+
+
+def _same_value(left: str, right: str) -> str:
+    """``left IS NOT DISTINCT FROM right`` with pg_catalog's ``=`` (IS DISTINCT FROM looks
+    ``=`` up by name)."""
+    return f"coalesce({_op(left, '=', right)}, {left} IS NULL AND {right} IS NULL)"
+
+
+_SAME_USER = _same_value("s.user_id", f"t.user_id {_C}")
+_SAME_METADATA = _same_value(f"s.metadata{_TEXT}", f"t.metadata{_TEXT} {_C}")
+_SAME = f"""{_SAME_USER}
+       AND {_SAME_METADATA}
+       AND {_op("s.created_at", "=", "t.created_at")}
+       AND {_op("s.expires_at", "=", "t.expires_at")}
+       AND {_op("s.last_activity", "=", "t.last_activity")}
+       AND {_op("s.request_count", "=", "t.request_count")}"""
+_JOIN = _op("t.session_id", "=", f"s.session_id {_C}")
 
 
 def _present(conn: psycopg.Connection, schema: str, keys: list[str]) -> set[str]:
@@ -276,9 +314,9 @@ def _present(conn: psycopg.Connection, schema: str, keys: list[str]) -> set[str]
     can be both rejected and landed when another row of the backup shares it)."""
     found: set[str] = set()
     query = sql.SQL(
-        "SELECT session_id FROM {} t WHERE session_id = ANY(%s) AND NOT EXISTS "
-        "(SELECT 1 FROM {} s WHERE s.session_id = t.session_id)"
-    ).format(sql.Identifier(schema, "sessions"), sql.Identifier(SOURCE_TABLE))
+        "SELECT t.session_id FROM {} t WHERE t.session_id OPERATOR(pg_catalog.=) "
+        "ANY(%s::pg_catalog.text[]) AND NOT EXISTS (SELECT 1 FROM {} s WHERE " + _JOIN + ")"
+    ).format(sql.Identifier(schema, "sessions"), _SOURCE)
     for start in range(0, len(keys), 5000):
         found |= {r[0] for r in conn.execute(query, (keys[start : start + 5000],))}
     return found
@@ -317,11 +355,14 @@ def row_hash(seed: int) -> sql.Composable:
     holds them: values swapped between two rows would cancel out. Hashing that hash again with
     ``hashint8extended`` mixes the whole row non-linearly, so any change to any row moves the
     sum unless 64-bit hashes collide; the seed is drawn per run, after the data is in place, so
-    no one can craft such a collision. Equal rows (jsonb by value) hash equal on both tables.
+    no one can craft such a collision. Equal rows hash equal on both tables: texts byte by
+    byte (``COLLATE "C"``, whatever a column's collation), metadata by the text jsonb prints,
+    where ``1.0`` and ``1`` differ as they do for the app. Every name is pg_catalog's.
     """
     return sql.SQL(
-        "hashint8extended(hash_record_extended((session_id, user_id, metadata, created_at, "
-        "expires_at, last_activity, request_count), {seed}), {seed})"
+        "pg_catalog.hashint8extended(pg_catalog.hash_record_extended(ROW("
+        f"session_id {_C}, user_id {_C}, metadata{_TEXT} {_C}, created_at, expires_at, "
+        "last_activity, request_count), {seed}), {seed})"
     ).format(seed=sql.Literal(seed))
 
 
@@ -337,11 +378,13 @@ def _create_source_table(conn: psycopg.Connection, seed: int) -> None:
     conn.execute(
         sql.SQL(
             """CREATE TEMP TABLE {} (
-                   session_id text, user_id text, metadata jsonb, created_at timestamptz,
-                   expires_at timestamptz, last_activity timestamptz, request_count int4,
-                   fingerprint int8 GENERATED ALWAYS AS ({hash}) STORED
+                   session_id pg_catalog.text COLLATE pg_catalog."C",
+                   user_id pg_catalog.text COLLATE pg_catalog."C", metadata pg_catalog.jsonb,
+                   created_at pg_catalog.timestamptz, expires_at pg_catalog.timestamptz,
+                   last_activity pg_catalog.timestamptz, request_count pg_catalog.int4,
+                   fingerprint pg_catalog.int8 GENERATED ALWAYS AS ({hash}) STORED
                ) ON COMMIT DROP"""
-        ).format(sql.Identifier(SOURCE_TABLE), hash=row_hash(seed))
+        ).format(_SOURCE, hash=row_hash(seed))
     )
 
 
@@ -354,20 +397,30 @@ class _Day:
     created_min: datetime
     created_max: datetime
     fingerprint: int  # the sum of the day's row fingerprints
+    active: int = 0  # rows with expires_at after the instant asked for (the target's profile)
 
 
 def _profile(
-    conn: psycopg.Connection, table: sql.Composable, fingerprint: sql.Composable, zone: str
+    conn: psycopg.Connection,
+    table: sql.Composable,
+    fingerprint: sql.Composable,
+    zone: str,
+    active_at: datetime | None = None,
 ) -> dict[str, _Day]:
-    """Per-day counts, sums, extremes and summed row fingerprints of a table, in one scan."""
+    """Per-day counts, sums, extremes and summed row fingerprints of a table, in one scan;
+    with ``active_at``, also the rows whose expires_at is later (the active sessions)."""
     query = sql.SQL(
-        """SELECT (created_at AT TIME ZONE %s)::date, count(*), sum(request_count),
-                  min(created_at), max(created_at), sum({fingerprint})
+        """SELECT (created_at AT TIME ZONE %s::pg_catalog.text)::pg_catalog.date,
+                  pg_catalog.count(*), pg_catalog.sum(request_count),
+                  pg_catalog.min(created_at), pg_catalog.max(created_at),
+                  pg_catalog.sum({fingerprint}),
+                  pg_catalog.count(*) FILTER (
+                      WHERE expires_at OPERATOR(pg_catalog.>) %s::pg_catalog.timestamptz)
            FROM {table} GROUP BY 1"""
     ).format(fingerprint=fingerprint, table=table)
     return {
-        day.isoformat(): _Day(n, int(total), low, high, int(prints))
-        for day, n, total, low, high, prints in conn.execute(query, (zone,))
+        day.isoformat(): _Day(n, int(total), low, high, int(prints), active)
+        for day, n, total, low, high, prints, active in conn.execute(query, (zone, active_at))
     }
 
 
@@ -431,7 +484,7 @@ def _read_source(
         conn,
         backup,
         rules,
-        sql.Identifier(SOURCE_TABLE),
+        _SOURCE,
         on_reject=unaccounted,
         divert=rejects,
         on_diverted=recorded,
@@ -446,7 +499,7 @@ def _read_source(
 def _offer_refused(conn: psycopg.Connection, side: _SourceSide, tally: _Tally) -> None:
     """Offer each row recorded as ``refused_by_postgresql`` to the server again, in a
     savepoint that is always rolled back: a reject the server would now take is false."""
-    statement = sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(sql.Identifier(SOURCE_TABLE))
+    statement = sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(_SOURCE)
     for rowid, session in side.refused:
         try:
             with (
@@ -498,9 +551,9 @@ def _check_duplicates(
 def _repeated_keys(conn: psycopg.Connection, tally: _Tally) -> None:
     """Source rows that would land under one session_id: the target can hold only one."""
     query = sql.SQL(
-        "SELECT session_id, count(*) FROM {} GROUP BY session_id HAVING count(*) > 1 "
-        'ORDER BY session_id COLLATE "C"'
-    ).format(sql.Identifier(SOURCE_TABLE))
+        "SELECT session_id, pg_catalog.count(*) FROM {} GROUP BY session_id "
+        "HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 1 ORDER BY session_id " + _C
+    ).format(_SOURCE)
     for key, n in conn.execute(query):
         for _ in range(n - 1):
             tally.note(
@@ -515,15 +568,16 @@ def _repeated_keys(conn: psycopg.Connection, tally: _Tally) -> None:
 def _compare(conn: psycopg.Connection, schema: str) -> dict[str, int]:
     """Counts of matched / changed / missing / extra rows, from one full join in PostgreSQL."""
     query = sql.SQL(
-        """SELECT count(*) FILTER (WHERE t.session_id IS NULL),
-                  count(*) FILTER (WHERE s.session_id IS NULL),
-                  count(*) FILTER (WHERE s.session_id IS NOT NULL AND t.session_id IS NOT NULL
-                                   AND NOT ({same})),
-                  count(*) FILTER (WHERE {same})
-           FROM {source} s FULL JOIN {target} t ON t.session_id = s.session_id"""
+        """SELECT pg_catalog.count(*) FILTER (WHERE t.session_id IS NULL),
+                  pg_catalog.count(*) FILTER (WHERE s.session_id IS NULL),
+                  pg_catalog.count(*) FILTER (WHERE s.session_id IS NOT NULL
+                                              AND t.session_id IS NOT NULL AND NOT ({same})),
+                  pg_catalog.count(*) FILTER (WHERE {same})
+           FROM {source} s FULL JOIN {target} t ON {join}"""
     ).format(
         same=sql.SQL(_SAME),
-        source=sql.Identifier(SOURCE_TABLE),
+        join=sql.SQL(_JOIN),
+        source=_SOURCE,
         target=sql.Identifier(schema, "sessions"),
     )
     missing, extra, changed, matched = conn.execute(query).fetchone()  # type: ignore[misc]
@@ -535,21 +589,23 @@ _BOTH = "s.session_id IS NOT NULL AND t.session_id IS NOT NULL"
 # Per column, for a session in both: what nothing in the app explains. The cutoff is bound as
 # %(cutoff)s: before it the backup was taken (see _cutoff).
 _UNEXPLAINED_IN_BOTH = {
-    "user_id_changed": "s.user_id IS DISTINCT FROM t.user_id",
-    "metadata_changed": "s.metadata IS DISTINCT FROM t.metadata",
-    "created_at_changed": "s.created_at <> t.created_at",
-    "request_count_decreased": "t.request_count < s.request_count",
-    "last_activity_backwards": "t.last_activity < s.last_activity",
-    "expires_at_backwards": "t.expires_at < s.expires_at",
-    "revived": """s.expires_at <= %(cutoff)s AND (t.expires_at > s.expires_at
-                   OR t.last_activity > s.last_activity OR t.request_count > s.request_count)""",
+    "user_id_changed": f"NOT {_SAME_USER}",
+    "metadata_changed": f"NOT {_SAME_METADATA}",
+    "created_at_changed": _op("s.created_at", "<>", "t.created_at"),
+    "request_count_decreased": _op("t.request_count", "<", "s.request_count"),
+    "last_activity_backwards": _op("t.last_activity", "<", "s.last_activity"),
+    "expires_at_backwards": _op("t.expires_at", "<", "s.expires_at"),
+    "revived": f"""{_op("s.expires_at", "<=", "%(cutoff)s")}
+                   AND ({_op("t.expires_at", ">", "s.expires_at")}
+                        OR {_op("t.last_activity", ">", "s.last_activity")}
+                        OR {_op("t.request_count", ">", "s.request_count")})""",
 }
 _EXPLAINED_IN_BOTH = {
-    "later_last_activity": "t.last_activity > s.last_activity",
-    "higher_request_count": "t.request_count > s.request_count",
-    "later_expires_at": "t.expires_at > s.expires_at",
+    "later_last_activity": _op("t.last_activity", ">", "s.last_activity"),
+    "higher_request_count": _op("t.request_count", ">", "s.request_count"),
+    "later_expires_at": _op("t.expires_at", ">", "s.expires_at"),
 }
-_AFTER_BACKUP = "coalesce(t.created_at > %(cutoff)s, false)"
+_AFTER_BACKUP = f"coalesce({_op('t.created_at', '>', '%(cutoff)s')}, false)"
 
 
 def _unexplained_row() -> str:
@@ -562,9 +618,9 @@ def _cutoff(conn: psycopg.Connection, run_id: str | None, schema: str) -> dateti
     by the start of the migrate run that loaded it (a future-dated row cannot push it later)."""
     row = conn.execute(
         sql.SQL(
-            "SELECT least((SELECT max(created_at) FROM {}), "
-            "(SELECT started_at FROM {} WHERE run_id = %s))"
-        ).format(sql.Identifier(SOURCE_TABLE), sql.Identifier(schema, "session_migration_runs")),
+            "SELECT least((SELECT pg_catalog.max(created_at) FROM {}), "
+            "(SELECT started_at FROM {} WHERE run_id OPERATOR(pg_catalog.=) %s::pg_catalog.text))"
+        ).format(_SOURCE, sql.Identifier(schema, "session_migration_runs")),
         (run_id,),
     ).fetchone()
     return row[0] if row else None
@@ -587,10 +643,13 @@ def _classify(conn: psycopg.Connection, schema: str, cutoff: datetime | None) ->
             for k, c in _EXPLAINED_IN_BOTH.items()
         },
     }
-    query = sql.SQL("SELECT {} FROM {} s FULL JOIN {} t ON t.session_id = s.session_id").format(
-        sql.SQL(", ").join(sql.SQL(f"count(*) FILTER (WHERE {c})") for c in filters.values()),
-        sql.Identifier(SOURCE_TABLE),
+    query = sql.SQL("SELECT {} FROM {} s FULL JOIN {} t ON {}").format(
+        sql.SQL(", ").join(
+            sql.SQL(f"pg_catalog.count(*) FILTER (WHERE {c})") for c in filters.values()
+        ),
+        _SOURCE,
         sql.Identifier(schema, "sessions"),
+        sql.SQL(_JOIN),
     )
     row = conn.execute(query, {"cutoff": cutoff}).fetchone()
     assert row is not None
@@ -608,16 +667,17 @@ def _name_unexplained(
     """``after_cutover``: fetch up to ``limit`` rows with a difference nothing explains and
     name, for each, the rules it breaks and its fields."""
     columns = sql.SQL(
-        "{p}.session_id, {p}.user_id, {p}.metadata::text, {p}.created_at, {p}.expires_at, "
-        "{p}.last_activity, {p}.request_count"
+        "{p}.session_id, {p}.user_id, {p}.metadata::pg_catalog.text, {p}.created_at, "
+        "{p}.expires_at, {p}.last_activity, {p}.request_count"
     )
     kinds = list(_UNEXPLAINED_IN_BOTH)
     query = sql.SQL(
         """SELECT {s_cols}, {t_cols}, {flags}
-           FROM {source} s FULL JOIN {target} t ON t.session_id = s.session_id
+           FROM {source} s FULL JOIN {target} t ON {join}
            WHERE (s.session_id IS NULL AND NOT {after})
               OR ({both} AND {unexplained})
-           ORDER BY coalesce(s.session_id, t.session_id) COLLATE "C" LIMIT %(limit)s"""
+           ORDER BY coalesce(s.session_id, t.session_id) COLLATE pg_catalog."C"
+           LIMIT %(limit)s"""
     ).format(
         s_cols=columns.format(p=sql.Identifier("s")),
         t_cols=columns.format(p=sql.Identifier("t")),
@@ -627,7 +687,8 @@ def _name_unexplained(
         after=sql.SQL(_AFTER_BACKUP),
         both=sql.SQL(_BOTH),
         unexplained=sql.SQL(_unexplained_row()),
-        source=sql.Identifier(SOURCE_TABLE),
+        join=sql.SQL(_JOIN),
+        source=_SOURCE,
         target=sql.Identifier(schema, "sessions"),
     )
     for row in conn.execute(query, {"cutoff": cutoff, "limit": limit}).fetchall():
@@ -655,19 +716,20 @@ def _name_differences(
 ) -> None:
     """Fetch up to ``limit`` differing rows and describe each, field by field."""
     columns = sql.SQL(
-        "{p}.session_id, {p}.user_id, {p}.metadata::text, {p}.created_at, {p}.expires_at, "
-        "{p}.last_activity, {p}.request_count"
+        "{p}.session_id, {p}.user_id, {p}.metadata::pg_catalog.text, {p}.created_at, "
+        "{p}.expires_at, {p}.last_activity, {p}.request_count"
     )
     query = sql.SQL(
         """SELECT {s_cols}, {t_cols}
-           FROM {source} s FULL JOIN {target} t ON t.session_id = s.session_id
+           FROM {source} s FULL JOIN {target} t ON {join}
            WHERE s.session_id IS NULL OR t.session_id IS NULL OR NOT ({same})
-           ORDER BY coalesce(s.session_id, t.session_id) COLLATE "C" LIMIT %s"""
+           ORDER BY coalesce(s.session_id, t.session_id) COLLATE pg_catalog."C" LIMIT %s"""
     ).format(
         s_cols=columns.format(p=sql.Identifier("s")),
         t_cols=columns.format(p=sql.Identifier("t")),
         same=sql.SQL(_SAME),
-        source=sql.Identifier(SOURCE_TABLE),
+        join=sql.SQL(_JOIN),
+        source=_SOURCE,
         target=sql.Identifier(schema, "sessions"),
     )
     for row in conn.execute(query, (limit,)).fetchall():
@@ -737,37 +799,154 @@ EXPECTED_TYPES = {
 }
 """What every column of the target's sessions must be for a comparison to mean anything."""
 
+RELATION_KINDS = {
+    "v": "view",
+    "m": "materialized view",
+    "f": "foreign table",
+    "p": "partitioned table",
+    "S": "sequence",
+    "c": "composite type",
+    "i": "index",
+    "I": "partitioned index",
+    "t": "TOAST table",
+}
+"""What ``pg_class.relkind`` says a relation is, for every kind but an ordinary table."""
 
-def _check_shape(conn: psycopg.Connection, schema: str) -> None:
-    """Refuse a target whose sessions table is not the migrated shape (a column dropped, or
-    retyped so that values would compare differently), naming each difference."""
+_RESTORE = "Restore it (alembic upgrade head on an empty schema, then migrate) before reconciling"
+
+
+def check_shape(conn: psycopg.Connection, schema: str) -> None:
+    """Refuse, by name, a target whose ``sessions`` a read could see otherwise than as the rows
+    migrate stored: not an ordinary table (a view, a materialized view, a foreign or a
+    partitioned table shows rows computed or kept elsewhere); a column missing, retyped, or
+    under a collation that is not bytewise (``session_id``: ``"C"``, as revision 0002 sets)
+    or not deterministic (another text column), where different texts compare equal; a rule;
+    inheritance children, whose rows a read of the table includes; row-level security that
+    applies to this role, whose policies can hide rows. The table is locked against DDL
+    (``ACCESS SHARE``, as any read takes) for the rest of the transaction, so what was checked
+    stays true while it is read. Raises :class:`TargetError` with what, where and what to do."""
+    name = f"{schema}.sessions"
     table = sql.Identifier(schema, "sessions").as_string(conn)
-    if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone() == (None,):
+    shape = (
+        "SELECT c.oid, c.relkind FROM pg_catalog.pg_class c "
+        "WHERE c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(%s::pg_catalog.text)"
+    )
+    found = conn.execute(shape, (table,)).fetchone()
+    if found is None:
         raise TargetError(
             f"the target has no sessions table in schema {schema!r}; run migrate first (or "
             "check target_schema and the DSN's database)"
         )
-    found: dict[str, str] = dict(
-        conn.execute(
-            "SELECT a.attname, format_type(a.atttypid, NULL) FROM pg_attribute a "
-            "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
-            (table,),
-        ).fetchall()
+    oid, kind = found
+    if kind != "r":
+        what = RELATION_KINDS.get(kind, f"relation of kind {kind!r}")
+        raise TargetError(
+            f"the target's {name} is a {what}, not an ordinary table: what it shows need not "
+            f"be the rows migrate stored, so reconcile cannot prove anything from it. {_RESTORE}"
+        )
+    conn.execute(
+        sql.SQL("LOCK TABLE ONLY {} IN ACCESS SHARE MODE").format(
+            sql.Identifier(schema, "sessions")
+        )
     )
-    wrong = [
-        f"{column} is {found[column]} (expected {kind})"
-        if column in found
-        else f"{column} is missing"
-        for column, kind in EXPECTED_TYPES.items()
-        if found.get(column) != kind
-    ]
+    if conn.execute(shape, (table,)).fetchone() != (oid, "r"):
+        raise TargetError(
+            f"the target's {name} was replaced while reconcile checked it; run reconcile again"
+        )
+    wrong = _wrong_columns(conn, oid)
     if wrong:
         raise TargetError(
-            f"the target's {schema}.sessions is not the table migrate wrote: "
+            f"the target's {name} is not the table migrate wrote: "
             + "; ".join(wrong)
-            + ". Restore it (alembic upgrade head on an empty schema, then migrate) before "
-            "reconciling"
+            + ". "
+            + _RESTORE
         )
+    rules = [
+        r
+        for (r,) in conn.execute(
+            "SELECT rulename::pg_catalog.text FROM pg_catalog.pg_rewrite "
+            "WHERE ev_class OPERATOR(pg_catalog.=) %s ORDER BY 1",
+            (oid,),
+        )
+    ]
+    if rules:
+        raise TargetError(
+            f"the target's {name} has rules ({', '.join(rules)}): a rule rewrites what a "
+            "statement on the table does, so its rows cannot be trusted as migrate wrote them. "
+            f"Have the table's owner drop them (DROP RULE … ON {name}), or restore the table, "
+            "then reconcile"
+        )
+    children = [
+        c
+        for (c,) in conn.execute(
+            "SELECT i.inhrelid::pg_catalog.regclass::pg_catalog.text FROM pg_catalog.pg_inherits i "
+            "WHERE i.inhparent OPERATOR(pg_catalog.=) %s ORDER BY 1",
+            (oid,),
+        )
+    ]
+    if children:
+        raise TargetError(
+            f"the target's {name} has inheritance children ({', '.join(children)}): a read of "
+            "the table includes their rows. Detach them (ALTER TABLE … NO INHERIT "
+            f"{name}) or restore the table, then reconcile"
+        )
+    row = conn.execute(
+        "SELECT pg_catalog.row_security_active(%s::pg_catalog.oid), c.relforcerowsecurity, "
+        "CURRENT_USER::pg_catalog.text FROM pg_catalog.pg_class c "
+        "WHERE c.oid OPERATOR(pg_catalog.=) %s",
+        (oid, oid),
+    ).fetchone()
+    if row is not None and row[0]:
+        forced = " (forced on its owner too)" if row[1] else ""
+        raise TargetError(
+            f"row-level security applies to the target's {name} for role {row[2]!r}{forced}: "
+            "its policies can hide rows from the proof. Reconcile as a role it does not apply "
+            "to (a superuser, a role with BYPASSRLS, or the table's owner without FORCE ROW "
+            "LEVEL SECURITY)"
+        )
+
+
+def _wrong_columns(conn: psycopg.Connection, oid: int) -> list[str]:
+    """Each column of the table with ``oid`` that is missing, of another type, or under a
+    collation the comparison cannot trust."""
+    found = {
+        column: (kind, collation, deterministic)
+        for column, kind, collation, deterministic in conn.execute(
+            """SELECT a.attname::pg_catalog.text, pg_catalog.format_type(a.atttypid, NULL),
+                      CASE WHEN co.oid IS NOT NULL THEN pg_catalog.quote_ident(n.nspname)
+                           OPERATOR(pg_catalog.||) '.'
+                           OPERATOR(pg_catalog.||) pg_catalog.quote_ident(co.collname) END,
+                      co.collisdeterministic
+               FROM pg_catalog.pg_attribute a
+               LEFT JOIN pg_catalog.pg_collation co
+                      ON co.oid OPERATOR(pg_catalog.=) a.attcollation
+               LEFT JOIN pg_catalog.pg_namespace n
+                      ON n.oid OPERATOR(pg_catalog.=) co.collnamespace
+               WHERE a.attrelid OPERATOR(pg_catalog.=) %s
+                 AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped""",
+            (oid,),
+        )
+    }
+    wrong = []
+    for column, kind in EXPECTED_TYPES.items():
+        if column not in found:
+            wrong.append(f"{column} is missing")
+            continue
+        have, collation, deterministic = found[column]
+        if have != kind:
+            wrong.append(f"{column} is {have} (expected {kind})")
+        elif column == "session_id" and collation != 'pg_catalog."C"':
+            shown = (collation or "none").removeprefix("pg_catalog.")
+            wrong.append(
+                f'session_id has collation {shown} (expected "C", byte by byte, as revision '
+                "0002 sets: under another collation different tokens can compare equal)"
+            )
+        elif kind == "text" and deterministic is False:
+            wrong.append(
+                f"{column} has collation {collation}, which is not deterministic (texts that "
+                "differ compare equal under it)"
+            )
+    return wrong
 
 
 def _reconcile(
@@ -792,7 +971,9 @@ def _reconcile(
         # table, which dies with the transaction; nothing else is written.
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         conn.execute("SELECT set_config('work_mem', %s, true)", (WORK_MEM,))
-        _check_shape(conn, schema)
+        # A policy that would filter what this role reads is an error, never a silent filter.
+        conn.execute("SELECT pg_catalog.set_config('row_security', 'off', true)")
+        check_shape(conn, schema)
         run_id = run_id or latest_migrate_run(conn, schema)
         rejects = rejects_of_run(conn, schema, run_id)
         recorded_sha256 = _recorded_sha256(conn, schema, run_id)
@@ -801,20 +982,25 @@ def _reconcile(
         # transaction's snapshot while this one streams the source, on the server's idle core.
         zone = getattr(rules.zone, "key", "UTC")
         snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
-        target_profile = in_background(_profile_in_snapshot, dsn, snapshot, schema, zone, seed)
+        target_profile = in_background(
+            _profile_in_snapshot, dsn, snapshot, schema, zone, seed, as_of
+        )
         side = _read_source(conn, backup, rules, rejects, tally, batch_rows, progress)
         _offer_refused(conn, side, tally)
         _check_duplicates(backup, side, rejects, tally)
         if not backup.session_id_unique or _has_number_keys(backup):
             _repeated_keys(conn, tally)
-        parity = _parity(conn, backup, schema, as_of, rules, rejects)
+        parity = _parity(backup, as_of, rules, rejects)
         # The source is read (bar the rowids of differences to name): hash it again while the
         # server works.
         unchanged_source = backup.verify_unchanged_later()
-        source = _profile(conn, sql.Identifier(SOURCE_TABLE), sql.Identifier("fingerprint"), zone)
+        source = _profile(conn, _SOURCE, sql.Identifier("fingerprint"), zone)
         target = target_profile.result()
+        # In the target's own scan, in this transaction's snapshot: no second pass over it.
+        parity["active_postgres"] = sum(day.active for day in target.values())
         cutoff = _cutoff(conn, run_id, schema) if mode == AFTER_CUTOVER else None
-        if _same_rows(source, target):
+        fingerprints_agree = _same_rows(source, target)
+        if fingerprints_agree:
             compared = {"missing": 0, "extra": 0, "changed": 0}
             compared["matched"] = sum(day.rows for day in source.values())
         elif mode == AFTER_CUTOVER:
@@ -841,6 +1027,13 @@ def _reconcile(
                 )
         target_rows = sum(compared.get(k, 0) for k in _IN_TARGET)
         parity.update(_distributions(source, target))
+        # Two readings of one pair of tables: the fingerprints, and the row-by-row comparison.
+        # When the first says the rows differ and the second finds nothing, the target reads
+        # differently by hash and by equality, and neither can be trusted.
+        parity["fingerprints_agree"] = fingerprints_agree
+        parity["readings_agree"] = fingerprints_agree or any(
+            n for k, n in compared.items() if k != "matched"
+        )
         if mode == AFTER_CUTOVER:
             parity["reconcile_mode"] = mode
             parity["backup_taken_not_before"] = cutoff.isoformat() if cutoff else None
@@ -882,14 +1075,15 @@ def _has_number_keys(backup: Backup) -> bool:
 
 
 def _profile_in_snapshot(
-    dsn: str, snapshot: str, schema: str, zone: str, seed: int
+    dsn: str, snapshot: str, schema: str, zone: str, seed: int, as_of: datetime
 ) -> dict[str, _Day]:
     """:func:`_profile` of the target, on its own connection, in an exported snapshot."""
     with connect(dsn, "reconcile-target") as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         # A utility statement takes no bound parameters; the id is the server's, quoted.
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-        return _profile(conn, sql.Identifier(schema, "sessions"), row_hash(seed), zone)
+        conn.execute("SELECT pg_catalog.set_config('row_security', 'off', true)")
+        return _profile(conn, sql.Identifier(schema, "sessions"), row_hash(seed), zone, as_of)
 
 
 def _same_rows(source: dict[str, _Day], target: dict[str, _Day]) -> bool:
@@ -944,14 +1138,10 @@ def _distributions(source: dict[str, _Day], target: dict[str, _Day]) -> dict[str
 
 
 def _parity(
-    conn: psycopg.Connection,
-    backup: Backup,
-    schema: str,
-    as_of: datetime,
-    rules: Rules,
-    rejects: dict[int, dict],
+    backup: Backup, as_of: datetime, rules: Rules, rejects: dict[int, dict]
 ) -> dict[str, Any]:
-    """Application-level signals: active sessions by the legacy rule vs by PostgreSQL."""
+    """Application-level signals: active sessions by the legacy rule on the backup (the
+    caller adds PostgreSQL's count, ``active_postgres``, from the target's profile)."""
     # The legacy app compared naive local datetime.now() with the stored text: a string compare.
     local_now = as_of.astimezone(rules.zone).replace(tzinfo=None).isoformat(" ")
     legacy_active = backup.query(
@@ -966,15 +1156,11 @@ def _parity(
             f"SELECT count(*) FROM sessions WHERE expires_at > ? AND rowid IN ({marks})",
             (local_now, *chunk),
         ).fetchone()[0]
-    table = sql.Identifier(schema, "sessions")
-    (pg_active,) = conn.execute(
-        sql.SQL("SELECT count(*) FILTER (WHERE expires_at > %s) FROM {}").format(table), (as_of,)
-    ).fetchone()  # type: ignore[misc]
     return {
         "as_of": as_of.isoformat(),
         "active_legacy_rule_sqlite": legacy_active,
         "active_legacy_rule_sqlite_excluding_rejects": legacy_active - rejected_active,
-        "active_postgres": pg_active,
+        "active_postgres": None,
     }
 
 
@@ -987,6 +1173,16 @@ def _verdict(
     mode: str = STRICT,
 ) -> tuple[str, str, list[str]]:
     after = mode == AFTER_CUTOVER
+    if parity.get("readings_agree") is False:
+        return (
+            FAIL,
+            "the row fingerprints differ between the source and PostgreSQL, yet comparing "
+            "row by row finds every row the same: the target reads differently by hash and by "
+            "equality (an operator, a collation or a definition of its own?), so nothing it "
+            "shows can be trusted; do not cut over, and have the target's sessions table "
+            "checked",
+            list(noted),
+        )
     broken = {k: v for k, v in counts.items() if k != "matched" and v and k not in EXPLAINED}
     if broken:
         summary = ", ".join(f"{v} {k}" for k, v in broken.items())
