@@ -71,7 +71,7 @@ def test_full_run_migrates_reports_and_keeps_secrets_out(tmp_path, small_backup,
         assert f"sessionmig run: {step}: running" in result.stderr
     assert "sessionmig run: migrate: PASS_WITH_WARNINGS in " in result.stderr
     assert "(rows read 400, inserted 393, unchanged 0, rejected 7)" in result.stderr
-    assert "  rows read 400, inserted 393, unchanged 0, rejected 7" in result.stdout
+    assert "  rows read 400, landed 393 (393 new, 0 already there), rejected 7" in result.stdout
     assert f"  source sha256 {manifest['source']['sha256_before']}" in result.stdout
     assert "\x1b[" not in result.stdout + result.stderr
     assert "\r" not in result.stdout + result.stderr  # no redraws: progress as plain lines
