@@ -14,10 +14,10 @@ not failed. Whether such a change itself is one the app can make is reconcile's 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Container, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from psycopg import sql
 
@@ -30,6 +30,7 @@ from .source import Backup
 from .store import SessionManager
 from .transform import ROWID, Reject, Rules, normalise
 from .verdict import Verdict
+from .wire import PG_EPOCH, Landed, describe, in_processes, landed_in_bulk, pg_micros, spans
 
 EXAMPLES = 10
 
@@ -74,43 +75,54 @@ async def _check(
     batch_rows: int,
     mask: Callable[[str | None], str],
     mode: str = "strict",
+    fast: bool = True,
 ) -> AppCheck:
     manager = SessionManager(dsn, schema=schema, pool_size=1)
     checked = expected = accepted = rejected_wrongly = accepted_wrongly = explained = 0
-    examples: list[str] = []
+    at = pg_micros(as_of)
+    loop = asyncio.get_running_loop()
+    reading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sessionmig-appcheck")
+    batches: Generator[tuple[int, Landed], None, None] | None = None
+    found: dict[int, list[str]] = {}
     try:
         repeated = duplicate_rejects(backup, rules)  # later copies of a session_id never land
         # Rows the rules accept but PostgreSQL refused never landed either: the app cannot know
         # them. (Whether each such reject is true, reconcile checks by offering it again.)
         refused = _refused_by_postgresql(dsn, schema)
-        for batch in backup.rows(batch_rows, extra=rules.extra_columns):
-            rows = [
-                r
-                for r in (
-                    normalise(raw, rules)
-                    for raw in batch
-                    if raw[ROWID] not in repeated and raw[ROWID] not in refused
-                )
-                if not isinstance(r, Reject)
-            ]
-            active = await manager.active_among([r.session_id for r in rows], as_of)
+        if fast and not rules.extra_columns:
+            batches = landed_in_parts(backup, rules, batch_rows, repeated, refused)
+        else:
+            batches = (
+                (0, b) for b in landed_by_the_rules(backup, rules, batch_rows, repeated, refused)
+            )
+        # The next batch is read on a thread of its own while the server answers for this one;
+        # batches of several parts of the backup come in any order, each part's in rowid order.
+        coming = loop.run_in_executor(reading, next, batches, None)
+        while (item := await coming) is not None:
+            coming = loop.run_in_executor(reading, next, batches, None)
+            part, (ids, expires) = item
+            examples = found.setdefault(part, [])
+            active = await manager.active_among(ids, as_of)
             by_app: set[str] = set()
             if mode == "after_cutover":
-                differ = [r for r in rows if (r.expires_at > as_of) != (r.session_id in active)]
-                now_expires = _expires_now(dsn, schema, [r.session_id for r in differ])
-                for row in differ:
+                differ = [
+                    (sid, _instant(e))
+                    for sid, e in zip(ids, expires, strict=True)
+                    if (e > at) != (sid in active)
+                ]
+                now_expires = _expires_now(dsn, schema, [sid for sid, _ in differ])
+                for sid, expires_at in differ:
                     # Gone: the app ended it. Later: the app extended it past as_of.
-                    gone = row.session_id not in now_expires
-                    if gone or now_expires[row.session_id] > max(row.expires_at, as_of):
-                        by_app.add(row.session_id)
+                    gone = sid not in now_expires
+                    if gone or now_expires[sid] > max(expires_at, as_of):
+                        by_app.add(sid)
                 explained += len(by_app)
-            for row in rows:
-                if row.session_id in by_app:
-                    checked += 1
+            checked += len(ids)
+            for sid, e in zip(ids, expires, strict=True):
+                if sid in by_app:
                     continue
-                checked += 1
-                should = row.expires_at > as_of
-                does = row.session_id in active
+                should = e > at
+                does = sid in active
                 expected += should
                 accepted += does
                 if should != does:
@@ -120,15 +132,89 @@ async def _check(
                         accepted_wrongly += 1
                     if len(examples) < EXAMPLES:
                         examples.append(
-                            f"{mask(row.session_id)}: source says "
+                            f"{mask(sid)}: source says "
                             f"{'active' if should else 'expired'}, the app says "
                             f"{'active' if does else 'not active'}"
                         )
     finally:
+        reading.shutdown(wait=True, cancel_futures=True)
+        if batches is not None:
+            batches.close()
         await manager.close()
+    examples = [text for part in sorted(found) for text in found[part]][:EXAMPLES]
     return AppCheck(
         checked, expected, accepted, rejected_wrongly, accepted_wrongly, examples, explained
     )
+
+
+ASK_ROWS = 20_000
+"""Sessions per question to the manager on the bulk path (one array parameter each)."""
+
+PARTS = 2
+"""Worker processes that read a large backup for the app check, each its share of rowids."""
+PARTS_FROM = 200_000
+"""Rowids from which a backup is read by :data:`PARTS` processes (starting them costs ~1 s)."""
+
+
+def landed_in_parts(
+    backup: Backup,
+    rules: Rules,
+    batch_rows: int,
+    repeated: Collection[int],
+    refused: Collection[int],
+    parts: int = PARTS,
+) -> Generator[tuple[int, Landed], None, None]:
+    """:func:`wire.landed_in_bulk` over the whole backup, as ``(part, batch)``: a large backup
+    is split into ``parts`` spans of rowids, each read by a process of its own (the rules are
+    CPU work, and the GIL would serialise threads). Each part's batches come in rowid order,
+    the parts' in whatever order they are ready; ``part`` numbers the spans in rowid order."""
+    cut = spans(backup, parts) if parts > 1 else []
+    if not cut or cut[-1][1] - cut[0][0] < PARTS_FROM:
+        for batch in _grouped(landed_in_bulk(backup, rules, batch_rows, repeated, refused)):
+            yield 0, batch
+        return
+    opened, left_out = describe(backup), (set(repeated), set(refused))
+    works = [(opened, rules, batch_rows, *left_out, first, last, ASK_ROWS) for first, last in cut]
+    yield from in_processes(_WORKER, works)
+
+
+_WORKER = "from sessionmig.wire import landed_part, serve; serve(landed_part)"
+
+
+def _grouped(batches: Iterator[Landed], rows: int = ASK_ROWS) -> Iterator[Landed]:
+    """Batches joined into ones of at least ``rows`` sessions (the last may be smaller)."""
+    ids: list[str] = []
+    expires: list[int] = []
+    for more_ids, more_expires in batches:
+        ids += more_ids
+        expires += more_expires
+        if len(ids) >= rows:
+            yield ids, expires
+            ids, expires = [], []
+    if ids:
+        yield ids, expires
+
+
+def _instant(micros: int) -> datetime:
+    return PG_EPOCH.replace(tzinfo=UTC) + timedelta(microseconds=micros)
+
+
+def landed_by_the_rules(
+    backup: Backup, rules: Rules, batch_rows: int, repeated: Container[int], refused: Container[int]
+) -> Iterator[Landed]:
+    """The sessions that landed, each row through :func:`transform.normalise` (the reference
+    :func:`landed_in_bulk` is tested against)."""
+    for batch in backup.rows(batch_rows, extra=rules.extra_columns):
+        rows = [
+            r
+            for r in (
+                normalise(raw, rules)
+                for raw in batch
+                if raw[ROWID] not in repeated and raw[ROWID] not in refused
+            )
+            if not isinstance(r, Reject)
+        ]
+        yield [r.session_id for r in rows], [pg_micros(r.expires_at) for r in rows]
 
 
 def _refused_by_postgresql(dsn: str, schema: str) -> set[int]:
@@ -169,9 +255,11 @@ def check_with_manager(
     batch_rows: int = P.default("batch_rows"),
     mask: Callable[[str | None], str] = mask_id,
     mode: str = "strict",
+    fast: bool = True,
 ) -> AppCheck:
-    """Run the check (see the module docstring); ``mode`` as reconcile's."""
-    work = _check(dsn, backup, rules, schema, as_of, batch_rows, mask, mode)
+    """Run the check (see the module docstring); ``mode`` as reconcile's. ``fast=False``
+    reads every row through the rules (the reference the bulk path is tested against)."""
+    work = _check(dsn, backup, rules, schema, as_of, batch_rows, mask, mode, fast)
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -11,14 +11,20 @@ every row that is not plain, and every reject has the same reason either way (``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import json
+import sqlite3
+from collections.abc import Callable, Container, Iterator, Sequence
 from datetime import UTC, datetime, timedelta, tzinfo
+from itertools import repeat
+from operator import itemgetter
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from . import params as P
 from .source import Backup
-from .transform import MAX_SESSION_ID_BYTES, Rules, Session
+from .transform import MAX_SESSION_ID_BYTES, Reject, Rules, Session, normalise
 
 WIRE_TYPES = ["bytea", "bytea", "bytea", "int8", "int8", "int8", "int4"]
 """The COPY types of a wire row. Text goes as its UTF-8 bytes and metadata as jsonb's binary
@@ -215,3 +221,462 @@ class MigratePath:
             else:
                 doubtful.append(rowid)
         return doubtful
+
+
+# --- the rules' outcome in bulk, for inspect and the app check ------------------------------
+
+SURE_COLUMNS = (
+    "session_id, user_id, metadata, created_at, expires_at, last_activity, "
+    "coalesce(request_count, 0), request_count IS NULL"
+)
+
+
+class Sure:
+    """One batch of the backup, with the rows the rules would land *as they are* picked out in
+    bulk (see :class:`RulesPath`); every other row is named in ``exact`` for the rules.
+
+    The columns hold the plain rows only (``rowids`` order); ``sure`` marks those the checks
+    proved. ``created``, ``expires`` and ``last`` are ``timestamptz``'s binary values
+    (meaningful where ``sure``); ``repeats`` marks rows whose metadata *may* name a key twice.
+    """
+
+    __slots__ = (
+        "rowids",
+        "exact",
+        "sure",
+        "session_ids",
+        "user_ids",
+        "metadata",
+        "texts",
+        "created",
+        "expires",
+        "last",
+        "counts",
+        "count_null",
+        "repeats",
+    )
+
+    rowids: list[int]
+    exact: list[int]
+    sure: np.ndarray
+    session_ids: list[bytes]
+    user_ids: list[bytes | None]
+    metadata: list[bytes | None]
+    texts: tuple[list[bytes], list[bytes], list[bytes]]  # created_at, expires_at, last_activity
+    created: np.ndarray
+    expires: np.ndarray
+    last: np.ndarray
+    counts: np.ndarray
+    count_null: np.ndarray
+    repeats: np.ndarray
+
+
+def _bad_texts(values: Sequence[bytes | None]) -> list[int]:
+    """Indexes of the values that are not UTF-8 without NUL (None is fine): one decode for all,
+    row by row only when that finds something."""
+    given = [v for v in values if v is not None]
+    joined = b"\x00".join(given)
+    if joined.count(b"\x00") == max(len(given) - 1, 0):
+        try:
+            joined.decode("utf-8")
+            return []
+        except UnicodeDecodeError:
+            pass
+    bad = []
+    for i, value in enumerate(values):
+        if value is None:
+            continue
+        try:
+            if b"\x00" in value:
+                raise ValueError
+            value.decode("utf-8")
+        except ValueError:  # UnicodeDecodeError is one
+            bad.append(i)
+    return bad
+
+
+def decoded_texts(values: Sequence[bytes]) -> list[str]:
+    """UTF-8 texts without NUL (as :func:`_bad_texts` proved them) decoded in one call."""
+    if not values:
+        return []
+    return b"\x00".join(values).decode("utf-8").split("\x00")
+
+
+JSON_SLICE = 2_000
+"""Metadata texts checked at once (their parsed objects are held until then)."""
+
+
+class RulesPath:
+    """Which rows :func:`transform.normalise` would land with their values as they are, decided
+    a batch at a time: SQLite picks the plain rows (:data:`PLAIN`), :class:`WallClock` their
+    times, one decode per batch their text's UTF-8 and NULs, and the C JSON scanner their
+    metadata (no ``\\u`` escapes, no surrounding whitespace: anything else the rules decide).
+    A row is only ever *sure* when the rules would accept it; a doubt sends it to ``exact``.
+    """
+
+    def __init__(self, rules: Rules, repeated_keys: bool = True) -> None:
+        self.repeated_keys = repeated_keys  # whether to look for them (``Sure.repeats``)
+        self.clock = WallClock(rules.zone)
+        self._objects: list[list[tuple[str, object]]] = []
+        decoder = json.JSONDecoder(
+            parse_constant=_no_constant, object_pairs_hook=self._objects.append
+        )
+        # The C scanner itself (what ``decode`` calls after skipping whitespace): one call per
+        # text, ``(value, end)`` or StopIteration/ValueError, with no Python in between.
+        self._scan = decoder.scan_once  # type: ignore[attr-defined]
+        self._dicts: list[dict[str, object]] = []
+        self._scan_dicts = json.JSONDecoder(
+            parse_constant=_no_constant,
+            object_hook=self._dicts.append if repeated_keys else None,
+        ).scan_once  # type: ignore[attr-defined]
+
+    def batches(
+        self, backup: Backup, batch_rows: int, first: int | None = None, last: int | None = None
+    ) -> Iterator[Sure]:
+        """Every row of ``backup`` (with ``first <= rowid <= last``, when given) once, in rowid
+        order, in batches."""
+        where = ""
+        params: tuple[int, ...] = ()
+        if first is not None and last is not None:
+            where, params = "WHERE rowid BETWEEN ? AND ? ", (first, last)
+        cursor = backup.query(
+            f"SELECT rowid, {PLAIN}, {SURE_COLUMNS} FROM sessions {where}ORDER BY rowid", params
+        )
+        for chunk in backup.batches(cursor, batch_rows):
+            yield self.check(chunk)
+
+    def check(self, chunk: list[tuple]) -> Sure:
+        out = Sure()
+        plain = [row for row in chunk if row[1]]
+        out.exact = [row[0] for row in chunk if not row[1]] if len(plain) < len(chunk) else []
+        n = len(plain)
+        if not n:
+            empty = np.zeros(0, dtype=np.int64)
+            out.rowids, out.session_ids, out.user_ids, out.metadata = [], [], [], []
+            out.texts = ([], [], [])
+            out.sure = out.repeats = out.count_null = np.zeros(0, dtype=bool)
+            out.created = out.expires = out.last = out.counts = empty
+            return out
+        rowids, _, sids, uids, metas, created, expires, last, counts, nulls = (
+            list(column) for column in zip(*plain, strict=True)
+        )
+        c, c_ok = self.clock.utc(created)
+        e, e_ok = self.clock.utc(expires)
+        la, la_ok = self.clock.utc(last)
+        sure = c_ok & e_ok & la_ok
+        for i in _bad_texts(sids) + _bad_texts(uids):
+            sure[i] = False
+        repeats = np.zeros(n, dtype=bool)
+        # In slices: the objects a slice's JSON makes are held until it is checked.
+        for start in range(0, n, JSON_SLICE):
+            part = metas[start : start + JSON_SLICE]
+            if not self._json_at_once(part):
+                self._json_row_by_row(
+                    part, sure[start : start + JSON_SLICE], repeats[start : start + JSON_SLICE]
+                )
+        out.rowids, out.session_ids, out.user_ids, out.metadata = rowids, sids, uids, metas
+        out.texts = (created, expires, last)
+        out.sure, out.repeats = sure, repeats
+        out.created, out.expires, out.last = np.array(c), np.array(e), np.array(la)
+        out.counts = np.array(counts, dtype=np.int64)
+        out.count_null = np.array(nulls, dtype=bool)
+        return out
+
+    def _json_at_once(self, metas: list[bytes | None]) -> bool:
+        """Whether every metadata text of a batch is sure JSON naming no key twice, checked in
+        a few C calls; False when any doubt (then :meth:`_json_row_by_row` says which).
+
+        Every key of every object has one ``:`` after it outside strings, so the batch has at
+        least as many colons as keys, and its objects as many keys as they hold distinct ones:
+        when the colons are as many as the objects' distinct keys, no object repeats one."""
+        given = [m for m in metas if m is not None]
+        if not given:
+            return True
+        joined = b"\x00".join(given)
+        if joined.count(b"\x00") != len(given) - 1 or b"\\u" in joined:
+            return False
+        objects = self._dicts
+        objects.clear()
+        try:
+            texts = joined.decode("utf-8").split("\x00")
+            found = list(map(self._scan_dicts, texts, repeat(0, len(texts))))
+        except (ValueError, StopIteration, RecursionError):
+            objects.clear()
+            return False
+        whole = list(map(itemgetter(1), found)) == list(map(len, texts))
+        if not self.repeated_keys:
+            return whole
+        distinct = sum(map(len, objects))
+        objects.clear()
+        return whole and distinct == joined.count(b":")
+
+    def _json_row_by_row(
+        self, metas: list[bytes | None], sure: np.ndarray, repeats: np.ndarray
+    ) -> None:
+        """Clear ``sure`` for each metadata text that is not sure JSON, and mark in ``repeats``
+        those that may name a key twice."""
+        objects = self._objects
+        objects.clear()
+        ends = []
+        scan = self._scan
+        for i, meta in enumerate(metas):
+            if meta is not None:
+                try:
+                    text = meta.decode("utf-8")
+                    if "\x00" in text or "\\u" in text:
+                        raise ValueError
+                    if scan(text, 0)[1] != len(text):
+                        raise ValueError
+                except (ValueError, StopIteration, RecursionError):
+                    sure[i] = False
+            ends.append(len(objects))
+        if objects:
+            sizes = np.fromiter(map(len, objects), dtype=np.int64, count=len(objects))
+            keys = np.fromiter(map(len, map(dict, objects)), dtype=np.int64, count=len(objects))
+            twice = np.flatnonzero(keys != sizes)
+            if len(twice):
+                repeats[np.searchsorted(np.array(ends), twice, side="right")] = True
+            objects.clear()
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def raw_rows(backup: Backup, rowids: list[int], extra: tuple[str, ...] = ()) -> Iterator[tuple]:
+    """The raw rows of ``rowids`` (ascending), in their order: one by one when they are few,
+    else by a scan of their span."""
+    if len(rowids) <= 64:
+        for rowid in rowids:
+            yield backup.raw_row(rowid, extra)
+        return
+    wanted = set(rowids)
+    for chunk in backup.raw_rows_between(rowids[0], rowids[-1], extra):
+        for raw in chunk:
+            if raw[0] in wanted:
+                yield raw
+
+
+Landed = tuple[list[str], list[int]]
+"""A batch of the sessions that landed, in rowid order: session ids and ``expires_at`` as
+``timestamptz``'s binary value (microseconds since 2000-01-01 UTC)."""
+
+
+def landed_in_bulk(
+    backup: Backup,
+    rules: Rules,
+    batch_rows: int,
+    repeated: Container[int],
+    refused: Container[int],
+    first: int | None = None,
+    last: int | None = None,
+) -> Iterator[Landed]:
+    """The sessions that landed (the rules accept them, and their rowid is in neither
+    ``repeated`` nor ``refused``), in rowid order: rows the rules surely land as they are
+    (:class:`RulesPath`) in bulk, every other row by :func:`transform.normalise`."""
+    path = RulesPath(rules, repeated_keys=False)
+    skip = bool(repeated) or bool(refused)
+    for checked in path.batches(backup, batch_rows, first, last):
+        rowids = checked.rowids
+        sure = checked.sure.tolist()
+        if skip:
+            sure = [
+                ok and r not in repeated and r not in refused
+                for ok, r in zip(sure, rowids, strict=True)
+            ]
+        rest = [r for ok, r in zip(sure, rowids, strict=True) if not ok]
+        exact = sorted(checked.exact + rest) if rest else checked.exact
+        if not exact:
+            yield decoded_texts(checked.session_ids), checked.expires.tolist()
+            continue
+        pick = [i for i, ok in enumerate(sure) if ok]
+        sids = decoded_texts([checked.session_ids[i] for i in pick])
+        expires = checked.expires.tolist()
+        rows = [(rowids[i], sid, expires[i]) for i, sid in zip(pick, sids, strict=True)]
+        for raw in raw_rows(backup, exact, rules.extra_columns):
+            if raw[0] in repeated or raw[0] in refused:
+                continue
+            result = normalise(raw, rules)
+            if not isinstance(result, Reject):
+                rows.append((raw[0], result.session_id, pg_micros(result.expires_at)))
+        rows.sort()
+        yield [sid for _, sid, _ in rows], [e for _, _, e in rows]
+
+
+def opened_again(opened: dict[str, Any]) -> Backup:
+    """In a worker process: the backup a parent opened, described by :func:`describe` (the
+    parent keeps it, and any private copy, until its workers are done)."""
+    connection = sqlite3.connect(opened["uri"], uri=True, check_same_thread=False)
+    connection.text_factory = bytes
+    return Backup(
+        Path(opened["original"]),
+        None,
+        (),
+        connection,
+        opened["uri"],
+        columns=opened["columns"],
+        rowids_by_key=opened["rowids_by_key"],
+        renamed=opened["renamed"],
+    )
+
+
+def describe(backup: Backup) -> dict[str, Any]:
+    """What a worker process needs to read ``backup`` (see :func:`opened_again`)."""
+    return {
+        "original": str(backup.original),
+        "uri": backup.uri,
+        "columns": dict(backup.columns),
+        "rowids_by_key": backup.rowids_by_key,
+        "renamed": dict(backup.renamed),
+    }
+
+
+def spans(backup: Backup, parts: int) -> list[tuple[int, int]]:
+    """The rowids of ``backup`` cut into ``parts`` spans ``(first, last)``, in order (empty for
+    an empty table)."""
+    low, high = backup.query("SELECT min(rowid), max(rowid) FROM sessions").fetchone()
+    if low is None:
+        return []
+    step = (high - low + parts) // parts
+    return [(low + i * step, min(low + (i + 1) * step - 1, high)) for i in range(parts)]
+
+
+def landed_part(
+    opened: dict[str, Any],
+    rules: Rules,
+    batch_rows: int,
+    repeated: set[int],
+    refused: set[int],
+    first: int,
+    last: int,
+    rows: int,
+) -> Iterator[Landed]:
+    """A worker's share of :func:`landed_in_bulk`: the rowids ``first..last``, in batches of at
+    least ``rows`` sessions."""
+    backup = opened_again(opened)
+    try:
+        ids: list[str] = []
+        expires: list[int] = []
+        for more_ids, more_expires in landed_in_bulk(
+            backup, rules, batch_rows, repeated, refused, first, last
+        ):
+            ids += more_ids
+            expires += more_expires
+            if len(ids) >= rows:
+                yield ids, expires
+                ids, expires = [], []
+        if ids:
+            yield ids, expires
+    finally:
+        backup.connection.close()
+
+
+def serve(produce: Callable[..., Iterator[Any]]) -> None:
+    """The body of a worker process of :func:`in_processes`: reads one pickled tuple of
+    arguments from stdin and writes each item of ``produce(*arguments)`` to stdout, pickled
+    after its length (8 bytes), then ``None``; an error as the exception itself."""
+    import pickle
+    import struct
+    import sys
+
+    out = sys.stdout.buffer
+
+    def send(item: Any) -> None:
+        data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+        out.write(struct.pack("<Q", len(data)) + data)
+        out.flush()
+
+    try:
+        for item in produce(*pickle.load(sys.stdin.buffer)):
+            send(item)
+        send(None)
+    except Exception as exc:  # handed to the parent, which raises it
+        send(exc)
+
+
+def in_processes(entry: str, works: list[tuple], ahead: int = 2) -> Iterator[tuple[int, Any]]:
+    """Run ``entry`` (Python code calling :func:`serve`) in one process per tuple of arguments
+    in ``works``, all at once; yield ``(index of the work, item)`` as the items arrive (each
+    work's in order). A worker may run ``ahead`` items ahead of the caller, then waits; a
+    worker's error is raised here. Plain processes (``python -c``), not multiprocessing,
+    whose spawn would import the caller's main script again in every child."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+    import threading
+    from queue import Queue
+
+    arrivals: Queue[tuple[int, Any]] = Queue(maxsize=ahead * max(len(works), 1))
+    workers: list[subprocess.Popen[bytes]] = []
+    readers: list[threading.Thread] = []
+    stop = threading.Event()
+    try:
+        for index, work in enumerate(works):
+            worker = subprocess.Popen(
+                [sys.executable, "-c", entry],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            )
+            workers.append(worker)
+            assert worker.stdin is not None
+            pickle.dump(work, worker.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            worker.stdin.close()
+            reader = threading.Thread(
+                target=_read_worker, args=(worker, index, arrivals, stop), daemon=True
+            )
+            reader.start()
+            readers.append(reader)
+        done = 0
+        while done < len(works):
+            index, item = arrivals.get()
+            if item is None:
+                done += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        stop.set()
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+        for reader in readers:
+            reader.join()
+        for worker in workers:
+            worker.wait()
+
+
+class WorkerDied(RuntimeError):
+    """A worker process of :func:`in_processes` ended without finishing its work."""
+
+
+def _read_worker(worker: Any, index: int, arrivals: Any, stop: Any) -> None:
+    """Hand a worker's items to ``arrivals`` as ``(index, item)``: ``None`` at its end, an
+    exception when it failed or died. Gives up once ``stop`` is set."""
+    import pickle
+    import struct
+    from queue import Full
+
+    stream = worker.stdout
+
+    def put(entry: tuple[int, Any]) -> None:
+        while not stop.is_set():
+            try:
+                arrivals.put(entry, timeout=0.1)
+                return
+            except Full:
+                continue
+
+    try:
+        while not stop.is_set():
+            head = stream.read(8)
+            if len(head) < 8:
+                raise WorkerDied(f"a worker process died (exit {worker.wait()})")
+            item = pickle.loads(stream.read(struct.unpack("<Q", head)[0]))
+            put((index, item))
+            if item is None or isinstance(item, BaseException):
+                return
+    except Exception as exc:
+        put((index, exc))
