@@ -155,7 +155,9 @@ def reconcile_result(source: int, migrated: int, rejected: int, **counts: int) -
     )
 
 
-def test_case8_a_partition_that_does_not_hold_never_reads_as_an_equation(monkeypatch) -> None:
+def test_case8_a_partition_that_does_not_hold_never_reads_as_an_equation(
+    monkeypatch, tmp_path: Path
+) -> None:
     figure, note, holds = V.partition(50_000, 49_992, 7)
     assert not holds and figure == "✘ 50,000 ≠ 49,992 + 7"
     assert note.startswith("does NOT hold: 1 row unaccounted")
@@ -177,9 +179,7 @@ def test_case8_a_partition_that_does_not_hold_never_reads_as_an_equation(monkeyp
 
     # the cover: the figure as conclude records it, marked
     said = published(monkeypatch)
-    monkeypatch.setenv(
-        report.RESULT_VARIABLE, str(Path(os.environ.get("TMPDIR", "/tmp")) / "r8.json")
-    )
+    monkeypatch.setenv(report.RESULT_VARIABLE, str(tmp_path / "r8.json"))  # this test's own
     with pytest.raises(VerdictFailed):
         report.conclude_reconcile(result)
     assert said and "≠" in said[0][0]
@@ -191,7 +191,10 @@ def test_case8_a_partition_that_does_not_hold_never_reads_as_an_equation(monkeyp
     }
     page = page_of(data)
     assert "50,000 = 49,992 + 7" not in page and "50,000 ≠ 49,992 + 7" in page
-    assert re.search(r'<span class="bad">partition[^<]*<b>✘ 50,000 ≠ 49,992 \+ 7</b>', page)
+    assert re.search(r'<span class="bad">partition[^<]*<b>✘ 50,000 ≠ 49,992 \+ 7</b>', page), (
+        re.findall(r"<td>[^\n]*partition[^\n]*</td>", page),
+        recorded.get("summary", {}).get("key_figures"),
+    )
 
     # the terminal: the step's line
     record = orchestrate.StepRecord("reconcile", "03_reconcile.ipynb", "failed", "FAIL")
