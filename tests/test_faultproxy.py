@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from urllib.parse import quote
 
 import psycopg
 import pytest
-from conftest import rows_of
+from conftest import TEST_PASSWORD, dsn_with_password, rows_of
 from faultproxy import FaultProxy
 
 
@@ -38,9 +39,14 @@ def test_queries_pass_through(proxy: FaultProxy, table: str) -> None:
 
 
 def test_dsn_keeps_the_form_and_every_other_parameter(proxy: FaultProxy) -> None:
-    url = proxy.dsn("postgresql://u:p%40ss@db.example:6543/my%20db?application_name=x&host=/s")
-    assert url == (
-        f"postgresql://u:p%40ss@127.0.0.1:{proxy.port}/my%20db?application_name=x&sslmode=disable"
+    # The password is made per run, never written as scheme://user:password@ in a file; "@" in
+    # it checks that the proxy keeps it percent-encoded.
+    secret = quote(TEST_PASSWORD + "@x", safe="")
+    url = proxy.dsn(
+        dsn_with_password("u", secret, "db.example:6543/my%20db?application_name=x&host=/s")
+    )
+    assert url == dsn_with_password(
+        "u", secret, f"127.0.0.1:{proxy.port}/my%20db?application_name=x&sslmode=disable"
     )
     kv = psycopg.conninfo.conninfo_to_dict(proxy.dsn("host=/run/pg dbname=d user=u options=-cx=1"))
     assert kv == {
