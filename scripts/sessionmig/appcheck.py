@@ -30,7 +30,16 @@ from .source import Backup
 from .store import SessionManager
 from .transform import ROWID, Reject, Rules, normalise
 from .verdict import Verdict
-from .wire import PG_EPOCH, Landed, describe, in_processes, landed_in_bulk, pg_micros, spans
+from .wire import (
+    PG_EPOCH,
+    Landed,
+    describe,
+    grouped,
+    in_processes,
+    landed_in_bulk,
+    pg_micros,
+    spans,
+)
 
 EXAMPLES = 10
 
@@ -170,7 +179,9 @@ def landed_in_parts(
     the parts' in whatever order they are ready; ``part`` numbers the spans in rowid order."""
     cut = spans(backup, parts) if parts > 1 else []
     if not cut or cut[-1][1] - cut[0][0] < PARTS_FROM:
-        for batch in _grouped(landed_in_bulk(backup, rules, batch_rows, repeated, refused)):
+        for batch in grouped(
+            landed_in_bulk(backup, rules, batch_rows, repeated, refused), ASK_ROWS
+        ):
             yield 0, batch
         return
     opened, left_out = describe(backup), (set(repeated), set(refused))
@@ -179,20 +190,6 @@ def landed_in_parts(
 
 
 _WORKER = "from sessionmig.wire import landed_part, serve; serve(landed_part)"
-
-
-def _grouped(batches: Iterator[Landed], rows: int = ASK_ROWS) -> Iterator[Landed]:
-    """Batches joined into ones of at least ``rows`` sessions (the last may be smaller)."""
-    ids: list[str] = []
-    expires: list[int] = []
-    for more_ids, more_expires in batches:
-        ids += more_ids
-        expires += more_expires
-        if len(ids) >= rows:
-            yield ids, expires
-            ids, expires = [], []
-    if ids:
-        yield ids, expires
 
 
 def _instant(micros: int) -> datetime:

@@ -555,20 +555,25 @@ def landed_part(
     least ``rows`` sessions."""
     backup = opened_again(opened)
     try:
-        ids: list[str] = []
-        expires: list[int] = []
-        for more_ids, more_expires in landed_in_bulk(
-            backup, rules, batch_rows, repeated, refused, first, last
-        ):
-            ids += more_ids
-            expires += more_expires
-            if len(ids) >= rows:
-                yield ids, expires
-                ids, expires = [], []
-        if ids:
-            yield ids, expires
+        yield from grouped(
+            landed_in_bulk(backup, rules, batch_rows, repeated, refused, first, last), rows
+        )
     finally:
         backup.connection.close()
+
+
+def grouped(batches: Iterator[Landed], rows: int) -> Iterator[Landed]:
+    """Batches joined into ones of at least ``rows`` sessions (the last may be smaller)."""
+    ids: list[str] = []
+    expires: list[int] = []
+    for more_ids, more_expires in batches:
+        ids += more_ids
+        expires += more_expires
+        if len(ids) >= rows:
+            yield ids, expires
+            ids, expires = [], []
+    if ids:
+        yield ids, expires
 
 
 def serve(produce: Callable[..., Iterator[Any]]) -> None:
