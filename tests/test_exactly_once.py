@@ -499,3 +499,53 @@ def test_migrate_cut_at_its_commit_lands_every_row_once(
     again = steps.migrate(target(small_backup, run_id=""), progress=False)
     assert again.outcome.inserted == 0 and again.outcome.updated == 0
     assert rows_of(dsn, "SELECT count(*) FROM sessions")[0][0] == landed
+
+
+@pytest.mark.parametrize("where", ["before the SQLite commit", "between SQLite and PostgreSQL"])
+def test_an_overlap_rollback_killed_between_its_two_systems_is_completed_once(
+    overlap, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Case 3, as a kill rather than a cut connection: after the intent, stopped before SQLite
+    committed (its transaction rolls back) or after it committed and before the record. The same
+    command then carries PostgreSQL's changes into the live file exactly once."""
+    from sessionmig import overlap as O
+    from sessionmig.catchup import catchup_step
+
+    live, snap0, settings, state, dsn, ids = overlap
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE sessions SET request_count = request_count + 3 WHERE session_id = %s",
+            (ids[2],),
+        )
+    count_before = _sqlite_count(live, ids[2])
+    untouched = sha256_file(live)
+    originals = {"_write": O._write, "_record_done": O._record_done}
+    if where == "before the SQLite commit":
+        real = O._write
+
+        def killed(*args, **kwargs):
+            real(*args, **kwargs)
+            raise KeyboardInterrupt("killed inside the SQLite transaction")
+
+        monkeypatch.setattr(O, "_write", killed)
+    else:
+
+        def killed(*args, **kwargs):
+            raise KeyboardInterrupt("killed before the record")
+
+        monkeypatch.setattr(O, "_record_done", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rollback_overlap(settings, live, state, snap0)
+    assert _rollback_rows(dsn) == [("intent",)]
+    if where == "before the SQLite commit":
+        assert sha256_file(live) == untouched  # rolled back with the transaction
+    else:
+        assert _sqlite_count(live, ids[2]) == count_before + 3
+    with pytest.raises(BaseNotCurrent):  # the intent refuses catch-up meanwhile
+        catchup_step(settings, str(live), str(state))
+    for name, function in originals.items():
+        monkeypatch.setattr(O, name, function)
+    result = rollback_overlap(settings, live, state, snap0)
+    assert _sqlite_count(live, ids[2]) == count_before + 3  # once
+    assert _rollback_rows(dsn) == [("intent",), ("done",)]
+    assert result.completed_earlier == (where == "between SQLite and PostgreSQL")
