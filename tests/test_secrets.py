@@ -126,6 +126,22 @@ def test_case14_pgpassword_and_dict_reprs_are_redacted(monkeypatch: pytest.Monke
     assert not leaked(P.redact(text))
 
 
+def test_a_password_that_contains_a_word_never_garbles_the_pages_that_quote_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # CI ran with a random hex password that happened to contain "bad": every class="bad" of
+    # the rendered pages became class="***", and a failed partition lost its red.
+    secret = "pw-0bad" + "c0ffee" + "deadbeef"
+    monkeypatch.setenv("SMTEST_WORDY_DSN", f"postgresql://app:{secret}@db.example/app")
+    page = "<span class=\"bad\">partition</span> <td class='v PASS'>ok</td> \"dead\" 'fee'"
+    assert mask.redact_html(page) == page
+    # what libpq quotes of it is still masked, whole or split off at a separator
+    assert secret not in P.redact(f'failed to resolve host "{secret}"')
+    monkeypatch.setenv("SMTEST_WORDY_DSN", f"postgresql://app:{secret}@tail9part@db.example/a")
+    said = P.redact('could not translate host name "tail9part@db.example" to address')
+    assert "tail9part" not in said and "***" in said
+
+
 def test_case14_redaction_leaves_ordinary_text_and_figures_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -215,6 +215,33 @@ def _spellings(secret: str) -> set[str]:
     return out
 
 
+_PART_EDGE = re.compile(r"[@/:?#&=\s%]")
+
+
+def _whole_part(token: str, region: str) -> bool:
+    """Whether ``token`` is a part of ``region`` as a parser cuts it: starting and ending at the
+    region's edges or at a separator. libpq quotes what it split off, never three letters from
+    the middle of a word; a bare substring test would mask ``class="bad"`` on every page of a
+    run whose password merely contains ``bad``, and strip the page of its warnings."""
+    start = region.find(token)
+    while start >= 0:
+        end = start + len(token)
+        before = (
+            start == 0
+            or bool(_PART_EDGE.match(region[start - 1]))
+            or bool(_PART_EDGE.match(token[0]))
+        )
+        after = (
+            end == len(region)
+            or bool(_PART_EDGE.match(region[end]))
+            or bool(_PART_EDGE.match(token[-1]))
+        )
+        if before and after:
+            return True
+        start = region.find(token, start + 1)
+    return False
+
+
 class Redactor:
     """Replaces known secret values, then password-shaped text, then quoted password pieces."""
 
@@ -236,7 +263,7 @@ class Redactor:
     def _token(self, match: re.Match[str]) -> str:
         token = next(g for g in match.groups() if g is not None)
         secret = (
-            len(token) >= MIN_PIECE and any(token in region for region in self.regions)
+            len(token) >= MIN_PIECE and any(_whole_part(token, region) for region in self.regions)
         ) or any(piece in token for piece in self.pieces)
         if not secret:
             return match.group(0)
