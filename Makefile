@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ROWS   ?= 50000
 
-.PHONY: install demo demo-live test test-fast typecheck notebooks browser lint bench clean constraints
+.PHONY: install demo demo-live test test-fast typecheck notebooks browser pgbouncer lint bench clean constraints
 
 # Exact versions from constraints.txt: an audited procedure installs the same thing every time.
 $(STAMP): pyproject.toml constraints.txt
@@ -27,7 +27,7 @@ demo-live: $(STAMP)
 	$(BIN)/python examples/demo_live.py
 
 ## Lint, type-check, then every test (embedded server; plus SESSIONMIG_TEST_DSN's server when set).
-test: $(STAMP) browser
+test: $(STAMP) browser pgbouncer
 	$(BIN)/ruff check scripts tests notebooks tools benchmarks examples
 	$(BIN)/ruff format --check scripts tests tools benchmarks examples
 	$(BIN)/mypy
@@ -57,6 +57,14 @@ browser:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is not installed: the browser test will be skipped"; fi; }
+
+## Debian's PgBouncer for the tests of the session store behind a transaction pooler (installed
+## when missing and root; the tests start their own, and skip saying so when it is absent).
+pgbouncer:
+	@command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null; \
+	  else echo "pgbouncer is not installed: the tests behind PgBouncer will be skipped"; fi; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix scripts tests notebooks tools benchmarks examples

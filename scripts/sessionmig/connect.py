@@ -75,6 +75,9 @@ _LOGIN = re.compile(
     re.IGNORECASE,
 )
 _NO_DATABASE = re.compile(r"database \S+ does not exist", re.IGNORECASE)
+# A connection pooler's own refusals (PgBouncer's wording): the same on every attempt.
+_POOLER_OPTIONS = re.compile(r"unsupported startup parameter", re.IGNORECASE)
+_POOLER_DATABASE = re.compile(r"no such database", re.IGNORECASE)
 _BUSY = re.compile(
     r"starting up|shutting down|too many clients|remaining connection slots|in recovery mode",
     re.IGNORECASE,
@@ -140,11 +143,14 @@ def conninfo(
     connect_timeout: int = 10,
     statement_timeout_ms: int | None = None,
     lock_timeout_ms: int | None = None,
+    startup_options: bool = True,
     **libpq: Any,
 ) -> str:
     """The complete libpq connection string for ``dsn`` used for ``purpose`` (for a pool, which
     connects on its own). ``libpq`` keywords override the DSN's, except ``options``, which
-    are added to the DSN's own. A malformed DSN raises :class:`TargetRefused`."""
+    are added to the DSN's own. ``startup_options=False`` adds none (the DSN's own stay): for
+    a transaction pooler, which refuses them or drops them, the caller sets what it needs per
+    transaction. A malformed DSN raises :class:`TargetRefused`."""
     mask.register_dsn(dsn)
     raw = libpq_dsn(dsn)
     extra = [str(libpq["password"])] if libpq.get("password") else []
@@ -160,7 +166,9 @@ def conninfo(
                 "connect_timeout": libpq.get("connect_timeout", connect_timeout),
                 "options": _options(
                     parsed, options, read_only, statement_timeout_ms, lock_timeout_ms
-                ),
+                )
+                if startup_options
+                else options,
             },
         )
     except psycopg.ProgrammingError as exc:
@@ -293,6 +301,18 @@ def _from_pgconn(exc: psycopg.Error) -> dict[str, Any] | None:
 
 
 def _advice(message: str) -> tuple[type[TargetError], str]:
+    if _POOLER_OPTIONS.search(message):
+        return TargetRefused, (
+            "a connection pooler (PgBouncer) in front of PostgreSQL refuses the startup "
+            "parameters that fix sessionmig's session settings: give sessionmig a direct DSN "
+            "to PostgreSQL (the app's session store rides a transaction pooler on its own: "
+            "SESSION_DB_POOLER=transaction)"
+        )
+    if _POOLER_DATABASE.search(message):
+        return TargetRefused, (
+            "the connection pooler in front of PostgreSQL has no such database: name one of "
+            "its [databases] entries in the DSN"
+        )
     if _NO_DATABASE.search(message):
         return TargetRefused, "create that database, or name an existing one in the DSN"
     if _LOGIN.search(message):

@@ -434,10 +434,26 @@ def preflight(s: Settings, run_steps: Any = ()) -> PreflightResult:
         dsn = s.dsn()
         with connect(dsn, "preflight") as conn:
             facts = target_facts(conn, s.target_schema)
+            # A pooler announces a backend pid of its own. In transaction mode it hands each
+            # transaction another server session: advisory locks, an exported snapshot and
+            # the session settings the steps rely on do not hold there.
+            server_pid = conn.execute("SELECT pg_catalog.pg_backend_pid()").fetchone()
+            announced_pid = conn.info.backend_pid
         version = facts.version
         checks.append(
             Check("target reachable", True, f"PostgreSQL {version}, as role {facts.role}")
         )
+        if server_pid is not None and server_pid[0] != announced_pid:
+            checks.append(
+                Check(
+                    "direct connection",
+                    False,
+                    "the DSN leads through a connection pooler (PgBouncer?): the steps need a "
+                    "server session of their own (advisory locks, an exported snapshot, "
+                    "session settings), which a transaction pooler does not keep; give "
+                    "sessionmig a direct DSN to PostgreSQL",
+                )
+            )
         more, grants = target_checks(facts, steps, s.on_conflict)
         checks += more
         existing = {t.name: t.rows for t in facts.tables.values() if t.rows is not None}

@@ -101,6 +101,14 @@ SESSIONS = cast(Table, SessionRecord.__table__)
 # constraint — is raised at once.
 CONNECTION_LOST_SQLSTATES = {"57P01", "57P02", "57P03"}
 ROLLED_BACK_SQLSTATES = {"40001", "40P01"}
+# How the store is told about a pooler in front of PostgreSQL (see SessionManager).
+POOLER_MODES = ("auto", "transaction", "none")
+PREPARE_SETTINGS: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+# PgBouncer's answer to startup options it was not told to ignore (its default).
+POOLER_REFUSAL = "unsupported startup parameter"
+# A prepared statement of the store met a server connection that has not got it, or has one of
+# that name already: what prepared statements do behind a transaction pooler.
+PREPARED_STATEMENT_SQLSTATES = {"26000", "42P05"}
 # statement_timeout fired: the database is too slow right now. Retrying would only add load.
 STATEMENT_TIMEOUT_SQLSTATE = "57014"
 # The server could not turn the id into its own encoding (a database that is not UTF8): such an
@@ -399,6 +407,15 @@ def _may_have_run(exc: psycopg.Error, cur: _Cursor, extended: bool) -> bool:
     return not (extended and ended_first)
 
 
+async def _behind_a_pooler(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether ``conn`` goes through a pooler: a pooler announces a backend pid of its own at
+    login, which the server's ``pg_backend_pid()`` is not. (PgBouncer told to ignore the startup
+    options let them through unapplied: only this tells.)"""
+    cur = await conn.execute("SELECT pg_catalog.pg_backend_pid()")
+    row = await cur.fetchone()
+    return row is not None and row[0] != conn.info.backend_pid
+
+
 def _connection_lost(exc: psycopg.Error) -> bool:
     state = exc.sqlstate
     if state is None:
@@ -456,8 +473,20 @@ class SessionManager:
     Timeouts: ``connect_timeout_s`` for making a connection; ``statement_timeout_ms`` for each
     statement on the server; ``pool_timeout_s`` for waiting for a free pool connection (when
     every one is busy: the app is over what the pool and the database serve). ``pool_size``:
-    see :data:`DEFAULT_POOL_SIZE`. ``prepare``: server-side prepared statements (turn off only
-    behind a connection pooler in transaction mode that cannot keep them).
+    see :data:`DEFAULT_POOL_SIZE`.
+
+    Behind a transaction pooler (PgBouncer ``pool_mode=transaction``; ``pooler``: ``"auto"``
+    detects one, ``"transaction"`` says there is one, ``"none"`` that there is not): a pooler
+    refuses the startup ``options`` that carry the time zone and the statement timeout (or, told
+    to ignore them, silently drops them), and hands each transaction a different server
+    connection, on which a prepared statement of the last one does not exist. So there the
+    store sends no startup options and sets ``statement_timeout``, ``TimeZone`` and
+    ``search_path`` in each statement's own transaction (``set_config(..., true)`` pipelined
+    before it: still one round trip), reads answers in binary (independent of the server's
+    ``DateStyle``), and prepares nothing. ``"auto"`` knows a pooler by its refusal of the
+    options, or by the backend pid it announced differing from the server's own
+    (``pg_backend_pid()``). ``prepare``: server-side prepared statements; None (default) is on
+    directly and off behind a pooler.
     """
 
     def __init__(
@@ -471,11 +500,14 @@ class SessionManager:
         statement_timeout_ms: int = 5000,
         pool_timeout_s: float = 5.0,
         retries: int = 3,
-        prepare: bool = True,
+        prepare: bool | None = None,
+        pooler: str = "auto",
         clock: Clock | None = None,
     ) -> None:
         if pool_size < 1:
             raise ValueError("pool_size must be at least 1")
+        if pooler not in POOLER_MODES:
+            raise ValueError(f"pooler={pooler!r}: use one of {', '.join(POOLER_MODES)}")
         self.ttl = timedelta(hours=ttl_hours)
         self.schema = schema
         self.pool_size = pool_size
@@ -483,7 +515,18 @@ class SessionManager:
         self.statement_timeout_ms = statement_timeout_ms
         self.pool_timeout_s = pool_timeout_s
         self.retries = retries
-        self.prepare = prepare
+        self.pooler = pooler
+        self._prepare_asked = prepare
+        # Decided when the pool opens (see _open); until then what a direct connection gets.
+        self.pooled = pooler == "transaction"
+        self.prepare = (not self.pooled) if prepare is None else prepare
+        # Behind a pooler, what the startup options would have fixed, for each transaction.
+        self._per_transaction = (
+            "SELECT pg_catalog.set_config('statement_timeout', "
+            f"'{int(statement_timeout_ms)}', true), "
+            "pg_catalog.set_config('TimeZone', 'UTC', true), "
+            "pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)"
+        )
         # None (production): the database's clock. A clock given here (tests, a replayed
         # instant) is read once a connection is held, just before the statement is sent.
         self.clock = clock
@@ -501,29 +544,67 @@ class SessionManager:
             # (22P05) instead of a UnicodeEncodeError raised inside the driver.
             "client_encoding": "UTF8",
         }
-        # One statement per call, each its own transaction: no BEGIN/COMMIT round trips.
-        self._driver: dict[str, Any] = {"autocommit": True}
-        if not prepare:
-            # Behind a pooler that cannot keep them: no prepared statement at all, not even
-            # psycopg's automatic ones. Otherwise the store's own are prepared on first use.
-            self._driver["prepare_threshold"] = None
         self._pools: dict[asyncio.AbstractEventLoop, _LoopPool] = {}
         self._current: _LoopPool | None = None
 
     # --- the pool -----------------------------------------------------------------------------
 
-    async def _open(self, lp: _LoopPool) -> AsyncConnectionPool[Any]:
-        # One connection first, in this task: a database that is down or refuses us fails the
-        # call now, with the server's own reason, instead of after the pool's wait.
-        probe = await aconnect(self._url, "store", **self._driver, **self._libpq)
+    def _driver(self) -> dict[str, Any]:
+        # One statement per call, each its own transaction: no BEGIN/COMMIT round trips.
+        driver: dict[str, Any] = {"autocommit": True}
+        if not self.prepare:
+            # Behind a pooler that cannot keep them: no prepared statement at all, not even
+            # psycopg's automatic ones. Otherwise the store's own are prepared on first use.
+            driver["prepare_threshold"] = None
+        return driver
+
+    def _connection_settings(self) -> dict[str, Any]:
+        """libpq's parameters: with the startup options directly, without behind a pooler."""
+        if self.pooled:
+            pooled = {k: v for k, v in self._libpq.items() if k != "options"}
+            return {**pooled, "statement_timeout_ms": None, "startup_options": False}
+        return self._libpq
+
+    async def _probe(self) -> None:
+        """One connection, in the calling task: a database that is down or refuses us fails the
+        call now, with the server's own reason, instead of after the pool's wait. With
+        ``pooler="auto"`` it also tells whether a transaction pooler is in front (and so how
+        every connection of the pool is made: :attr:`pooled`)."""
+        if not self.pooled:
+            try:
+                probe = await aconnect(
+                    self._url, "store", autocommit=True, **self._connection_settings()
+                )
+            except TargetRefused as exc:
+                # PgBouncer's default: it refuses the startup options outright.
+                if self.pooler != "auto" or POOLER_REFUSAL not in str(exc):
+                    raise
+                self._use_pooler()
+            else:
+                try:
+                    if self.pooler == "auto" and await _behind_a_pooler(probe):
+                        self._use_pooler()
+                finally:
+                    await probe.close()
+                if not self.pooled:
+                    return
+        probe = await aconnect(self._url, "store", autocommit=True, **self._connection_settings())
         await probe.close()
+
+    def _use_pooler(self) -> None:
+        self.pooled = True
+        if self._prepare_asked is None:
+            self.prepare = False
+
+    async def _open(self, lp: _LoopPool) -> AsyncConnectionPool[Any]:
+        await self._probe()
 
         async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
             lp.connections.add(conn)
 
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            conninfo(self._url, "store", **self._libpq),
-            kwargs=self._driver,
+            conninfo(self._url, "store", **self._connection_settings()),
+            kwargs=self._driver(),
             # Fixed size: connections are made once and kept; the size is the concurrency the
             # database is given, and anything over it waits in the pool, not in the server.
             min_size=self.pool_size,
@@ -650,7 +731,15 @@ class SessionManager:
                     # (psycopg's row factories serve both kinds of cursor; its types say sync.)
                     factory = cast(Any, statement.row_factory)
                     sent = cur = _Cursor(conn, row_factory=factory)
-                    await cur.execute(statement.sql, values, prepare=self.prepare)
+                    if self.pooled:
+                        # The settings and the statement in one implicit transaction (one
+                        # Sync, one round trip): the pooler gives both the same server
+                        # connection, and the settings end with the transaction.
+                        async with conn.pipeline():
+                            await conn.execute(self._per_transaction, prepare=False)
+                            await cur.execute(statement.sql, values, prepare=False, binary=True)
+                    else:
+                        await cur.execute(statement.sql, values, prepare=self.prepare)
                     return await read(cur)
                 finally:
                     await pool.putconn(conn)
@@ -672,6 +761,14 @@ class SessionManager:
                         "the session database did not answer within "
                         f"{self.statement_timeout_ms} ms (statement_timeout)"
                     ) from None
+                if exc.sqlstate in PREPARED_STATEMENT_SQLSTATES and self.prepare:
+                    raise StoreUnavailable(
+                        "the session store's prepared statement was missing or already there "
+                        f"({redact(str(exc)).strip()}): a transaction pooler in front of "
+                        "PostgreSQL gives each transaction another server connection; turn "
+                        "the store's prepared statements off (SESSION_PREPARE=off, or leave "
+                        "SESSION_DB_POOLER=auto to detect the pooler)"
+                    ) from None
                 lost = _connection_lost(exc) or isinstance(exc, PoolClosed)
                 if not (lost or exc.sqlstate in ROLLED_BACK_SQLSTATES):
                     raise
@@ -679,7 +776,9 @@ class SessionManager:
                     lost
                     and sent is not None
                     and not statement.resend_safe
-                    and _may_have_run(exc, sent, extended=self.prepare or bool(values))
+                    and _may_have_run(
+                        exc, sent, extended=self.prepare or self.pooled or bool(values)
+                    )
                 ):
                     # Sending it again could run it twice.
                     raise StoreUnavailable(
@@ -726,7 +825,8 @@ class SessionManager:
                 # 122-bit ids: never seen) — then a new id.
                 row = await self._run(self.sql.created, partial(dict, values), _one_row)
             if row is not None:
-                return row[0], row[1]
+                # UTC whatever zone the connection reports (behind a pooler: the server's).
+                return row[0], row[1].astimezone(UTC)
         raise AssertionError("three random session ids were all taken")
 
     async def validate_session(self, session_id: object) -> bool:
@@ -740,7 +840,12 @@ class SessionManager:
         sid = usable_session_id(session_id)
         if sid is None:
             return None
-        return await self._by_id(self.sql.get, {"session_id": sid}, _one_row, None)
+        found = await self._by_id(self.sql.get, {"session_id": sid}, _one_row, None)
+        if found is not None:
+            # UTC whatever zone the connection reports (behind a pooler: the server's).
+            for key in ("created_at", "expires_at", "last_activity"):
+                found[key] = found[key].astimezone(UTC)
+        return found
 
     async def delete_session(self, session_id: object) -> bool:
         sid = usable_session_id(session_id)
@@ -989,7 +1094,12 @@ def get_session_manager(environ: dict[str, str] | None = None) -> SessionStore:
     """The store the environment asks for: ``SESSION_DB_TYPE`` = ``postgres`` (default, with
     ``DATABASE_URL``, and ``SESSION_POOL_SIZE``, default :data:`DEFAULT_POOL_SIZE`) or
     ``sqlite`` (the rollback switch, with ``SESSION_SQLITE_PATH`` and ``SESSION_TIMEZONE``);
-    ``SESSION_TTL_HOURS`` (default 24) for both."""
+    ``SESSION_TTL_HOURS`` (default 24) for both.
+
+    Behind a connection pooler: ``SESSION_DB_POOLER`` = ``auto`` (default: detected when the
+    pool opens), ``transaction`` (PgBouncer in transaction mode is in front) or ``none``;
+    ``SESSION_PREPARE`` = ``auto`` (default: on directly, off behind a pooler), ``on`` or
+    ``off``. See :class:`SessionManager`."""
     env = os.environ if environ is None else environ
     kind = env.get("SESSION_DB_TYPE", "postgres").strip().lower()
     ttl = float(env.get("SESSION_TTL_HOURS", "24"))
@@ -998,7 +1108,25 @@ def get_session_manager(environ: dict[str, str] | None = None) -> SessionStore:
         if not url:
             raise StoreUnavailable("SESSION_DB_TYPE=postgres needs DATABASE_URL to be set")
         pool_size = int(env.get("SESSION_POOL_SIZE", str(DEFAULT_POOL_SIZE)))
-        return SessionManager(url, ttl_hours=ttl, pool_size=pool_size)
+        pooler = env.get("SESSION_DB_POOLER", "auto").strip().lower()
+        if pooler not in POOLER_MODES:
+            raise StoreUnavailable(
+                f"SESSION_DB_POOLER={pooler!r}: use auto (detect a pooler), transaction "
+                "(PgBouncer in transaction mode in front of PostgreSQL) or none"
+            )
+        prepare = env.get("SESSION_PREPARE", "auto").strip().lower()
+        if prepare not in PREPARE_SETTINGS:
+            raise StoreUnavailable(
+                f"SESSION_PREPARE={prepare!r}: use auto (on directly, off behind a pooler), "
+                "on or off"
+            )
+        return SessionManager(
+            url,
+            ttl_hours=ttl,
+            pool_size=pool_size,
+            pooler=pooler,
+            prepare=PREPARE_SETTINGS[prepare],
+        )
     if kind == "sqlite":
         path = env.get("SESSION_SQLITE_PATH", "backend/data/system/sessions/sessions.db")
         return LegacySQLiteSessionManager(
