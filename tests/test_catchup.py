@@ -300,6 +300,42 @@ def test_the_app_waits_only_on_the_rows_a_pass_changes(
     assert after[touched][6] == before[touched][6] + 1 + 1  # the old colour's, then the new's
 
 
+def test_the_app_is_not_kept_waiting_while_a_pass_merges(
+    migrated: Migrated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rules run and the expected rows are copied before any row is locked: the app
+    validates a session the pass is merging at once (a 300 ms statement timeout would stop it
+    otherwise), and the pass merges that session again from the locked row, so the validation
+    and the old colour's request both count."""
+    m = migrated
+    touched = m.ids[0]
+    m.validate_on_old(touched)
+    before = m.pg()
+    merge, seen = catchup.M.merge, {}
+
+    def merge_while_the_app_validates(base, live, target):
+        if not seen:
+
+            async def go() -> None:
+                new = SessionManager(m.dsn, clock=m.clock, statement_timeout_ms=300)
+                try:
+                    seen["ok"] = await new.validate_session(touched)
+                except Exception as exc:  # noqa: BLE001 — what the app would have met
+                    seen["error"] = type(exc).__name__
+                finally:
+                    await new.close()
+
+            asyncio.run(go())
+        return merge(base, live, target)
+
+    monkeypatch.setattr(catchup.M, "merge", merge_while_the_app_validates)
+    result = m.run()
+    assert seen == {"ok": True}, seen
+    assert result.verdict == "PASS" and result.changed == 1 and result.remerged == 1
+    # migrated count + the old colour's validation + the new colour's, during the merge
+    assert m.pg()[touched][6] == before[touched][6] + 1 + 1
+
+
 @pytest.mark.slow
 def test_a_pass_composes_with_concurrent_validations(
     migrated: Migrated, monkeypatch: pytest.MonkeyPatch
@@ -381,6 +417,8 @@ def test_a_pass_composes_with_concurrent_validations(
     app.join(120)
     assert not app.is_alive(), "the app's clients never finished"
     assert result.verdict == "PASS" and result.inserted == 400 and result.changed == 40
+    # those validations moved rows the pass had already merged: merged again, under the lock
+    assert result.remerged >= 1
     assert phases["before_lock"] >= 20 and phases["waiting_on_locks"] > 0
     assert progress["ok"] >= phases["ok_at_commit"] + 20
     after = m.pg()

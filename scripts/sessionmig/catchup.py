@@ -131,6 +131,9 @@ class CatchupResult:
     dry_run: bool
     verdict: Verdict
     reason: str
+    # Touched sessions the app wrote between the pass's unlocked merge and its row locks,
+    # merged again from the locked row.
+    remerged: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -565,6 +568,7 @@ class Applied:
     examples: dict[str, list[str]] = field(default_factory=dict)
     conflicts: list[ConflictDetail] = field(default_factory=list)
     locked_seconds: float = 0.0
+    remerged: int = 0  # touched sessions the app wrote between the merge and the row locks
     committing: bool = False  # the COMMIT was sent: an error after it leaves the outcome open
 
 
@@ -644,18 +648,61 @@ def _apply_rows(delta: Delta) -> Iterator[tuple]:
         )
 
 
-def _lock_targets(conn: psycopg.Connection, schema: str) -> dict[str, M.Row]:
+# PostgreSQL's touched rows as they are, each with its version (xmin and ctid: any write of
+# another transaction gives the row a new one).
+_TARGETS = """SELECT s.session_id, s.user_id, s.metadata::text, s.created_at, s.expires_at,
+                     s.last_activity, s.request_count, s.xmin::text || '/' || s.ctid::text
+              FROM {} s JOIN sessionmig_catchup a ON a.session_id = s.session_id"""
+
+
+def _read_targets(conn: psycopg.Connection, schema: str) -> dict[str, tuple[M.Row, str]]:
+    """The touched sessions PostgreSQL has, read without locking them, with their versions:
+    the merge is computed from these while the app goes on writing."""
+    rows = conn.execute(sql.SQL(_TARGETS).format(sql.Identifier(schema, "sessions"))).fetchall()
+    return {r[0]: (tuple(r[:7]), r[7]) for r in rows}  # type: ignore[misc]
+
+
+def _lock_targets(conn: psycopg.Connection, schema: str) -> dict[str, tuple[M.Row, str]]:
     """Lock the touched sessions PostgreSQL has (key order: two passes or a pass and a
     multi-row statement of the app lock in one order) and read them as they are now."""
     rows = conn.execute(
-        sql.SQL(
-            """SELECT s.session_id, s.user_id, s.metadata::text, s.created_at, s.expires_at,
-                      s.last_activity, s.request_count
-               FROM {} s JOIN sessionmig_catchup a ON a.session_id = s.session_id
-               ORDER BY s.session_id FOR UPDATE OF s"""
-        ).format(sql.Identifier(schema, "sessions"))
+        sql.SQL(_TARGETS + " ORDER BY s.session_id FOR UPDATE OF s").format(
+            sql.Identifier(schema, "sessions")
+        )
     ).fetchall()
-    return {r[0]: tuple(r) for r in rows}  # type: ignore[misc]
+    return {r[0]: (tuple(r[:7]), r[7]) for r in rows}  # type: ignore[misc]
+
+
+def _moved(
+    ids: list[str], seen: dict[str, tuple[M.Row, str]], now: dict[str, tuple[M.Row, str]]
+) -> list[str]:
+    """The touched sessions another transaction wrote (or created, or ended) between the
+    unlocked read and the lock: their merge is computed again from the locked row."""
+    return [
+        sid
+        for sid in ids
+        if (seen[sid][1] if sid in seen else None) != (now[sid][1] if sid in now else None)
+    ]
+
+
+def _expected_row(sid: str, outcome: M.Outcome) -> tuple:
+    row = outcome.row
+    return (sid, True, *row[1:]) if row else (sid, False, *(None,) * 6)
+
+
+def _replace_expected(conn: psycopg.Connection, rows: list[tuple]) -> None:
+    """Put the merge of sessions that moved under the lock in place of their first one."""
+    conn.execute(
+        "DELETE FROM sessionmig_catchup_expected WHERE session_id = ANY(%s)",
+        ([r[0] for r in rows],),
+    )
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO sessionmig_catchup_expected (session_id, present, user_id, metadata, "
+            "created_at, expires_at, last_activity, request_count) "
+            "VALUES (%s, %s, %s, %s::jsonb, %s, %s, %s, %s)",
+            rows,
+        )
 
 
 def _replaced(column: str) -> sql.Composable:
@@ -876,6 +923,38 @@ def _record_pass(
     )
 
 
+def _merge(delta: Delta, sid: str, target: dict[str, tuple[M.Row, str]]) -> M.Outcome:
+    found = target.get(sid)
+    return M.merge(delta.base.get(sid), delta.live.get(sid), found[0] if found else None)
+
+
+def _tally(
+    delta: Delta,
+    outcomes: dict[str, M.Outcome],
+    target: dict[str, tuple[M.Row, str]],
+    applied: Applied,
+) -> dict[str, set[str]]:
+    """Count the outcomes into ``applied``; return the sessions each statement must touch."""
+    kinds: dict[str, set[str]] = {M.CHANGED: set(), M.INSERTED: set(), M.ENDED: set()}
+    for sid in delta.ids:
+        outcome, lv = outcomes[sid], delta.live.get(sid)
+        t = target[sid][0] if sid in target else None
+        applied.kinds[outcome.kind] += 1
+        if outcome.kind == M.RECREATED:  # replaced where PostgreSQL has it, else inserted
+            kinds[M.CHANGED if t is not None else M.INSERTED].add(sid)
+        elif outcome.kind in kinds:
+            kinds[outcome.kind].add(sid)
+        shown = applied.examples.setdefault(outcome.kind, [])
+        if len(shown) < EXAMPLES:
+            shown.append(mask_id(sid))
+        for conflict in outcome.conflicts:
+            assert lv is not None and t is not None
+            applied.conflicts.append(
+                ConflictDetail(mask_id(sid), conflict.column, conflict.winner, lv[5], t[5])
+            )
+    return kinds
+
+
 def _transaction(
     conn: psycopg.Connection,
     schema: str,
@@ -886,8 +965,10 @@ def _transaction(
     record: dict[str, Any],
     applied: Applied,
 ) -> None:
-    """The pass's one transaction: lock, merge, apply, prove, record; fills ``applied``.
-    Raises to roll back (a failed proof, a dry run's end, any error)."""
+    """The pass's one transaction: copy the delta, merge it with PostgreSQL's rows read
+    unlocked, lock the touched rows (merging again those the app wrote meanwhile), apply,
+    prove, record; fills ``applied``. Raises to roll back (a failed proof, a dry run's end,
+    any error)."""
     with conn.transaction():
         conn.execute("SELECT set_config('lock_timeout', %s, true)", (lock_timeout,))
         # The touched sessions are found by key: with a hash join the planner scans all of
@@ -910,31 +991,27 @@ def _transaction(
         _copy_rows(
             conn, "sessionmig_catchup", _APPLY_COLUMNS, _APPLY_COPY_TYPES, _apply_rows(delta)
         )
-        locked = time.perf_counter()
-        before = _lock_targets(conn, schema)
-        expected: list[tuple] = []
-        kinds: dict[str, set[str]] = {M.CHANGED: set(), M.INSERTED: set(), M.ENDED: set()}
-        for sid in delta.ids:
-            b, lv, t = delta.base.get(sid), delta.live.get(sid), before.get(sid)
-            outcome = M.merge(b, lv, t)
-            applied.kinds[outcome.kind] += 1
-            if outcome.kind == M.RECREATED:  # replaced where PostgreSQL has it, else inserted
-                kinds[M.CHANGED if t is not None else M.INSERTED].add(sid)
-            elif outcome.kind in kinds:
-                kinds[outcome.kind].add(sid)
-            shown = applied.examples.setdefault(outcome.kind, [])
-            if len(shown) < EXAMPLES:
-                shown.append(mask_id(sid))
-            for conflict in outcome.conflicts:
-                assert lv is not None and t is not None
-                applied.conflicts.append(
-                    ConflictDetail(mask_id(sid), conflict.column, conflict.winner, lv[5], t[5])
-                )
-            row = outcome.row
-            expected.append((sid, True, *row[1:]) if row else (sid, False, *(None,) * 6))
+        # The merge is computed from PostgreSQL's rows as they are, unlocked: the app goes on
+        # serving the touched sessions while the rules run and the expected rows are copied.
+        # Only then are the rows locked; those another transaction wrote meanwhile (their
+        # version moved) are merged again from the locked row, which nobody else can change.
+        seen = _read_targets(conn, schema)
+        outcomes = {sid: _merge(delta, sid, seen) for sid in delta.ids}
         _copy_rows(
-            conn, "sessionmig_catchup_expected", _EXPECTED_COLUMNS, _EXPECTED_COPY_TYPES, expected
+            conn,
+            "sessionmig_catchup_expected",
+            _EXPECTED_COLUMNS,
+            _EXPECTED_COPY_TYPES,
+            (_expected_row(sid, outcomes[sid]) for sid in delta.ids),
         )
+        locked = time.perf_counter()
+        now = _lock_targets(conn, schema)
+        moved = _moved(delta.ids, seen, now)
+        if moved:
+            outcomes.update((sid, _merge(delta, sid, now)) for sid in moved)
+            _replace_expected(conn, [_expected_row(sid, outcomes[sid]) for sid in moved])
+        applied.remerged = len(moved)
+        kinds = _tally(delta, outcomes, now, applied)
         done = _apply_statements(conn, schema)
         problems = _prove(conn, schema, kinds, done)
         if problems:
@@ -1440,6 +1517,7 @@ def _result(
         mismatches=mismatches,
         seconds=seconds,
         locked_seconds=applied.locked_seconds,
+        remerged=applied.remerged,
         committed=committed,
         dry_run=dry_run,
         verdict=verdict,
@@ -1527,6 +1605,10 @@ def catchup_tables(result: CatchupResult) -> dict[str, pd.DataFrame]:
             ("waiting for the app's SQLite locks", f"{snap.waited_s:.2f} s"),
             ("snapshot restarts (app committed meanwhile)", str(snap.restarts)),
             ("touched rows locked in PostgreSQL", f"{result.locked_seconds:.2f} s"),
+            (
+                "sessions the app wrote during the merge (merged again under the lock)",
+                f"{result.remerged:,}",
+            ),
             ("sessions in the live snapshot", f"{result.live_rows:,}"),
             ("audit row (session_migration_runs)", result.run_id if result.committed else "-"),
         ],
