@@ -227,13 +227,13 @@ nb(
 nb(
     "notebooks/04_session_analysis.ipynb",
     "04 · Session analysis",
-    "Named, documented queries over the sessions — on PostgreSQL, on the SQLite backup (normalised by the migration's own rules into a private read-only copy), or on both side by side. Read-only, with a statement timeout; session ids are hashed unless `show_ids` is set. `sessionmig query --list` lists the queries. The verdict says what was found: **ERROR** when a query failed (each named), **PASS_WITH_WARNINGS** when the two sources answer differently (each query named with its numbers — expected after cutover, a finding before it) or a source holds no session, **PASS** otherwise.\n\n**How to read it:** each query has a heading saying what it answers; with `source=both` the two answers stand side by side (SQLite on the left) and each chart has one panel per source. An empty answer is said in words, with the window it used.",
+    "Named, documented queries over the sessions — on PostgreSQL, on the SQLite backup (normalised by the migration's own rules into a private read-only copy), or on both side by side. Read-only, with a statement timeout; session ids are hashed unless `show_ids` is set. `sessionmig query --list` lists the queries. The verdict says what was found: **ERROR** when a query failed (each named), **PASS_WITH_WARNINGS** when the two sources answer differently (each query named with its numbers — expected after cutover, a finding before it) or a source holds no session, **PASS** otherwise.\n\n**How to read it:** the zone, bucket unit and window every bucketed answer uses are stated first, in the verdict's figures and the line under them. Each query then has a heading saying what it answers and its chart (when a picture says more), before its rows: with `source=both` one chart holds both sources — SQLite (the backup) as filled bars, PostgreSQL (the target) as outlined bars over them, every bucket where they differ marked, the title saying whether they agree — and the rows stand side by side (SQLite on the left), folded when longer than a dozen lines. Bucket labels carry their UTC offset, in the tables as in the CSV and JSON exports. An empty answer is said in words, with the window it used.",
     "analysis",
     [
         SETUP,
         (
             "code",
-            'from sessionmig import plots\n\nsources = ("sqlite", "postgres") if source == "both" else (source,)\ncommon = {"start": window_start, "end": window_end, "unit": unit, "timezone": timezone, "user_id": user_id, "top_n": top_n}',
+            'from sessionmig import plots, queries\n\nsources = ("sqlite", "postgres") if source == "both" else (source,)\ncommon = {"start": window_start, "end": window_end, "unit": unit, "timezone": timezone, "user_id": user_id, "top_n": top_n}',
         ),
         (
             "code",
@@ -241,7 +241,11 @@ nb(
         ),
         (
             "code",
-            "window = report.window_words(settings, common)\nfor name, frame in result.results.items():\n    report.show_query(name, frame, window)\n    plots.plot_query(name, frame)",
+            'about = queries.analysis_window(common, settings.as_of, settings.source_timezone)\nreport.say(about["words"])',
+        ),
+        (
+            "code",
+            "window = report.window_words(settings, common)\nfor name, frame in result.results.items():\n    report.show_query(name, frame, window, chart=plots.plot_query)",
         ),
         ("md", "## Free SQL (read-only; table `sessions`)"),
         (
@@ -255,7 +259,7 @@ nb(
         ),
         (
             "code",
-            'report.conclude(\n    "analysis",\n    result.verdict,\n    result.reason,\n    exit_code=result.exit_code,\n    figures=report.analysis_figures(result),\n)',
+            'report.conclude(\n    "analysis",\n    result.verdict,\n    result.reason,\n    exit_code=result.exit_code,\n    figures=[\n        *report.analysis_figures(result),\n        report.Figure("buckets", f\'{about["unit"]} in {about["timezone"]}\', f\'window {about["window"]}\'),\n    ],\n)',
         ),
     ],
 )

@@ -5,15 +5,20 @@ says so in words (:func:`sessionmig.report.say`) instead of showing a blank char
 
 Every chart says what its axes are (labels with units), counts start at zero, and bins are
 drawn where they are: bars over a real numeric or time axis, never a line through categories
-whose spacing is not the data's. Two sources are laid out before → after: SQLite (the backup)
-on the left, PostgreSQL on the right (:data:`sessionmig.report.SOURCE_ORDER`).
+whose spacing is not the data's. Time buckets sit at the instants their labels name (the label's
+UTC offset decides, so a fall-back day's repeated hour is two bars an hour apart), as wide as
+they really are, with local-time ticks in the answer's zone. Two sources share one panel:
+SQLite (the backup, before) as filled bars, PostgreSQL (the target, after) as outlined bars
+over them, every bucket where they differ marked, and the title saying whether they agree
+(:data:`sessionmig.report.SOURCE_ORDER`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import matplotlib.dates as mdates
 import matplotlib.pyplot as plt
@@ -135,7 +140,7 @@ def plot_reconcile_days(per_day: Mapping[str, tuple[int, int]] | None) -> Any:
 
 
 # Per query: x column, y column, title, y label, x label, how x is drawn.
-#   time: a local hour or day ("YYYY-MM-DD HH:MM") on a time axis, bars one bucket wide;
+#   time: a bucket label ("YYYY-MM-DD HH:MM+09:00") on a time axis, bars one bucket wide;
 #   bins: the start of a bin of a number, bars as wide as the bin; hours: a line over the hours
 #   since the cutover (evenly spaced, every hour present).
 SPECS: dict[str, tuple[str, str, str, str, str, str]] = {
@@ -174,13 +179,14 @@ SPECS: dict[str, tuple[str, str, str, str, str, str]] = {
     "cutover_watch": (
         "hour",
         "active",
-        "Active sessions since the cutover (solid) and a week before (dashed)",
+        "Active sessions since the cutover and a week before (dotted)",
         "active sessions",
         "hours since the cutover",
         "hours",
     ),
 }
 STYLES = {"sqlite": (BLUE, "o"), "postgres": (ORANGE, "s")}
+SHORT = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
 
 
 def has_signal(name: str, frame: Any) -> bool:
@@ -198,59 +204,201 @@ def _width(xs: Sequence[float]) -> float:
     return min(steps) if steps else 1.0
 
 
-def _draw(ax: Any, name: str, part: Any, colour: str) -> str:
-    """Draw one source's answer; the x label when the data says more than the spec."""
-    x, y, _, _, xlabel, kind = SPECS[name]
-    part = part.sort_values(x)
-    values = [float(v) for v in part[y].fillna(0)]
-    if kind == "time":
-        # Buckets are local wall-clock hours or days: drawn at their local time, the zone named.
-        parsed = [datetime.fromisoformat(str(v)) for v in part[x]]
-        stamps = [t.replace(tzinfo=None) for t in parsed]
-        seconds = [t.timestamp() for t in parsed]
-        wide = timedelta(seconds=_width(seconds)) if len(seconds) > 1 else timedelta(hours=1)
-        ax.bar(stamps, values, width=wide, align="edge", color=colour)
-        _date_axis(ax)
-        offset = parsed[0].strftime("%z") if parsed and parsed[0].tzinfo else ""
-        zone = f" (UTC{offset[:3]}:{offset[3:]})" if offset else ""
-        unit = "day" if wide >= timedelta(days=1) else "hour"
-        return f"local {unit}{zone}"
-    elif kind == "bins":
-        xs = [float(v) for v in part[x]]
-        width = _width(xs)
-        ax.bar(xs, values, width=width * 0.9, align="edge", color=colour)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        return xlabel
+def frame_zone(frame: Any) -> ZoneInfo | None:
+    """The zone an answer's buckets are in (its context, see :func:`sessionmig.queries.run`)."""
+    name = (getattr(frame, "attrs", {}).get("context") or {}).get("timezone")
+    try:
+        return ZoneInfo(str(name)) if name else None
+    except (ValueError, KeyError, OSError):
+        return None
+
+
+def bucket_instants(labels: Sequence[Any], zone: ZoneInfo | None = None) -> list[datetime]:
+    """Bucket labels (``2026-11-01 01:00-05:00``) as the instants they name, UTC. A label
+    without an offset is read in ``zone`` (UTC when there is none)."""
+    out = []
+    for label in labels:
+        t = datetime.fromisoformat(str(label))
+        if t.tzinfo is None:
+            t = t.replace(tzinfo=zone or UTC)
+        out.append(t.astimezone(UTC))
+    return out
+
+
+def _bucket_edges(frame: Any, labels: Sequence[Any]) -> tuple[list[datetime], list[float]]:
+    """Each bucket's first instant and its real length in days (a DST day is 23 or 25 hours,
+    New York's two 01:00 hours on the fall-back day are two buckets an hour apart); the last
+    bucket ends at the window's end when the answer says where that is."""
+    zone = frame_zone(frame)
+    firsts = bucket_instants(sorted(set(labels), key=lambda v: bucket_instants([v], zone)[0]), zone)
+    numbers = [float(mdates.date2num(t)) for t in firsts]
+    steps = [b - a for a, b in zip(numbers, numbers[1:], strict=False)]
+    end = (frame.attrs.get("context") or {}).get("end") if hasattr(frame, "attrs") else None
+    if end:
+        last = float(mdates.date2num(datetime.fromisoformat(str(end).replace("Z", "+00:00"))))
+        tail = last - numbers[-1] if last > numbers[-1] else None
     else:
-        xs = [float(v) for v in part[x]]
-        ax.plot(xs, values, color=colour, linewidth=1.5, label="since the cutover")
-        if "week_before" in part.columns:
-            before = [float(v) for v in part["week_before"].fillna(0)]
-            ax.plot(xs, before, linestyle="--", color=GREY, label="a week before")
+        tail = None
+    if tail is None:
+        tail = min(steps) if steps else 1 / 24
+    return firsts, [*steps, tail]
+
+
+def _key(value: Any) -> Any:
+    return str(value)
+
+
+def _series(name: str, part: Any) -> dict[Any, float]:
+    x, y = SPECS[name][:2]
+    return {_key(k): float(v) for k, v in zip(part[x], part[y].fillna(0), strict=True)}
+
+
+def _time_axis(ax: Any, zone: ZoneInfo | None) -> None:
+    locator = mdates.AutoDateLocator(minticks=3, maxticks=12, tz=zone or UTC)
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=zone or UTC))
+
+
+FEW_BUCKETS = 26
+
+
+def _tick(t: datetime, zone: ZoneInfo | None, firsts: Sequence[datetime]) -> str:
+    """A tick's text: the bucket's local start; its offset too when the window has several."""
+    local = t.astimezone(zone or UTC)
+    several = len({f.astimezone(zone or UTC).utcoffset() for f in firsts}) > 1
+    subday = any((b - a).total_seconds() < 86_400 for a, b in zip(firsts, firsts[1:], strict=False))
+    text = local.strftime("%H:%M" if subday else "%d %b")
+    if several:
+        off = local.strftime("%z")
+        text += f"\n{off[:3]}:{off[3:]}".replace("-", "−")
+    return text
+
+
+def _offsets(instants: Sequence[datetime], zone: ZoneInfo | None) -> str:
+    """The UTC offsets in force over ``instants`` in ``zone``: ``UTC−05:00`` or two of them."""
+    found: list[str] = []
+    for t in instants:
+        off = t.astimezone(zone or UTC).strftime("%z")
+        text = f"UTC{off[:3]}:{off[3:]}".replace("-", "−")
+        if text not in found:
+            found.append(text)
+    return " / ".join(found)
+
+
+def _overlay(ax: Any, name: str, parts: list[tuple[str, Any]], frame: Any) -> tuple[str, list[Any]]:
+    """Every source's answer on one axis: the first source as filled bars, the next as outlined
+    bars over them (a line for the hours since the cutover); the x label and the keys whose
+    values differ between the sources."""
+    x, y, _, _, xlabel, kind = SPECS[name]
+    series = [(src, _series(name, part)) for src, part in parts]
+    keys = sorted({k for _, s in series for k in s}, key=lambda k: _sort_key(kind, k, frame))
+    if kind == "time":
+        zone = frame_zone(frame)
+        firsts, widths = _bucket_edges(frame, keys)
+        xs: list[float] = [float(mdates.date2num(t)) for t in firsts]
+        ax.xaxis_date(tz=zone or UTC)
+        _time_axis(ax, zone)
+        if len(firsts) <= FEW_BUCKETS:
+            # A tick per bucket, named as its label is: a repeated hour shows twice, each
+            # time with the offset in force.
+            ax.set_xticks(xs, [_tick(t, zone, firsts) for t in firsts], fontsize=8)
+        where = zone.key if zone else "UTC"
+        unit = (frame.attrs.get("context") or {}).get("unit") if hasattr(frame, "attrs") else None
+        shown = (
+            f"bucket start ({unit or 'bucket'}), local time in {where} ({_offsets(firsts, zone)})"
+        )
+    else:
+        xs = [float(k) for k in keys]
+        width = _width(xs)
+        widths = [width * (0.9 if kind == "bins" else 1)] * len(xs)
+        shown = xlabel
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=7, frameon=False)
-    return xlabel
+    for i, (src, values) in enumerate(series):
+        colour, _ = STYLES.get(src, (BLUE, "o"))
+        heights = [values.get(k, 0.0) for k in keys]
+        label = SOURCE_WORDS.get(src, src) or None
+        if kind == "hours":
+            style = "-" if i == 0 else (0, (4, 3))
+            ax.plot(xs, heights, linestyle=style, color=colour, linewidth=1.6, label=label)
+            before = parts[i][1]
+            if "week_before" in before.columns:
+                past = dict(zip(map(_key, before[x]), before["week_before"].fillna(0), strict=True))
+                ax.plot(
+                    xs,
+                    [float(past.get(k, 0)) for k in keys],
+                    linestyle=":",
+                    color=colour,
+                    alpha=0.7,
+                    label=f"{label} — a week before" if label else "a week before",
+                )
+        elif i == 0:
+            ax.bar(xs, heights, width=widths, align="edge", color=colour, alpha=0.55, label=label)
+        else:
+            ax.bar(
+                xs,
+                heights,
+                width=widths,
+                align="edge",
+                fill=False,
+                edgecolor=colour,
+                linewidth=1.4,
+                label=label,
+            )
+    differ = []
+    if len(series) > 1:
+        for k, at, wide in zip(keys, xs, widths, strict=True):
+            seen = {s.get(k) for _, s in series}
+            if len(seen) > 1:
+                differ.append(
+                    (k, at + (wide / 2 if kind != "hours" else 0), max(v or 0 for v in seen))
+                )
+        if differ:
+            ax.scatter(
+                [d[1] for d in differ],
+                [d[2] for d in differ],
+                color=RED,
+                marker="v",
+                zorder=3,
+                label=f"{plural(len(differ), 'bucket' if kind == 'time' else 'value')} "
+                f"{'differs' if len(differ) == 1 else 'differ'}",
+            )
+    return shown, [d[0] for d in differ]
+
+
+def _sort_key(kind: str, key: Any, frame: Any) -> Any:
+    if kind == "time":
+        return bucket_instants([key], frame_zone(frame))[0]
+    return float(key)
 
 
 def plot_query(name: str, frame: Any) -> Any:
     """A chart for the queries where a picture says more; None for the others and for an
-    answer that is empty or all zeros. Two sources are drawn side by side, one panel each,
-    SQLite (the backup) on the left and PostgreSQL on the right, sharing the count axis."""
+    answer that is empty or all zeros. Two sources share one panel: SQLite (the backup) as
+    filled bars, PostgreSQL (the target) as outlined bars over them, and every bucket where
+    they differ marked; the title says whether they agree."""
     if not has_signal(name, frame):
         return None
     _, _, title, ylabel, _, _ = SPECS[name]
     if "source" in frame.columns:
         groups = {str(src): part for src, part in frame.groupby("source", sort=False)}
-        panels = [(src, groups[src]) for src in source_order(groups)]
+        parts = [(src, groups[src]) for src in source_order(groups)]
     else:
-        panels = [("", frame)]
-    fig, axes = plt.subplots(
-        1, len(panels), figsize=(10 if len(panels) == 1 else 12, 3.4), sharey=True, squeeze=False
-    )
-    for ax, (label, part) in zip(axes[0], panels, strict=True):
-        colour, _ = STYLES.get(label, (BLUE, "o"))
-        shown = _draw(ax, name, part, colour)
-        where = SOURCE_WORDS.get(label, label)
-        _style(ax, title + (f" — {where}" if where else ""), ylabel, shown)
+        parts = [("", frame)]
+    fig, ax = plt.subplots(figsize=(10, 3.4))
+    shown, differ = _overlay(ax, name, parts, frame)
+    if len(parts) > 1:
+        names = " and ".join(
+            f"{SHORT.get(s, s)} ({'bars' if i == 0 else 'outline'})"
+            for i, (s, _) in enumerate(parts)
+        )
+        if name == "cutover_watch":
+            names = " and ".join(SHORT.get(s, s) for s, _ in parts)
+        verdict = f"{plural(len(differ), 'difference')}, marked" if differ else "the same on both"
+        title = f"{title}: {names} — {verdict}"
+    elif parts[0][0]:
+        title = f"{title} — {SOURCE_WORDS.get(parts[0][0], parts[0][0])}"
+    _style(ax, title, ylabel, shown)
+    if len(parts) > 1 or name == "cutover_watch":
+        ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig

@@ -1126,6 +1126,33 @@ def _context(query: Query, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def analysis_window(given: dict[str, Any], as_of: datetime, zone: str) -> dict[str, Any]:
+    """The zone, unit and window the windowed queries of an analysis use, defaults filled in
+    (``given`` as the analysis step takes it: ``timezone``, ``unit``, ``start``, ``end``, empty
+    meaning the default), checked as :func:`resolve` checks them: ``timezone`` and ``unit`` as
+    given, ``start``/``end`` as UTC instants, ``window`` as ``[start, end)`` in the zone's local
+    time with its UTC offsets, and ``words``, one sentence for the top of a page."""
+    query = get("active_over_time")
+    values = resolve(
+        query, {k: given[k] for k in WINDOWED if given.get(k) not in (None, "")}, as_of, zone
+    )
+    tz = ZoneInfo(values["timezone"])
+
+    def local(t: datetime) -> str:
+        return t.astimezone(tz).strftime("%Y-%m-%d %H:%M") + _offset_text(
+            t.astimezone(tz).utcoffset()
+        )
+
+    window = f"[{local(values['start'])}, {local(values['end'])})"
+    words = (
+        f"Buckets of one {values['unit']} in {values['timezone']}, over the window "
+        f"{window} — each bucket labelled by its local "
+        "start with its UTC offset (a repeated hour on a fall-back day is two buckets, one per "
+        "offset). Queries without buckets count every session."
+    )
+    return {**_context(query, values), "window": window, "words": words}
+
+
 def run(
     name: str,
     source: str,

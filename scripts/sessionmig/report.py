@@ -16,7 +16,7 @@ import html
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -208,16 +208,29 @@ def say(text: str) -> None:
 
 
 def side_by_side(
-    parts: Sequence[tuple[str, pd.DataFrame]], empty: str = "", note: str = ""
+    parts: Sequence[tuple[str, pd.DataFrame]], empty: str = "", note: str = "", fold: str = ""
 ) -> None:
-    """Two (or more) tables beside each other, each with its heading (``note`` above them)."""
+    """Two (or more) tables beside each other, each with its heading (``note`` above them);
+    folded under ``fold`` (a ``<details>`` the reader opens) when it is given."""
     cells = "".join(
         f"<div><h4>{html.escape(label)}</h4>{table_html(frame, empty=empty)}</div>"
         for label, frame in parts
     )
     text = "\n\n".join(f"{label}\n{frame.to_string()}" for label, frame in parts)
     said = f'<p class="muted">{html.escape(note)}</p>' if note else ""
-    _publish(f'{said}<div class="side-by-side">{cells}</div>', (note + "\n" if note else "") + text)
+    tables = f'<div class="side-by-side">{cells}</div>'
+    _publish(f"{said}{_folded(tables, fold)}", (note + "\n" if note else "") + text)
+
+
+FOLD_ROWS = 12
+"""An analysis answer longer than this is folded under its chart: the page shows the picture,
+the reader opens the rows."""
+
+
+def _folded(markup: str, summary: str) -> str:
+    if not summary:
+        return markup
+    return f'<details class="rows"><summary>{html.escape(summary)}</summary>{markup}</details>'
 
 
 # --- the answer: verdict, reason, what to do, key figures ----------------------------------------
@@ -1051,10 +1064,20 @@ def order_sentence(sources: Sequence[str]) -> str:
     return f"{names[0]} on the left, {names[-1]} on the right."
 
 
-def show_query(name: str, frame: pd.DataFrame, window: str = "") -> None:
-    """One analysis query: heading, its answer (two sources side by side, SQLite on the left),
-    or a sentence when there is nothing to show."""
+def show_query(
+    name: str, frame: pd.DataFrame, window: str = "", chart: Callable | None = None
+) -> None:
+    """One analysis query: heading, its chart first when ``chart(name, frame)`` draws one, then
+    its answer (two sources side by side, SQLite on the left) — folded when longer than
+    :data:`FOLD_ROWS` rows, so no long table stands before a picture — or a sentence when there
+    is nothing to show."""
     show(query_header(name))
+    figure = chart(name, frame) if chart is not None else None
+    if figure is not None:
+        _display(figure)
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)  # shown here, beside its query, not again at the cell's end
     empty = f"No rows: the query found nothing{(' in ' + window) if window else ''}."
     if len(frame) and "source" in frame.columns and frame["source"].nunique() > 1:
         groups = {str(src): part for src, part in frame.groupby("source", sort=False)}
@@ -1066,7 +1089,18 @@ def show_query(name: str, frame: pd.DataFrame, window: str = "") -> None:
             )
             for src in order
         ]
-        side_by_side(parts, empty=empty, note=order_sentence(order))
+        rows = max(len(part) for _, part in parts)
+        fold = f"The answer: {plural(rows, 'row')} per source (open to read)"
+        side_by_side(
+            parts, empty=empty, note=order_sentence(order), fold=fold if rows > FOLD_ROWS else ""
+        )
+    elif len(frame) > FOLD_ROWS:
+        more = len(frame) - MAX_ROWS
+        markup = table_html(frame.head(MAX_ROWS), empty=empty)
+        if more > 0:
+            markup += f'<p class="muted">… and {plural(more, "more row")}, not shown.</p>'
+        fold = f"The answer: {plural(len(frame), 'row')} (open to read)"
+        _publish(_folded(markup, fold), frame.head(MAX_ROWS).to_string())
     else:
         show(frame, empty=empty)
 
