@@ -12,6 +12,13 @@ ledger of what succeeded: a WebSocket whose session is not valid is refused befo
 handshake completes (HTTP 403), and a message on a session that ended meanwhile is answered
 ``session_ended`` and the socket closed (1008). Session ids never appear in the log.
 
+An outage never ends a session: while the store cannot answer (``StoreUnavailable``: the
+database is down, failing over, or too slow) nothing is known about any session, so the app says
+exactly that — HTTP 503 with ``Retry-After``, and a WebSocket closed with 1013 "try again later"
+(accepted first: a WebSocket refused during its handshake reaches the browser as HTTP 403,
+which reads as "not logged in") — never 403/1008 or 404. Clients keep their tokens and carry on
+when the database is back.
+
 Run it: ``uvicorn --app-dir examples --factory session_app.app:create_app --port 8000``.
 """
 
@@ -23,12 +30,17 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from sessionmig.errors import StoreUnavailable
 from sessionmig.store import SessionStore, get_session_manager
 
 POLICY_VIOLATION = 1008  # RFC 6455: the session is not (or no longer) valid
+TRY_AGAIN_LATER = 1013  # RFC 6455: a temporary condition; the session is untouched
+UNAVAILABLE = "the session store is unavailable; try again later"
+RETRY_AFTER_S = "1"
 
 
 class Login(BaseModel):
@@ -60,6 +72,13 @@ def create_app(environ: dict[str, str] | None = None) -> FastAPI:
             await app.state.sessions.close()
 
     app = FastAPI(title="session app", lifespan=lifespan)
+
+    @app.exception_handler(StoreUnavailable)
+    async def unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        # Not a verdict on the session: the client keeps its token and asks again.
+        return JSONResponse(
+            {"detail": UNAVAILABLE}, status_code=503, headers={"Retry-After": RETRY_AFTER_S}
+        )
 
     def store() -> SessionStore:
         return app.state.sessions  # type: ignore[no-any-return]
@@ -109,7 +128,13 @@ def create_app(environ: dict[str, str] | None = None) -> FastAPI:
     @app.websocket("/ws/{session_id}")
     async def chat(websocket: WebSocket, session_id: str) -> None:
         # The connection itself is a request: validated (and counted) before it is accepted.
-        if not await store().validate_session(session_id):
+        try:
+            valid = await store().validate_session(session_id)
+        except StoreUnavailable:
+            await websocket.accept()
+            await websocket.close(code=TRY_AGAIN_LATER, reason=UNAVAILABLE)
+            return
+        if not valid:
             await websocket.close(code=POLICY_VIOLATION)
             return
         await websocket.accept()
@@ -117,7 +142,13 @@ def create_app(environ: dict[str, str] | None = None) -> FastAPI:
         try:
             while True:
                 message = await websocket.receive_json()
-                if not await store().validate_session(session_id):
+                try:
+                    valid = await store().validate_session(session_id)
+                except StoreUnavailable:
+                    await websocket.send_json({"type": "unavailable", "detail": UNAVAILABLE})
+                    await websocket.close(code=TRY_AGAIN_LATER, reason=UNAVAILABLE)
+                    return
+                if not valid:
                     await websocket.send_json({"type": "session_ended"})
                     await websocket.close(code=POLICY_VIOLATION)
                     return

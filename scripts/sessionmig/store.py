@@ -43,10 +43,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import select as _select
 import sqlite3
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -101,6 +103,49 @@ SESSIONS = cast(Table, SessionRecord.__table__)
 # constraint — is raised at once.
 CONNECTION_LOST_SQLSTATES = {"57P01", "57P02", "57P03"}
 ROLLED_BACK_SQLSTATES = {"40001", "40P01"}
+log = logging.getLogger(__name__)
+POOL_NAME = "sessionmig-store"
+# An outage (no writable server accepts a connection): a call that finds a connection lost asks
+# whether a writable server accepts one, and waits at most this long for the answer; meanwhile
+# and afterwards every call is answered at once, and a new pool is made as soon as one accepts
+# (tried this often: a connection attempt to a server that is down costs little).
+OUTAGE_PROBE_S = 1.5
+OUTAGE_RETRY_S = 0.2
+# The loop pools in an outage (by id), and every connection the store's pools made.
+_OUTAGES: set[int] = set()
+_STORE_CONNECTIONS: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
+
+
+class _PoolLogDemoted(logging.Filter):
+    """psycopg's pool warns once per connection attempt and per dead connection: during an
+    outage of the store's database that is a warning per pool slot every backoff step. The
+    store says it once itself (:meth:`SessionManager._mark_down`, and when it is over), so the
+    pool's records about the store's own pool and connections go down to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        ours = any(
+            arg == POOL_NAME
+            or (isinstance(arg, psycopg.AsyncConnection) and arg in _STORE_CONNECTIONS)
+            for arg in args
+        )
+        if ours and record.levelno > logging.DEBUG:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            # Handlers do not look at the logger's level again: kept only when asked for.
+            return _pool_log.isEnabledFor(logging.DEBUG)
+        return True
+
+
+_pool_log = logging.getLogger("psycopg.pool")
+if not any(isinstance(f, _PoolLogDemoted) for f in _pool_log.filters):
+    _pool_log.addFilter(_PoolLogDemoted())
+
+
+async def _close_quietly(pool: AsyncConnectionPool[Any]) -> None:
+    with contextlib.suppress(Exception):
+        await pool.close(timeout=1.0)
+
+
 # How the store is told about a pooler in front of PostgreSQL (see SessionManager).
 POOLER_MODES = ("auto", "transaction", "none")
 PREPARE_SETTINGS: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
@@ -416,6 +461,11 @@ async def _behind_a_pooler(conn: psycopg.AsyncConnection[Any]) -> bool:
     return row is not None and row[0] != conn.info.backend_pid
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = redact(str(exc)).strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__
+
+
 def _connection_lost(exc: psycopg.Error) -> bool:
     state = exc.sqlstate
     if state is None:
@@ -438,6 +488,14 @@ class _LoopPool:
     )
     checking: asyncio.Task[None] | None = None
     guard: asyncio.Task[None] | None = None
+    # The outage: since when no writable server has answered (monotonic; None while up),
+    # what said so, how many calls were answered StoreUnavailable at once meanwhile, and the
+    # task that makes a new pool as soon as a writable server accepts a connection.
+    down_since: float | None = None
+    down_reason: str = ""
+    refused: int = 0
+    reviving: asyncio.Task[None] | None = None
+    probing: asyncio.Task[bool] | None = None
 
     def finish(self) -> None:
         """Close, without the loop, every connection of this pool still open."""
@@ -597,10 +655,18 @@ class SessionManager:
             self.prepare = False
 
     async def _open(self, lp: _LoopPool) -> AsyncConnectionPool[Any]:
+        pool = await self._new_pool(lp)
+        lp.pool = pool
+        lp.guard = asyncio.get_running_loop().create_task(self._close_with_loop(lp))
+        return pool
+
+    async def _new_pool(self, lp: _LoopPool) -> AsyncConnectionPool[Any]:
+        """A pool with all its connections made (after :meth:`_probe`)."""
         await self._probe()
 
         async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
             lp.connections.add(conn)
+            _STORE_CONNECTIONS.add(conn)
 
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             conninfo(self._url, "store", **self._connection_settings()),
@@ -611,7 +677,7 @@ class SessionManager:
             max_size=self.pool_size,
             timeout=self.pool_timeout_s,
             configure=configure,
-            name="sessionmig-store",
+            name=POOL_NAME,
             open=False,
         )
         try:
@@ -620,14 +686,84 @@ class SessionManager:
             await pool.open(wait=True, timeout=2.0 * self.connect_timeout_s)
         except PoolTimeout:
             # Reachable a moment ago, yet not all connections could be made (max_connections?).
-            lp.finish()
+            with contextlib.suppress(Exception):
+                await pool.close(timeout=0)
             raise psycopg.OperationalError(
                 f"the pool could not make its {self.pool_size} connections within "
                 f"{2 * self.connect_timeout_s} s"
             ) from None
-        lp.pool = pool
-        lp.guard = asyncio.get_running_loop().create_task(self._close_with_loop(lp))
         return pool
+
+    # --- an outage: answered at once, said once, over as soon as a server answers --------------
+
+    async def _reachable(self, lp: _LoopPool) -> bool:
+        """Whether a writable server accepts a connection now (one probe at a time, however many
+        calls ask; bounded by :data:`OUTAGE_PROBE_S`, so no call waits longer to be told)."""
+        if lp.probing is None or lp.probing.done():
+            lp.probing = asyncio.get_running_loop().create_task(self._try_connect())
+        try:
+            return await asyncio.wait_for(asyncio.shield(lp.probing), OUTAGE_PROBE_S)
+        except TimeoutError:
+            return False
+
+    async def _try_connect(self) -> bool:
+        try:
+            conn = await aconnect(
+                self._url, "store", autocommit=True, **self._connection_settings()
+            )
+        except (TargetError, psycopg.Error):
+            return False
+        await conn.close()
+        return True
+
+    def _mark_down(self, lp: _LoopPool, reason: str) -> None:
+        """No writable server answers: from now on every call is answered StoreUnavailable at
+        once (none waits on the pool, none is queued to be served late), the pool that holds
+        dead connections is closed (its waiting calls are told now, its reconnecting stops),
+        and a new one is made as soon as a server accepts. Logged once, not per call."""
+        if lp.down_since is not None:
+            return
+        lp.down_since, lp.down_reason, lp.refused = time.monotonic(), reason, 0
+        _OUTAGES.add(id(lp))
+        log.warning(
+            "the session database is unreachable or not writable (%s): the store answers "
+            "StoreUnavailable at once and tries to connect every %g s until a writable server "
+            "accepts",
+            reason,
+            OUTAGE_RETRY_S,
+        )
+        old, lp.pool = lp.pool, None
+        loop = asyncio.get_running_loop()
+        if old is not None:
+            loop.create_task(_close_quietly(old))
+        lp.reviving = loop.create_task(self._revive(lp))
+
+    async def _revive(self, lp: _LoopPool) -> None:
+        while True:
+            await asyncio.sleep(OUTAGE_RETRY_S)
+            try:
+                pool = await asyncio.wait_for(self._new_pool(lp), OUTAGE_PROBE_S + 2.0)
+            except (TargetError, psycopg.Error, TimeoutError):
+                continue
+            down = time.monotonic() - (lp.down_since or time.monotonic())
+            lp.pool, lp.down_since = pool, None
+            _OUTAGES.discard(id(lp))
+            log.warning(
+                "the session database answers again after %.1f s of outage (%d calls were "
+                "answered StoreUnavailable meanwhile)",
+                down,
+                lp.refused,
+            )
+            return
+
+    def _unavailable(self, lp: _LoopPool) -> StoreUnavailable:
+        lp.refused += 1
+        since = time.monotonic() - (lp.down_since or time.monotonic())
+        return StoreUnavailable(
+            f"the session database has been unreachable or not writable for {since:.1f} s "
+            f"({lp.down_reason}); the store reconnects on its own as soon as a writable server "
+            "accepts: try again in a moment"
+        )
 
     @staticmethod
     async def _close_with_loop(lp: _LoopPool) -> None:
@@ -638,6 +774,9 @@ class SessionManager:
         try:
             await asyncio.get_running_loop().create_future()
         finally:
+            _OUTAGES.discard(id(lp))
+            if lp.reviving is not None:
+                lp.reviving.cancel()
             if lp.pool is not None:
                 with contextlib.suppress(BaseException):  # its tasks are being cancelled too
                     await lp.pool.close(timeout=1.0)
@@ -653,6 +792,9 @@ class SessionManager:
     async def _pool(self) -> AsyncConnectionPool[Any]:
         loop = asyncio.get_running_loop()
         lp = self._pools.get(loop)
+        if lp is not None and lp.down_since is not None:
+            self._current = lp
+            raise self._unavailable(lp)
         if lp is None or lp.opening is None or (lp.opening.done() and lp.pool is None):
             # First use from this loop, or the last opening failed: open (again). Pools of
             # loops that are closed (an earlier asyncio.run) are let go here.
@@ -661,7 +803,9 @@ class SessionManager:
             lp.opening = loop.create_task(self._open(lp))
         self._current = lp
         # Many callers may wait for one opening; none of them may cancel it for the others.
-        return await asyncio.shield(lp.opening)
+        opened = await asyncio.shield(lp.opening)
+        # After an outage the pool is a new one (see _revive).
+        return lp.pool if lp.pool is not None else opened
 
     def _let_go_of_closed_loops(self) -> None:
         for loop, lp in list(self._pools.items()):
@@ -690,6 +834,8 @@ class SessionManager:
             pool = self._ready_pool() or await self._pool()
         except TargetError as exc:
             raise StoreUnavailable(f"the session database is unavailable: {exc}") from None
+        except PoolClosed:
+            raise StoreUnavailable("the session store is closed or in an outage") from None
         try:
             conn = await pool.getconn()
         except PoolTimeout:
@@ -772,6 +918,15 @@ class SessionManager:
                 lost = _connection_lost(exc) or isinstance(exc, PoolClosed)
                 if not (lost or exc.sqlstate in ROLLED_BACK_SQLSTATES):
                     raise
+                lp = self._current
+                down = False
+                if lost and lp is not None and lp.loop is asyncio.get_running_loop():
+                    # A lost connection, or a database gone? Asked once for all calls, and
+                    # answered within OUTAGE_PROBE_S: an outage is told at once, not after
+                    # the retries and the pool's wait.
+                    if lp.down_since is None and not await self._reachable(lp):
+                        self._mark_down(lp, _first_line(exc))
+                    down = lp.down_since is not None
                 if (
                     lost
                     and sent is not None
@@ -786,6 +941,8 @@ class SessionManager:
                         "was sent: its outcome is unknown (it took effect at most once; it was "
                         f"not sent again): {redact(str(exc)).strip()}"
                     ) from None
+                if down:
+                    raise self._unavailable(cast(_LoopPool, lp)) from None
                 if attempt == self.retries:
                     raise StoreUnavailable(
                         f"the session database is unavailable after {attempt + 1} attempts: "
@@ -885,7 +1042,13 @@ class SessionManager:
         running = asyncio.get_running_loop()
         pools, self._pools, self._current = self._pools, {}, None
         for loop, lp in pools.items():
+            _OUTAGES.discard(id(lp))
             if loop is running:
+                if lp.reviving is not None and not lp.reviving.done():
+                    lp.reviving.cancel()  # no new pool after this
+                    with contextlib.suppress(BaseException):
+                        await lp.reviving
+                    lp.finish()  # what a cancelled opening had made
                 if lp.opening is not None:
                     with contextlib.suppress(Exception):  # an opening that failed left nothing
                         await asyncio.shield(lp.opening)
