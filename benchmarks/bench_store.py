@@ -16,6 +16,13 @@ logout), on ids drawn from the live sessions (200 to start with). Before each st
 measurement the store is warmed up (its pool filled, its statements prepared), as a running app's
 is. Each round starts both stores from an empty table.
 
+3. **A failover** (``--failover``): a primary and its synchronous standby of the benchmark's
+   own (the PostgreSQL binaries, in a temporary directory), the store on a multi-host DSN
+   (``target_session_attrs=read-write``) under the same open-loop load, the primary stopped at
+   once and the standby promoted ``--promote-after`` seconds later: the gap, the longest wait,
+   the p99 before/during/after, and the ledger's lost/invented/miscounted sessions
+   (``tests/failover.py`` runs it; ``tests/test_failover.py`` asserts on it).
+
 Servers: ``--dsn`` (an admin URL, database ``postgres``) or ``--embedded`` (the embedded
 PostgreSQL 18); else the system PostgreSQL when it answers, else the embedded one. The benchmark
 creates a database of its own there and drops it at the end. The legacy SQLite store works on a
@@ -269,7 +276,15 @@ def main() -> int:
         help="SessionManager pool size(s); several sizes are measured side by side",
     )
     parser.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only")
+    parser.add_argument(
+        "--failover", action="store_true", help="measure a failover instead (own servers)"
+    )
+    parser.add_argument(
+        "--promote-after", type=float, default=8.0, help="failover: seconds without a primary"
+    )
     args = parser.parse_args()
+    if args.failover:
+        return run_failover(args)
 
     if args.embedded:
         dsn = embedded.url(DATABASE)
@@ -288,6 +303,42 @@ def main() -> int:
         return run_rounds(args, dsn, label)
     finally:
         drop_database(admin, DATABASE)
+
+
+def run_failover(args: argparse.Namespace) -> int:
+    """The failover measurement (see the module docstring), on servers of its own."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from failover import measure as failover_measure
+    from pgcluster import BIN, primary_and_standby
+
+    if BIN is None:
+        print("no PostgreSQL binaries (initdb, pg_ctl, pg_basebackup): set SESSIONMIG_PG_BIN")
+        return 2
+    with tempfile.TemporaryDirectory() as tmp, primary_and_standby(Path(tmp)) as (one, two):
+        schema.upgrade(one.url())
+        dsn = (
+            f"postgresql://postgres@127.0.0.1:{one.port},127.0.0.1:{two.port}/postgres"
+            "?target_session_attrs=read-write"
+        )
+        print(
+            f"PostgreSQL binaries {BIN}; {args.users} users × 1 request / "
+            f"{args.interval_ms:g} ms; primary stopped (immediate) after 5 s, standby promoted "
+            f"{args.promote_after:g} s later, 5 s more\n"
+        )
+        figures = failover_measure(
+            dsn,
+            lambda: one.stop("immediate"),
+            two.promote,
+            users=args.users,
+            interval_s=args.interval_ms / 1000,
+            before_s=5.0,
+            promote_after_s=args.promote_after,
+            after_s=5.0,
+        )
+    print(figures.table())
+    for record in figures.records:
+        print("  log:", record)
+    return 0
 
 
 def run_rounds(args: argparse.Namespace, dsn: str, label: str) -> int:
