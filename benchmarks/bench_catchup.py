@@ -128,7 +128,8 @@ def timed(module, name, label=None):
 for module, name in [(catchup, "take"), (snapshot, "_copy"), (snapshot, "_finish"),
                      (snapshot, "_fsync"), (catchup, "sha256_file"), (source, "hash_files"),
                      (catchup, "diff"), (catchup, "_ended_in_live"), (catchup, "_apply"),
-                     (catchup, "_copy_rows"), (catchup, "_lock_targets"),
+                     (catchup, "_copy_rows"), (catchup, "_read_targets"), (catchup, "_lock_targets"),
+                     (catchup, "_replace_expected"),
                      (catchup, "_apply_statements"), (catchup, "_prove"),
                      (catchup, "_record_pass"), (catchup, "_transaction"),
                      (catchup, "_keep_snapshot"), (catchup, "_prune"), (os, "fdatasync")]:

@@ -580,7 +580,7 @@ _APPLY_COLUMNS = (
     *(f"b_{c}" for c in COLUMNS[1:]),
     *(f"l_{c}" for c in COLUMNS[1:]),
 )
-_EXPECTED_COLUMNS = ("session_id", "present", *COLUMNS[1:])
+_EXPECTED_COLUMNS = ("session_id", "present", "action", *COLUMNS[1:])
 # Metadata arrives as text (binary COPY: six times faster than text COPY, measured), and
 # becomes jsonb in one rewrite of the temporary table once it is there.
 _ROW_TYPES = (
@@ -589,7 +589,9 @@ _ROW_TYPES = (
 )
 _ROW_COPY_TYPES = ["text", "text", "timestamptz", "timestamptz", "timestamptz", "int4"]
 _APPLY_COPY_TYPES = ["text", "bool", "bool", "bool", *_ROW_COPY_TYPES, *_ROW_COPY_TYPES]
-_EXPECTED_COPY_TYPES = ["text", "bool", *_ROW_COPY_TYPES]
+_EXPECTED_COPY_TYPES = ["text", "bool", "text", *_ROW_COPY_TYPES]
+# What the pass writes to a session, by the rules' outcome (``_action``).
+UPDATE, INSERT, DELETE, NONE = "update", "insert", "delete", ""
 
 
 def _create_temp_tables(conn: psycopg.Connection) -> None:
@@ -603,7 +605,8 @@ def _create_temp_tables(conn: psycopg.Connection) -> None:
     )
     conn.execute(
         f"""CREATE TEMP TABLE sessionmig_catchup_expected (
-                session_id text COLLATE "C" NOT NULL, present boolean NOT NULL, {_ROW_TYPES}
+                session_id text COLLATE "C" NOT NULL, present boolean NOT NULL,
+                action text NOT NULL, {_ROW_TYPES}
             ) ON COMMIT DROP"""
     )
 
@@ -650,44 +653,54 @@ def _apply_rows(delta: Delta) -> Iterator[tuple]:
 
 # PostgreSQL's touched rows as they are, each with its version (xmin and ctid: any write of
 # another transaction gives the row a new one).
+_VERSION = "s.xmin::text || '/' || s.ctid::text"
 _TARGETS = """SELECT s.session_id, s.user_id, s.metadata::text, s.created_at, s.expires_at,
-                     s.last_activity, s.request_count, s.xmin::text || '/' || s.ctid::text
-              FROM {} s JOIN sessionmig_catchup a ON a.session_id = s.session_id"""
+                     s.last_activity, s.request_count, {version}
+              FROM {sessions} s JOIN sessionmig_catchup a ON a.session_id = s.session_id"""
+Targets = dict[str, tuple[M.Row, str]]
 
 
-def _read_targets(conn: psycopg.Connection, schema: str) -> dict[str, tuple[M.Row, str]]:
-    """The touched sessions PostgreSQL has, read without locking them, with their versions:
-    the merge is computed from these while the app goes on writing."""
-    rows = conn.execute(sql.SQL(_TARGETS).format(sql.Identifier(schema, "sessions"))).fetchall()
+def _read_targets(conn: psycopg.Connection, schema: str, only: list[str] | None = None) -> Targets:
+    """The touched sessions PostgreSQL has (or those of ``only``), with their versions, read
+    without locking them: the merge is computed from these while the app goes on writing."""
+    query = sql.SQL(_TARGETS).format(
+        version=sql.SQL(_VERSION), sessions=sql.Identifier(schema, "sessions")
+    )
+    if only is not None:
+        query = sql.SQL("{} WHERE s.session_id = ANY(%s)").format(query)
+    rows = conn.execute(query, (only,) if only is not None else None).fetchall()
     return {r[0]: (tuple(r[:7]), r[7]) for r in rows}  # type: ignore[misc]
 
 
-def _lock_targets(conn: psycopg.Connection, schema: str) -> dict[str, tuple[M.Row, str]]:
+def _lock_targets(conn: psycopg.Connection, schema: str) -> dict[str, str]:
     """Lock the touched sessions PostgreSQL has (key order: two passes or a pass and a
-    multi-row statement of the app lock in one order) and read them as they are now."""
+    multi-row statement of the app lock in one order); their versions now."""
     rows = conn.execute(
-        sql.SQL(_TARGETS + " ORDER BY s.session_id FOR UPDATE OF s").format(
-            sql.Identifier(schema, "sessions")
-        )
+        sql.SQL(
+            """SELECT s.session_id, {version}
+               FROM {sessions} s JOIN sessionmig_catchup a ON a.session_id = s.session_id
+               ORDER BY s.session_id FOR UPDATE OF s"""
+        ).format(version=sql.SQL(_VERSION), sessions=sql.Identifier(schema, "sessions"))
     ).fetchall()
-    return {r[0]: (tuple(r[:7]), r[7]) for r in rows}  # type: ignore[misc]
+    return dict(rows)  # type: ignore[arg-type]
 
 
-def _moved(
-    ids: list[str], seen: dict[str, tuple[M.Row, str]], now: dict[str, tuple[M.Row, str]]
-) -> list[str]:
+def _moved(ids: list[str], seen: Targets, now: dict[str, str]) -> list[str]:
     """The touched sessions another transaction wrote (or created, or ended) between the
     unlocked read and the lock: their merge is computed again from the locked row."""
-    return [
-        sid
-        for sid in ids
-        if (seen[sid][1] if sid in seen else None) != (now[sid][1] if sid in now else None)
-    ]
+    return [sid for sid in ids if (seen[sid][1] if sid in seen else None) != now.get(sid)]
 
 
-def _expected_row(sid: str, outcome: M.Outcome) -> tuple:
-    row = outcome.row
-    return (sid, True, *row[1:]) if row else (sid, False, *(None,) * 6)
+def _action(outcome: M.Outcome, in_postgres: bool) -> str:
+    """What the pass writes to one session for the rules' ``outcome``."""
+    if outcome.kind == M.RECREATED:  # live's row: in place of PostgreSQL's, else inserted
+        return UPDATE if in_postgres else INSERT
+    return {M.CHANGED: UPDATE, M.INSERTED: INSERT, M.ENDED: DELETE}.get(outcome.kind, NONE)
+
+
+def _expected_row(sid: str, outcome: M.Outcome, in_postgres: bool) -> tuple:
+    row, action = outcome.row, _action(outcome, in_postgres)
+    return (sid, True, action, *row[1:]) if row else (sid, False, action, *(None,) * 6)
 
 
 def _replace_expected(conn: psycopg.Connection, rows: list[tuple]) -> None:
@@ -698,88 +711,43 @@ def _replace_expected(conn: psycopg.Connection, rows: list[tuple]) -> None:
     )
     with conn.cursor() as cur:
         cur.executemany(
-            "INSERT INTO sessionmig_catchup_expected (session_id, present, user_id, metadata, "
-            "created_at, expires_at, last_activity, request_count) "
-            "VALUES (%s, %s, %s, %s::jsonb, %s, %s, %s, %s)",
+            "INSERT INTO sessionmig_catchup_expected (session_id, present, action, user_id, "
+            "metadata, created_at, expires_at, last_activity, request_count) "
+            "VALUES (%s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s)",
             rows,
         )
 
 
-def _replaced(column: str) -> sql.Composable:
-    """SQL of a column the side that changed it replaces; both changed: newer last_activity."""
-    c, b, lv = sql.Identifier(column), sql.Identifier(f"b_{column}"), sql.Identifier(f"l_{column}")
-    # Compared as text for jsonb: equal JSON is one spelling in jsonb, and text is what the
-    # rules compare (1 and 1.0 are different values there).
-    cast = sql.SQL("::text") if column == "metadata" else sql.SQL("")
-    return sql.SQL(
-        """CASE WHEN a.has_base AND a.{lv}{cast} IS NOT DISTINCT FROM a.{b}{cast} THEN s.{c}
-                WHEN a.has_base AND s.{c}{cast} IS NOT DISTINCT FROM a.{b}{cast} THEN a.{lv}
-                WHEN s.{c}{cast} IS NOT DISTINCT FROM a.{lv}{cast} THEN s.{c}
-                WHEN a.l_last_activity > s.last_activity THEN a.{lv}
-                ELSE s.{c} END"""
-    ).format(c=c, b=b, lv=lv, cast=cast)
-
-
-def _later(column: str) -> sql.Composable:
-    c, b, lv = sql.Identifier(column), sql.Identifier(f"b_{column}"), sql.Identifier(f"l_{column}")
-    return sql.SQL(
-        "CASE WHEN a.has_base AND a.{lv} = a.{b} THEN s.{c} ELSE greatest(s.{c}, a.{lv}) END"
-    ).format(c=c, b=b, lv=lv)
-
-
 def _apply_statements(conn: psycopg.Connection, schema: str) -> dict[str, set[str]]:
-    """Apply live's changes with statements that compose with the app's concurrent writes."""
+    """Write the rules' outcome of every touched session, set-based, from the expected rows
+    (computed from the rows as they are locked now, so they compose with the app's writes)."""
     sessions = sql.Identifier(schema, "sessions")
-    assignments = [
-        sql.SQL(
-            # In bigint, then held within integer: the column saturates, never fails the pass.
-            """request_count = CASE WHEN a.has_base
-                   THEN least(greatest(s.request_count::int8
-                                       + (a.l_request_count::int8 - a.b_request_count),
-                                       -2147483648), 2147483647)::int4
-                   ELSE greatest(s.request_count, a.l_request_count) END"""
-        ),
-        *(sql.SQL("{} = {}").format(sql.Identifier(c), _later(c)) for c in M.LATER),
-        *(sql.SQL("{} = {}").format(sql.Identifier(c), _replaced(c)) for c in M.REPLACED),
-    ]
+    columns = sql.SQL(", ").join(map(sql.Identifier, COLUMNS[1:]))
+    values = sql.SQL(", ").join(sql.SQL("e.{}").format(sql.Identifier(c)) for c in COLUMNS[1:])
     updated = conn.execute(
         sql.SQL(
-            """UPDATE {} AS s SET {} FROM sessionmig_catchup a
-               WHERE a.has_live AND NOT a.recreated AND s.session_id = a.session_id
-               RETURNING s.session_id"""
-        ).format(sessions, sql.SQL(", ").join(assignments))
+            """UPDATE {} AS s SET ({}) = ({}) FROM sessionmig_catchup_expected e
+               WHERE e.action = %s AND s.session_id = e.session_id RETURNING s.session_id"""
+        ).format(sessions, columns, values),
+        (UPDATE,),
     ).fetchall()
-    # Ended and created again under its id on the old colour: the new session is live's row.
-    replaced = conn.execute(
-        sql.SQL(
-            """UPDATE {} AS s SET ({}) = ({}) FROM sessionmig_catchup a
-               WHERE a.recreated AND s.session_id = a.session_id RETURNING s.session_id"""
-        ).format(
-            sessions,
-            sql.SQL(", ").join(map(sql.Identifier, COLUMNS[1:])),
-            sql.SQL(", ").join(
-                sql.SQL("a.{}").format(sql.Identifier(f"l_{c}")) for c in COLUMNS[1:]
-            ),
-        )
-    ).fetchall()
-    columns = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
-    live_columns = sql.SQL(", ").join(sql.Identifier(f"l_{c}") for c in COLUMNS[1:])
     inserted = conn.execute(
         sql.SQL(
-            """INSERT INTO {} ({}) SELECT a.session_id, {} FROM sessionmig_catchup a
-               WHERE a.has_live AND (NOT a.has_base OR a.recreated) ORDER BY a.session_id
+            """INSERT INTO {} (session_id, {}) SELECT e.session_id, {}
+               FROM sessionmig_catchup_expected e WHERE e.action = %s ORDER BY e.session_id
                ON CONFLICT (session_id) DO NOTHING RETURNING session_id"""
-        ).format(sessions, columns, live_columns)
+        ).format(sessions, columns, values),
+        (INSERT,),
     ).fetchall()
     deleted = conn.execute(
         sql.SQL(
-            """DELETE FROM {} AS s USING sessionmig_catchup a
-               WHERE a.has_base AND NOT a.has_live AND s.session_id = a.session_id
-               RETURNING s.session_id"""
-        ).format(sessions)
+            """DELETE FROM {} AS s USING sessionmig_catchup_expected e
+               WHERE e.action = %s AND s.session_id = e.session_id RETURNING s.session_id"""
+        ).format(sessions),
+        (DELETE,),
     ).fetchall()
     return {
-        M.CHANGED: {r[0] for r in updated} | {r[0] for r in replaced},
+        M.CHANGED: {r[0] for r in updated},
         M.INSERTED: {r[0] for r in inserted},
         M.ENDED: {r[0] for r in deleted},
     }
@@ -923,7 +891,7 @@ def _record_pass(
     )
 
 
-def _merge(delta: Delta, sid: str, target: dict[str, tuple[M.Row, str]]) -> M.Outcome:
+def _merge(delta: Delta, sid: str, target: Targets) -> M.Outcome:
     found = target.get(sid)
     return M.merge(delta.base.get(sid), delta.live.get(sid), found[0] if found else None)
 
@@ -931,7 +899,7 @@ def _merge(delta: Delta, sid: str, target: dict[str, tuple[M.Row, str]]) -> M.Ou
 def _tally(
     delta: Delta,
     outcomes: dict[str, M.Outcome],
-    target: dict[str, tuple[M.Row, str]],
+    target: Targets,
     applied: Applied,
 ) -> dict[str, set[str]]:
     """Count the outcomes into ``applied``; return the sessions each statement must touch."""
@@ -1002,16 +970,21 @@ def _transaction(
             "sessionmig_catchup_expected",
             _EXPECTED_COLUMNS,
             _EXPECTED_COPY_TYPES,
-            (_expected_row(sid, outcomes[sid]) for sid in delta.ids),
+            (_expected_row(sid, outcomes[sid], sid in seen) for sid in delta.ids),
         )
         locked = time.perf_counter()
-        now = _lock_targets(conn, schema)
-        moved = _moved(delta.ids, seen, now)
+        moved = _moved(delta.ids, seen, _lock_targets(conn, schema))
         if moved:
-            outcomes.update((sid, _merge(delta, sid, now)) for sid in moved)
-            _replace_expected(conn, [_expected_row(sid, outcomes[sid]) for sid in moved])
+            # Locked now (or absent): nobody else changes them until this transaction ends.
+            for sid in moved:
+                seen.pop(sid, None)
+            seen.update(_read_targets(conn, schema, moved))
+            outcomes.update((sid, _merge(delta, sid, seen)) for sid in moved)
+            _replace_expected(
+                conn, [_expected_row(sid, outcomes[sid], sid in seen) for sid in moved]
+            )
         applied.remerged = len(moved)
-        kinds = _tally(delta, outcomes, now, applied)
+        kinds = _tally(delta, outcomes, seen, applied)
         done = _apply_statements(conn, schema)
         problems = _prove(conn, schema, kinds, done)
         if problems:
