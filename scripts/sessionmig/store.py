@@ -21,6 +21,16 @@ retried — a data error is raised at once. A database that
 stays down, a pool that frees no connection in time, or a statement past its timeout raises
 :class:`~sessionmig.errors.StoreUnavailable`, never hangs.
 
+An outage (no writable server accepts a connection: the database is down, or a primary failed
+and no standby is promoted yet) is answered at once: the first call that finds a connection
+lost asks, for every call, whether a writable server accepts one (libpq tries each host of a
+multi-host DSN; ``target_session_attrs=read-write`` refuses a standby); if none does, every
+call raises ``StoreUnavailable`` without waiting on the pool, the pool of dead connections is
+closed, and a new one is made as soon as a server accepts (tried every
+:data:`OUTAGE_RETRY_S`) — so a failover is followed without a restart. Said once in the log
+when it starts and once when it ends. Behind a transaction pooler (PgBouncer) the store sets
+its session settings per transaction instead of at startup: see :class:`SessionManager`.
+
 ``now`` is the database's clock, read inside the statement itself (``statement_timestamp()``),
 so a call that queued for a pool connection is judged at the moment it reaches the server, and
 every app host shares one clock. ``last_activity`` only ever moves forward and ``request_count``
@@ -829,7 +839,9 @@ class SessionManager:
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A connection of the store's pool (autocommit, UTC, the store's timeouts), for a
-        statement of the app's own; it goes back to the pool afterwards."""
+        statement of the app's own; it goes back to the pool afterwards. Behind a transaction
+        pooler (:attr:`pooled`) it carries none of those settings: set them in the statement's
+        own transaction (``set_config(..., true)``)."""
         try:
             pool = self._ready_pool() or await self._pool()
         except TargetError as exc:
