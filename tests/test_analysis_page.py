@@ -195,3 +195,20 @@ def test_item4_the_page_states_its_window_first_and_charts_before_long_tables(
     assert body.index('<details class="rows">') > first_chart
     # Bucket labels with their offset in the page's tables.
     assert "<td>2026-01-08 12:00+09:00</td>" in body
+
+
+def test_item4_the_first_and_last_buckets_are_drawn_over_their_part_in_the_window() -> None:
+    days = ["2026-01-08 00:00+09:00", "2026-01-09 00:00+09:00", "2026-01-10 00:00+09:00"]
+    frame = two_sources(
+        "active_over_time",
+        list(zip(days, [4, 13, 9], strict=True)),
+        timezone="Asia/Seoul",
+        unit="day",
+        start="2026-01-08T03:00:00.000000Z",  # 12:00 in Seoul
+        end="2026-01-10T03:00:00.000000Z",
+    )
+    ax = plots.plot_query("active_over_time", frame).axes[0]
+    filled = sorted((p.get_x(), p.get_width()) for p in ax.patches if p.get_fill())
+    assert [round(w * 24, 6) for _, w in filled] == [12, 24, 12]
+    start = plots.bucket_instants(["2026-01-08 12:00+09:00"])[0]
+    assert filled[0][0] == pytest.approx(matplotlib.dates.date2num(start))

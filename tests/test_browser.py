@@ -71,6 +71,18 @@ LAYOUT = """() => {
 }""".replace("FOLD", str(FOLD))
 
 
+ANALYSIS_LAYOUT = """() => {
+  const top = (e) => e.getBoundingClientRect().top + window.scrollY;
+  const img = document.querySelector('img');
+  const open = [...document.querySelectorAll('table')].filter(t =>
+    !t.closest('details:not([open])') && t.rows.length > 13);
+  return {first_img: img ? top(img) : null,
+    open_long_tables: open.map(t => [top(t), t.rows.length]),
+    folded: document.querySelectorAll('details.rows').length,
+    height: document.documentElement.scrollHeight};
+}"""
+
+
 def _check_page(page, url: str, shot: Path, expect: str, exact: bool = False) -> dict:
     page.goto(url)
     page.wait_for_load_state("load")
@@ -294,6 +306,16 @@ def test_reports_open_with_their_answer_in_a_real_browser(
         assert text.index("on SQLite (the backup)") < text.index("on PostgreSQL (the target)")
         widths = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
         assert len(widths) >= 3 and all(w > 0 for w in widths)
+        # Issue 22 item 4: the zone, unit and window above the fold; each chart before its
+        # rows, no long table open before the first chart (long ones are folded); one panel
+        # per chart with both sources on it.
+        assert "buckets" in info["above"] and " in " in info["above"], info["above"]
+        assert "window [" in info["above"], info["above"]
+        assert "Buckets of one " in text and text.index("Buckets of one ") < text.index("active_at")
+        layout = page.evaluate(ANALYSIS_LAYOUT)
+        assert layout["open_long_tables"] == [], layout
+        assert layout["first_img"] is not None and layout["folded"] >= 1, layout
+        assert layout["height"] < 9000, layout  # was 12,900 px with two 168-row tables open
         chart = page.locator("img").first
         chart.scroll_into_view_if_needed()
         chart.screenshot(path=str(shelf / "chart.png"))

@@ -228,12 +228,18 @@ def bucket_instants(labels: Sequence[Any], zone: ZoneInfo | None = None) -> list
 def _bucket_edges(frame: Any, labels: Sequence[Any]) -> tuple[list[datetime], list[float]]:
     """Each bucket's first instant and its real length in days (a DST day is 23 or 25 hours,
     New York's two 01:00 hours on the fall-back day are two buckets an hour apart); the last
-    bucket ends at the window's end when the answer says where that is."""
+    bucket ends at the window's end and the first starts at the window's start when the answer
+    says where they are (the part of the bucket that was counted)."""
     zone = frame_zone(frame)
     firsts = bucket_instants(sorted(set(labels), key=lambda v: bucket_instants([v], zone)[0]), zone)
+    context = (frame.attrs.get("context") or {}) if hasattr(frame, "attrs") else {}
+    if context.get("start"):
+        start = datetime.fromisoformat(str(context["start"]).replace("Z", "+00:00"))
+        if firsts[0] < start and (len(firsts) < 2 or start < firsts[1]):
+            firsts[0] = start
     numbers = [float(mdates.date2num(t)) for t in firsts]
     steps = [b - a for a, b in zip(numbers, numbers[1:], strict=False)]
-    end = (frame.attrs.get("context") or {}).get("end") if hasattr(frame, "attrs") else None
+    end = context.get("end")
     if end:
         last = float(mdates.date2num(datetime.fromisoformat(str(end).replace("Z", "+00:00"))))
         tail = last - numbers[-1] if last > numbers[-1] else None
