@@ -25,7 +25,9 @@ Per session:
   so PostgreSQL holds live's row exactly (inserted if PostgreSQL had ended the old one).
 
 Columns live did not change are never touched: changes made only in PostgreSQL stay.
-``catchup`` applies the same rules with set-based SQL and proves the outcome equals these.
+``catchup`` computes these for every touched session from PostgreSQL's row (read unlocked,
+then again for rows the app wrote before the lock), writes them set-based, and proves in the
+same transaction that PostgreSQL holds them.
 """
 
 from __future__ import annotations
