@@ -471,8 +471,9 @@ QUERIES: tuple[Query, ...] = (
                   jsonb_object_keys(CASE WHEN jsonb_typeof(metadata) = 'object'
                                          THEN metadata END) AS k
            GROUP BY 1 ORDER BY 2 DESC, k COLLATE "C" """,
+        # The copy's metadata is printed as jsonb prints it: an object's text starts with {.
         """SELECT j.key AS key, count(*) AS sessions FROM sessions, json_each(sessions.metadata) j
-           WHERE json_type(sessions.metadata) = 'object' GROUP BY 1 ORDER BY 2 DESC, 1""",
+           WHERE sessions.metadata LIKE '{%' GROUP BY 1 ORDER BY 2 DESC, 1""",
     ),
     Query(
         "metadata_top_values",
@@ -480,28 +481,52 @@ QUERIES: tuple[Query, ...] = (
         "types are left out) and how many sessions carry each, with rank within the key and "
         "tied_at_cutoff: true when a value not shown is as frequent; key and ties bytewise",
         (Param("top_n", "int", 3, "values kept per key", low=1),),
-        """WITH kv AS (SELECT e.key, e.value #>> '{{}}' AS value FROM {sessions},
-                          jsonb_each(CASE WHEN jsonb_typeof(metadata) = 'object'
-                                          THEN metadata END) AS e
-                       WHERE jsonb_typeof(e.value) = 'string'),
-                c AS (SELECT key, value, count(*) AS sessions FROM kv GROUP BY 1, 2),
-                r AS (SELECT *, row_number() OVER (PARTITION BY key ORDER BY sessions DESC,
-                                                   value COLLATE "C") AS pos,
-                             rank() OVER (PARTITION BY key ORDER BY sessions DESC) AS rank,
-                             count(*) OVER (PARTITION BY key, sessions) AS same FROM c)
-           SELECT key, value, sessions, rank, (rank + same - 1 > %(top_n)s) AS tied_at_cutoff
-           FROM r WHERE pos <= %(top_n)s
-           ORDER BY key COLLATE "C", sessions DESC, value COLLATE "C" """,
-        """WITH kv AS (SELECT j.key, j.value FROM sessions, json_each(sessions.metadata) j
-                       WHERE json_type(sessions.metadata) = 'object' AND j.type = 'text'),
-                c AS (SELECT key, value, count(*) AS sessions FROM kv GROUP BY 1, 2),
-                r AS (SELECT *, row_number() OVER (PARTITION BY key ORDER BY sessions DESC,
-                                                   value) AS pos,
-                             rank() OVER (PARTITION BY key ORDER BY sessions DESC) AS rank,
-                             count(*) OVER (PARTITION BY key, sessions) AS same FROM c)
-           SELECT key, value, sessions, rank, (rank + same - 1 > :top_n) AS tied_at_cutoff
-           FROM r WHERE pos <= :top_n
-           ORDER BY key, sessions DESC, value""",
+        # One pass over the table; then, from the counts per (key, value), the counts per
+        # (key, count) say which counts reach the top_n of each key (with their rank and
+        # whether the cut-off splits them), and only the values holding those counts are
+        # sorted — never all the distinct values of a key such as an IP address.
+        """WITH c AS MATERIALIZED (
+                    SELECT k AS key, metadata ->> k AS value, count(*) AS sessions
+                    FROM {sessions},
+                         jsonb_object_keys(CASE WHEN jsonb_typeof(metadata) = 'object'
+                                                THEN metadata END) AS k
+                    WHERE jsonb_typeof(metadata -> k) = 'string' GROUP BY 1, 2),
+                g AS (SELECT key, sessions, count(*) AS n FROM c GROUP BY 1, 2),
+                h AS (SELECT key, sessions, n,
+                             sum(n) OVER (PARTITION BY key ORDER BY sessions DESC) AS last
+                      FROM g),
+                cut AS MATERIALIZED (SELECT key, sessions, last - n + 1 AS rank,
+                                            last > %(top_n)s AS tied
+                                     FROM h WHERE last - n < %(top_n)s),
+                least AS (SELECT jsonb_object_agg(key, s) AS at
+                          FROM (SELECT key, min(sessions) AS s FROM cut GROUP BY key) AS m),
+                r AS (SELECT c.key, c.value, c.sessions,
+                             row_number() OVER (PARTITION BY c.key ORDER BY c.sessions DESC,
+                                                c.value COLLATE "C") AS pos
+                      FROM c, least WHERE c.sessions >= (least.at ->> c.key)::bigint)
+           SELECT r.key, r.value, r.sessions, cut.rank::bigint AS rank,
+                  cut.tied AS tied_at_cutoff
+           FROM r JOIN cut ON cut.key = r.key AND cut.sessions = r.sessions
+           WHERE r.pos <= %(top_n)s
+           ORDER BY r.key COLLATE "C", r.sessions DESC, r.value COLLATE "C" """,
+        # The copy's metadata is printed as jsonb prints it: an object's text starts with {.
+        """WITH c AS MATERIALIZED (
+                    SELECT j.key AS key, j.value AS value, count(*) AS sessions
+                    FROM sessions, json_each(sessions.metadata) j
+                    WHERE sessions.metadata LIKE '{%' AND j.type = 'text' GROUP BY 1, 2),
+                g AS (SELECT key, sessions, count(*) AS n FROM c GROUP BY 1, 2),
+                h AS (SELECT key, sessions, n,
+                             sum(n) OVER (PARTITION BY key ORDER BY sessions DESC) AS last
+                      FROM g),
+                cut AS MATERIALIZED (SELECT key, sessions, last - n + 1 AS rank,
+                                            last > :top_n AS tied
+                                     FROM h WHERE last - n < :top_n),
+                r AS (SELECT c.key, c.value, c.sessions, cut.rank, cut.tied,
+                             row_number() OVER (PARTITION BY c.key ORDER BY c.sessions DESC,
+                                                c.value) AS pos
+                      FROM c JOIN cut ON cut.key = c.key AND cut.sessions = c.sessions)
+           SELECT key, value, sessions, rank, tied AS tied_at_cutoff FROM r
+           WHERE pos <= :top_n ORDER BY key, sessions DESC, value""",
         _tied,
     ),
     Query(
@@ -879,6 +904,100 @@ class AnalysisCopy:
         return conn, readonly.guard_sqlite(conn, timeout_s)
 
 
+FILL_PARTS = 2
+"""Processes that normalise a large backup into the analysis copy, each a span of rowids."""
+FILL_PARTS_FROM = 200_000
+"""Rowids from which the copy is made by :data:`FILL_PARTS` processes (each costs about a
+second to start)."""
+_FILL_WORKER = (
+    "from sessionmig.queries import fill_part; from sessionmig.wire import serve; serve(fill_part)"
+)
+_INSERT = "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)"
+
+
+def _new_table(out: sqlite3.Connection) -> None:
+    out.execute("PRAGMA journal_mode = OFF")
+    out.execute("PRAGMA synchronous = OFF")
+    out.execute("PRAGMA cache_size = -131072")  # 128 MiB while the indexes are sorted
+    out.execute(
+        "CREATE TABLE sessions (session_id TEXT NOT NULL, user_id TEXT, "
+        "metadata TEXT, created_at INTEGER, expires_at INTEGER, "
+        "last_activity INTEGER, request_count INTEGER)"
+    )
+
+
+def _insert(
+    out: sqlite3.Connection,
+    batches: Iterator[list[tuple[int, CopyRow | None]]],
+    repeated: set[int] | dict[int, Any],
+) -> tuple[int, int]:
+    kept = left_out = 0
+    for batch in batches:
+        rows = [r for rowid, r in batch if rowid not in repeated and r is not None]
+        left_out += len(batch) - len(rows)
+        out.executemany(_INSERT, rows)
+        kept += len(rows)
+    return kept, left_out
+
+
+def fill_part(
+    opened: dict[str, Any],
+    rules: Rules,
+    batch_rows: int,
+    repeated: set[int],
+    first: int,
+    last: int,
+    path: str,
+) -> Iterator[tuple[int, int]]:
+    """A worker's share of :func:`_fill`: the plain path's rows ``first..last`` into a private
+    file of its own at ``path``; yields ``(kept, left out)`` once, when the file is complete."""
+    from .wire import opened_again
+
+    backup = opened_again(opened)
+    try:
+        _write_private(Path(path), b"")
+        with contextlib.closing(sqlite3.connect(path)) as out:
+            _new_table(out)
+            counts = _insert(out, _plain_batches(backup, rules, batch_rows, first, last), repeated)
+            out.commit()
+        yield counts
+    finally:
+        backup.connection.close()
+
+
+def _fill_in_parts(
+    out: sqlite3.Connection, backup: Any, rules: Rules, batch_rows: int, repeated: set[int]
+) -> tuple[int, int] | None:
+    """A large backup normalised by :data:`FILL_PARTS` processes, each a span of rowids into a
+    file of its own beside the copy, then copied in rowid order into ``out``; None for a small
+    backup or when a worker died (the caller then makes the copy itself)."""
+    from .wire import WorkerDied, describe, in_processes, spans
+
+    cut = spans(backup, FILL_PARTS)
+    if not cut or cut[-1][1] - cut[0][0] < FILL_PARTS_FROM:
+        return None
+    folder = Path(out.execute("PRAGMA database_list").fetchone()[2]).parent
+    parts = [folder / f"part-{i}.db" for i in range(len(cut))]
+    opened = describe(backup)
+    works = [
+        (opened, rules, batch_rows, repeated, first, last, str(part))
+        for (first, last), part in zip(cut, parts, strict=True)
+    ]
+    try:
+        counts = dict(in_processes(_FILL_WORKER, works))
+        for part in parts:
+            out.execute("ATTACH DATABASE ? AS part", (str(part),))
+            out.execute("INSERT INTO sessions SELECT * FROM part.sessions")
+            out.commit()
+            out.execute("DETACH DATABASE part")
+    except WorkerDied:
+        return None
+    finally:
+        for part in parts:
+            part.unlink(missing_ok=True)
+    return sum(k for k, _ in counts.values()), sum(n for _, n in counts.values())
+
+
 def _fill(
     path: Path, original: Path, hashes: tuple[FileHash, ...], rules: Rules, batch_rows: int
 ) -> tuple[int, int]:
@@ -887,11 +1006,11 @@ def _fill(
     Plain rows (text where text belongs, timestamps spelled ``YYYY-MM-DD HH:MM:SS[.ffffff]``)
     take migrate's own fast path for their instants (:class:`~sessionmig.wire.WallClock`, a
     batch at a time); their text and metadata are checked by the same rules as every other row,
-    which :func:`~sessionmig.transform.normalise` decides whole. The file is private and renamed
-    into place only when complete, so it is written without a journal, and its indexes are
-    built once the rows are in."""
+    which :func:`~sessionmig.transform.normalise` decides whole. A large backup is cut into
+    :data:`FILL_PARTS` spans of rowids made by as many processes. The file is private and
+    renamed into place only when complete, so it is written without a journal, and its indexes
+    are built once the rows are in."""
     _write_private(path, b"")  # created 0600 before SQLite writes a byte into it
-    kept = left_out = 0
     # Any private copy open_backup makes of a backup with side files goes into our folder.
     with (
         open_backup(original, workdir=path.parent) as backup,
@@ -902,24 +1021,15 @@ def _fill(
                 f"{original}: changed while the analysis copy was being made; is the app still "
                 "writing to it? Stop it, take a new backup and start again"
             )
-        out.execute("PRAGMA journal_mode = OFF")
-        out.execute("PRAGMA synchronous = OFF")
-        out.execute("PRAGMA cache_size = -131072")  # 128 MiB while the indexes are sorted
-        out.execute(
-            "CREATE TABLE sessions (session_id TEXT NOT NULL, user_id TEXT, "
-            "metadata TEXT, created_at INTEGER, expires_at INTEGER, "
-            "last_activity INTEGER, request_count INTEGER)"
-        )
+        _new_table(out)
         # Exactly what migrate lands: a repeated session_id only once, by the same rule.
         repeated = duplicate_rejects(backup, rules)
-        insert = "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)"
         fast = not rules.extra_columns and not getattr(backup, "renamed", None)
-        batches = _plain_batches(backup, rules, batch_rows) if fast else None
-        for batch in batches or _rule_batches(backup, rules, batch_rows):
-            rows = [r for rowid, r in batch if rowid not in repeated and r is not None]
-            left_out += len(batch) - len(rows)
-            out.executemany(insert, rows)
-            kept += len(rows)
+        counts = _fill_in_parts(out, backup, rules, batch_rows, set(repeated)) if fast else None
+        if counts is None:
+            batches = _plain_batches(backup, rules, batch_rows) if fast else None
+            counts = _insert(out, batches or _rule_batches(backup, rules, batch_rows), repeated)
+        out.execute("PRAGMA threads = 2")  # the index sorts may use a helper thread
         out.execute("CREATE UNIQUE INDEX sessions_pkey ON sessions(session_id)")
         # Covering indexes: the time and count queries read these, never the wide rows.
         out.execute("CREATE INDEX idx_expires_at ON sessions(expires_at, created_at)")
@@ -930,7 +1040,7 @@ def _fill(
         out.execute("ANALYZE")
         out.commit()
         backup.verify_unchanged()
-    return kept, left_out
+    return counts
 
 
 CopyRow = tuple[str, str | None, str | None, int, int, int, int]
@@ -960,10 +1070,10 @@ def _no_constant(name: str) -> Any:
     raise _NotPlain(name)
 
 
-def _jsonb_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object as ``jsonb`` keeps it: the last of a repeated key, keys in byte length
-    then byte order (for ASCII keys the same as length then text order)."""
-    found = dict(pairs)
+def _jsonb_order(found: dict[str, Any]) -> dict[str, Any]:
+    """A JSON object as ``jsonb`` keeps it: the last of a repeated key (the C scanner's dict
+    keeps the last value), keys in byte length then byte order (for ASCII keys the same as
+    length then text order)."""
     if len(found) < 2:
         return found
     if "".join(found).isascii():
@@ -974,6 +1084,18 @@ def _jsonb_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return {k: found[k] for k in keys}
 
 
+def _no_fraction(text: str) -> Any:
+    raise _NotPlain(text)  # 1.0, 1e3 …: jsonb's numeric spelling is the rules' to decide
+
+
+# One decoder and one encoder for every row (building them per call cost more than parsing):
+# the C scanner builds each object, _jsonb_order puts its keys in jsonb's order.
+_PLAIN_JSON = json.JSONDecoder(
+    parse_float=_no_fraction, parse_constant=_no_constant, object_hook=_jsonb_order
+)
+_JSONB_TEXT = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "))
+
+
 def _plain_metadata(raw: bytes, rules: Rules) -> str:
     """A plain row's metadata as ``metadata_text(parse_metadata(…))`` prints it, in one parse
     when the text holds no fraction, exponent, escape or constant; otherwise by those rules."""
@@ -981,33 +1103,36 @@ def _plain_metadata(raw: bytes, rules: Rules) -> str:
 
     text = decode_text(raw, "text", "metadata")
     if "\\u" not in text:
-        fractions: list[str] = []
         try:
-            value = json.loads(
-                text,
-                parse_float=fractions.append,
-                parse_constant=_no_constant,
-                object_pairs_hook=_jsonb_object,
-            )
+            value = _PLAIN_JSON.decode(text)
         except (ValueError, RecursionError, _NotPlain):
             pass
         else:
-            if not fractions:
-                return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+            return _JSONB_TEXT.encode(value)
     checked = parse_metadata(raw, "text", rules.on_invalid_metadata)
     assert checked is not None  # metadata that is not NULL stays text
     return metadata_text(checked)
 
 
 def _plain_batches(
-    backup: Any, rules: Rules, batch_rows: int
+    backup: Any, rules: Rules, batch_rows: int, low: int | None = None, high: int | None = None
 ) -> Iterator[list[tuple[int, CopyRow | None]]]:
-    """Rows as :func:`_rule_batches` makes them, with plain rows' instants from the fast path."""
+    """Rows as :func:`_rule_batches` makes them, with plain rows' instants from the fast path
+    (those with ``low <= rowid <= high``, when given)."""
     from .transform import RowProblem, decode_text
-    from .wire import _UNIX_TO_PG, WallClock, plain_rows
+    from .wire import _UNIX_TO_PG, PLAIN, PLAIN_COLUMNS, WallClock, plain_rows
 
     clock = WallClock(rules.zone)
-    for batch in plain_rows(backup, batch_rows):
+    if low is None or high is None:
+        source = plain_rows(backup, batch_rows)
+    else:
+        cursor = backup.query(
+            f"SELECT rowid, {PLAIN_COLUMNS}, {PLAIN} FROM sessions "
+            "WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
+            (low, high),
+        )
+        source = backup.batches(cursor, batch_rows)
+    for batch in source:
         rowids, sids, uids, metas, created, expires, last, counts, plain = zip(*batch, strict=True)
         # Only plain rows' timestamps are texts for the clock; the others take the rules.
         ok = [i for i, p in enumerate(plain) if p]
@@ -1066,6 +1191,10 @@ def run_sql_postgres(
         # The answer never depends on the client's zone (PGTZ, the role's default): every
         # instant the queries compute with is UTC.
         conn.execute("SET TIME ZONE 'UTC'")
+        # Analysis queries scan the table once: compiling them (JIT) costs more than it saves,
+        # and a grouping of every distinct metadata value should stay in memory.
+        conn.execute("SET jit = off")
+        conn.execute("SET work_mem = '128MB'")
         cur = conn.execute(statement, values)
         rows = cur.fetchmany(limit) if cur.description else []
         columns = [c.name for c in cur.description or []]
