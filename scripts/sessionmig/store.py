@@ -939,14 +939,16 @@ class SessionManager:
                     if lp.down_since is None and not await self._reachable(lp):
                         self._mark_down(lp, _first_line(exc))
                     down = lp.down_since is not None
-                if (
+                may_have_run = (
                     lost
                     and sent is not None
-                    and not statement.resend_safe
                     and _may_have_run(
-                        exc, sent, extended=self.prepare or self.pooled or bool(values)
+                        exc,
+                        cast(_Cursor, sent),
+                        extended=self.prepare or self.pooled or bool(values),
                     )
-                ):
+                )
+                if may_have_run and not statement.resend_safe:
                     # Sending it again could run it twice.
                     raise StoreUnavailable(
                         "the connection to the session database was lost after the statement "
@@ -954,6 +956,14 @@ class SessionManager:
                         f"not sent again): {redact(str(exc)).strip()}"
                     ) from None
                 if down:
+                    if may_have_run and statement is self.sql.create:
+                        # Sent again it would find its own row, but there is no server to send
+                        # it to: the login may have made a session whose id no one was given.
+                        raise StoreUnavailable(
+                            "the session database became unreachable after a login's insert "
+                            "was sent: its outcome is unknown (at most one session was made; "
+                            "its id was not handed out, so it expires unused)"
+                        ) from None
                     raise self._unavailable(cast(_LoopPool, lp)) from None
                 if attempt == self.retries:
                     raise StoreUnavailable(
