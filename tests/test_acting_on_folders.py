@@ -1,4 +1,4 @@
-"""Issue 20, case 4: a step that acts on a run folder checks it as ``verify --env`` does.
+"""A step that acts on a run folder checks it as ``verify --env`` does.
 
 Finalize and both rollback modes read their run folder through ``manifest.read_trusted``: its
 own hashes, AND its digest equal to the one its run recorded in this target, AND the run reached
@@ -82,7 +82,7 @@ def finalize(settings, live: Path, archive: Path, folder: Path):
 # --- (a) a FAIL reconcile folder edited to say PASS and re-sealed -----------------------------
 
 
-def test_case4_finalize_refuses_a_fail_reconcile_resealed_as_pass(
+def test_finalize_refuses_a_fail_reconcile_resealed_as_pass(
     migrated_run,  # noqa: F811
     dsn: str,
     tmp_path: Path,
@@ -119,7 +119,7 @@ def test_case4_finalize_refuses_a_fail_reconcile_resealed_as_pass(
 # --- (b) a re-sealed migrate folder, for the rollback from the backup and during the overlap ----
 
 
-def test_case4_restore_rollback_refuses_a_resealed_migrate_folder(
+def test_restore_rollback_refuses_a_resealed_migrate_folder(
     migrated_run,  # noqa: F811
     dsn: str,
     tmp_path: Path,
@@ -146,7 +146,7 @@ def test_case4_restore_rollback_refuses_a_resealed_migrate_folder(
     assert restore.is_file() and check.verdict == "PASS_WITH_WARNINGS"
 
 
-def test_case4_overlap_rollback_refuses_a_resealed_migrate_folder(
+def test_overlap_rollback_refuses_a_resealed_migrate_folder(
     tmp_path: Path, dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     live = tmp_path / "app" / "sessions.db"
@@ -196,7 +196,7 @@ def test_case4_overlap_rollback_refuses_a_resealed_migrate_folder(
 # --- (c) a folder from another database -------------------------------------------------------
 
 
-def test_case4_a_folder_from_another_database_is_refused(
+def test_a_folder_from_another_database_is_refused(
     migrated_run,  # noqa: F811
     server_url: str,
     tmp_path: Path,
@@ -258,7 +258,7 @@ DIGESTS = "session_migration_manifests"
         (f"DROP TRIGGER session_migration_manifests_append_only ON {DIGESTS}", "missing"),
     ],
 )
-def test_case4_digests_are_append_only_and_verify_and_steps_check_it(
+def test_digests_are_append_only_and_verify_and_steps_check_it(
     migrated_run,  # noqa: F811
     dsn: str,
     tmp_path: Path,

@@ -1,4 +1,4 @@
-"""Issue 13: Alembic as its users expect — the installed ``alembic.ini`` drives the plain
+"""Alembic as its users expect — the installed ``alembic.ini`` drives the plain
 ``alembic`` command against ``DATABASE_URL``, and ``schema.db_*`` are the same commands."""
 
 from __future__ import annotations

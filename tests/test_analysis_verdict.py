@@ -1,4 +1,4 @@
-"""Case 20 of issue 12: the analysis step's verdict reflects what its queries found.
+"""The analysis step's verdict reflects what its queries found.
 
 Two sources that answer differently are named query by query with their numbers; a source with
 no session is said; a query (or the free SQL) that fails makes the verdict ERROR, never PASS.
@@ -37,9 +37,7 @@ def expected_active_difference(n: int, anonymous: int) -> str:
     return line + (f", anonymous {anonymous} on sqlite vs 0 on postgres" if anonymous else "")
 
 
-def test_case20_sources_that_agree_pass_and_that_differ_are_named(
-    small_backup, target, dsn
-) -> None:
+def test_sources_that_agree_pass_and_that_differ_are_named(small_backup, target, dsn) -> None:
     s = target(small_backup)
     steps.migrate(s, progress=False)
     same = steps.analysis(s, BOTH, [], {})
@@ -61,7 +59,7 @@ def test_case20_sources_that_agree_pass_and_that_differ_are_named(
     )
 
 
-def test_case20_a_failing_query_is_an_error_not_a_pass(small_backup, target, dsn) -> None:
+def test_a_failing_query_is_an_error_not_a_pass(small_backup, target, dsn) -> None:
     s = target(small_backup)  # nothing migrated: the target has no sessions table
     result = steps.analysis(s, ("postgres",), ["active_at"], {})
     assert (result.verdict, result.exit_code) == ("ERROR", 2)
@@ -73,7 +71,7 @@ def test_case20_a_failing_query_is_an_error_not_a_pass(small_backup, target, dsn
     assert len(free.results) == 1  # the named query still ran and is shown
 
 
-def test_case20_an_empty_target_is_said(small_backup, target, dsn) -> None:
+def test_an_empty_target_is_said(small_backup, target, dsn) -> None:
     s = target(small_backup)
     steps.migrate(s, progress=False)
     rows_of(dsn, "DELETE FROM sessions RETURNING 1")
@@ -82,9 +80,7 @@ def test_case20_an_empty_target_is_said(small_backup, target, dsn) -> None:
 
 
 @pytest.mark.slow
-def test_case20_analysis_step_on_a_backup_that_does_not_match(
-    tmp_path, small_backup, target, dsn
-) -> None:
+def test_analysis_step_on_a_backup_that_does_not_match(tmp_path, small_backup, target, dsn) -> None:
     s = target(small_backup)
     steps.migrate(s, progress=False)
     n, anonymous = active(dsn, s.as_of)

@@ -112,7 +112,7 @@ def test_without_project_files_one_line_and_exit_2(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_run_from_a_directory_outside_the_checkout(tmp_path) -> None:
-    """`cd /tmp && sessionmig run --env local` (issue 13), the whole default run: notebooks
+    """`cd /tmp && sessionmig run --env local`, the whole default run: notebooks
     from the package, the backup and the reports relative to the operator's directory."""
     cwd = tmp_path / "operator"
     cwd.mkdir()

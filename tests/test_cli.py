@@ -191,7 +191,7 @@ def test_query_on_the_backup_reuses_its_analysis_copy(
 
 
 def test_sample_never_overwrites_a_file_it_did_not_write(tmp_path: Path) -> None:
-    """Issue 21, case 12: a typo naming the live store must not replace real sessions."""
+    """A typo naming the live store must not replace real sessions."""
     import sqlite3
 
     live = tmp_path / "sessions.db"

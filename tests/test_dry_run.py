@@ -1,4 +1,4 @@
-"""Case 17 of issue 12: the runbook's suggested first step, a dry run, passes when the real run
+"""The runbook's suggested first step, a dry run, passes when the real run
 would: reconcile, with nothing written to compare, is skipped and says so; the run keeps
 migrate's verdict; and a skipped reconcile can never stand in for the PASS finalize needs."""
 
@@ -26,7 +26,7 @@ SKIPPED_REASON = (
 )
 
 
-def test_case17_reconcile_after_a_dry_run_is_skipped_not_failed(small_backup, target, dsn):
+def test_reconcile_after_a_dry_run_is_skipped_not_failed(small_backup, target, dsn):
     s = target(small_backup, dry_run=True)
     migrated = steps.migrate(s, progress=False)
     assert (migrated.verdict, migrated.outcome.inserted) == ("PASS_WITH_WARNINGS", 393)
@@ -46,7 +46,7 @@ def test_case17_reconcile_after_a_dry_run_is_skipped_not_failed(small_backup, ta
 
 
 @pytest.mark.slow
-def test_case17_dry_run_as_the_runbook_suggests_passes(tmp_path, small_backup, dsn) -> None:
+def test_dry_run_as_the_runbook_suggests_passes(tmp_path, small_backup, dsn) -> None:
     env = env_file(tmp_path, small_backup, database_url_env="SMTEST_TARGET_URL", batch_rows=100)
     result = subprocess.run(
         [sys.executable, "-m", "sessionmig.cli", "run", "--env", str(env), "-p", "dry_run=true"]

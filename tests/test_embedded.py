@@ -1,4 +1,4 @@
-"""Case 10 of issue 12: what a killed run leaves of the embedded server is settled by the next.
+"""What a killed run leaves of the embedded server is settled by the next.
 
 Each test runs the server of its own data directory in subprocesses (the way ``sessionmig run``
 does), kills them as an operator's SIGKILL would, and checks that the next ``start()`` works and
@@ -122,7 +122,7 @@ def use(pgdata: Path, how: str, **extra: str) -> tuple[int, int]:
     return int(pid), int(answer)
 
 
-def test_case10_orphan_of_a_killed_run_is_reused_then_stopped(pgdata: Path) -> None:
+def test_orphan_of_a_killed_run_is_reused_then_stopped(pgdata: Path) -> None:
     orphan = killed_holder(pgdata)
     assert running(orphan)  # what SIGKILL of `run --env local` leaves today
     pid, answer = use(pgdata, "stop")
@@ -132,14 +132,14 @@ def test_case10_orphan_of_a_killed_run_is_reused_then_stopped(pgdata: Path) -> N
     assert not (pgdata / "postmaster.pid").exists()
 
 
-def test_case10_orphan_is_stopped_by_the_exit_hook_too(pgdata: Path) -> None:
+def test_orphan_is_stopped_by_the_exit_hook_too(pgdata: Path) -> None:
     orphan = killed_holder(pgdata)
     pid, answer = use(pgdata, "exit")  # a notebook run alone never calls stop()
     assert (pid, answer) == (orphan, 42)
     assert settle(pgdata) == []
 
 
-def test_case10_stale_pid_file_after_the_postmaster_itself_was_killed(pgdata: Path) -> None:
+def test_stale_pid_file_after_the_postmaster_itself_was_killed(pgdata: Path) -> None:
     postmaster = killed_holder(pgdata)
     os.kill(postmaster, signal.SIGKILL)
     psutil.wait_procs([psutil.Process(postmaster)], timeout=10)
@@ -150,7 +150,7 @@ def test_case10_stale_pid_file_after_the_postmaster_itself_was_killed(pgdata: Pa
     assert not (pgdata / "postmaster.pid").exists()
 
 
-def test_case10_an_orphan_that_does_not_answer_is_stopped_and_replaced(pgdata: Path) -> None:
+def test_an_orphan_that_does_not_answer_is_stopped_and_replaced(pgdata: Path) -> None:
     orphan = killed_holder(pgdata)
     os.kill(orphan, signal.SIGSTOP)  # alive, holding its socket and pid file, answering nobody
     try:
@@ -163,7 +163,7 @@ def test_case10_an_orphan_that_does_not_answer_is_stopped_and_replaced(pgdata: P
     assert settle(pgdata) == []
 
 
-def test_case10_pid_file_naming_an_unrelated_live_process(pgdata: Path) -> None:
+def test_pid_file_naming_an_unrelated_live_process(pgdata: Path) -> None:
     use(pgdata, "stop")  # a cluster, cleanly stopped
     assert settle(pgdata) == []
     stranger = subprocess.Popen(["sleep", "600"])
@@ -182,7 +182,7 @@ def test_case10_pid_file_naming_an_unrelated_live_process(pgdata: Path) -> None:
         stranger.wait()
 
 
-def test_case10_a_live_holder_keeps_the_server(pgdata: Path) -> None:
+def test_a_live_holder_keeps_the_server(pgdata: Path) -> None:
     """A server another live process holds is shared, never stopped under it."""
     holder = python(HOLD, pgdata)
     try:

@@ -1,4 +1,4 @@
-"""Issue 12, cases 9, 15, 19, 21, 22 and 23: a run folder is evidence that holds.
+"""A run folder is evidence that holds.
 
 An interrupted run still seals its folder with what the database says happened; the folder is
 private (0640/0750); its manifest's digest is kept in the target, so a re-sealed folder is
@@ -79,7 +79,7 @@ def write_env(tmp_path: Path, backup: Path, **extra) -> Path:
 
 
 @pytest.mark.slow
-def test_case15_19_21_a_run_folder_is_private_names_its_target_and_its_digest_is_kept(
+def test_a_run_folder_is_private_names_its_target_and_its_digest_is_kept(
     tmp_path: Path, small_backup: Path, dsn: str
 ) -> None:
     env = write_env(tmp_path, small_backup)
@@ -173,7 +173,7 @@ def seal_by_hand(run: Path, run_id: str, verdict: str = "FAIL") -> dict:
     return json.loads((run / "manifest.json").read_text())
 
 
-def test_case19_resealed_fail_run_that_says_pass_fails_verify_env(
+def test_resealed_fail_run_that_says_pass_fails_verify_env(
     tmp_path: Path, small_backup: Path, dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The attack of the issue, without a whole run: a FAIL run edited to PASS and re-sealed."""
@@ -210,7 +210,7 @@ def test_case19_resealed_fail_run_that_says_pass_fails_verify_env(
     assert code == 1 and "has no recorded digest for run 20261127T000000Z-ffff" in out
 
 
-def test_case19_revision_0003_and_the_model_agree(dsn: str) -> None:
+def test_revision_0003_and_the_model_agree(dsn: str) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
@@ -224,7 +224,7 @@ def test_case19_revision_0003_and_the_model_agree(dsn: str) -> None:
 
 
 @pytest.mark.skipif(not shutil.which("ssh-keygen"), reason="needs OpenSSH's ssh-keygen")
-def test_case19_ssh_signature_is_checked_and_catches_a_resealed_manifest(tmp_path: Path) -> None:
+def test_ssh_signature_is_checked_and_catches_a_resealed_manifest(tmp_path: Path) -> None:
     key = tmp_path / "reviewer"
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "rev", "-f", str(key)], check=True
@@ -254,7 +254,7 @@ def test_case19_ssh_signature_is_checked_and_catches_a_resealed_manifest(tmp_pat
     assert code == 1 and "manifest.json.sig: does not match manifest.json" in out
 
 
-def test_case21_system_identifier_without_privilege_is_said_so(dsn: str) -> None:
+def test_system_identifier_without_privilege_is_said_so(dsn: str) -> None:
     role = f"smtest_noctl_{os.urandom(4).hex()}"
     with psycopg.connect(dsn, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
@@ -272,7 +272,7 @@ def test_case21_system_identifier_without_privilege_is_said_so(dsn: str) -> None
             admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
-def test_case15_write_manifest_makes_the_folder_private(tmp_path: Path) -> None:
+def test_write_manifest_makes_the_folder_private(tmp_path: Path) -> None:
     run = tmp_path / "run"
     old = os.umask(0o022)
     try:
@@ -340,7 +340,7 @@ def interrupt_run(
 
 
 @pytest.mark.slow
-def test_case9_ctrl_c_after_the_commit_seals_the_folder_and_says_it_committed(
+def test_ctrl_c_after_the_commit_seals_the_folder_and_says_it_committed(
     tmp_path: Path, dsn: str
 ) -> None:
     backup = tmp_path / "sessions.db"
@@ -371,7 +371,7 @@ def test_case9_ctrl_c_after_the_commit_seals_the_folder_and_says_it_committed(
 
 
 @pytest.mark.slow
-def test_case9_termination_before_the_commit_seals_the_folder_and_says_nothing_committed(
+def test_termination_before_the_commit_seals_the_folder_and_says_nothing_committed(
     tmp_path: Path, dsn: str
 ) -> None:
     backup = tmp_path / "sessions.db"
@@ -404,7 +404,7 @@ def tables_in(dsn: str, name: str = "public") -> set[str]:
     }
 
 
-def test_case9_interrupted_first_load_leaves_no_tables_behind(dsn: str) -> None:
+def test_interrupted_first_load_leaves_no_tables_behind(dsn: str) -> None:
     with pytest.raises(KeyboardInterrupt), schema.provisional(dsn, "fresh") as revision:
         assert revision == "0004"
         assert "sessions" in tables_in(dsn, "fresh")
@@ -419,7 +419,7 @@ def test_case9_interrupted_first_load_leaves_no_tables_behind(dsn: str) -> None:
     assert "sessions" in tables_in(dsn)
 
 
-def test_case9_a_commit_inside_the_block_is_never_undone(dsn: str) -> None:
+def test_a_commit_inside_the_block_is_never_undone(dsn: str) -> None:
     with pytest.raises(KeyboardInterrupt), schema.provisional(dsn):
         with psycopg.connect(dsn) as conn:
             conn.execute(
@@ -430,7 +430,7 @@ def test_case9_a_commit_inside_the_block_is_never_undone(dsn: str) -> None:
     assert rows_of(dsn, "SELECT run_id FROM session_migration_runs") == [("r",)]
 
 
-def test_case9_interrupted_migrate_verb_asks_the_audit_row(
+def test_interrupted_migrate_verb_asks_the_audit_row(
     tmp_path: Path, small_backup: Path, target, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``sessionmig migrate`` (the migrate step of a run of its own) interrupted before and
@@ -461,9 +461,7 @@ def test_case9_interrupted_migrate_verb_asks_the_audit_row(
 # --- 22: operator mistakes: one line, exit 2, and -p values kept as typed ---------------------
 
 
-def test_case22_unwritable_reports_dir_is_one_line_and_exit_2(
-    tmp_path: Path, small_backup: Path
-) -> None:
+def test_unwritable_reports_dir_is_one_line_and_exit_2(tmp_path: Path, small_backup: Path) -> None:
     env = write_env(tmp_path, small_backup)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -477,7 +475,7 @@ def test_case22_unwritable_reports_dir_is_one_line_and_exit_2(
     assert "give a folder you can write to" in result.stderr
 
 
-def test_case22_read_only_reports_dir_is_a_parameter_error(
+def test_read_only_reports_dir_is_a_parameter_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A read-only mount (EROFS) or a folder without write permission (EACCES) — as root the
@@ -498,7 +496,7 @@ def test_case22_read_only_reports_dir_is_a_parameter_error(
             orchestrate.make_run_dir(locked, "staging", "run-1")
 
 
-def test_case22_verify_without_a_manifest_exits_2(tmp_path: Path) -> None:
+def test_verify_without_a_manifest_exits_2(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     for folder in (empty, tmp_path / "missing"):
@@ -509,7 +507,7 @@ def test_case22_verify_without_a_manifest_exits_2(tmp_path: Path) -> None:
     assert "no manifest.json here" in err
 
 
-def test_case22_path_parameters_are_strings_as_typed(
+def test_path_parameters_are_strings_as_typed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Through the CLI's own parsing into the settings a step runs with."""
@@ -565,7 +563,7 @@ def alembic_upgrade(dsn: str, revision: str) -> None:
 
 
 @pytest.mark.parametrize("path", ["schema.upgrade", "migrations/env.py"])
-def test_case23_ddl_gives_up_on_a_lock_the_application_holds(
+def test_ddl_gives_up_on_a_lock_the_application_holds(
     path: str, dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     alembic_upgrade(dsn, "0001")

@@ -147,7 +147,7 @@ def test_a_pass_cut_at_any_point_reruns_to_the_ledger(
 def test_a_lost_commit_answer_with_the_target_unreachable_keeps_the_snapshot_and_reruns(
     proxied, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Case 2: the COMMIT reached the server, its answer was lost, and the target cannot be
+    """The COMMIT reached the server, its answer was lost, and the target cannot be
     asked at once: the pass says the outcome is unknown, deletes nothing, and the same command
     run again settles it from the audit row."""
     m, proxy = proxied
@@ -181,9 +181,9 @@ def test_a_lost_commit_answer_with_the_target_unreachable_keeps_the_snapshot_and
 def test_a_signal_while_the_commit_answer_is_in_flight_is_settled_by_the_target(
     migrated: Migrated, sig: signal.Signals
 ) -> None:
-    """Case 2 as an operator meets it: the COMMIT's answer is held, Ctrl-C (or SIGTERM, which
-    ends the process at once) arrives; the run stops saying what the target's audit row says
-    (or says nothing, killed), keeps the base, and the rerun goes on."""
+    """A lost COMMIT answer as an operator meets it: the COMMIT's answer is held, Ctrl-C (or
+    SIGTERM, which ends the process at once) arrives; the run stops saying what the target's
+    audit row says (or says nothing, killed), keeps the base, and the rerun goes on."""
     m = migrated
     ledger = Ledger(m)
     ledger.traffic(validate=[m.ids[7], m.ids[7], m.ids[7]], create=1)
@@ -229,13 +229,13 @@ def test_a_signal_while_the_commit_answer_is_in_flight_is_settled_by_the_target(
     ledger.check()
 
 
-# --- case 1: the lock connection lost mid-pass -------------------------------------------------
+# --- the lock connection lost mid-pass -------------------------------------------------
 
 
 def test_a_lost_lock_connection_never_applies_a_delta_twice(
     migrated: Migrated, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Case 1: pass A loses its migration-lock connection mid-pass; pass B starts (the lock is
+    """Pass A loses its migration-lock connection mid-pass; pass B starts (the lock is
     free) while A is inside its transaction. Exactly one of them commits pass 1."""
     m = migrated
     ledger = Ledger(m)
@@ -291,8 +291,8 @@ def test_a_lost_lock_connection_never_applies_a_delta_twice(
 
 
 def test_the_target_refuses_a_second_pass_with_the_same_number(migrated: Migrated) -> None:
-    """Case 1's last guard is the target's own: whatever the locks did, a second audit row for
-    pass N of the same migrate run cannot commit."""
+    """The last guard against a lost lock connection is the target's own: whatever the locks
+    did, a second audit row for pass N of the same migrate run cannot commit."""
     m = migrated
     Ledger(m).traffic(validate=[m.ids[1]])
     assert m.run().pass_number == 1
@@ -305,7 +305,7 @@ def test_the_target_refuses_a_second_pass_with_the_same_number(migrated: Migrate
         )
 
 
-# --- case 5: what killed passes leave behind ---------------------------------------------------
+# --- what killed passes leave behind ---------------------------------------------------
 
 
 def test_state_dir_keeps_only_the_chain_whatever_killed_passes_left(migrated: Migrated) -> None:
@@ -329,7 +329,7 @@ def test_state_dir_keeps_only_the_chain_whatever_killed_passes_left(migrated: Mi
     ledger.check()
 
 
-# --- case 3: the rollback during the overlap, two systems, one decision -----------------------
+# --- the rollback during the overlap, two systems, one decision -----------------------
 
 
 def _rollback_rows(dsn: str) -> list[tuple]:
@@ -425,7 +425,7 @@ def _sqlite_count(live: Path, sid: str) -> int:
         ).fetchone()[0]
 
 
-# --- case 6: one session must not stall a cutover -----------------------------------------------
+# --- one session must not stall a cutover -----------------------------------------------
 
 
 def test_a_session_recreated_under_its_id_is_carried_named_and_counted(migrated: Migrated) -> None:
@@ -505,9 +505,10 @@ def test_migrate_cut_at_its_commit_lands_every_row_once(
 def test_an_overlap_rollback_killed_between_its_two_systems_is_completed_once(
     overlap, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
-    """Case 3, as a kill rather than a cut connection: after the intent, stopped before SQLite
-    committed (its transaction rolls back) or after it committed and before the record. The same
-    command then carries PostgreSQL's changes into the live file exactly once."""
+    """The rollback during the overlap, killed rather than cut off: after the intent, stopped
+    before SQLite committed (its transaction rolls back) or after it committed and before the
+    record. The same command then carries PostgreSQL's changes into the live file exactly
+    once."""
     from sessionmig import overlap as O
     from sessionmig.catchup import catchup_step
 

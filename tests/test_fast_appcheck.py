@@ -1,4 +1,4 @@
-"""The app check's bulk path against the row-by-row one (issue 23): the same sessions asked
+"""The app check's bulk path against the row-by-row one: the same sessions asked
 about, in the same order, with the same ``expires_at``, so the same counts and examples.
 
 ``check_with_manager(fast=False)`` reads every row through the rules (the reference); both ask

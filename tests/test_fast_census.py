@@ -1,4 +1,4 @@
-"""Inspect's bulk census against the row-by-row one (issue 23): on every backup, the same
+"""Inspect's bulk census against the row-by-row one: on every backup, the same
 findings, counts and examples, whichever path a row takes.
 
 ``inspect_backup(fast=False)`` takes every row through ``Census.add`` (the rules, the timestamp

@@ -1,4 +1,4 @@
-"""Issue 20's fault matrix for finalize and the rollback from the backup (restore_path).
+"""The fault matrix for finalize and the rollback from the backup (restore_path).
 
 For each point a fault can land on (before the move, between two files, between the move and the
 audit row, at the audit row's commit, after it), the same command is run again. Afterwards the

@@ -1,5 +1,5 @@
-"""Free SQL reads and nothing else, on PostgreSQL (case 11) and on the SQLite analysis copy
-(case 12), and the analysis copy is private, reused and removable (case 13) — issue 12.
+"""Free SQL reads and nothing else, on PostgreSQL and on the SQLite analysis copy
+and the analysis copy is private, reused and removable.
 
 Every attack is checked by its effect: the rows are still there, the table or file was not
 created, the backup and its -wal hash the same, no raw session id is shown.
@@ -122,17 +122,17 @@ def refused(outcome: object, match: str | None = None) -> str:
     return str(outcome)
 
 
-# ------------------------------------------------------------------------------- case 11
+# ---
 
 
-def test_case11_commit_then_delete_is_refused(pg: queries.Backends) -> None:
+def test_commit_then_delete_is_refused(pg: queries.Backends) -> None:
     before = table_state(pg.dsn)
     outcome = attempt("SELECT 1; COMMIT; DELETE FROM sessions", pg)
     assert table_state(pg.dsn) == before and before[0] == len(IDS)
     refused(outcome, "exactly one statement")
 
 
-def test_case11_rollback_then_create_table_is_refused(pg: queries.Backends) -> None:
+def test_rollback_then_create_table_is_refused(pg: queries.Backends) -> None:
     outcome = attempt("ROLLBACK; CREATE TABLE pwned (x int)", pg)
     assert rows_of(pg.dsn, "SELECT to_regclass('pwned')") == [(None,)]
     refused(outcome)
@@ -149,7 +149,7 @@ def test_case11_rollback_then_create_table_is_refused(pg: queries.Backends) -> N
         "SELECT 1;\nCOMMIT;\nCREATE TABLE pwned (x int)",
     ],
 )
-def test_case11_second_statement_hidden_in_comments_strings_or_dollar_quotes_is_refused(
+def test_second_statement_hidden_in_comments_strings_or_dollar_quotes_is_refused(
     pg: queries.Backends, text: str
 ) -> None:
     before = table_state(pg.dsn)
@@ -180,7 +180,7 @@ def test_case11_second_statement_hidden_in_comments_strings_or_dollar_quotes_is_
         "SELECT 1 INTO pwned",
     ],
 )
-def test_case11_statements_that_write_or_leave_the_transaction_are_refused(
+def test_statements_that_write_or_leave_the_transaction_are_refused(
     pg: queries.Backends, text: str
 ) -> None:
     before = table_state(pg.dsn)
@@ -189,7 +189,7 @@ def test_case11_statements_that_write_or_leave_the_transaction_are_refused(
     refused(outcome)
 
 
-def test_case11_timeout_cannot_be_lifted_by_the_statement(pg: queries.Backends) -> None:
+def test_timeout_cannot_be_lifted_by_the_statement(pg: queries.Backends) -> None:
     quick = queries.Backends(dsn=pg.dsn, timeout_s=1)
     for text in (
         "SELECT set_config('statement_timeout', '0', true), pg_sleep(30)",
@@ -201,7 +201,7 @@ def test_case11_timeout_cannot_be_lifted_by_the_statement(pg: queries.Backends) 
         refused(outcome, "ran longer than 1 s")
 
 
-def test_case11_copy_to_program_writes_no_file(pg: queries.Backends) -> None:
+def test_copy_to_program_writes_no_file(pg: queries.Backends) -> None:
     if not is_superuser(pg.dsn):
         pytest.skip("COPY TO PROGRAM needs a superuser DSN")
     # In /tmp: the server's OS user must be able to create it, were the attack to work.
@@ -222,7 +222,7 @@ def test_case11_copy_to_program_writes_no_file(pg: queries.Backends) -> None:
         target.unlink(missing_ok=True)
 
 
-def test_case11_superuser_dsn_cannot_take_its_powers_back(pg: queries.Backends) -> None:
+def test_superuser_dsn_cannot_take_its_powers_back(pg: queries.Backends) -> None:
     if not is_superuser(pg.dsn):
         pytest.skip("needs a superuser DSN")
     me = rows_of(pg.dsn, "SELECT session_user")[0][0]
@@ -249,7 +249,7 @@ def test_case11_superuser_dsn_cannot_take_its_powers_back(pg: queries.Backends) 
         refused(outcome)
 
 
-def test_case11_transient_login_leaves_no_role_and_no_grant(pg: queries.Backends) -> None:
+def test_transient_login_leaves_no_role_and_no_grant(pg: queries.Backends) -> None:
     if not is_superuser(pg.dsn):
         pytest.skip("the transient login is used for superuser DSNs only")
     acl_query = (
@@ -285,7 +285,7 @@ def test_case11_transient_login_leaves_no_role_and_no_grant(pg: queries.Backends
         "SELECT session_id, session_id AS again FROM sessions",
     ],
 )
-def test_case11_session_ids_are_masked_whatever_the_column_is_called(
+def test_session_ids_are_masked_on_postgresql_whatever_the_column_is_called(
     pg: queries.Backends, text: str
 ) -> None:
     frame = queries.run_free_sql(text, "postgres", pg)
@@ -296,21 +296,21 @@ def test_case11_session_ids_are_masked_whatever_the_column_is_called(
     assert "tok-0001" in queries.to_text(clear, "json")  # asked for explicitly
 
 
-def test_case11_aliased_ids_mask_to_the_same_text_as_named_columns(pg: queries.Backends) -> None:
+def test_aliased_ids_mask_to_the_same_text_as_named_columns(pg: queries.Backends) -> None:
     frame = queries.run_free_sql(
         'SELECT session_id AS t FROM sessions ORDER BY session_id COLLATE "C"', "postgres", pg
     )
     assert list(frame["t"]) == [mask_id(s) for s in sorted(IDS, key=lambda s: s.encode())]
 
 
-def test_case11_error_messages_mask_session_ids(pg: queries.Backends) -> None:
+def test_error_messages_mask_session_ids(pg: queries.Backends) -> None:
     outcome = attempt("SELECT session_id::int FROM sessions WHERE session_id = 'tok-0001'", pg)
     assert "tok-0001" not in shown(outcome) and mask_id("tok-0001") in refused(outcome)
     outcome = attempt(f"SELECT '{IDS[0]}'::int", pg)
     assert IDS[0] not in shown(outcome) and mask_id(IDS[0]) in refused(outcome)
 
 
-def test_case11_plain_queries_still_answer(pg: queries.Backends) -> None:
+def test_plain_queries_still_answer(pg: queries.Backends) -> None:
     got = queries.run_free_sql(
         "WITH u AS (SELECT user_id, count(*) AS n FROM sessions GROUP BY 1)"
         " SELECT user_id, n FROM u ORDER BY user_id;",
@@ -358,10 +358,10 @@ def lite_attempt(text: str, copy: queries.AnalysisCopy) -> object:
     return attempt(text, queries.Backends(analysis=copy, timeout_s=10), "sqlite")
 
 
-# ------------------------------------------------------------------------------- case 12
+# ---
 
 
-def test_case12_attach_of_the_backup_is_refused_and_its_wal_is_untouched(
+def test_attach_of_the_backup_is_refused_and_its_wal_is_untouched(
     wal_backup: Path, cache: Path
 ) -> None:
     wal = Path(str(wal_backup) + "-wal")
@@ -382,7 +382,7 @@ def test_case12_attach_of_the_backup_is_refused_and_its_wal_is_untouched(
         "SELECT * FROM sessions; ATTACH '{new}' AS n",
     ],
 )
-def test_case12_attach_of_a_new_path_creates_no_file(
+def test_attach_of_a_new_path_creates_no_file(
     clean_backup: Path, cache: Path, tmp_path: Path, text: str
 ) -> None:
     copy = queries.AnalysisCopy.build(clean_backup, RULES)
@@ -416,7 +416,7 @@ def test_case12_attach_of_a_new_path_creates_no_file(
         "SELECT load_extension('/tmp/x')",
     ],
 )
-def test_case12_writes_ddl_and_writing_pragmas_are_refused(
+def test_writes_ddl_and_writing_pragmas_are_refused(
     clean_backup: Path, cache: Path, text: str
 ) -> None:
     copy = queries.AnalysisCopy.build(clean_backup, RULES)
@@ -431,14 +431,12 @@ def test_case12_writes_ddl_and_writing_pragmas_are_refused(
     "text",
     ["SELECT 1; DELETE FROM sessions", "SELECT ';'; PRAGMA query_only = 0", "SELECT 1 /* ; */; ;"],
 )
-def test_case12_more_than_one_statement_is_refused(
-    clean_backup: Path, cache: Path, text: str
-) -> None:
+def test_more_than_one_statement_is_refused(clean_backup: Path, cache: Path, text: str) -> None:
     copy = queries.AnalysisCopy.build(clean_backup, RULES)
     refused(lite_attempt(text, copy), "exactly one statement")
 
 
-def test_case12_reading_still_works(clean_backup: Path, cache: Path) -> None:
+def test_reading_still_works(clean_backup: Path, cache: Path) -> None:
     copy = queries.AnalysisCopy.build(clean_backup, RULES)
     columns = lite("PRAGMA table_info(sessions)", copy)
     assert list(columns["name"])[:2] == ["session_id", "user_id"]
@@ -462,7 +460,7 @@ def test_case12_reading_still_works(clean_backup: Path, cache: Path) -> None:
         "SELECT 'token ' || session_id AS s FROM sessions",
     ],
 )
-def test_case12_session_ids_are_masked_whatever_the_column_is_called(
+def test_session_ids_are_masked_on_sqlite_whatever_the_column_is_called(
     clean_backup: Path, cache: Path, text: str
 ) -> None:
     copy = queries.AnalysisCopy.build(clean_backup, RULES)
@@ -473,10 +471,10 @@ def test_case12_session_ids_are_masked_whatever_the_column_is_called(
     assert len(frame) == 300 and not [sid for sid in ids if sid in shown]
 
 
-# ------------------------------------------------------------------------------- case 13
+# ---
 
 
-def test_case13_copy_is_private_in_the_user_cache(clean_backup: Path, cache: Path) -> None:
+def test_copy_is_private_in_the_user_cache(clean_backup: Path, cache: Path) -> None:
     copy = queries.AnalysisCopy.build(clean_backup, RULES)
     assert copy.path.is_relative_to(cache)
     assert copy.path.parent.name.startswith(sha256(clean_backup))
@@ -486,7 +484,7 @@ def test_case13_copy_is_private_in_the_user_cache(clean_backup: Path, cache: Pat
     assert copy.rows == 300 and copy.left_out == 0
 
 
-def test_case13_second_query_does_not_rebuild(
+def test_second_query_does_not_rebuild(
     clean_backup: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
@@ -505,7 +503,7 @@ def test_case13_second_query_does_not_rebuild(
     assert lite("SELECT count(*) AS n FROM sessions", second).loc[0, "n"] == 300
 
 
-def test_case13_another_backup_or_zone_never_reuses_a_copy(
+def test_another_backup_or_zone_never_reuses_a_copy(
     clean_backup: Path, cache: Path, tmp_path: Path
 ) -> None:
     first = queries.AnalysisCopy.build(clean_backup, RULES)
@@ -520,7 +518,7 @@ def test_case13_another_backup_or_zone_never_reuses_a_copy(
     assert len(list(cache.iterdir())) == 3
 
 
-def test_case13_failed_build_leaves_nothing_behind(
+def test_failed_build_leaves_nothing_behind(
     clean_backup: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     scratch = tmp_path / "scratch"
@@ -539,7 +537,7 @@ def test_case13_failed_build_leaves_nothing_behind(
     assert not cache.exists() or list(cache.iterdir()) == []
 
 
-def test_case13_copies_can_be_removed(clean_backup: Path, cache: Path) -> None:
+def test_copies_can_be_removed(clean_backup: Path, cache: Path) -> None:
     copy = queries.AnalysisCopy.build(clean_backup, RULES)
     copy.remove()
     assert not copy.path.parent.exists()
@@ -552,7 +550,7 @@ def test_case13_copies_can_be_removed(clean_backup: Path, cache: Path) -> None:
     assert queries.remove_analysis_copies() == 1 and list(cache.iterdir()) == []
 
 
-def test_case13_query_command_leaves_nothing_in_tmp_and_builds_once(
+def test_query_command_leaves_nothing_in_tmp_and_builds_once(
     clean_backup: Path, tmp_path: Path
 ) -> None:
     scratch, xdg = tmp_path / "scratch", tmp_path / "xdg"

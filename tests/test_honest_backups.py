@@ -1,4 +1,4 @@
-"""Honest backups that must be able to pass (issue 21, case 4): every row of a backup the tool
+"""Honest backups that must be able to pass: every row of a backup the tool
 treats correctly — rejected with a reason, or landed — leaves a run that can PASS, with a
 finding wherever the landed value is not all the backup said."""
 

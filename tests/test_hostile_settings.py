@@ -1,4 +1,4 @@
-"""The proof against hostile hands (issue 21, cases 1-3): a DBA's database or role settings,
+"""The proof against hostile hands: a DBA's database or role settings,
 the target's own definitions and values equal only by value can neither blind reconcile nor
 crash it. Each attack is made on a real migrated target, on every server under test."""
 
@@ -90,7 +90,7 @@ def _changed(result) -> list:
     return [d for d in result.differences if d.kind == "changed"]
 
 
-# --- case 1: session settings steer the proof ------------------------------------------------
+# --- session settings steer the proof ------------------------------------------------
 
 
 def test_a_database_search_path_shadowing_the_fingerprint_cannot_hide_a_change(
@@ -181,7 +181,7 @@ def test_every_connection_fixes_what_its_reading_depends_on(dsn) -> None:
         assert row.fetchone() == ("7MB", found["DateStyle"])
 
 
-# --- case 2: the shape check trusts too little of the shape ------------------------------------
+# --- the shape check trusts too little of the shape ------------------------------------
 
 
 def _refused(s: steps.Settings, *said: str) -> str:
@@ -313,7 +313,7 @@ def test_row_level_security_the_tool_is_subject_to_is_refused(
     _refused(migrated, "row-level security", "public.sessions")
 
 
-# --- case 3: equal by value is not equal -------------------------------------------------------
+# --- equal by value is not equal -------------------------------------------------------
 
 
 @pytest.fixture

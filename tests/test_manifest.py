@@ -65,7 +65,7 @@ def test_index_links_are_relative(tmp_path: Path) -> None:
 
 
 def test_verify_sees_every_entry_of_the_folder(tmp_path: Path) -> None:
-    """Issue 21, case 6: a file added inside a symlinked sub-folder, an added FIFO, a sealed file
+    """A file added inside a symlinked sub-folder, an added FIFO, a sealed file
     swapped for a link — every entry is either sealed or a problem (and a FIFO is never opened,
     which would hang)."""
     import os

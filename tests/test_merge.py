@@ -388,7 +388,7 @@ def recreate(draw, base: tuple) -> tuple:
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_a_session_recreated_under_its_id_is_carried_as_the_new_one(data) -> None:
-    """Issue 20, case 6: a recreated id is neither refused nor merged into the old session:
+    """A recreated id is neither refused nor merged into the old session:
     PostgreSQL ends up holding the new session exactly, whatever it did to the old one."""
     base = data.draw(rows())
     live = data.draw(recreate(base))

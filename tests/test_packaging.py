@@ -97,7 +97,7 @@ def test_first_cell_is_the_documented_parameters_cell(path) -> None:
 
 @pytest.mark.slow
 def test_the_wheel_carries_the_runbook_its_help_points_to(tmp_path) -> None:
-    """Issue 21, case 12: --help names RUNBOOK.md; an installed wheel must carry it (with the
+    """--help names RUNBOOK.md; an installed wheel must carry it (with the
     notebooks, the environment files and the migrations), and the help must name the copy."""
     import subprocess
     import sys
@@ -128,7 +128,7 @@ def test_the_wheel_carries_the_runbook_its_help_points_to(tmp_path) -> None:
     )
     assert shown.stdout.strip() == str(site / "sessionmig" / "runbook" / "RUNBOOK.md"), shown
 
-    # Issue 21, case 10: installed from the wheel and run inside another git repository, the
+    # Installed from the wheel and run inside another git repository, the
     # evidence names sessionmig's own commit and version, never that repository's.
     other = tmp_path / "operators-repo"
     other.mkdir()

@@ -127,12 +127,12 @@ def test_redaction_hides_passwords_everywhere() -> None:
         ("user_id=007", "007"),
     ],
 )
-def test_case22_string_parameters_keep_the_text_as_typed(pair: str, expected: str) -> None:
+def test_string_parameters_keep_the_text_as_typed(pair: str, expected: str) -> None:
     name = pair.partition("=")[0]
     assert P.parse_overrides([pair]) == {name: expected}
 
 
-def test_case22_typed_parameters_are_still_typed() -> None:
+def test_typed_parameters_are_still_typed() -> None:
     got = P.parse_overrides(
         [
             "dry_run=false",

@@ -1,4 +1,4 @@
-"""Case 18 of issue 12: preflight says GO only to a role that can carry out the selected steps.
+"""Preflight says GO only to a role that can carry out the selected steps.
 
 Each test creates a real login role with no privileges on the server under test, grants it
 something (as the superuser the tests connect as), and runs preflight connected as that role.
@@ -80,9 +80,7 @@ def digest_grants(url: str, role: str) -> tuple[str, ...]:
     return (grant("GRANT INSERT ON TABLE {}.{} TO {};", "public", table, role),)  # type: ignore[arg-type]
 
 
-def test_case18_an_existing_schema_needs_no_database_create(
-    dsn, role, as_the_role, clean_backup
-) -> None:
+def test_an_existing_schema_needs_no_database_create(dsn, role, as_the_role, clean_backup) -> None:
     # USAGE and CREATE on the schema, no CREATE on the database: today's preflight said GO and
     # migrate then failed on CREATE SCHEMA IF NOT EXISTS. The step no longer needs it.
     admin(dsn, grant("GRANT CREATE ON SCHEMA public TO {}", role))
@@ -94,9 +92,7 @@ def test_case18_an_existing_schema_needs_no_database_create(
     assert result.grants == ()
 
 
-def test_case18_a_missing_schema_needs_database_create(
-    dsn, role, as_the_role, clean_backup
-) -> None:
+def test_a_missing_schema_needs_database_create(dsn, role, as_the_role, clean_backup) -> None:
     database = database_of(dsn)
     s = as_the_role(clean_backup, target_schema="sm_new")
     result = steps.preflight(s)
@@ -119,7 +115,7 @@ def test_case18_a_missing_schema_needs_database_create(
     assert steps.reconcile_step(s, progress=False).verdict == "PASS"
 
 
-def test_case18_no_temp_privilege_withholds_go(dsn, role, as_the_role, clean_backup) -> None:
+def test_no_temp_privilege_withholds_go(dsn, role, as_the_role, clean_backup) -> None:
     database = database_of(dsn)
     admin(
         dsn,
@@ -140,7 +136,7 @@ def test_case18_no_temp_privilege_withholds_go(dsn, role, as_the_role, clean_bac
         steps.migrate(s, progress=False)
 
 
-def test_case18_server_before_14_withholds_go_for_reconcile(dsn, clean_backup) -> None:
+def test_server_before_14_withholds_go_for_reconcile(dsn, clean_backup) -> None:
     with psycopg.connect(dsn) as conn:
         facts = steps.target_facts(conn, "public")
     assert facts.version_num >= 140000  # the test servers: 15 and 18
@@ -162,7 +158,7 @@ def test_case18_server_before_14_withholds_go_for_reconcile(dsn, clean_backup) -
     assert not all(c.ok for c in steps.target_checks(old, ("rollback",))[0])
 
 
-def test_case18_existing_tables_name_each_grant_and_granting_them_lets_the_run_pass(
+def test_existing_tables_name_each_grant_and_granting_them_lets_the_run_pass(
     dsn, role, target, as_the_role, clean_backup
 ) -> None:
     database = database_of(dsn)
@@ -204,7 +200,7 @@ def test_case18_existing_tables_name_each_grant_and_granting_them_lets_the_run_p
     assert steps.reconcile_step(s, progress=False).verdict == "PASS"
 
 
-def test_case18_empty_table_of_another_owner_needs_its_ownership(
+def test_empty_table_of_another_owner_needs_its_ownership(
     dsn, role, as_the_role, clean_backup
 ) -> None:
     database = database_of(dsn)
@@ -231,9 +227,7 @@ def test_case18_empty_table_of_another_owner_needs_its_ownership(
     assert steps.reconcile_step(s, progress=False).verdict == "PASS"
 
 
-def test_case18_only_the_selected_steps_are_checked(
-    dsn, role, target, as_the_role, clean_backup
-) -> None:
+def test_only_the_selected_steps_are_checked(dsn, role, target, as_the_role, clean_backup) -> None:
     s = as_the_role(clean_backup)
     assert steps.preflight(s, ["preflight", "inspect"]).go  # the runbook's first gate
     nothing = steps.preflight(s, ["analysis"])

@@ -1,4 +1,4 @@
-"""Issue 12, cases 1-8 (and the load's parts of 9 and 23): the proof cannot be fooled and no
+"""The proof cannot be fooled and no
 row is lost or changed, whatever the backup holds. Each test names its case."""
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _two_same_day_rows(dsn: str) -> tuple[str, str]:
 @pytest.mark.parametrize(
     "columns", [("user_id",), ("request_count",), ("metadata", "expires_at"), ("session_id",)]
 )
-def test_case1_values_swapped_between_two_same_day_rows_fail(migrated, dsn, columns) -> None:
+def test_values_swapped_between_two_same_day_rows_fail(migrated, dsn, columns) -> None:
     a, b = _two_same_day_rows(dsn)
     with psycopg.connect(dsn) as conn:
         if columns == ("session_id",):
@@ -138,7 +138,7 @@ ROW = st.tuples(
     second=ROW,
     swap=st.sets(st.integers(0, 6), min_size=1),
 )
-def test_case1_any_exchange_of_column_values_moves_the_day_sum(dsn, first, second, swap) -> None:
+def test_any_exchange_of_column_values_moves_the_day_sum(dsn, first, second, swap) -> None:
     """Property: exchanging any set of columns between any two rows of one day changes the
     day's sum of fingerprints, unless the exchange leaves both rows as they were."""
     a, b = list(first), list(second)
@@ -174,7 +174,7 @@ def test_case1_any_exchange_of_column_values_moves_the_day_sum(dsn, first, secon
 
 
 @pytest.mark.parametrize("reason", ["invalid_json", "refused_by_postgresql", "count_not_integral"])
-def test_case2_a_valid_row_moved_into_the_rejects_table_fails(migrated, dsn, reason) -> None:
+def test_a_valid_row_moved_into_the_rejects_table_fails(migrated, dsn, reason) -> None:
     """Delete a valid session and record it as a reject with its true raw values: the rules
     (or the server, for a claimed refusal) would have landed it, so reconcile fails."""
     with psycopg.connect(dsn) as conn:
@@ -213,7 +213,7 @@ def test_case2_a_valid_row_moved_into_the_rejects_table_fails(migrated, dsn, rea
     assert reason in result.differences[0].detail
 
 
-def test_case2_a_reject_recorded_under_another_reason_fails(migrated, dsn) -> None:
+def test_a_reject_recorded_under_another_reason_fails(migrated, dsn) -> None:
     with psycopg.connect(dsn) as conn:
         (rid, was) = conn.execute(
             "SELECT id, reason FROM session_migration_rejects WHERE reason <> 'invalid_json' "
@@ -231,7 +231,7 @@ def test_case2_a_reject_recorded_under_another_reason_fails(migrated, dsn) -> No
 # --- 3. a rejected session_id holding NUL ----------------------------------------------------
 
 
-def test_case3_a_nul_in_a_rejected_session_id_does_not_crash_reconcile(tmp_path, target) -> None:
+def test_a_nul_in_a_rejected_session_id_does_not_crash_reconcile(tmp_path, target) -> None:
     path = backup_of(tmp_path / "nul.db", [*filler(5), plain("abc\x00def"), plain(b"bl\x00b")])
     s = target(path)
     outcome = steps.migrate(s, progress=False).outcome
@@ -245,7 +245,7 @@ def test_case3_a_nul_in_a_rejected_session_id_does_not_crash_reconcile(tmp_path,
 # --- 4. JSON null where the source had SQL NULL ----------------------------------------------
 
 
-def test_case4_json_null_for_sql_null_names_the_column_and_both_values(migrated, dsn) -> None:
+def test_json_null_for_sql_null_names_the_column_and_both_values(migrated, dsn) -> None:
     with psycopg.connect(dsn) as conn:
         (sid,) = conn.execute(
             "SELECT min(session_id) FROM sessions WHERE metadata IS NULL"
@@ -258,7 +258,7 @@ def test_case4_json_null_for_sql_null_names_the_column_and_both_values(migrated,
     assert diff.detail == "metadata: source SQL NULL vs target null"
 
 
-def test_case4_every_changed_value_is_named_with_both_sides(migrated, dsn) -> None:
+def test_every_changed_value_is_named_with_both_sides(migrated, dsn) -> None:
     with psycopg.connect(dsn) as conn:
         (sid,) = conn.execute(
             "SELECT min(session_id) FROM sessions WHERE jsonb_typeof(metadata) = 'object'"
@@ -278,7 +278,7 @@ def test_case4_every_changed_value_is_named_with_both_sides(migrated, dsn) -> No
 # --- 5. a session_id beyond the btree limit; refusals are not lost connections ---------------
 
 
-def test_case5_a_session_id_too_long_to_index_is_rejected_and_the_rest_lands(
+def test_a_session_id_too_long_to_index_is_rejected_and_the_rest_lands(
     tmp_path, target, dsn
 ) -> None:
     huge = "session-" + os.urandom(1600).hex()  # 3,208 bytes that do not compress
@@ -291,20 +291,20 @@ def test_case5_a_session_id_too_long_to_index_is_rejected_and_the_rest_lands(
     assert steps.reconcile_step(s).verdict == WARN
 
 
-def test_case5_a_long_id_at_the_limit_still_lands(tmp_path, target, dsn) -> None:
+def test_a_long_id_at_the_limit_still_lands(tmp_path, target, dsn) -> None:
     at_limit = "s" + os.urandom(MAX_SESSION_ID_BYTES).hex()[: MAX_SESSION_ID_BYTES - 1]
     s = target(backup_of(tmp_path / "edge.db", [plain(at_limit)]))
     assert steps.migrate(s, progress=False).outcome.inserted == 1
 
 
-def test_case5_server_refusals_are_never_taken_for_a_lost_connection() -> None:
+def test_server_refusals_are_never_taken_for_a_lost_connection() -> None:
     for state in ("22001", "22P02", "23505", "54000", "42501", "55P03"):
         assert not is_connection_loss(state), state
     for state in (None, "08006", "08001", "57P01", "53300"):
         assert is_connection_loss(state), state
 
 
-def test_case5_a_refusal_after_copy_is_one_clear_error_not_retries(
+def test_a_refusal_after_copy_is_one_clear_error_not_retries(
     tmp_path, target, dsn, monkeypatch
 ) -> None:
     """The primary key build refusing (here: forced by a unique violation the rules did not
@@ -352,7 +352,7 @@ def dup_backup(path: Path) -> Path:
     )
 
 
-def test_case6_duplicates_land_once_and_the_others_are_rejected(tmp_path, target, dsn) -> None:
+def test_duplicates_land_once_and_the_others_are_rejected(tmp_path, target, dsn) -> None:
     s = target(dup_backup(tmp_path / "dup.db"))
     outcome = steps.migrate(s, progress=False).outcome
     assert outcome.reject_counts == {"duplicate_session_id": 2, "invalid_json": 1}
@@ -372,7 +372,7 @@ def test_case6_duplicates_land_once_and_the_others_are_rejected(tmp_path, target
     assert (result.source_rows, result.migrated, result.rejected) == (15, 12, 3)
 
 
-def test_case6_into_a_non_empty_target_no_copy_is_dropped_silently(tmp_path, target, dsn) -> None:
+def test_into_a_non_empty_target_no_copy_is_dropped_silently(tmp_path, target, dsn) -> None:
     s = target(dup_backup(tmp_path / "dup.db"))
     steps.migrate(s, progress=False)
     again = steps.migrate(target(s.sqlite_path, run_id="second-run"), progress=False).outcome
@@ -380,7 +380,7 @@ def test_case6_into_a_non_empty_target_no_copy_is_dropped_silently(tmp_path, tar
     assert again.inserted + again.unchanged + again.rejected == again.rows_read
 
 
-def test_case6_inspect_reports_duplicates(tmp_path, target) -> None:
+def test_inspect_reports_duplicates(tmp_path, target) -> None:
     s = target(dup_backup(tmp_path / "dup.db"))
     result = inspect_backup(s.sqlite_path, s.rules, s.as_of, "Asia/Seoul")
     (finding,) = [f for f in result.findings if f.code == "reject:duplicate_session_id"]
@@ -388,7 +388,7 @@ def test_case6_inspect_reports_duplicates(tmp_path, target) -> None:
     assert mask_id("dup") in finding.examples[0]
 
 
-def test_case6_a_duplicate_not_recorded_as_such_fails_reconcile(tmp_path, target, dsn) -> None:
+def test_a_duplicate_not_recorded_as_such_fails_reconcile(tmp_path, target, dsn) -> None:
     s = target(dup_backup(tmp_path / "dup.db"))
     steps.migrate(s, progress=False)
     with psycopg.connect(dsn) as conn:
@@ -399,7 +399,7 @@ def test_case6_a_duplicate_not_recorded_as_such_fails_reconcile(tmp_path, target
     assert {d.session for d in result.differences if d.kind == "duplicate"} == {mask_id("dup")}
 
 
-def test_case6_a_duplicate_reject_for_a_key_that_never_landed_fails(tmp_path, target, dsn) -> None:
+def test_a_duplicate_reject_for_a_key_that_never_landed_fails(tmp_path, target, dsn) -> None:
     s = target(dup_backup(tmp_path / "dup.db"))
     steps.migrate(s, progress=False)
     with psycopg.connect(dsn) as conn:  # hide the lander and claim every copy was a duplicate
@@ -426,7 +426,7 @@ def test_case6_a_duplicate_reject_for_a_key_that_never_landed_fails(tmp_path, ta
 JSON_SCHEMA = LEGACY_SCHEMA.replace("metadata TEXT,", "metadata JSON,")
 
 
-def test_case7_a_real_in_a_json_column_keeps_every_digit(tmp_path, target, dsn) -> None:
+def test_a_real_in_a_json_column_keeps_every_digit(tmp_path, target, dsn) -> None:
     rows = [
         *filler(3),
         plain("real", meta=0.1 + 0.2),
@@ -445,7 +445,7 @@ def test_case7_a_real_in_a_json_column_keeps_every_digit(tmp_path, target, dsn) 
     assert steps.reconcile_step(s).verdict == "PASS"
 
 
-def test_case7_extra_columns_never_reserialise_metadata_numbers(tmp_path, target, dsn) -> None:
+def test_extra_columns_never_reserialise_metadata_numbers(tmp_path, target, dsn) -> None:
     path = backup_of(
         tmp_path / "extra.db",
         [
@@ -486,7 +486,7 @@ BIG = '{"n": ' + "9" * 5000 + "}"
 
 
 @pytest.mark.parametrize("with_bad_neighbour", [False, True])
-def test_case8_a_5000_digit_number_lands_whatever_its_span_holds(
+def test_a_5000_digit_number_lands_whatever_its_span_holds(
     tmp_path, target, dsn, with_bad_neighbour
 ) -> None:
     rows = [*filler(5), plain("big", meta=BIG)]
@@ -499,7 +499,7 @@ def test_case8_a_5000_digit_number_lands_whatever_its_span_holds(
     assert steps.reconcile_step(s).verdict in ("PASS", WARN)
 
 
-def test_case8_non_ascii_digits_are_not_a_count(tmp_path, target, dsn) -> None:
+def test_non_ascii_digits_are_not_a_count(tmp_path, target, dsn) -> None:
     rows = [
         plain("arabic", count="١٢"),
         plain("fullwidth", count="１２"),
@@ -511,7 +511,7 @@ def test_case8_non_ascii_digits_are_not_a_count(tmp_path, target, dsn) -> None:
     assert rows_of(dsn, "SELECT request_count FROM sessions") == [(12,)]
 
 
-def test_case8_an_integer_session_id_lands_as_its_digits(tmp_path, target, dsn) -> None:
+def test_an_integer_session_id_lands_as_its_digits(tmp_path, target, dsn) -> None:
     untyped = LEGACY_SCHEMA.replace("session_id TEXT PRIMARY KEY", "session_id PRIMARY KEY")
     rows = [*filler(3), plain(12345), plain(2.5), plain("12345")]
     s = target(backup_of(tmp_path / "int.db", rows, schema=untyped))
@@ -522,7 +522,7 @@ def test_case8_an_integer_session_id_lands_as_its_digits(tmp_path, target, dsn) 
     assert steps.reconcile_step(s).verdict == WARN
 
 
-def test_case8_a_without_rowid_table_is_migrated_not_called_damaged(tmp_path, target, dsn) -> None:
+def test_a_without_rowid_table_is_migrated_not_called_damaged(tmp_path, target, dsn) -> None:
     schema = LEGACY_SCHEMA.replace(");\nCREATE INDEX", ") WITHOUT ROWID;\nCREATE INDEX", 1)
     rows = [*filler(30), plain("zz-bad", meta="{nope")]
     path = backup_of(tmp_path / "norowid.db", rows, schema=schema)
@@ -540,7 +540,7 @@ def test_case8_a_without_rowid_table_is_migrated_not_called_damaged(tmp_path, ta
 # --- 9 (load part). the audit row's times are the real ones ----------------------------------
 
 
-def test_case9_audit_row_times_span_the_load(tmp_path, target, dsn, monkeypatch) -> None:
+def test_audit_row_times_span_the_load(tmp_path, target, dsn, monkeypatch) -> None:
     from sessionmig import load as load_module
 
     original = load_module.stream_backup
@@ -560,7 +560,7 @@ def test_case9_audit_row_times_span_the_load(tmp_path, target, dsn, monkeypatch)
 # --- 23 (load part). a live table lock fails fast --------------------------------------------
 
 
-def test_case23_a_load_never_queues_behind_a_lock(tmp_path, target, dsn) -> None:
+def test_a_load_never_queues_behind_a_lock(tmp_path, target, dsn) -> None:
     s = target(backup_of(tmp_path / "t.db", filler(5)))
     steps.migrate(s, progress=False)  # creates the schema
     outcome: list[BaseException | None] = []
@@ -592,7 +592,7 @@ def test_case23_a_load_never_queues_behind_a_lock(tmp_path, target, dsn) -> None
 # --- 7. reconcile does not share the code path it checks -------------------------------------
 
 
-def test_case7_a_fault_in_migrates_clock_is_caught_by_reconcile(
+def test_a_fault_in_migrates_clock_is_caught_by_reconcile(
     clean_backup, target, monkeypatch
 ) -> None:
     from sessionmig.wire import WallClock
@@ -612,7 +612,7 @@ def test_case7_a_fault_in_migrates_clock_is_caught_by_reconcile(
     assert "created_at: source" in result.differences[0].detail
 
 
-def test_case7_a_fault_in_migrates_plain_row_choice_is_caught_by_reconcile(
+def test_a_fault_in_migrates_plain_row_choice_is_caught_by_reconcile(
     tmp_path, target, monkeypatch
 ) -> None:
     """Put back the old choice of plain rows (numbers counted as text, so SQLite printed a REAL
@@ -640,7 +640,7 @@ def test_case7_a_fault_in_migrates_plain_row_choice_is_caught_by_reconcile(
     st.sampled_from(["Asia/Seoul", "America/New_York", "Australia/Lord_Howe", "Europe/Dublin"]),
     st.booleans(),
 )
-def test_case7_reconciles_reading_agrees_with_the_rules(moment, zone_name, micros) -> None:
+def test_reconciles_reading_agrees_with_the_rules(moment, zone_name, micros) -> None:
     from zoneinfo import ZoneInfo
 
     from sessionmig.expected import ExpectedPath
@@ -698,7 +698,7 @@ def test_reconciling_a_backup_other_than_the_migrated_one_says_so(migrated, dsn)
         b"2026-01-15 10:00:00.12345x",
     ],
 )
-def test_case7_reconciles_reading_leaves_every_other_spelling_to_the_rules(text) -> None:
+def test_reconciles_reading_leaves_every_other_spelling_to_the_rules(text) -> None:
     from zoneinfo import ZoneInfo
 
     from sessionmig.expected import ExpectedPath

@@ -1,4 +1,4 @@
-"""Issue 21, case 5: reconcile's (and rollback's) own timestamp reader never takes the process
+"""Reconcile's (and rollback's) own timestamp reader never takes the process
 down, whatever the backup holds, and answers as the per-row rules do.
 
 The reader runs in a worker process of its own: a crash there (NumPy's datetime parser

@@ -1,4 +1,4 @@
-"""Issue 12, case 14: a password never leaves the process, however malformed its DSN.
+"""A password never leaves the process, however malformed its DSN.
 
 Every DSN form libpq accepts, written the way a hurried operator writes it (a bad ``%xx``
 escape, an unencoded ``@`` or ``/``, words in ``password=``, the password in a query parameter,
@@ -87,7 +87,7 @@ def leaked(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("form", sorted(DSN_FORMS))
-def test_case14_every_dsn_form_is_redacted_from_every_library_message(
+def test_every_dsn_form_is_redacted_from_every_library_message(
     form: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dsn = DSN_FORMS[form]
@@ -102,7 +102,7 @@ def test_case14_every_dsn_form_is_redacted_from_every_library_message(
         assert not leaked(json.dumps(mask.scrub({"reason": message})))
 
 
-def test_case14_bad_percent_escape_never_leaks_password_even_unregistered(
+def test_bad_percent_escape_never_leaks_password_even_unregistered(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The safety net, for a DSN no variable names: libpq's parse errors quote raw text."""
@@ -117,7 +117,7 @@ def test_case14_bad_percent_escape_never_leaks_password_even_unregistered(
         assert not leaked(P.redact(str(err.value))), str(err.value)
 
 
-def test_case14_pgpassword_and_dict_reprs_are_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pgpassword_and_dict_reprs_are_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGPASSWORD", f"{HEAD}{TAIL}")
     text = (
         f"env PGPASSWORD={HEAD}{TAIL}; kwargs {{'user': 'app', 'password': '{HEAD}'}}; "
@@ -142,7 +142,7 @@ def test_a_password_that_contains_a_word_never_garbles_the_pages_that_quote_it(
     assert "tail9part" not in said and "***" in said
 
 
-def test_case14_redaction_leaves_ordinary_text_and_figures_alone(
+def test_redaction_leaves_ordinary_text_and_figures_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("SMTEST_SECRET_DSN", DSN_FORMS["unencoded_at"])
@@ -156,7 +156,7 @@ def test_case14_redaction_leaves_ordinary_text_and_figures_alone(
     assert mask.redact_html(page) == f'<img src="{image}"> ***'
 
 
-def test_case14_executed_notebook_is_scrubbed_everywhere(
+def test_executed_notebook_is_scrubbed_everywhere(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """papermill keeps a failing cell's traceback in the .ipynb and the exception and the
@@ -201,7 +201,7 @@ def run_cli(*argv: str) -> tuple[int, str]:
 @pytest.mark.parametrize(
     "form", ["bad_percent_escape", "unencoded_at", "key_value_unquoted_words", "sqlalchemy_url"]
 )
-def test_case14_cli_verbs_say_one_line_without_the_password(
+def test_cli_verbs_say_one_line_without_the_password(
     form: str, tmp_path: Path, small_backup: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SMTEST_DSN", DSN_FORMS[form])
@@ -218,7 +218,7 @@ def test_case14_cli_verbs_say_one_line_without_the_password(
         assert said.startswith(f"sessionmig {argv[0]}: "), said
 
 
-def test_case14_uncaught_error_in_a_subprocess_is_one_redacted_line(
+def test_uncaught_error_in_a_subprocess_is_one_redacted_line(
     tmp_path: Path, small_backup: Path
 ) -> None:
     """The real process: stderr as the operator's terminal gets it."""
@@ -245,7 +245,7 @@ def _environ() -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("form", ["bad_percent_escape", "unencoded_at", "key_value_unquoted_words"])
-def test_case14_malformed_dsn_never_reaches_the_run_folder(
+def test_malformed_dsn_never_reaches_the_run_folder(
     form: str, tmp_path: Path, small_backup: Path
 ) -> None:
     env = env_file(tmp_path, small_backup, database_url_env="SMTEST_TARGET_URL")

@@ -1,4 +1,4 @@
-"""Issue 12, case 16: the application store under an attacker's cookie and under load.
+"""The application store under an attacker's cookie and under load.
 
 A session id comes straight from a cookie, so any value at all must make the store answer
 "no such session" rather than raise; ``request_count`` must stop at 2³¹−1; and time is read
@@ -112,9 +112,7 @@ HOSTILE_IDS = {
 
 
 @pytest.mark.parametrize("hostile", list(HOSTILE_IDS.values()), ids=list(HOSTILE_IDS))
-def test_case16_hostile_session_ids_are_no_session_never_an_error(
-    store: Store, hostile: object
-) -> None:
+def test_hostile_session_ids_are_no_session_never_an_error(store: Store, hostile: object) -> None:
     manager = store.manager
 
     async def scenario() -> tuple[Any, ...]:
@@ -136,15 +134,15 @@ def test_case16_hostile_session_ids_are_no_session_never_an_error(
     assert store.raw("SELECT count(*) FROM sessions", ()) == [(1,)]
 
 
-def test_case16_validate_with_nul_id_returns_false(store: Store) -> None:
+def test_validate_with_nul_id_returns_false(store: Store) -> None:
     assert run(store.manager.validate_session("abc\x00def")) is False
 
 
-def test_case16_validate_with_lone_surrogate_id_returns_false(store: Store) -> None:
+def test_validate_with_lone_surrogate_id_returns_false(store: Store) -> None:
     assert run(store.manager.validate_session("\udcff")) is False
 
 
-def test_case16_an_id_still_works_through_a_str_subclass(store: Store) -> None:
+def test_an_id_still_works_through_a_str_subclass(store: Store) -> None:
     """The guard turns a str subclass into plain text; it must not lock real users out."""
 
     async def scenario() -> tuple[bool, Any]:
@@ -156,7 +154,7 @@ def test_case16_an_id_still_works_through_a_str_subclass(store: Store) -> None:
     assert ok is True and row["request_count"] == 1
 
 
-def test_case16_id_the_database_cannot_encode_is_no_session(server_url: str) -> None:
+def test_id_the_database_cannot_encode_is_no_session(server_url: str) -> None:
     """In a LATIN1 database a Hangul id cannot even be sent as a parameter (22P05)."""
     name = f"smtest_latin1_{uuid.uuid4().hex[:10]}"
     admin = embedded.with_database(server_url, "postgres")
@@ -193,7 +191,7 @@ def test_case16_id_the_database_cannot_encode_is_no_session(server_url: str) -> 
 
 
 @pytest.mark.parametrize("start_count", [INT_MAX - 1, INT_MAX])
-def test_case16_request_count_saturates_at_int_max(store: Store, start_count: int) -> None:
+def test_request_count_saturates_at_int_max(store: Store, start_count: int) -> None:
     manager = store.manager
     sid, _ = run(manager.create_session("busy"))
     store.raw("UPDATE sessions SET request_count = %s WHERE session_id = %s", (start_count, sid))
@@ -208,7 +206,7 @@ def test_case16_request_count_saturates_at_int_max(store: Store, start_count: in
     assert run(manager.get_session(sid))["request_count"] == INT_MAX
 
 
-def test_case16_request_count_still_counts_below_the_limit(store: Store) -> None:
+def test_request_count_still_counts_below_the_limit(store: Store) -> None:
     """The saturation must not cost the ordinary increment."""
     sid, _ = run(store.manager.create_session())
     store.raw("UPDATE sessions SET request_count = %s WHERE session_id = %s", (INT_MAX - 3, sid))
@@ -218,7 +216,7 @@ def test_case16_request_count_still_counts_below_the_limit(store: Store) -> None
     ]
 
 
-def test_case16_last_activity_never_moves_backwards(store: Store) -> None:
+def test_last_activity_never_moves_backwards(store: Store) -> None:
     """A validation that committed with a later time first (PostgreSQL: another one that got
     the row lock first; SQLite: this host's clock stepped back) is never undone."""
     manager, clock = store.manager, store.clock
@@ -242,7 +240,7 @@ async def _db_now(conn: psycopg.AsyncConnection[Any]) -> datetime:
     return (await cur.fetchone())[0]  # type: ignore[index]
 
 
-def test_case16_pg_validate_waiting_for_the_pool_rejects_a_session_that_expired_meanwhile(
+def test_pg_validate_waiting_for_the_pool_rejects_a_session_that_expired_meanwhile(
     dsn: str,
 ) -> None:
     """The only pool connection is held; validate queues for it; the session expires (by the
@@ -269,7 +267,7 @@ def test_case16_pg_validate_waiting_for_the_pool_rejects_a_session_that_expired_
     assert valid is False and row is None
 
 
-def test_case16_pg_validate_waiting_for_the_pool_stamps_the_time_it_ran(dsn: str) -> None:
+def test_pg_validate_waiting_for_the_pool_stamps_the_time_it_ran(dsn: str) -> None:
     """last_activity is the database's time when the statement ran, not when the call began
     queueing: never earlier than a database time read just before the connection is freed."""
     schema.upgrade(dsn)
@@ -297,7 +295,7 @@ def test_case16_pg_validate_waiting_for_the_pool_stamps_the_time_it_ran(dsn: str
     assert last - created >= timedelta(seconds=0.5)
 
 
-def test_case16_pg_times_come_from_the_database_clock(dsn: str) -> None:
+def test_pg_times_come_from_the_database_clock(dsn: str) -> None:
     """Without an injected clock every instant the store writes is the server's own."""
     schema.upgrade(dsn)
     manager = SessionManager(dsn, ttl_hours=1)
@@ -321,7 +319,7 @@ def test_case16_pg_times_come_from_the_database_clock(dsn: str) -> None:
     assert expires == stored_expires == created + timedelta(hours=1)
 
 
-def test_case16_pg_ttl_and_extension_are_exact_hours_on_a_dst_timezone_server(dsn: str) -> None:
+def test_pg_ttl_and_extension_are_exact_hours_on_a_dst_timezone_server(dsn: str) -> None:
     """Now that the server adds the TTL, durations must be exact (24 h is not "1 day" of a DST
     zone), and instants still come back in UTC."""
     schema.upgrade(dsn)
@@ -360,7 +358,7 @@ def test_case16_pg_ttl_and_extension_are_exact_hours_on_a_dst_timezone_server(ds
     ]
 
 
-def test_case16_legacy_validate_reads_the_clock_after_waiting_for_the_write_lock(
+def test_legacy_validate_reads_the_clock_after_waiting_for_the_write_lock(
     tmp_path: Path,
 ) -> None:
     """Another process holds SQLite's write lock; validate waits; the session expires

@@ -1,4 +1,4 @@
-"""The store's retries (issue 20, case 7): an acknowledged operation happens exactly once, an
+"""The store's retries: an acknowledged operation happens exactly once, an
 unacknowledged one at most once — checked on the rows PostgreSQL holds, read directly.
 
 A fault proxy sits between the store and the server. ``after``: the server runs the statement
