@@ -35,8 +35,9 @@ def test_exit_codes_follow_the_runbook() -> None:
     assert [Verdict(v).exit_code for v in ("PASS", "GO", "PASS_WITH_WARNINGS", "SKIPPED")] == [
         0
     ] * 4
-    assert Verdict.FAIL.exit_code == Verdict.NO_GO.exit_code == 1
-    assert Verdict.ERROR.exit_code == 2
+    assert Verdict.FAIL.exit_code == 1
+    # a refusal is a run that could not be carried out: 2, as `sessionmig run` exits for it
+    assert Verdict.ERROR.exit_code == Verdict.INTERRUPTED.exit_code == Verdict.NO_GO.exit_code == 2
 
 
 def test_an_unknown_verdict_is_refused() -> None:

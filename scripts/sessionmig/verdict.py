@@ -36,8 +36,9 @@ class Verdict(StrEnum):
 
     @property
     def exit_code(self) -> int:
-        """0 passed (warnings allowed), 1 FAIL or NO-GO, 2 ERROR (datacompy's convention)."""
-        if self in (Verdict.ERROR, Verdict.INTERRUPTED):
+        """0 passed (warnings allowed), 1 FAIL, 2 could not be carried out: ERROR, INTERRUPTED
+        and preflight's NO-GO, as a run exits and its help says (datacompy's convention)."""
+        if self in (Verdict.ERROR, Verdict.INTERRUPTED, Verdict.NO_GO):
             return EXIT_ERROR
         return EXIT_OK if self.passed else EXIT_FAIL
 
