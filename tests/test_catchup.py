@@ -336,6 +336,38 @@ def test_the_app_is_not_kept_waiting_while_a_pass_merges(
     assert m.pg()[touched][6] == before[touched][6] + 1 + 1
 
 
+def test_a_logout_during_the_merge_ends_the_session_for_good(
+    migrated: Migrated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new colour logs out a session the pass is merging (before its row locks): the pass
+    sees the row gone when it locks, merges again with PostgreSQL's "ended", and the session
+    stays ended — the old colour's later request never brings a logged-out token back."""
+    m = migrated
+    touched = m.ids[1]
+    m.validate_on_old(touched)
+    merge, seen = catchup.M.merge, {}
+
+    def merge_while_the_app_logs_out(base, live, target):
+        if not seen:
+
+            async def go() -> None:
+                new = SessionManager(m.dsn, clock=m.clock, statement_timeout_ms=300)
+                try:
+                    seen["deleted"] = await new.delete_session(touched)
+                finally:
+                    await new.close()
+
+            asyncio.run(go())
+        return merge(base, live, target)
+
+    monkeypatch.setattr(catchup.M, "merge", merge_while_the_app_logs_out)
+    result = m.run()
+    assert seen == {"deleted": True}
+    assert result.verdict == "PASS" and result.remerged == 1
+    assert result.stays_ended == 1 and result.changed == 0
+    assert touched not in m.pg()
+
+
 @pytest.mark.slow
 def test_a_pass_composes_with_concurrent_validations(
     migrated: Migrated, monkeypatch: pytest.MonkeyPatch
