@@ -22,6 +22,7 @@ import psycopg
 from psycopg import sql
 
 from . import params as P
+from . import replication
 from .connect import connect, failure_text
 from .errors import EXIT_ERROR, SourceError, TargetError, TransientTargetError
 from .inspection import InspectResult, inspect_backup
@@ -439,6 +440,7 @@ def preflight(s: Settings, run_steps: Any = ()) -> PreflightResult:
             # the session settings the steps rely on do not hold there.
             server_pid = conn.execute("SELECT pg_catalog.pg_backend_pid()").fetchone()
             announced_pid = conn.info.backend_pid
+            standbys_go, standbys_seen = replication.check(conn)
         version = facts.version
         checks.append(
             Check("target reachable", True, f"PostgreSQL {version}, as role {facts.role}")
@@ -454,6 +456,7 @@ def preflight(s: Settings, run_steps: Any = ()) -> PreflightResult:
                     "sessionmig a direct DSN to PostgreSQL",
                 )
             )
+        checks.append(Check("standbys", standbys_go, standbys_seen))
         more, grants = target_checks(facts, steps, s.on_conflict)
         checks += more
         existing = {t.name: t.rows for t in facts.tables.values() if t.rows is not None}
