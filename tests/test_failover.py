@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from failover import measure
 from pgcluster import needs_pg_bin, primary_and_standby
 
 from sessionmig import schema
 
-pytestmark = needs_pg_bin
+pytestmark = [needs_pg_bin, pytest.mark.slow]
 PROMOTE_AFTER_S = 3.0
 
 

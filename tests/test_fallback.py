@@ -31,7 +31,7 @@ from sessionmig import orchestrate, steps
 from sessionmig.errors import SessionmigError, StoreUnavailable
 from sessionmig.store import LegacySQLiteSessionManager, SessionManager
 
-pytestmark = needs_pg_bin
+pytestmark = [needs_pg_bin, pytest.mark.slow]
 AS_OF = datetime(2026, 1, 15, 3, tzinfo=UTC)  # the test environment's as_of
 ZONE = "Asia/Seoul"
 NEW, VALIDATED, ENDED_OLD, ENDED_NEW = 20, 30, 5, 5

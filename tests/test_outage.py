@@ -29,7 +29,7 @@ from session_app.traffic import Colour  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
-pytestmark = needs_pg_bin
+pytestmark = [needs_pg_bin, pytest.mark.slow]
 USERS = 4
 # Each answer during the outage comes within this bound (the store's own: StoreUnavailable
 # within 2 s), plus the app's and the client's share on a loaded CI machine.
