@@ -266,6 +266,11 @@ def _tied(frame: pd.DataFrame, values: dict[str, Any]) -> pd.DataFrame:
 
 # --- the queries ------------------------------------------------------------------------------
 
+# Peaks: the running sum of +1 (a start) and -1 (an expiry) in time order, with the default
+# window frame (RANGE … CURRENT ROW), so every event at one instant is applied together: a
+# row's n is the count just after its instant, equal instants share it (no GROUP BY t needed);
+# the bucket number k grows with t, so ordering by (k, t) is ordering by t and hands the rows
+# to the per-bucket grouping already sorted.
 # Counting at instants: each session active at some of the sorted instants E_1 < … < E_m is
 # active exactly at E_i for lo < i <= hi, where lo (hi) is how many instants lie before its
 # created_at (expires_at); so the count at E_i is #(lo < i) - #(hi < i), one pass over the table.
@@ -293,16 +298,15 @@ QUERIES: tuple[Query, ...] = (
         (START, END, UNIT, ZONE),
         """WITH base AS (SELECT count(*) AS n FROM {sessions}
                          WHERE created_at <= %(start)s AND expires_at > %(start)s),
-                ev AS (SELECT t, sum(d) AS d FROM (
+                ev AS (SELECT t, d, width_bucket(t, %(edges)s::timestamptz[]) AS k FROM (
                            SELECT created_at AS t, 1 AS d FROM {sessions}
                            WHERE created_at > %(start)s AND created_at < %(end)s
                              AND expires_at > created_at
                            UNION ALL
                            SELECT expires_at, -1 FROM {sessions}
                            WHERE expires_at > %(start)s AND expires_at < %(end)s
-                             AND expires_at > created_at) AS x GROUP BY t),
-                run AS (SELECT t, d, sum(d) OVER (ORDER BY t) AS n,
-                               width_bucket(t, %(edges)s::timestamptz[]) AS k FROM ev),
+                             AND expires_at > created_at) AS x),
+                run AS (SELECT t, d, k, sum(d) OVER (ORDER BY k, t) AS n FROM ev),
                 per AS (SELECT k, sum(d) AS d, max(n) AS top,
                                sum(d) FILTER (WHERE t = (%(edges)s::timestamptz[])[k]) AS at_edge
                         FROM run GROUP BY k),
@@ -314,15 +318,15 @@ QUERIES: tuple[Query, ...] = (
            SELECT k, greatest(carried + coalesce(at_edge, 0), top) AS peak FROM b ORDER BY k""",
         """WITH base AS (SELECT count(*) AS n FROM sessions
                          WHERE created_at <= :start AND expires_at > :start),
-                ev AS (SELECT t, sum(d) AS d FROM (
+                ev AS (SELECT t, d, edge_index(t) AS k FROM (
                            SELECT created_at AS t, 1 AS d FROM sessions
                            WHERE created_at > :start AND created_at < :end
                              AND expires_at > created_at
                            UNION ALL
                            SELECT expires_at, -1 FROM sessions
                            WHERE expires_at > :start AND expires_at < :end
-                             AND expires_at > created_at) GROUP BY t),
-                run AS (SELECT t, d, sum(d) OVER (ORDER BY t) AS n, edge_index(t) AS k FROM ev),
+                             AND expires_at > created_at)),
+                run AS (SELECT t, d, k, sum(d) OVER (ORDER BY k, t) AS n FROM ev),
                 per AS (SELECT k, sum(d) AS d, max(n) AS top,
                                sum(CASE WHEN t = edge_at(k) THEN d END) AS at_edge
                         FROM run GROUP BY k),
