@@ -11,6 +11,7 @@ deterministic refusal at once instead of retrying it as if the server were down.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import threading
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from pgbouncer import needs_pgbouncer, pgbouncer
+from pgcluster import needs_pg_bin, server
 from psycopg import sql
 
 from sessionmig import connect, schema
@@ -209,3 +211,60 @@ def test_preflight_refuses_a_target_behind_a_pooler(
     assert len(pooled) == 1 and not pooled[0].ok, result.checks
     assert "direct DSN" in pooled[0].detail
     assert not result.go
+
+
+# What the RUNBOOK asks of a PgBouncer in front of the store: a query waiting for a server is
+# answered within a second (not after the default 120 s), and a failed server login is retried
+# after a second (not 15).
+OUTAGE_READY = {"query_wait_timeout": "1", "server_login_retry": "1"}
+
+
+@needs_pg_bin
+def test_an_outage_behind_pgbouncer_is_told_within_2_s_and_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server behind PgBouncer stops: the pooler still accepts logins, so only a statement
+    tells; every call is answered StoreUnavailable within 2 s, the store says so once (and once
+    when it is over), and the sessions carry on when the server is back."""
+    with server(tmp_path) as pg, pgbouncer(tmp_path, pg.url(), **OUTAGE_READY) as bouncer:
+        schema.upgrade(pg.url())
+        store = SessionManager(bouncer.url)
+
+        async def scenario() -> tuple[list[float], float, int]:
+            sid, _ = await store.create_session("u", None)
+            assert await store.validate_session(sid)
+            await asyncio.to_thread(pg.stop, "fast")
+            waits = []
+            for _ in range(8):
+                began = time.monotonic()
+                with pytest.raises(StoreUnavailable):
+                    await store.validate_session(sid)
+                waits.append(time.monotonic() - began)
+                await asyncio.sleep(0.1)
+            await asyncio.to_thread(pg.start)
+            began = time.monotonic()
+            while True:
+                try:
+                    assert await store.validate_session(sid)
+                    break
+                except StoreUnavailable:
+                    assert time.monotonic() - began < 5.0, "not back within 5 s"
+                    await asyncio.sleep(0.05)
+            back = time.monotonic() - began
+            got = await store.get_session(sid)
+            await store.close()
+            assert got is not None
+            return waits, back, got["request_count"]
+
+        with caplog.at_level(logging.WARNING):
+            waits, back, count = asyncio.run(scenario())
+    assert max(waits) < 2.0, waits
+    assert back < 5.0
+    # Acknowledged: the first validation and the one after; none of the refused ones counted
+    # (the pooler never found a server for them).
+    assert count == 2
+    said = [r for r in caplog.records if r.name.startswith(("sessionmig", "psycopg"))]
+    assert [r.getMessage()[:40] for r in said] == [
+        "the session database is unreachable or n",
+        "the session database answers again after",
+    ], [r.getMessage() for r in said]

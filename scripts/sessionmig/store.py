@@ -126,6 +126,15 @@ _OUTAGES: set[int] = set()
 _STORE_CONNECTIONS: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
 
 
+def _ours(arg: object) -> bool:
+    """Whether a log record's argument is the store's pool, one of its connections, or a
+    pipeline on one."""
+    if arg == POOL_NAME:
+        return True
+    conn = getattr(arg, "_conn", arg)  # a pipeline names its connection
+    return isinstance(conn, psycopg.AsyncConnection) and conn in _STORE_CONNECTIONS
+
+
 class _PoolLogDemoted(logging.Filter):
     """psycopg's pool warns once per connection attempt and per dead connection: during an
     outage of the store's database that is a warning per pool slot every backoff step. The
@@ -134,21 +143,19 @@ class _PoolLogDemoted(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
-        ours = any(
-            arg == POOL_NAME
-            or (isinstance(arg, psycopg.AsyncConnection) and arg in _STORE_CONNECTIONS)
-            for arg in args
-        )
-        if ours and record.levelno > logging.DEBUG:
+        if record.levelno > logging.DEBUG and any(_ours(arg) for arg in args):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             # Handlers do not look at the logger's level again: kept only when asked for.
-            return _pool_log.isEnabledFor(logging.DEBUG)
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
 
 
-_pool_log = logging.getLogger("psycopg.pool")
-if not any(isinstance(f, _PoolLogDemoted) for f in _pool_log.filters):
-    _pool_log.addFilter(_PoolLogDemoted())
+# psycopg.pool's records, and psycopg's own about a pipeline whose connection broke ("error
+# ignored terminating …"): a filter on a logger sees only what is logged on that very logger.
+for _name in ("psycopg.pool", "psycopg"):
+    _logger = logging.getLogger(_name)
+    if not any(isinstance(f, _PoolLogDemoted) for f in _logger.filters):
+        _logger.addFilter(_PoolLogDemoted())
 
 
 async def _close_quietly(pool: AsyncConnectionPool[Any]) -> None:
@@ -723,7 +730,15 @@ class SessionManager:
             )
         except (TargetError, psycopg.Error):
             return False
-        await conn.close()
+        try:
+            if self.pooled:
+                # A pooler accepts logins whatever the server behind it does: only a statement
+                # that reaches the server tells (any ServerError or a lost connection: no).
+                await conn.execute("SELECT 1", prepare=False)
+        except psycopg.Error:
+            return False
+        finally:
+            await conn.close()
         return True
 
     def _mark_down(self, lp: _LoopPool, reason: str) -> None:
@@ -752,6 +767,10 @@ class SessionManager:
         while True:
             await asyncio.sleep(OUTAGE_RETRY_S)
             try:
+                # A server must answer a statement first: behind a pooler a login alone says
+                # nothing (the pooler accepts it with no server behind).
+                if not await asyncio.wait_for(self._try_connect(), OUTAGE_PROBE_S):
+                    continue
                 pool = await asyncio.wait_for(self._new_pool(lp), OUTAGE_PROBE_S + 2.0)
             except (TargetError, psycopg.Error, TimeoutError):
                 continue
