@@ -121,8 +121,7 @@ POOL_NAME = "sessionmig-store"
 # (tried this often: a connection attempt to a server that is down costs little).
 OUTAGE_PROBE_S = 1.5
 OUTAGE_RETRY_S = 0.2
-# The loop pools in an outage (by id), and every connection the store's pools made.
-_OUTAGES: set[int] = set()
+# Every connection the store's pools made (their log records are the store's to tell).
 _STORE_CONNECTIONS: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
 
 
@@ -749,7 +748,6 @@ class SessionManager:
         if lp.down_since is not None:
             return
         lp.down_since, lp.down_reason, lp.refused = time.monotonic(), reason, 0
-        _OUTAGES.add(id(lp))
         log.warning(
             "the session database is unreachable or not writable (%s): the store answers "
             "StoreUnavailable at once and tries to connect every %g s until a writable server "
@@ -776,7 +774,6 @@ class SessionManager:
                 continue
             down = time.monotonic() - (lp.down_since or time.monotonic())
             lp.pool, lp.down_since = pool, None
-            _OUTAGES.discard(id(lp))
             log.warning(
                 "the session database answers again after %.1f s of outage (%d calls were "
                 "answered StoreUnavailable meanwhile)",
@@ -803,7 +800,6 @@ class SessionManager:
         try:
             await asyncio.get_running_loop().create_future()
         finally:
-            _OUTAGES.discard(id(lp))
             if lp.reviving is not None:
                 lp.reviving.cancel()
             if lp.pool is not None:
@@ -1083,7 +1079,6 @@ class SessionManager:
         running = asyncio.get_running_loop()
         pools, self._pools, self._current = self._pools, {}, None
         for loop, lp in pools.items():
-            _OUTAGES.discard(id(lp))
             if loop is running:
                 if lp.reviving is not None and not lp.reviving.done():
                     lp.reviving.cancel()  # no new pool after this
