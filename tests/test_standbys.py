@@ -1,5 +1,5 @@
-"""Preflight against a primary with a standby (issue 26, item 4): it lists the standbys and their
-replication state, and refuses a DSN that leads to the standby itself."""
+"""Preflight against a primary with a standby: it lists the standbys and their replication state,
+and refuses a DSN that leads to the standby itself."""
 
 from __future__ import annotations
 
