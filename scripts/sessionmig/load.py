@@ -38,6 +38,7 @@ from .errors import (
 )
 from .keys import duplicate_rejects
 from .mask import redact
+from .replication import AfterCommit, after_commit, wal_lsn
 from .source import Backup
 from .transform import Reject, Rules
 
@@ -79,6 +80,8 @@ class LoadOutcome:
     reject_counts: dict[str, int] = field(default_factory=dict)
     reject_examples: dict[str, list[Reject]] = field(default_factory=dict)
     spans_redone: int = 0  # spans PostgreSQL refused a value in, redone by the rules
+    # The WAL written and what each standby did with the commit (None: dry run, nothing to say).
+    replication: AfterCommit | None = None
 
     @property
     def rows_per_second(self) -> float:
@@ -354,7 +357,9 @@ def load(
         started = datetime.now(UTC)
         clock = time.perf_counter()
         conn = connect(dsn, "migrate", connect_timeout=15)
+        replicated = None
         with conn:
+            wal_started = wal_lsn(conn)
             conn.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
             target = _table(schema, "sessions")
             # Decided before any row is copied, so which copy lands never depends on row order.
@@ -450,6 +455,7 @@ def load(
             else:
                 say("committing")
                 _commit(conn, dsn, schema, audit.run_id)
+                replicated = after_commit(conn, wal_started)  # and the standbys' replay of it
                 say("committed")
         return LoadOutcome(
             run_id=audit.run_id,
@@ -466,4 +472,5 @@ def load(
             reject_counts=dict(sink.reasons),
             reject_examples=sink.examples,
             spans_redone=streamed.spans_redone,
+            replication=replicated,
         )

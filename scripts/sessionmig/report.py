@@ -613,6 +613,25 @@ def migrate_figures(result: Any) -> list[Figure]:
             bad=before != after,
         ),
         Figure("time", f"{o.seconds:,.1f} s", f"{o.rows_per_second:,.0f} rows per second"),
+        *_replication_figure(o),
+    ]
+
+
+def _replication_figure(o: Any) -> list[Figure]:
+    """What a failover right after the commit would find: the WAL written, each standby's
+    replay of the commit (or how far behind it still was)."""
+    seen = getattr(o, "replication", None)
+    if seen is None:
+        return []
+    behind = any("behind the commit" in s or "could not be read" in s for s in seen.standbys)
+    value = "—" if seen.wal_bytes is None else f"{seen.wal_bytes / 1e6:,.1f} MB"
+    return [
+        Figure(
+            "WAL written, standbys after the commit",
+            value,
+            "; ".join(seen.standbys) or "no streaming standby",
+            bad=behind,
+        )
     ]
 
 
