@@ -19,6 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import ROOT, TEST_ENV, rows_of
+from psycopg import sql
 
 from sessionmig import catchup, source, steps
 from sessionmig.catchup import BaseNotCurrent, catchup_step, catchup_tables
@@ -366,6 +367,45 @@ def test_a_logout_during_the_merge_ends_the_session_for_good(
     assert result.verdict == "PASS" and result.remerged == 1
     assert result.stays_ended == 1 and result.changed == 0
     assert touched not in m.pg()
+
+
+def test_a_dba_default_of_repeatable_read_does_not_starve_the_pass(
+    migrated: Migrated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``default_transaction_isolation = 'repeatable read'`` set on the database, the
+    pass's row locks would meet every write the app made since its unlocked read as a
+    serialization failure, attempt after attempt. Its connection reads committed whatever the
+    database says: the app's write is merged again under the lock and counted once."""
+    m = migrated
+    touched = m.ids[2]
+    m.validate_on_old(touched)
+    before = m.pg()
+    with psycopg.connect(m.dsn, autocommit=True) as conn:
+        name = conn.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+        conn.execute(
+            sql.SQL(
+                "ALTER DATABASE {} SET default_transaction_isolation = 'repeatable read'"
+            ).format(sql.Identifier(name))
+        )
+    read, writes = catchup._read_targets, []
+
+    def read_then_the_app_writes(conn, schema, only=None):
+        found = read(conn, schema, only)
+        if only is None:  # the unlocked read of each attempt: the app validates right after
+
+            async def go() -> None:
+                new = SessionManager(m.dsn, clock=m.clock)
+                writes.append(await new.validate_session(touched))
+                await new.close()
+
+            asyncio.run(go())
+        return found
+
+    monkeypatch.setattr(catchup, "_read_targets", read_then_the_app_writes)
+    result = m.run()
+    assert result.verdict == "PASS" and result.remerged == 1 and writes == [True]
+    # migrated count + the old colour's validation + the new colour's, between read and lock
+    assert m.pg()[touched][6] == before[touched][6] + 1 + 1
 
 
 @pytest.mark.slow

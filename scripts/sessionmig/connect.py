@@ -59,8 +59,17 @@ FIXED_SETTINGS: tuple[tuple[str, str], ...] = (
     ("lc_monetary", "C"),
     ("lc_numeric", "C"),
     ("lc_time", "C"),
+    # Each step names the isolation it needs where it needs more (reconcile's one snapshot);
+    # everything else is written for read committed, which a database's default must not change
+    # (under repeatable read, catch-up's row locks would fail on every write the app made since
+    # the pass's first read).
+    ("default_transaction_isolation", "read committed"),
 )
-_FIXED_OPTIONS = " ".join(f"-c {name}={value.replace(' ', '')}" for name, value in FIXED_SETTINGS)
+# libpq splits options at spaces: lists lose theirs, other spaces are escaped ("read committed").
+_FIXED_OPTIONS = " ".join(
+    f"-c {name}={value.replace(', ', ',').replace(' ', chr(92) + ' ')}"
+    for name, value in FIXED_SETTINGS
+)
 _SCHEME = re.compile(r"^\s*postgres(?:ql)?(?:\+\w+)?://", re.IGNORECASE)
 
 MALFORMED_DSN_HINT = (
