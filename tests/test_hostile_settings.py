@@ -149,6 +149,26 @@ def test_database_formats_neither_crash_nor_blind_reconcile(migrated, dsn) -> No
     assert "user_id" in diff.detail and "0:00:00.000001" in diff.detail
 
 
+def test_a_database_s_timeouts_cut_no_step_short(clean_backup: Path, target, dsn) -> None:
+    """Timeouts a DBA set for the app (1 ms each) reach none of the runbook's connections; an
+    operator's own (PGOPTIONS) still do."""
+    s = target(clean_backup, batch_rows=100)
+    _alter_database(
+        dsn,
+        ("statement_timeout", "'1ms'"),
+        ("lock_timeout", "'1ms'"),
+        ("idle_in_transaction_session_timeout", "'1ms'"),
+    )
+    assert steps.migrate(s, progress=False).verdict in (PASS, WARN)
+    assert steps.reconcile_step(s, progress=False).verdict in (PASS, WARN)
+    with C.connect(dsn, "query") as conn:
+        row = conn.execute("SELECT current_setting('statement_timeout')").fetchone()
+        assert row == ("0",)
+    theirs = make_conninfo(C.libpq_dsn(dsn), options="-c statement_timeout=7s")
+    with C.connect(theirs, "query") as conn:
+        assert conn.execute("SELECT current_setting('statement_timeout')").fetchone() == ("7s",)
+
+
 def test_every_connection_fixes_what_its_reading_depends_on(dsn) -> None:
     _shadow(dsn)
     _alter_database(dsn, ("search_path", "evil, pg_catalog, public"), *HOSTILE_FORMATS)

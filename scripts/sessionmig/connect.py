@@ -65,6 +65,16 @@ FIXED_SETTINGS: tuple[tuple[str, str], ...] = (
     # the pass's first read).
     ("default_transaction_isolation", "read committed"),
 )
+# A database's or role's timeouts are meant for its app: a step of the runbook (a COPY of
+# millions of rows, a transaction that waits on the backup between statements) must not be cut
+# off by them. First, so that the operator's own options (DSN, PGOPTIONS) and each caller's
+# timeouts still decide.
+DEFAULT_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("statement_timeout", "0"),
+    ("lock_timeout", "0"),
+    ("idle_in_transaction_session_timeout", "0"),
+)
+_DEFAULT_OPTIONS = " ".join(f"-c {name}={value}" for name, value in DEFAULT_SETTINGS)
 # libpq splits options at spaces: lists lose theirs, other spaces are escaped ("read committed").
 _FIXED_OPTIONS = " ".join(
     f"-c {name}={value.replace(', ', ',').replace(' ', chr(92) + ' ')}"
@@ -130,8 +140,9 @@ def _options(
     statement_timeout_ms: int | None,
     lock_timeout_ms: int | None,
 ) -> str:
-    """The startup options: the user's (DSN or ``PGOPTIONS``), then the caller's, then ours,
-    and last :data:`FIXED_SETTINGS` (the last of a setting given twice wins)."""
+    """The startup options: :data:`DEFAULT_SETTINGS`, the user's (DSN or ``PGOPTIONS``), then
+    the caller's, then ours, and last :data:`FIXED_SETTINGS` (the last of a setting given twice
+    wins; all of them over a database's or role's settings)."""
     base = parsed.get("options") or os.environ.get("PGOPTIONS")
     extra = [given] if given else []
     if read_only:
@@ -141,7 +152,7 @@ def _options(
     if lock_timeout_ms is not None:
         extra.append(f"-c lock_timeout={int(lock_timeout_ms)}")
     extra.append(_FIXED_OPTIONS)
-    return " ".join(part for part in (base or "", *extra) if part)
+    return " ".join(part for part in (_DEFAULT_OPTIONS, base or "", *extra) if part)
 
 
 def conninfo(
