@@ -150,20 +150,24 @@ def test_database_formats_neither_crash_nor_blind_reconcile(migrated, dsn) -> No
 
 
 def test_a_database_s_timeouts_cut_no_step_short(clean_backup: Path, target, dsn) -> None:
-    """Timeouts a DBA set for the app (1 ms each) reach none of the runbook's connections; an
-    operator's own (PGOPTIONS) still do."""
+    """Timeouts a DBA set for the app (1 ms each) and an asynchronous commit reach none of the
+    runbook's connections; an operator's own options (DSN, PGOPTIONS) still decide."""
     s = target(clean_backup, batch_rows=100)
     _alter_database(
         dsn,
         ("statement_timeout", "'1ms'"),
         ("lock_timeout", "'1ms'"),
         ("idle_in_transaction_session_timeout", "'1ms'"),
+        # and a commit acknowledged before it is on disk: lost in a crash after the answer
+        ("synchronous_commit", "off"),
     )
     assert steps.migrate(s, progress=False).verdict in (PASS, WARN)
     assert steps.reconcile_step(s, progress=False).verdict in (PASS, WARN)
     with C.connect(dsn, "query") as conn:
-        row = conn.execute("SELECT current_setting('statement_timeout')").fetchone()
-        assert row == ("0",)
+        row = conn.execute(
+            "SELECT current_setting('statement_timeout'), current_setting('synchronous_commit')"
+        ).fetchone()
+        assert row == ("0", "on")
     theirs = make_conninfo(C.libpq_dsn(dsn), options="-c statement_timeout=7s")
     with C.connect(theirs, "query") as conn:
         assert conn.execute("SELECT current_setting('statement_timeout')").fetchone() == ("7s",)

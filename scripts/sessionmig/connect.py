@@ -69,10 +69,14 @@ FIXED_SETTINGS: tuple[tuple[str, str], ...] = (
 # millions of rows, a transaction that waits on the backup between statements) must not be cut
 # off by them. First, so that the operator's own options (DSN, PGOPTIONS) and each caller's
 # timeouts still decide.
+# Nor may a database's ``synchronous_commit = off`` make a COMMIT the operator was told about
+# vanish in a server crash (an audit row, a pass, a migration): "on" unless the operator's own
+# options ask for more (remote_apply).
 DEFAULT_SETTINGS: tuple[tuple[str, str], ...] = (
     ("statement_timeout", "0"),
     ("lock_timeout", "0"),
     ("idle_in_transaction_session_timeout", "0"),
+    ("synchronous_commit", "on"),
 )
 _DEFAULT_OPTIONS = " ".join(f"-c {name}={value}" for name, value in DEFAULT_SETTINGS)
 # libpq splits options at spaces: lists lose theirs, other spaces are escaped ("read committed").
