@@ -5,15 +5,15 @@
 
 makes a sample backup (``sessionmig.sample.generate``, reused when ``--backup`` exists), migrates
 it into a fresh database on the server (dropped afterwards; ``--database URL`` uses one already
-migrated from the same backup instead), then runs ``--rounds`` rounds. Each round is a process
-of its own that times the analysis copy's build (what the first SQLite query on a new backup
-waits for) in a fresh cache of its own, then every query once on each source; the medians are
-printed as a Markdown table.
+migrated from the same backup instead), then runs ``--rounds`` rounds. Each round times the
+analysis copy's build (what the first SQLite query on a new backup waits for) in a fresh cache,
+then every query once on each source; the medians are printed as a Markdown table.
 
 ``--compare DIR`` measures another version of the code beside this one — ``DIR`` is its
-``scripts`` folder, e.g. a worktree of an older commit (``git worktree add /tmp/old HEAD``) —
-in alternating rounds (old, new, new, old, …), so that a machine shared with other work slows
-both alike; the table then has both columns.
+``scripts`` folder, e.g. a worktree of an older commit (``git worktree add /tmp/old HEAD``).
+Each version runs in a process of its own for the whole measurement, and they take turns build
+by build and query by query (old first for one, new first for the next), so that a machine
+shared with other work slows both alike; the table then has both columns.
 """
 
 from __future__ import annotations
@@ -80,74 +80,125 @@ def settings_for(backup: Path) -> Any:
     )
 
 
-def one_round(backup: Path, dsn: str) -> dict[str, Any]:
-    """One round in this process: the copy's build, then every case once on each source."""
+def serve(backup: Path, dsn: str) -> None:
+    """A measuring process for one version of the code: reads commands from stdin, one a line —
+    ``build`` (a fresh analysis copy in a cache of its own, the last one removed) or ``case N``
+    (the N-th case once on each source) — and answers each with one line of JSON."""
     os.environ["BENCH_QUERIES_DSN"] = dsn
     s = settings_for(backup)
-    out: dict[str, Any] = {"code": str(Path(queries.__file__).parent), "cases": []}
-    with tempfile.TemporaryDirectory() as cache:
-        holder: dict = {}
-        out["build"] = timed(
-            lambda: holder.update(copy=queries.AnalysisCopy.build(backup, s.rules, cache_dir=cache))
+    print(json.dumps({"code": str(Path(queries.__file__).parent)}), flush=True)
+    holder: dict = {}
+    with tempfile.TemporaryDirectory() as caches:
+        for line in sys.stdin:
+            command = line.split()
+            if command == ["build"]:
+                if "copy" in holder:
+                    holder.pop("copy").remove()
+                cache = tempfile.mkdtemp(dir=caches)
+                took = timed(
+                    lambda cache=cache: holder.update(
+                        copy=queries.AnalysisCopy.build(backup, s.rules, cache_dir=cache)
+                    )
+                )
+                print(json.dumps({"build": took, "rows": holder["copy"].rows}), flush=True)
+            elif command[:1] == ["case"]:
+                qname, given = CASES[int(command[1])]
+                backends = queries.Backends(dsn=dsn, analysis=holder["copy"], timeout_s=600)
+                values = queries.resolve(queries.get(qname), given, s.as_of, s.source_timezone)
+                print(
+                    json.dumps(
+                        {src: timed(queries.run, qname, src, backends, values) for src in SOURCES}
+                    ),
+                    flush=True,
+                )
+            else:
+                return
+
+
+class Version:
+    """A :func:`serve` process running the code in ``code`` (a ``scripts`` folder)."""
+
+    def __init__(self, backup: Path, dsn: str, code: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--serve", "--backup", str(backup), "--database", dsn],
+            env={**os.environ, "PYTHONPATH": str(code), "SESSIONMIG_BENCH_CODE": str(code)},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
-        out["rows"] = holder["copy"].rows
-        backends = queries.Backends(dsn=dsn, analysis=holder["copy"], timeout_s=600)
-        for qname, given in CASES:
-            values = queries.resolve(queries.get(qname), given, s.as_of, s.source_timezone)
-            out["cases"].append(
-                {src: timed(queries.run, qname, src, backends, values) for src in SOURCES}
-            )
-        holder["copy"].remove()
+        ran = self.read()["code"]
+        if Path(ran).resolve() != (code / "sessionmig").resolve():
+            raise SystemExit(f"the process runs {ran}, not {code}")
+
+    def read(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise SystemExit(f"a measuring process ended (exit {self.process.wait()})")
+        return dict(json.loads(line))
+
+    def ask(self, command: str) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait()
+
+
+def measure(versions: dict[str, Path], backup: Path, dsn: str, rounds: int) -> dict[str, Any]:
+    """Each round: every version builds a fresh copy, then runs each case, the versions taking
+    turns (old first in one round or case, new first in the next)."""
+    running = {n: Version(backup, dsn, code) for n, code in versions.items()}
+    out: dict[str, dict[str, Any]] = {n: {"builds": [], "cases": []} for n in versions}
+    try:
+        for r in range(rounds):
+            for n in list(versions)[:: 1 if r % 2 == 0 else -1]:
+                print(f"round {r + 1}: {n} builds its copy …", file=sys.stderr)
+                out[n]["builds"].append(running[n].ask("build")["build"])
+            for i in range(len(CASES)):
+                for n in list(versions)[:: 1 if (r + i) % 2 == 0 else -1]:
+                    if r == 0:
+                        out[n]["cases"].append([])
+                    out[n]["cases"][i].append(running[n].ask(f"case {i}"))
+    finally:
+        for version in running.values():
+            version.close()
     return out
 
 
-def round_in_process(backup: Path, dsn: str, code: Path) -> dict[str, Any]:
-    """:func:`one_round` in a process running the code in ``code`` (a ``scripts`` folder)."""
-    done = subprocess.run(
-        [sys.executable, __file__, "--one-round", "--backup", str(backup), "--database", dsn],
-        env={**os.environ, "PYTHONPATH": str(code), "SESSIONMIG_BENCH_CODE": str(code)},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"a round with {code} failed:\n{done.stderr}")
-    result = json.loads(done.stdout.splitlines()[-1])
-    if Path(result["code"]).resolve() != (code / "sessionmig").resolve():
-        raise SystemExit(f"the round ran {result['code']}, not {code}")
-    return result
-
-
-def table(rounds: dict[str, list[dict[str, Any]]]) -> list[str]:
+def table(found: dict[str, Any]) -> list[str]:
     """The medians: one column per version and source, then the copy's build."""
-    names = list(rounds)
-    med: dict[str, dict[str, Any]] = {}
-    for name, runs in rounds.items():
-        med[name] = {
-            "build": statistics.median(r["build"] for r in runs),
-            "cases": [
-                {src: statistics.median(r["cases"][i][src] for r in runs) for src in SOURCES}
-                for i in range(len(CASES))
-            ],
-        }
+    names = list(found)
+    med = {
+        n: [
+            {src: statistics.median(run[src] for run in runs) for src in SOURCES}
+            for runs in found[n]["cases"]
+        ]
+        for n in names
+    }
     head = ["query", "parameters"]
     head += [f"PostgreSQL s ({n})" for n in names] + [f"SQLite s ({n})" for n in names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, (qname, given) in enumerate(CASES):
         shown = ", ".join(f"{k}={v}" for k, v in given.items()) or "—"
         cells = [qname, shown]
-        cells += [f"{med[n]['cases'][i]['postgres']:.2f}" for n in names]
-        cells += [f"{med[n]['cases'][i]['sqlite']:.2f}" for n in names]
+        cells += [f"{med[n][i]['postgres']:.2f}" for n in names]
+        cells += [f"{med[n][i]['sqlite']:.2f}" for n in names]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for n in names:
-        worst = {s: max(c[s] for c in med[n]["cases"]) for s in SOURCES}
-        build = med[n]["build"]
+        worst = {s: max(c[s] for c in med[n]) for s in SOURCES}
+        builds = found[n]["builds"]
+        build = statistics.median(builds)
         lines.append(
             f"{n}: slowest median PostgreSQL {worst['postgres']:.2f} s, SQLite "
-            f"{worst['sqlite']:.2f} s; the analysis copy built in {build:.1f} s, so the first "
-            f"SQLite query on a new backup takes up to {build + worst['sqlite']:.1f} s "
-            f"({len(rounds[n])} rounds, medians)"
+            f"{worst['sqlite']:.2f} s; the analysis copy built in {build:.1f} s (each round: "
+            f"{', '.join(f'{b:.1f}' for b in builds)}), so the first SQLite query on a new "
+            f"backup takes up to {build + worst['sqlite']:.1f} s ({len(builds)} rounds, medians)"
         )
     return lines
 
@@ -160,12 +211,13 @@ def main() -> int:
     parser.add_argument("--backup", default=str(ROOT / ".sessionmig" / "bench" / "queries-1m.db"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compare", help="the scripts folder of another version of the code")
-    parser.add_argument("--one-round", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--raw", help="also write every timing to this JSON file")
     args = parser.parse_args()
 
     backup = Path(args.backup)
-    if args.one_round:
-        print(json.dumps(one_round(backup, args.database)))
+    if args.serve:
+        serve(backup, args.database)
         return 0
     if not backup.exists():
         print(f"generating {args.rows:,} sessions into {backup} …", file=sys.stderr)
@@ -189,13 +241,10 @@ def main() -> int:
         versions = {"this": ROOT / "scripts"}
         if args.compare:
             versions = {"old": Path(args.compare).resolve(), "new": ROOT / "scripts"}
-        rounds: dict[str, list[dict[str, Any]]] = {n: [] for n in versions}
-        for r in range(args.rounds):
-            order = list(versions) if r % 2 == 0 else list(reversed(versions))
-            for n in order:
-                print(f"round {r + 1}: {n} …", file=sys.stderr)
-                rounds[n].append(round_in_process(backup, dsn, versions[n]))
-        print("\n".join(table(rounds)))
+        found = measure(versions, backup, dsn, args.rounds)
+        if args.raw:
+            Path(args.raw).write_text(json.dumps(found, indent=1))
+        print("\n".join(table(found)))
     finally:
         if name is not None and args.dsn:
             with psycopg.connect(args.dsn, autocommit=True) as admin:
