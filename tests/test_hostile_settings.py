@@ -173,6 +173,24 @@ def test_a_database_s_timeouts_cut_no_step_short(clean_backup: Path, target, dsn
         assert conn.execute("SELECT current_setting('statement_timeout')").fetchone() == ("7s",)
 
 
+def test_a_database_that_ends_sessions_on_any_error_cannot_stop_a_migration(
+    clean_backup: Path, target, dsn
+) -> None:
+    """``exit_on_error = on`` would end migrate's session at the first value PostgreSQL
+    refuses, where the span is rolled back to its savepoint and redone by the rules."""
+    with sqlite3.connect(clean_backup) as conn:
+        row = conn.execute("SELECT * FROM sessions LIMIT 1").fetchone()
+        conn.execute(
+            "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
+            ("session-refused", row[1], '{"n": 1e1000000}', *row[3:]),
+        )
+    conn.close()
+    _alter_database(dsn, ("exit_on_error", "on"))
+    result = steps.migrate(target(clean_backup), progress=False)
+    assert result.outcome.committed and result.outcome.spans_redone == 1
+    assert result.outcome.reject_counts == {"refused_by_postgresql": 1}
+
+
 def test_every_connection_fixes_what_its_reading_depends_on(dsn) -> None:
     _shadow(dsn)
     _alter_database(dsn, ("search_path", "evil, pg_catalog, public"), *HOSTILE_FORMATS)

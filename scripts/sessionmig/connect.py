@@ -64,6 +64,9 @@ FIXED_SETTINGS: tuple[tuple[str, str], ...] = (
     # (under repeatable read, catch-up's row locks would fail on every write the app made since
     # the pass's first read).
     ("default_transaction_isolation", "read committed"),
+    # A value PostgreSQL refuses is rolled back to a savepoint and redone by the rules; a
+    # database that ends the session on any error would turn that into a lost connection.
+    ("exit_on_error", "off"),
 )
 # A database's or role's timeouts are meant for its app: a step of the runbook (a COPY of
 # millions of rows, a transaction that waits on the backup between statements) must not be cut
