@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 
 from psycopg import sql
 
-from . import params as P
+from . import defaults as D
 from .connect import connect
 from .keys import duplicate_rejects
 from .mask import mask_id
@@ -249,7 +249,7 @@ def check_with_manager(
     *,
     schema: str,
     as_of: datetime,
-    batch_rows: int = P.default("batch_rows"),
+    batch_rows: int = D.BATCH_ROWS,
     mask: Callable[[str | None], str] = mask_id,
     mode: str = "strict",
     fast: bool = True,

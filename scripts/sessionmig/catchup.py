@@ -48,8 +48,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import psycopg
 from psycopg import sql
 
+from . import defaults as D
 from . import merge as M
-from . import params as P
 from .audit import COMMITTED, NOT_COMMITTED, RunRow, write_run
 from .audit import commit_outcome as audit_outcome
 from .connect import connect
@@ -69,7 +69,7 @@ if TYPE_CHECKING:  # pandas is heavy; only the notebook's functions need it
 
 T = TypeVar("T")
 STEP = "catchup"
-LOCK_TIMEOUT = P.default("lock_timeout")
+LOCK_TIMEOUT = D.LOCK_TIMEOUT
 """How long the pass waits for a row lock the app holds before giving up (and committing
 nothing). The app's transactions are one statement each, so this is only hit when something
 holds rows for long."""
@@ -455,7 +455,7 @@ def diff(
     base: Backup,
     live_path: Path,
     rules: Rules,
-    batch_rows: int = P.default("batch_rows"),
+    batch_rows: int = D.BATCH_ROWS,
     live_rows: int | None = None,
 ) -> Delta:
     """The sessions that differ between the base and the live snapshot, normalised by the
@@ -1180,7 +1180,7 @@ def catchup(
     live_sqlite_path: str | Path,
     state_dir: str | Path,
     rules: Rules,
-    schema: str = P.default("target_schema"),
+    schema: str = D.TARGET_SCHEMA,
     run_id: str,
     source_timezone: str,
     operator: str | None = None,
@@ -1188,7 +1188,7 @@ def catchup(
     base_path: str | Path | None = None,
     lock_timeout: str = LOCK_TIMEOUT,
     retries: int = RETRIES,
-    batch_rows: int = P.default("batch_rows"),
+    batch_rows: int = D.BATCH_ROWS,
     dry_run: bool = False,
     background_nice: int = BACKGROUND_NICE,
 ) -> CatchupResult:

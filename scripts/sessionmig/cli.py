@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from . import defaults as D
 from . import mask
 from . import params as P
 from .connect import MALFORMED_DSN_HINT
@@ -234,14 +235,14 @@ def _check_target(args: argparse.Namespace, retries_allowed: bool) -> None:
     from .connect import connect
 
     merged = _parameters(args, [args.verb])
-    name = merged.get("database_url_env", P.default("database_url_env"))
+    name = merged.get("database_url_env", D.DATABASE_URL_ENV)
     if name is None:
         return  # the embedded server, which the run starts itself
     try:
         with connect(P.database_url(name), "check", autocommit=True):
             pass
     except TargetUnreachable:
-        retries = merged.get("max_retries", P.default("max_retries"))
+        retries = merged.get("max_retries", D.MAX_RETRIES)
         if not (retries_allowed and retries):
             raise
 
@@ -285,7 +286,7 @@ def cmd_catchup(args: argparse.Namespace) -> int:
         settings(**merged),
         str(merged.get("live_sqlite_path") or ""),
         str(merged.get("state_dir") or ""),
-        lock_timeout=merged.get("lock_timeout") or P.default("lock_timeout"),
+        lock_timeout=merged.get("lock_timeout") or D.LOCK_TIMEOUT,
     )
     print(f"{result.verdict}: {result.reason}")
     return result.exit_code

@@ -24,7 +24,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.string import BytesBinaryDumper
 
-from . import params as P
+from . import defaults as D
 from .errors import TargetError
 from .source import Backup
 from .transform import Reject, Rules, normalise, raw_record
@@ -104,7 +104,7 @@ def stream_backup(
     on_diverted: Callable[[tuple], None] | None = None,
     settled: Mapping[int, Reject] | None = None,
     fast: FastPath | None = None,
-    batch_rows: int = P.default("batch_rows"),
+    batch_rows: int = D.BATCH_ROWS,
     progress: Callable[[int], None] | None = None,
 ) -> Streamed:
     """COPY every row of ``backup`` that can land into ``table`` (the session columns, in

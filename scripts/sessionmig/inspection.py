@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import params as P
+from . import defaults as D
 from .errors import SourceError
 from .keys import duplicate_rejects
 from .mask import mask_id, run_salt
@@ -550,7 +550,7 @@ def inspect_backup(
     rules: Rules,
     as_of: datetime,
     zone_name: str,
-    batch_rows: int = P.default("batch_rows"),
+    batch_rows: int = D.BATCH_ROWS,
     on_extra_columns: str = "fail",
     progress: Callable[[int], None] | None = None,
     phase: Callable[[str, int | None], None] | None = None,

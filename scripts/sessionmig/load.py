@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import params as P
+from . import defaults as D
 from .audit import COMMITTED, NOT_COMMITTED, RunRow, commit_outcome, write_run
 from .connect import connect
 from .copyin import stream_backup
@@ -44,7 +44,7 @@ from .transform import Reject, Rules
 
 REJECT_TYPES = ["int8", "text", "text", "text", "text"]
 EXAMPLES_PER_REASON = 3
-LOCK_TIMEOUT = P.default("lock_timeout")
+LOCK_TIMEOUT = D.LOCK_TIMEOUT
 """How long the load waits for a table lock before giving up. The target may be live: a
 migration that queued behind the app's transactions would queue every later request of the
 app behind itself, so it fails fast and says so instead."""
@@ -337,10 +337,10 @@ def load(
     rules: Rules,
     audit: AuditInfo,
     *,
-    schema: str = P.default("target_schema"),
-    on_conflict: str = P.default("on_conflict"),
+    schema: str = D.TARGET_SCHEMA,
+    on_conflict: str = D.ON_CONFLICT,
     dry_run: bool = False,
-    batch_rows: int = P.default("batch_rows"),
+    batch_rows: int = D.BATCH_ROWS,
     progress: Callable[[int], None] | None = None,
     before_commit: Callable[[], None] | None = None,
     phase: Callable[[str], None] | None = None,

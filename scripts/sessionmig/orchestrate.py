@@ -34,6 +34,7 @@ import papermill
 from jupyter_client.manager import AsyncKernelManager
 from papermill.exceptions import PapermillExecutionError
 
+from . import defaults as D
 from . import embedded, manifest, mask
 from . import params as P
 from .cover import of_step, run_headline, when
@@ -118,7 +119,7 @@ def secrets_of(merged: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _target_name(merged: dict[str, Any]) -> str | None:
-    return merged.get("database_url_env", P.default("database_url_env"))
+    return merged.get("database_url_env", D.DATABASE_URL_ENV)
 
 
 def prepare_target(merged: dict[str, Any], fresh: bool) -> str:
@@ -524,7 +525,7 @@ def _ask_target(merged: dict[str, Any], steps: list[str], interrupted: bool) -> 
         conn = connect(dsn, "seal", autocommit=True, statement_timeout_ms=30_000)
     except (psycopg.Error, SessionmigError) as exc:
         return TargetFacts(problem=f"the target could not be reached: {mask.redact(str(exc))}")
-    schema = str(merged.get("target_schema") or P.default("target_schema"))
+    schema = str(merged.get("target_schema") or D.TARGET_SCHEMA)
     try:
         settled = manifest.settle(conn) if interrupted else True
         facts = TargetFacts(
@@ -617,7 +618,7 @@ def _record_digest(
     if facts.conn is None:
         return None
     digest = manifest.digest_of(run_dir)
-    schema = str(merged.get("target_schema") or P.default("target_schema"))
+    schema = str(merged.get("target_schema") or D.TARGET_SCHEMA)
     try:
         if not facts.digest_ready:
             return None  # the manifest says why
@@ -633,7 +634,7 @@ def _record_digest(
 
 
 def _record_status(facts: TargetFacts, merged: dict[str, Any]) -> dict[str, Any]:
-    schema = str(merged.get("target_schema") or P.default("target_schema"))
+    schema = str(merged.get("target_schema") or D.TARGET_SCHEMA)
     table = f"{schema}.{manifest.DIGEST_TABLE}"
     if facts.conn is not None and facts.digest_ready:
         status = f"recorded in {table} when this manifest was sealed"

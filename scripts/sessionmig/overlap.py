@@ -35,8 +35,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from . import defaults as D
 from . import merge as M
-from . import params as P
 from .audit import RunRow, write_run
 from .catchup import (
     _SNAPSHOT_NAME,
@@ -251,7 +251,7 @@ def rollback_live(
     state_dir: str | Path,
     expected_sha256: str,
     rules: Rules,
-    schema: str = P.default("target_schema"),
+    schema: str = D.TARGET_SCHEMA,
     run_id: str | None = None,
     operator: str | None = None,
     busy_timeout_s: float = BUSY_TIMEOUT_S,

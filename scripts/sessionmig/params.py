@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from . import defaults as D
 from . import mask
 from .errors import ParameterError
 from .project import locate
@@ -238,7 +239,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter(
         "database_url_env",
         str,
-        "DATABASE_URL",
+        D.DATABASE_URL_ENV,
         "NAME of the environment variable holding the target DSN; None starts the embedded server",
         ALL,
         _env_var,
@@ -270,7 +271,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter(
         "target_schema",
         str,
-        "public",
+        D.TARGET_SCHEMA,
         "PostgreSQL schema that holds the sessions tables",
         ALL,
         _schema,
@@ -279,7 +280,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter(
         "batch_rows",
         int,
-        10_000,
+        D.BATCH_ROWS,
         "rows per batch (SQLite fetch and COPY)",
         _ROWS,
         _whole("batch_rows", 1),
@@ -288,7 +289,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter(
         "on_conflict",
         str,
-        "fail",
+        D.ON_CONFLICT,
         "rows already in the target that differ: fail | skip | keep_newer (by last_activity)",
         ("preflight", "migrate"),
         _one_of("on_conflict", ON_CONFLICT),
@@ -343,7 +344,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter(
         "max_retries",
         int,
-        3,
+        D.MAX_RETRIES,
         "lost connections are retried this many times, waiting 1, 2, 4 s between attempts",
         ("migrate", "catchup"),
         _whole("max_retries", 0, 10),
@@ -439,7 +440,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter(
         "soak_hours",
         float,
-        24,
+        D.SOAK_HOURS,
         "hours that must have passed since that reconcile run before archiving",
         ("finalize",),
         _hours,
@@ -455,7 +456,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter(
         "lock_timeout",
         str,
-        "5s",
+        D.LOCK_TIMEOUT,
         "longest wait for a row the app holds before the pass gives up, committing nothing "
         "(500ms, 5s, 1min)",
         ("catchup",),
@@ -492,7 +493,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter(
         "unit",
         str,
-        "day",
+        D.UNIT,
         "time bucket: 15min, hour, day, week (ISO, from Monday) or month, local to timezone",
         ("analysis",),
         _one_of("unit", UNITS),

@@ -67,6 +67,7 @@ from zoneinfo import ZoneInfo
 import pandas as pd
 from psycopg import sql
 
+from . import defaults as D
 from . import params as P
 from . import readonly
 from .connect import connect
@@ -125,7 +126,7 @@ class Query:
 AT = Param("at", "instant", None, "the instant (default: as_of)")
 START = Param("start", "instant", None, "window start, inclusive (default: 7 days before as_of)")
 END = Param("end", "instant", None, "window end, exclusive (default: as_of)")
-UNIT = Param("unit", "unit", P.default("unit"), "bucket size: " + ", ".join(UNITS))
+UNIT = Param("unit", "unit", D.UNIT, "bucket size: " + ", ".join(UNITS))
 ZONE = Param("timezone", "zone", None, "IANA zone of the buckets (default: source_timezone)")
 TOP = Param("top_n", "int", 10, "how many rows to keep", low=1)
 TIMEOUT = Param(
@@ -842,7 +843,7 @@ class AnalysisCopy:
         cls,
         sqlite_path: str | Path,
         rules: Rules,
-        batch_rows: int = P.default("batch_rows"),
+        batch_rows: int = D.BATCH_ROWS,
         cache_dir: str | Path | None = None,
     ) -> AnalysisCopy:
         """The analysis copy of ``sqlite_path`` under ``rules``: the cached one when this
@@ -1178,7 +1179,7 @@ class Backends:
     and the statement timeout (a query's own ``timeout_s`` parameter overrides it)."""
 
     dsn: str | None = None
-    schema: str = P.default("target_schema")
+    schema: str = D.TARGET_SCHEMA
     analysis: AnalysisCopy | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
 

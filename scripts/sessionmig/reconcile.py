@@ -51,7 +51,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import params as P
+from . import defaults as D
 from .connect import connect
 from .copyin import REFUSALS, stream_backup
 from .errors import ParameterError, TargetError
@@ -755,9 +755,9 @@ def reconcile(
     backup: Backup,
     rules: Rules,
     *,
-    schema: str = P.default("target_schema"),
+    schema: str = D.TARGET_SCHEMA,
     as_of: datetime,
-    batch_rows: int = P.default("batch_rows"),
+    batch_rows: int = D.BATCH_ROWS,
     run_id: str | None = None,
     mask: Callable[[str | None], str] = mask_id,
     progress: Callable[[int], None] | None = None,

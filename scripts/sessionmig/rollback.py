@@ -41,7 +41,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import params as P
+from . import defaults as D
 from .audit import RunRow, write_run
 from .connect import connect, failure_text
 from .errors import ParameterError, SessionmigError, SourceError, TargetError, VerdictFailed
@@ -231,9 +231,9 @@ def rollback(
     dsn: str,
     rules: Rules,
     *,
-    schema: str = P.default("target_schema"),
+    schema: str = D.TARGET_SCHEMA,
     confirm: bool = False,
-    batch_rows: int = P.default("batch_rows"),
+    batch_rows: int = D.BATCH_ROWS,
     run_id: str = "",
     replaceable: bool = False,
 ) -> RollbackResult:

@@ -42,7 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from . import params as P
+from . import defaults as D
 from .connect import connect, engine, failure_text
 from .errors import TargetError
 
@@ -52,7 +52,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 ALEMBIC_INI = Path(__file__).parent / "alembic.ini"
 HEAD = "0004"
 # How long any DDL waits for a lock before giving up (PostgreSQL interval syntax).
-LOCK_TIMEOUT = P.default("lock_timeout")
+LOCK_TIMEOUT = D.LOCK_TIMEOUT
 
 
 class Base(DeclarativeBase):
@@ -181,7 +181,7 @@ def _present(conn: Any, schema: str) -> tuple[bool, set[str]]:
     return bool(exists), tables & {*TABLES, VERSION_TABLE}
 
 
-def alembic_config(target_schema: str = P.default("target_schema")) -> Any:
+def alembic_config(target_schema: str = D.TARGET_SCHEMA) -> Any:
     """The Alembic ``Config`` of the installed ``alembic.ini``, aimed at ``target_schema``."""
     from alembic.config import Config
 
@@ -208,7 +208,7 @@ def create_schema_if_missing(
 
 
 def upgrade_detail(
-    dsn: str, target_schema: str = P.default("target_schema"), revision: str = "head"
+    dsn: str, target_schema: str = D.TARGET_SCHEMA, revision: str = "head"
 ) -> Upgraded:
     """``alembic upgrade`` on ``target_schema`` (created if missing), under ``lock_timeout``."""
     from alembic import command
@@ -242,9 +242,7 @@ def upgrade_detail(
         target.dispose()
 
 
-def upgrade(
-    dsn: str, target_schema: str = P.default("target_schema"), revision: str = "head"
-) -> str:
+def upgrade(dsn: str, target_schema: str = D.TARGET_SCHEMA, revision: str = "head") -> str:
     """``alembic upgrade head`` on ``target_schema`` (created if missing); returns the revision."""
     return upgrade_detail(dsn, target_schema, revision).revision
 
@@ -252,15 +250,13 @@ def upgrade(
 # --- ``sessionmig db upgrade|current|history``: Alembic's commands without the ini's path -----
 
 
-def db_upgrade(
-    dsn: str, target_schema: str = P.default("target_schema"), revision: str = "head"
-) -> str:
+def db_upgrade(dsn: str, target_schema: str = D.TARGET_SCHEMA, revision: str = "head") -> str:
     """``alembic upgrade REVISION`` in ``target_schema`` (created if missing, under
     ``lock_timeout``); returns the revision now in force."""
     return upgrade(dsn, target_schema, revision)
 
 
-def db_current(dsn: str, target_schema: str = P.default("target_schema")) -> str | None:
+def db_current(dsn: str, target_schema: str = D.TARGET_SCHEMA) -> str | None:
     """``alembic current``: the revision of ``target_schema`` (None when never migrated).
     Reads only: a missing schema is reported as None, not created."""
     from alembic.runtime.migration import MigrationContext
@@ -289,7 +285,7 @@ def db_history() -> list[str]:
 
 
 @contextmanager
-def provisional(dsn: str, target_schema: str = P.default("target_schema")) -> Iterator[str]:
+def provisional(dsn: str, target_schema: str = D.TARGET_SCHEMA) -> Iterator[str]:
     """Upgrade the schema for a load; if the block does not complete, remove what this call
     created (still empty: nothing was committed into it), so an interrupted or failed first
     run leaves the target exactly as it was. Yields the revision in force.

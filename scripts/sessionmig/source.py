@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import params as P
+from . import defaults as D
 from .errors import SourceError
 from .transform import COLUMNS
 
@@ -213,7 +213,7 @@ class Backup:
 
     def rows(
         self,
-        batch: int = P.default("batch_rows"),
+        batch: int = D.BATCH_ROWS,
         order: str = "rowid",
         extra: tuple[str, ...] = (),
     ) -> Iterator[list[tuple]]:
@@ -238,7 +238,7 @@ class Backup:
         first: int,
         last: int,
         extra: tuple[str, ...] = (),
-        batch: int = P.default("batch_rows"),
+        batch: int = D.BATCH_ROWS,
     ) -> Iterator[list[tuple]]:
         """The rows with ``first <= rowid <= last``, in batches, in the form of :meth:`rows`."""
         where = "WHERE rowid BETWEEN ? AND ? ORDER BY rowid"

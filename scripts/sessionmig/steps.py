@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import sql
 
+from . import defaults as D
 from . import params as P
 from . import replication
 from .connect import connect, failure_text
@@ -229,7 +230,7 @@ def _statement(template: str, *parts: sql.Composable) -> str:
 
 
 def target_checks(
-    facts: TargetFacts, steps: tuple[str, ...], on_conflict: str = P.default("on_conflict")
+    facts: TargetFacts, steps: tuple[str, ...], on_conflict: str = D.ON_CONFLICT
 ) -> tuple[list[Check], list[str]]:
     """Every privilege and server feature ``steps`` need on the target, each as a check; and the
     exact statements that would grant what is missing (the DBA runs them; preflight never does).
@@ -1007,7 +1008,7 @@ def finalize_step(
     live_sqlite_path: str,
     archive_dir: str,
     reconcile_manifest: str,
-    soak_hours: float = P.default("soak_hours"),
+    soak_hours: float = D.SOAK_HOURS,
 ) -> FinalizeResult:
     """Archive the live SQLite file after a reconcile PASS and the soak period; record it.
 

@@ -94,7 +94,7 @@ from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from . import params as P
+from . import defaults as D
 from .connect import aconnect, conninfo
 from .errors import StoreUnavailable, TargetError, TargetRefused, TargetUnreachable
 from .mask import redact
@@ -568,7 +568,7 @@ class SessionManager:
         url: str,
         *,
         ttl_hours: float = 24,
-        schema: str = P.default("target_schema"),
+        schema: str = D.TARGET_SCHEMA,
         pool_size: int = DEFAULT_POOL_SIZE,
         connect_timeout_s: int = 5,
         statement_timeout_ms: int = 5000,

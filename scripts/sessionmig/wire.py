@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from . import params as P
+from . import defaults as D
 from .source import Backup
 from .transform import MAX_SESSION_ID_BYTES, Reject, Rules, Session, normalise
 
@@ -181,7 +181,7 @@ PLAIN = " AND ".join(
 )
 
 
-def plain_rows(backup: Backup, batch: int = P.default("batch_rows")) -> Iterator[list[tuple]]:
+def plain_rows(backup: Backup, batch: int = D.BATCH_ROWS) -> Iterator[list[tuple]]:
     """Rows for the fast path, in rowid order: ``(rowid, session_id, user_id, jsonb wire
     metadata, created_at, expires_at, last_activity, request_count or 0, plain)``.
 
