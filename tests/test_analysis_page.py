@@ -210,5 +210,7 @@ def test_item4_the_first_and_last_buckets_are_drawn_over_their_part_in_the_windo
     ax = plots.plot_query("active_over_time", frame).axes[0]
     filled = sorted((p.get_x(), p.get_width()) for p in ax.patches if p.get_fill())
     assert [round(w * 24, 6) for _, w in filled] == [12, 24, 12]
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks == ["08 Jan", "09 Jan", "10 Jan"]  # each bucket named as its label names it
     start = plots.bucket_instants(["2026-01-08 12:00+09:00"])[0]
     assert filled[0][0] == pytest.approx(matplotlib.dates.date2num(start))

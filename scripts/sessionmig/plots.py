@@ -268,11 +268,16 @@ def _time_axis(ax: Any, zone: ZoneInfo | None) -> None:
 FEW_BUCKETS = 26
 
 
-def _tick(t: datetime, zone: ZoneInfo | None, firsts: Sequence[datetime]) -> str:
-    """A tick's text: the bucket's local start; its offset too when the window has several."""
+def _tick(t: datetime, zone: ZoneInfo | None, firsts: Sequence[datetime], unit: Any) -> str:
+    """A tick's text: the bucket's local start as its label names it (hours and minutes for
+    sub-day units, the day otherwise); its offset too when the window has several."""
     local = t.astimezone(zone or UTC)
     several = len({f.astimezone(zone or UTC).utcoffset() for f in firsts}) > 1
-    subday = any((b - a).total_seconds() < 86_400 for a, b in zip(firsts, firsts[1:], strict=False))
+    if unit:
+        subday = unit in ("15min", "hour")
+    else:  # no context: a step shorter than the shortest DST day
+        steps = [(b - a).total_seconds() for a, b in zip(firsts, firsts[1:], strict=False)]
+        subday = any(step < 20 * 3600 for step in steps)
     text = local.strftime("%H:%M" if subday else "%d %b")
     if several:
         off = local.strftime("%z")
@@ -304,12 +309,13 @@ def _overlay(ax: Any, name: str, parts: list[tuple[str, Any]], frame: Any) -> tu
         xs: list[float] = [float(mdates.date2num(t)) for t in firsts]
         ax.xaxis_date(tz=zone or UTC)
         _time_axis(ax, zone)
+        unit = (frame.attrs.get("context") or {}).get("unit") if hasattr(frame, "attrs") else None
         if len(firsts) <= FEW_BUCKETS:
             # A tick per bucket, named as its label is: a repeated hour shows twice, each
             # time with the offset in force.
-            ax.set_xticks(xs, [_tick(t, zone, firsts) for t in firsts], fontsize=8)
+            named = bucket_instants(keys, zone)
+            ax.set_xticks(xs, [_tick(t, zone, named, unit) for t in named], fontsize=8)
         where = zone.key if zone else "UTC"
-        unit = (frame.attrs.get("context") or {}).get("unit") if hasattr(frame, "attrs") else None
         shown = (
             f"bucket start ({unit or 'bucket'}), local time in {where} ({_offsets(firsts, zone)})"
         )
