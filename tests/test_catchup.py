@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from conftest import ROOT, TEST_ENV, rows_of
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from sessionmig import catchup, source, steps
 from sessionmig.catchup import BaseNotCurrent, catchup_step, catchup_tables
@@ -406,6 +407,86 @@ def test_a_dba_default_of_repeatable_read_does_not_starve_the_pass(
     assert result.verdict == "PASS" and result.remerged == 1 and writes == [True]
     # migrated count + the old colour's validation + the new colour's, between read and lock
     assert m.pg()[touched][6] == before[touched][6] + 1 + 1
+
+
+def test_a_session_ended_and_created_again_around_the_lock_is_merged_locked(
+    migrated: Migrated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new colour logs a session out before the pass's lock and creates it again (same id)
+    right after: the pass reads it again *locked*, so the app's next write waits for the commit
+    and lands on top of the pass's — never overwritten by a merge made from a stale row."""
+    m = migrated
+    touched = m.ids[0]
+    m.validate_on_old(touched)
+    lock, read = catchup._lock_targets, catchup._read_targets
+    kept: dict = {}
+    later: list[threading.Thread] = []
+
+    def app(statement: str, params: tuple) -> None:
+        with psycopg.connect(m.dsn, autocommit=True) as conn:
+            conn.execute(statement, params)
+
+    def logout_then_login_again(conn, schema):
+        with psycopg.connect(m.dsn) as c:
+            kept["row"] = c.execute(
+                "SELECT * FROM public.sessions WHERE session_id = %s", (touched,)
+            ).fetchone()
+        app("DELETE FROM public.sessions WHERE session_id = %s", (touched,))
+        found = lock(conn, schema)
+        r = kept["row"]
+        app(
+            "INSERT INTO public.sessions VALUES (%s, %s, %s, %s, %s, %s, 0)",
+            (r[0], r[1], Jsonb(r[2]), r[3], r[4], r[5]),
+        )
+        return found
+
+    def then_a_validation(conn, schema, only=None):
+        found = read(conn, schema, only)
+        if only is not None:  # the re-read: the app's +100 must wait for the pass's commit
+            update = "UPDATE public.sessions SET request_count = request_count + 100 "
+            thread = threading.Thread(
+                target=app, args=(update + "WHERE session_id = %s", (touched,))
+            )
+            thread.start()
+            later.append(thread)
+            time.sleep(0.3)
+            kept["waited"] = thread.is_alive()
+        return found
+
+    monkeypatch.setattr(catchup, "_lock_targets", logout_then_login_again)
+    monkeypatch.setattr(catchup, "_read_targets", then_a_validation)
+    result = m.run()
+    for thread in later:
+        thread.join(30)
+    assert kept["waited"], "the session read again was not locked"
+    assert result.verdict == "PASS" and result.remerged == 1
+    # the new session (0) + the old colour's request + the app's 100, after the commit
+    assert m.pg()[touched][6] == 0 + 1 + 100
+
+
+def test_the_proof_catches_a_merge_that_disagrees_with_the_writes(
+    migrated: Migrated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writes are computed in SQL from the locked rows and the expected rows by the rules
+    in Python: a rule that goes wrong on one side is a FAIL, nothing committed."""
+    m = migrated
+    touched = m.ids[0]
+    m.validate_on_old(touched)
+    before = m.pg()
+    merge = catchup.M.merge
+
+    def inventing_requests(base, live, target):
+        out = merge(base, live, target)
+        if out.kind == catchup.M.CHANGED and out.row is not None:
+            row = (*out.row[:6], out.row[6] + 1000)
+            return catchup.M.Outcome(out.kind, row, out.conflicts)  # type: ignore[arg-type]
+        return out
+
+    monkeypatch.setattr(catchup.M, "merge", inventing_requests)
+    result = m.run()
+    assert result.verdict == "FAIL" and not result.committed
+    assert any(mask_id(touched) in p and "request_count" in p for p in result.mismatches)
+    assert m.pg() == before
 
 
 @pytest.mark.slow

@@ -580,7 +580,7 @@ _APPLY_COLUMNS = (
     *(f"b_{c}" for c in COLUMNS[1:]),
     *(f"l_{c}" for c in COLUMNS[1:]),
 )
-_EXPECTED_COLUMNS = ("session_id", "present", "action", *COLUMNS[1:])
+_EXPECTED_COLUMNS = ("session_id", "present", *COLUMNS[1:])
 # Metadata arrives as text (binary COPY: six times faster than text COPY, measured), and
 # becomes jsonb in one rewrite of the temporary table once it is there.
 _ROW_TYPES = (
@@ -589,9 +589,7 @@ _ROW_TYPES = (
 )
 _ROW_COPY_TYPES = ["text", "text", "timestamptz", "timestamptz", "timestamptz", "int4"]
 _APPLY_COPY_TYPES = ["text", "bool", "bool", "bool", *_ROW_COPY_TYPES, *_ROW_COPY_TYPES]
-_EXPECTED_COPY_TYPES = ["text", "bool", "text", *_ROW_COPY_TYPES]
-# What the pass writes to a session, by the rules' outcome (``_action``).
-UPDATE, INSERT, DELETE, NONE = "update", "insert", "delete", ""
+_EXPECTED_COPY_TYPES = ["text", "bool", *_ROW_COPY_TYPES]
 
 
 def _create_temp_tables(conn: psycopg.Connection) -> None:
@@ -605,8 +603,7 @@ def _create_temp_tables(conn: psycopg.Connection) -> None:
     )
     conn.execute(
         f"""CREATE TEMP TABLE sessionmig_catchup_expected (
-                session_id text COLLATE "C" NOT NULL, present boolean NOT NULL,
-                action text NOT NULL, {_ROW_TYPES}
+                session_id text COLLATE "C" NOT NULL, present boolean NOT NULL, {_ROW_TYPES}
             ) ON COMMIT DROP"""
     )
 
@@ -661,13 +658,17 @@ Targets = dict[str, tuple[M.Row, str]]
 
 
 def _read_targets(conn: psycopg.Connection, schema: str, only: list[str] | None = None) -> Targets:
-    """The touched sessions PostgreSQL has (or those of ``only``), with their versions, read
-    without locking them: the merge is computed from these while the app goes on writing."""
+    """The touched sessions PostgreSQL has, with their versions, read without locking them:
+    the merge is computed from these while the app goes on writing. With ``only``, those
+    sessions read *and locked* (key order): a session the app ended before the pass's lock and
+    created again since is locked here, so the merge made from it cannot go stale."""
     query = sql.SQL(_TARGETS).format(
         version=sql.SQL(_VERSION), sessions=sql.Identifier(schema, "sessions")
     )
     if only is not None:
-        query = sql.SQL("{} WHERE s.session_id = ANY(%s)").format(query)
+        query = sql.SQL(
+            "{} WHERE s.session_id = ANY(%s) ORDER BY s.session_id FOR UPDATE OF s"
+        ).format(query)
     rows = conn.execute(query, (only,) if only is not None else None).fetchall()
     return {r[0]: (tuple(r[:7]), r[7]) for r in rows}  # type: ignore[misc]
 
@@ -691,16 +692,9 @@ def _moved(ids: list[str], seen: Targets, now: dict[str, str]) -> list[str]:
     return [sid for sid in ids if (seen[sid][1] if sid in seen else None) != now.get(sid)]
 
 
-def _action(outcome: M.Outcome, in_postgres: bool) -> str:
-    """What the pass writes to one session for the rules' ``outcome``."""
-    if outcome.kind == M.RECREATED:  # live's row: in place of PostgreSQL's, else inserted
-        return UPDATE if in_postgres else INSERT
-    return {M.CHANGED: UPDATE, M.INSERTED: INSERT, M.ENDED: DELETE}.get(outcome.kind, NONE)
-
-
-def _expected_row(sid: str, outcome: M.Outcome, in_postgres: bool) -> tuple:
-    row, action = outcome.row, _action(outcome, in_postgres)
-    return (sid, True, action, *row[1:]) if row else (sid, False, action, *(None,) * 6)
+def _expected_row(sid: str, outcome: M.Outcome) -> tuple:
+    row = outcome.row
+    return (sid, True, *row[1:]) if row else (sid, False, *(None,) * 6)
 
 
 def _replace_expected(conn: psycopg.Connection, rows: list[tuple]) -> None:
@@ -711,43 +705,88 @@ def _replace_expected(conn: psycopg.Connection, rows: list[tuple]) -> None:
     )
     with conn.cursor() as cur:
         cur.executemany(
-            "INSERT INTO sessionmig_catchup_expected (session_id, present, action, user_id, "
-            "metadata, created_at, expires_at, last_activity, request_count) "
-            "VALUES (%s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s)",
+            "INSERT INTO sessionmig_catchup_expected (session_id, present, user_id, metadata, "
+            "created_at, expires_at, last_activity, request_count) "
+            "VALUES (%s, %s, %s, %s::jsonb, %s, %s, %s, %s)",
             rows,
         )
 
 
+def _replaced(column: str) -> sql.Composable:
+    """SQL of a column the side that changed it replaces; both changed: newer last_activity."""
+    c, b, lv = sql.Identifier(column), sql.Identifier(f"b_{column}"), sql.Identifier(f"l_{column}")
+    # Compared as text for jsonb: equal JSON is one spelling in jsonb, and text is what the
+    # rules compare (1 and 1.0 are different values there).
+    cast = sql.SQL("::text") if column == "metadata" else sql.SQL("")
+    return sql.SQL(
+        """CASE WHEN a.has_base AND a.{lv}{cast} IS NOT DISTINCT FROM a.{b}{cast} THEN s.{c}
+                WHEN a.has_base AND s.{c}{cast} IS NOT DISTINCT FROM a.{b}{cast} THEN a.{lv}
+                WHEN s.{c}{cast} IS NOT DISTINCT FROM a.{lv}{cast} THEN s.{c}
+                WHEN a.l_last_activity > s.last_activity THEN a.{lv}
+                ELSE s.{c} END"""
+    ).format(c=c, b=b, lv=lv, cast=cast)
+
+
+def _later(column: str) -> sql.Composable:
+    c, b, lv = sql.Identifier(column), sql.Identifier(f"b_{column}"), sql.Identifier(f"l_{column}")
+    return sql.SQL(
+        "CASE WHEN a.has_base AND a.{lv} = a.{b} THEN s.{c} ELSE greatest(s.{c}, a.{lv}) END"
+    ).format(c=c, b=b, lv=lv)
+
+
 def _apply_statements(conn: psycopg.Connection, schema: str) -> dict[str, set[str]]:
-    """Write the rules' outcome of every touched session, set-based, from the expected rows
-    (computed from the rows as they are locked now, so they compose with the app's writes)."""
+    """Apply live's changes with statements that compose with the app's concurrent writes."""
     sessions = sql.Identifier(schema, "sessions")
-    columns = sql.SQL(", ").join(map(sql.Identifier, COLUMNS[1:]))
-    values = sql.SQL(", ").join(sql.SQL("e.{}").format(sql.Identifier(c)) for c in COLUMNS[1:])
+    assignments = [
+        sql.SQL(
+            # In bigint, then held within integer: the column saturates, never fails the pass.
+            """request_count = CASE WHEN a.has_base
+                   THEN least(greatest(s.request_count::int8
+                                       + (a.l_request_count::int8 - a.b_request_count),
+                                       -2147483648), 2147483647)::int4
+                   ELSE greatest(s.request_count, a.l_request_count) END"""
+        ),
+        *(sql.SQL("{} = {}").format(sql.Identifier(c), _later(c)) for c in M.LATER),
+        *(sql.SQL("{} = {}").format(sql.Identifier(c), _replaced(c)) for c in M.REPLACED),
+    ]
     updated = conn.execute(
         sql.SQL(
-            """UPDATE {} AS s SET ({}) = ({}) FROM sessionmig_catchup_expected e
-               WHERE e.action = %s AND s.session_id = e.session_id RETURNING s.session_id"""
-        ).format(sessions, columns, values),
-        (UPDATE,),
+            """UPDATE {} AS s SET {} FROM sessionmig_catchup a
+               WHERE a.has_live AND NOT a.recreated AND s.session_id = a.session_id
+               RETURNING s.session_id"""
+        ).format(sessions, sql.SQL(", ").join(assignments))
     ).fetchall()
+    # Ended and created again under its id on the old colour: the new session is live's row.
+    replaced = conn.execute(
+        sql.SQL(
+            """UPDATE {} AS s SET ({}) = ({}) FROM sessionmig_catchup a
+               WHERE a.recreated AND s.session_id = a.session_id RETURNING s.session_id"""
+        ).format(
+            sessions,
+            sql.SQL(", ").join(map(sql.Identifier, COLUMNS[1:])),
+            sql.SQL(", ").join(
+                sql.SQL("a.{}").format(sql.Identifier(f"l_{c}")) for c in COLUMNS[1:]
+            ),
+        )
+    ).fetchall()
+    columns = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+    live_columns = sql.SQL(", ").join(sql.Identifier(f"l_{c}") for c in COLUMNS[1:])
     inserted = conn.execute(
         sql.SQL(
-            """INSERT INTO {} (session_id, {}) SELECT e.session_id, {}
-               FROM sessionmig_catchup_expected e WHERE e.action = %s ORDER BY e.session_id
+            """INSERT INTO {} ({}) SELECT a.session_id, {} FROM sessionmig_catchup a
+               WHERE a.has_live AND (NOT a.has_base OR a.recreated) ORDER BY a.session_id
                ON CONFLICT (session_id) DO NOTHING RETURNING session_id"""
-        ).format(sessions, columns, values),
-        (INSERT,),
+        ).format(sessions, columns, live_columns)
     ).fetchall()
     deleted = conn.execute(
         sql.SQL(
-            """DELETE FROM {} AS s USING sessionmig_catchup_expected e
-               WHERE e.action = %s AND s.session_id = e.session_id RETURNING s.session_id"""
-        ).format(sessions),
-        (DELETE,),
+            """DELETE FROM {} AS s USING sessionmig_catchup a
+               WHERE a.has_base AND NOT a.has_live AND s.session_id = a.session_id
+               RETURNING s.session_id"""
+        ).format(sessions)
     ).fetchall()
     return {
-        M.CHANGED: {r[0] for r in updated},
+        M.CHANGED: {r[0] for r in updated} | {r[0] for r in replaced},
         M.INSERTED: {r[0] for r in inserted},
         M.ENDED: {r[0] for r in deleted},
     }
@@ -970,19 +1009,18 @@ def _transaction(
             "sessionmig_catchup_expected",
             _EXPECTED_COLUMNS,
             _EXPECTED_COPY_TYPES,
-            (_expected_row(sid, outcomes[sid], sid in seen) for sid in delta.ids),
+            (_expected_row(sid, outcomes[sid]) for sid in delta.ids),
         )
         locked = time.perf_counter()
         moved = _moved(delta.ids, seen, _lock_targets(conn, schema))
         if moved:
-            # Locked now (or absent): nobody else changes them until this transaction ends.
+            # Read again under a lock (a row created again since the lock is locked now; one
+            # still absent is inserted with ON CONFLICT and checked by the proof).
             for sid in moved:
                 seen.pop(sid, None)
             seen.update(_read_targets(conn, schema, moved))
             outcomes.update((sid, _merge(delta, sid, seen)) for sid in moved)
-            _replace_expected(
-                conn, [_expected_row(sid, outcomes[sid], sid in seen) for sid in moved]
-            )
+            _replace_expected(conn, [_expected_row(sid, outcomes[sid]) for sid in moved])
         applied.remerged = len(moved)
         kinds = _tally(delta, outcomes, seen, applied)
         done = _apply_statements(conn, schema)
