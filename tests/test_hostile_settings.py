@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,6 +22,7 @@ from sessionmig import sample, steps
 from sessionmig.errors import TargetError
 from sessionmig.mask import mask_id
 from sessionmig.reconcile import FAIL, PASS, WARN
+from sessionmig.store import SessionManager
 
 # --- fixtures --------------------------------------------------------------------------------
 
@@ -171,6 +173,36 @@ def test_a_database_s_timeouts_cut_no_step_short(clean_backup: Path, target, dsn
     theirs = make_conninfo(C.libpq_dsn(dsn), options="-c statement_timeout=7s")
     with C.connect(theirs, "query") as conn:
         assert conn.execute("SELECT current_setting('statement_timeout')").fetchone() == ("7s",)
+
+
+def test_the_runbook_s_defaults_stay_out_of_the_app_s_store_and_keep_stronger_durability(
+    dsn,
+) -> None:
+    """The app's store keeps the DBA's timeouts (the runbook's connections do not); a
+    ``synchronous_commit`` stronger than "on" is kept; ``idle_session_timeout`` ends no
+    runbook session that waits between statements."""
+    _alter_database(
+        dsn,
+        ("lock_timeout", "'50ms'"),
+        ("synchronous_commit", "remote_apply"),
+        ("idle_session_timeout", "'500ms'"),
+    )
+    shown = "SELECT current_setting('lock_timeout'), current_setting('synchronous_commit')"
+
+    async def through_the_store() -> tuple:
+        store = SessionManager(dsn)
+        conn = await C.aconnect(dsn, "store", autocommit=True, **store._connection_settings())
+        try:
+            return await (await conn.execute(shown)).fetchone()  # type: ignore[return-value]
+        finally:
+            await conn.close()
+            await store.close()
+
+    assert asyncio.run(through_the_store()) == ("50ms", "remote_apply")
+    with C.connect(dsn, "query") as conn:
+        assert conn.execute(shown).fetchone() == ("0", "remote_apply")
+        time.sleep(1.0)  # idle longer than the database's idle_session_timeout
+        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_a_database_that_ends_sessions_on_any_error_cannot_stop_a_migration(

@@ -1430,7 +1430,11 @@ def _connect(dsn: str) -> psycopg.Connection:
     # autocommit: ``conn.transaction()`` is then a real BEGIN/COMMIT, never a savepoint
     # (writes under a savepoint would carry a subtransaction's xmin, and the proof reads
     # the top transaction's).
-    return connect(dsn, "catchup", autocommit=True, connect_timeout=15)
+    conn = connect(dsn, "catchup", autocommit=True, connect_timeout=15)
+    # Each pass's BEGIN names its isolation: read committed is what the row locks and the
+    # merge of rows the app moved rely on, even where a pooler dropped the startup options.
+    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+    return conn
 
 
 def _target_error(exc: psycopg.Error, lock_timeout: str) -> TargetError:

@@ -71,15 +71,13 @@ FIXED_SETTINGS: tuple[tuple[str, str], ...] = (
 # A database's or role's timeouts are meant for its app: a step of the runbook (a COPY of
 # millions of rows, a transaction that waits on the backup between statements) must not be cut
 # off by them. First, so that the operator's own options (DSN, PGOPTIONS) and each caller's
-# timeouts still decide.
-# Nor may a database's ``synchronous_commit = off`` make a COMMIT the operator was told about
-# vanish in a server crash (an audit row, a pass, a migration): "on" unless the operator's own
-# options ask for more (remote_apply).
+# timeouts still decide. Runbook connections only: the app's store keeps the DBA's settings.
+# (``idle_session_timeout``, PostgreSQL 14+, and a ``synchronous_commit`` weaker than "on" are
+# set once connected: see :func:`_after_connect`.)
 DEFAULT_SETTINGS: tuple[tuple[str, str], ...] = (
     ("statement_timeout", "0"),
     ("lock_timeout", "0"),
     ("idle_in_transaction_session_timeout", "0"),
-    ("synchronous_commit", "on"),
 )
 _DEFAULT_OPTIONS = " ".join(f"-c {name}={value}" for name, value in DEFAULT_SETTINGS)
 # libpq splits options at spaces: lists lose theirs, other spaces are escaped ("read committed").
@@ -146,8 +144,10 @@ def _options(
     read_only: bool,
     statement_timeout_ms: int | None,
     lock_timeout_ms: int | None,
+    defaults: bool = True,
 ) -> str:
-    """The startup options: :data:`DEFAULT_SETTINGS`, the user's (DSN or ``PGOPTIONS``), then
+    """The startup options: :data:`DEFAULT_SETTINGS` (unless ``defaults`` is False: the app's
+    store), the user's (DSN or ``PGOPTIONS``), then
     the caller's, then ours, and last :data:`FIXED_SETTINGS` (the last of a setting given twice
     wins; all of them over a database's or role's settings)."""
     base = parsed.get("options") or os.environ.get("PGOPTIONS")
@@ -159,7 +159,8 @@ def _options(
     if lock_timeout_ms is not None:
         extra.append(f"-c lock_timeout={int(lock_timeout_ms)}")
     extra.append(_FIXED_OPTIONS)
-    return " ".join(part for part in (_DEFAULT_OPTIONS, base or "", *extra) if part)
+    first = _DEFAULT_OPTIONS if defaults else ""
+    return " ".join(part for part in (first, base or "", *extra) if part)
 
 
 def conninfo(
@@ -171,6 +172,7 @@ def conninfo(
     statement_timeout_ms: int | None = None,
     lock_timeout_ms: int | None = None,
     startup_options: bool = True,
+    runbook_defaults: bool = True,
     **libpq: Any,
 ) -> str:
     """The complete libpq connection string for ``dsn`` used for ``purpose`` (for a pool, which
@@ -192,7 +194,12 @@ def conninfo(
                 "application_name": application_name(raw, purpose, own),
                 "connect_timeout": libpq.get("connect_timeout", connect_timeout),
                 "options": _options(
-                    parsed, options, read_only, statement_timeout_ms, lock_timeout_ms
+                    parsed,
+                    options,
+                    read_only,
+                    statement_timeout_ms,
+                    lock_timeout_ms,
+                    runbook_defaults,
                 )
                 if startup_options
                 else options,
@@ -233,10 +240,36 @@ def connect(
         **libpq,
     )
     try:
-        return psycopg.connect(info, autocommit=autocommit, **driver)
+        conn = psycopg.connect(info, autocommit=autocommit, **driver)
+        try:
+            if libpq.get("runbook_defaults", True):
+                _after_connect(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
     except psycopg.Error as exc:
         extra = [str(libpq["password"])] if libpq.get("password") else []
         raise _failure(exc, libpq_dsn(dsn), purpose, extra) from None
+
+
+# A durability a database asks for beyond "on" (remote_apply …) is kept; only weaker ones are
+# raised. Idle time between a runbook's statements (a catch-up pass reading SQLite for minutes)
+# must not end its session.
+_AFTER_CONNECT = """SELECT pg_catalog.set_config('synchronous_commit', 'on', false)
+    WHERE pg_catalog.current_setting('synchronous_commit') IN ('off', 'local')"""
+_IDLE_SESSION = "SELECT pg_catalog.set_config('idle_session_timeout', '0', false)"
+
+
+def _after_connect(conn: psycopg.Connection[Any]) -> None:
+    """Settings a startup option cannot give safely: ``synchronous_commit`` at least "on"
+    (an asynchronous commit could lose, in a server crash, a migration, pass or audit row the
+    operator was told was committed), and ``idle_session_timeout`` off where it exists."""
+    conn.execute(_AFTER_CONNECT)
+    if conn.info.server_version >= 140000:
+        conn.execute(_IDLE_SESSION)
+    if not conn.autocommit:
+        conn.commit()  # the caller's first statement opens its own transaction
 
 
 def _session(

@@ -634,10 +634,16 @@ class SessionManager:
 
     def _connection_settings(self) -> dict[str, Any]:
         """libpq's parameters: with the startup options directly, without behind a pooler."""
+        # The runbook's own defaults (no timeouts …) are not the app's: the DBA's stay.
         if self.pooled:
             pooled = {k: v for k, v in self._libpq.items() if k != "options"}
-            return {**pooled, "statement_timeout_ms": None, "startup_options": False}
-        return self._libpq
+            return {
+                **pooled,
+                "statement_timeout_ms": None,
+                "startup_options": False,
+                "runbook_defaults": False,
+            }
+        return {**self._libpq, "runbook_defaults": False}
 
     async def _probe(self) -> None:
         """One connection, in the calling task: a database that is down or refuses us fails the
