@@ -26,8 +26,8 @@ Per session:
 
 Columns live did not change are never touched: changes made only in PostgreSQL stay.
 ``catchup`` computes these for every touched session from PostgreSQL's row (read unlocked,
-then again for rows the app wrote before the lock), writes them set-based, and proves in the
-same transaction that PostgreSQL holds them.
+then again, locked, for rows the app wrote before the lock), applies the same rules with
+set-based SQL to the locked rows, and proves in the same transaction that the two agree.
 """
 
 from __future__ import annotations
