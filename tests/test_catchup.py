@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 
 from sessionmig import catchup, source, steps
 from sessionmig.catchup import BaseNotCurrent, catchup_step, catchup_tables
-from sessionmig.errors import LockHeld, ParameterError, SourceError
+from sessionmig.errors import LockHeld, ParameterError, SourceError, TargetError
 from sessionmig.mask import mask_id
 from sessionmig.snapshot import snapshot
 from sessionmig.source import sha256_file
@@ -487,6 +487,38 @@ def test_the_proof_catches_a_merge_that_disagrees_with_the_writes(
     assert result.verdict == "FAIL" and not result.committed
     assert any(mask_id(touched) in p and "request_count" in p for p in result.mismatches)
     assert m.pg() == before
+
+
+def test_a_pass_stopped_while_it_holds_the_app_s_rows_lets_them_go(
+    migrated: Migrated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator's process stops under the row locks (Ctrl-Z): the server ends the pass's
+    session once it has idled in its transaction for IDLE_IN_TRANSACTION, the app's rows are
+    free again, nothing was committed, and the same command then carries the pass once."""
+    m = migrated
+    touched = m.ids[3]
+    m.validate_on_old(touched)
+    before = m.pg()
+    monkeypatch.setattr(catchup, "IDLE_IN_TRANSACTION", "1s")
+    apply = catchup._apply_statements
+
+    def stopped_under_the_locks(conn, schema):
+        time.sleep(2.5)
+        return apply(conn, schema)
+
+    monkeypatch.setattr(catchup, "_apply_statements", stopped_under_the_locks)
+    with pytest.raises(TargetError, match="nothing was committed"):
+        m.run()
+    with psycopg.connect(m.dsn, autocommit=True) as conn:
+        conn.execute("SET lock_timeout = '1s'")  # the app's write goes through at once
+        conn.execute(
+            "UPDATE public.sessions SET request_count = request_count + 1 WHERE session_id = %s",
+            (touched,),
+        )
+    monkeypatch.setattr(catchup, "_apply_statements", apply)
+    result = m.run()
+    assert result.verdict == "PASS" and result.pass_number == 1
+    assert m.pg()[touched][6] == before[touched][6] + 1 + 1
 
 
 @pytest.mark.slow

@@ -74,6 +74,11 @@ LOCK_TIMEOUT = D.LOCK_TIMEOUT
 nothing). The app's transactions are one statement each, so this is only hit when something
 holds rows for long."""
 RETRIES = 3  # a lock timeout or deadlock with the app: the transaction is redone from scratch
+# A pass whose process stops between two statements (Ctrl-Z, a debugger, a frozen VM) must not
+# hold the app's rows locked until it wakes: the server ends its session after this long idle
+# inside the transaction, which then commits nothing (the pass's own gaps are milliseconds
+# under the locks, seconds for the merge before them).
+IDLE_IN_TRANSACTION = "60s"
 EXAMPLES = 3
 MAX_MISMATCHES_SHOWN = 20
 _SNAPSHOT_NAME = "{sha256}.db"
@@ -978,6 +983,10 @@ def _transaction(
     any error)."""
     with conn.transaction():
         conn.execute("SELECT set_config('lock_timeout', %s, true)", (lock_timeout,))
+        conn.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
+            (IDLE_IN_TRANSACTION,),
+        )
         # The touched sessions are found by key: with a hash join the planner scans all of
         # sessions for every statement (4x slower at 1% changed on 1M sessions, measured), and
         # holds the touched rows' locks that much longer. Local to this transaction.
@@ -1392,6 +1401,12 @@ def _raise_uncommitted(exc: BaseException, lock_timeout: str, may_retry: bool) -
         if getattr(exc, "sqlstate", None) in _RETRY_SQLSTATES and may_retry:
             return
         raise _target_error(exc, lock_timeout) from None
+    if isinstance(exc, psycopg.errors.IdleInTransactionSessionTimeout):
+        raise TransientTargetError(
+            f"the pass's process stood still inside its transaction for longer than "
+            f"{IDLE_IN_TRANSACTION} (stopped, suspended or starved), and the server ended its "
+            "session to free the app's rows; nothing was committed — run the same command again"
+        ) from None
     if isinstance(exc, psycopg.errors.UniqueViolation):
         # The target's own guard: another pass with this number committed first.
         raise BaseNotCurrent(
