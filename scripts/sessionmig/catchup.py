@@ -656,9 +656,9 @@ def _apply_rows(delta: Delta) -> Iterator[tuple]:
 # PostgreSQL's touched rows as they are, each with its version (xmin and ctid: any write of
 # another transaction gives the row a new one).
 _VERSION = "s.xmin::text || '/' || s.ctid::text"
-_TARGETS = """SELECT s.session_id, s.user_id, s.metadata::text, s.created_at, s.expires_at,
-                     s.last_activity, s.request_count, {version}
-              FROM {sessions} s JOIN sessionmig_catchup a ON a.session_id = s.session_id"""
+_TOUCHED = "FROM {sessions} s JOIN sessionmig_catchup a ON a.session_id = s.session_id"
+_TARGETS = f"""SELECT s.session_id, s.user_id, s.metadata::text, s.created_at, s.expires_at,
+                      s.last_activity, s.request_count, {_VERSION} {_TOUCHED}"""
 Targets = dict[str, tuple[M.Row, str]]
 
 
@@ -667,9 +667,7 @@ def _read_targets(conn: psycopg.Connection, schema: str, only: list[str] | None 
     the merge is computed from these while the app goes on writing. With ``only``, those
     sessions read *and locked* (key order): a session the app ended before the pass's lock and
     created again since is locked here, so the merge made from it cannot go stale."""
-    query = sql.SQL(_TARGETS).format(
-        version=sql.SQL(_VERSION), sessions=sql.Identifier(schema, "sessions")
-    )
+    query = sql.SQL(_TARGETS).format(sessions=sql.Identifier(schema, "sessions"))
     if only is not None:
         query = sql.SQL(
             "{} WHERE s.session_id = ANY(%s) ORDER BY s.session_id FOR UPDATE OF s"
@@ -683,10 +681,8 @@ def _lock_targets(conn: psycopg.Connection, schema: str) -> dict[str, str]:
     multi-row statement of the app lock in one order); their versions now."""
     rows = conn.execute(
         sql.SQL(
-            """SELECT s.session_id, {version}
-               FROM {sessions} s JOIN sessionmig_catchup a ON a.session_id = s.session_id
-               ORDER BY s.session_id FOR UPDATE OF s"""
-        ).format(version=sql.SQL(_VERSION), sessions=sql.Identifier(schema, "sessions"))
+            f"SELECT s.session_id, {_VERSION} {_TOUCHED} ORDER BY s.session_id FOR UPDATE OF s"
+        ).format(sessions=sql.Identifier(schema, "sessions"))
     ).fetchall()
     return dict(rows)  # type: ignore[arg-type]
 
