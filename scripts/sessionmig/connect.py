@@ -147,9 +147,9 @@ def _options(
     defaults: bool = True,
 ) -> str:
     """The startup options: :data:`DEFAULT_SETTINGS` (unless ``defaults`` is False: the app's
-    store), the user's (DSN or ``PGOPTIONS``), then
-    the caller's, then ours, and last :data:`FIXED_SETTINGS` (the last of a setting given twice
-    wins; all of them over a database's or role's settings)."""
+    store), the user's (DSN or ``PGOPTIONS``), the caller's, ours, and last
+    :data:`FIXED_SETTINGS` (the last of a setting given twice wins; all of them win over a
+    database's or role's settings)."""
     base = parsed.get("options") or os.environ.get("PGOPTIONS")
     extra = [given] if given else []
     if read_only:
