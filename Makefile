@@ -8,10 +8,11 @@ ROWS   ?= 50000
 .PHONY: install demo demo-live test test-fast typecheck notebooks browser pgbouncer lint bench clean constraints
 
 # Exact versions from constraints.txt: an audited procedure installs the same thing every time.
-$(STAMP): pyproject.toml constraints.txt
+# Two distributions, both editable: the session store (scripts/sessionstore) and the runbook.
+$(STAMP): pyproject.toml scripts/sessionstore/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,embedded,browser,example]'
+	$(BIN)/pip install --quiet -c constraints.txt -e scripts/sessionstore -e '.[dev,embedded,browser,example]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -49,7 +50,7 @@ notebooks: $(STAMP)
 constraints: $(STAMP)
 	{ echo "# Exact versions an audited run installs (make install: pip install -c constraints.txt …)."; \
 	  echo "# Regenerate after changing pyproject.toml's ranges: make constraints"; \
-	  $(BIN)/pip freeze --exclude-editable | grep -v '^sessionmig'; } > constraints.txt
+	  $(BIN)/pip freeze --exclude-editable | grep -v '^session\(mig\|store\)'; } > constraints.txt
 
 ## Debian's chromium for the offline-report browser test (installed when missing and root).
 browser:

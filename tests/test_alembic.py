@@ -14,12 +14,12 @@ from conftest import TEST_PASSWORD, sessionmig_tables
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-import sessionmig
+import sessionstore
 from sessionmig import schema
 from sessionmig.connect import parse
 
 ALEMBIC = Path(sys.executable).parent / "alembic"
-INI = Path(sessionmig.__file__).parent / "alembic.ini"
+INI = Path(sessionstore.__file__).parent / "alembic.ini"
 
 
 def alembic(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -35,8 +35,8 @@ def alembic(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[st
     )
 
 
-def test_the_ini_is_installed_with_the_package() -> None:
-    shipped = resources.files("sessionmig").joinpath("alembic.ini")
+def test_the_ini_is_installed_with_the_store() -> None:
+    shipped = resources.files("sessionstore").joinpath("alembic.ini")
     assert shipped.is_file() and Path(str(shipped)) == INI == schema.ALEMBIC_INI
     assert "script_location = %(here)s/migrations" in shipped.read_text()
 

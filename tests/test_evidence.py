@@ -41,6 +41,7 @@ from sessionmig import cli, manifest, orchestrate, sample, schema
 from sessionmig.errors import ParameterError, TargetError
 from sessionmig.params import sqlalchemy_url
 from sessionmig.rollback import migrated_sha256, read_manifest
+from sessionstore import migrate
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -567,7 +568,7 @@ def test_ddl_gives_up_on_a_lock_the_application_holds(
     path: str, dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     alembic_upgrade(dsn, "0001")
-    monkeypatch.setattr(schema, "LOCK_TIMEOUT", "300ms", raising=False)
+    monkeypatch.setattr(migrate, "LOCK_TIMEOUT", "300ms", raising=False)
     app = psycopg.connect(dsn)  # the application, mid-transaction on sessions
     app.execute("SELECT count(*) FROM sessions").fetchone()
     try:

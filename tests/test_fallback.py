@@ -45,7 +45,7 @@ def tally(found: dict[str, dict | None], alive: set[str], ended: set[str], count
         "lost": sum(found[s] is None for s in alive),
         "resurrected": sum(found[s] is not None for s in ended),
         "miscounted": sum(
-            found[s] is not None and found[s]["request_count"] != counts[s]  # type: ignore[index]
+            found[s] is not None and found[s].request_count != counts[s]  # type: ignore[union-attr]
             for s in alive
         ),
     }
@@ -69,7 +69,7 @@ def test_postgres_down_after_cutover_each_choice_measured(
             migrated = [sid for sid in await store.active_among(await _ids(store, dsn), AS_OF)]
             migrated.sort()
             for sid in migrated:
-                counts[sid] = (await store.get_session(sid))["request_count"]  # type: ignore[index]
+                counts[sid] = (await store.get_session(sid)).request_count  # type: ignore[union-attr]
             new = []
             for n in range(NEW):
                 sid, _ = await store.create_session(f"after-{n}", {"n": n})

@@ -84,7 +84,7 @@ async def client(store, colour: str, stop: asyncio.Event, ledger: Ledger, seed: 
                     # extension's, or a later one's); the final value is the greatest.
                     found = await store.get_session(sid)
                     if found is not None:
-                        ledger.expires_seen[sid].append(found["expires_at"])
+                        ledger.expires_seen[sid].append(found.expires_at)
                         ledger.extended_by.setdefault(sid, set()).add(colour)
                         ledger.ops[f"extend {colour}"] += 1
             elif await store.delete_session(sid):

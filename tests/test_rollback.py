@@ -80,8 +80,8 @@ def test_rollback_keeps_sessions_made_after_cutover(
         return found
 
     got_new, got_validated, got_ended, still_valid = asyncio.run(legacy_view())
-    assert got_new["user_id"] == "user-after-cutover" and got_new["metadata"] == {"k": "새 세션"}
-    assert got_validated["request_count"] == count_before
+    assert got_new.user_id == "user-after-cutover" and got_new.metadata == {"k": "새 세션"}
+    assert got_validated.request_count == count_before
     assert got_ended is None
     assert still_valid  # the legacy manager accepts a session created in PostgreSQL
     audit = rows_of(

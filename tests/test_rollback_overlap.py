@@ -178,15 +178,15 @@ def test_rollback_during_the_overlap_loses_nothing_on_either_side(overlap) -> No
         live, [*ids[:6], created_in_pg, created_in_sqlite], now + timedelta(seconds=1)
     )
     # Requests counted on both colours, and during the rollback, all add up.
-    assert view[shared]["request_count"] == base_counts[shared] + 2 + 3 + serving.ledger[shared]
-    assert view[busy]["request_count"] == base_counts[busy] + serving.ledger[busy]
-    assert view[pg_only]["request_count"] == base_counts[pg_only] + 1
-    assert view[extended]["expires_at"] == pg_expires[0][0]
+    assert view[shared].request_count == base_counts[shared] + 2 + 3 + serving.ledger[shared]
+    assert view[busy].request_count == base_counts[busy] + serving.ledger[busy]
+    assert view[pg_only].request_count == base_counts[pg_only] + 1
+    assert view[extended].expires_at == pg_expires[0][0]
     assert view[ended_in_pg] is None  # validated on SQLite, ended on PostgreSQL: stays ended
     assert view[ended_in_sqlite] is None
-    assert view[created_in_sqlite]["user_id"] == "old-colour"  # SQLite's own change kept
-    assert view[created_in_pg]["user_id"] == "after-cutover"
-    assert view[created_in_pg]["metadata"] == {"k": "새 세션"}
+    assert view[created_in_sqlite].user_id == "old-colour"  # SQLite's own change kept
+    assert view[created_in_pg].user_id == "after-cutover"
+    assert view[created_in_pg].metadata == {"k": "새 세션"}
     assert rows_of(
         dsn,
         "SELECT run_id, inserted, updated, parameters->>'mode', parameters->>'state' "
@@ -269,7 +269,7 @@ def test_rollback_before_any_pass_takes_the_migrated_snapshot_as_base(
         )
     result = rollback_live(settings.dsn(), live_sqlite_path=str(live), **kwargs)
     assert result.catchup_pass == 0 and result.changed == 1
-    assert sqlite_view(live, ids[:1], START)[ids[0]]["request_count"] == 3
+    assert sqlite_view(live, ids[:1], START)[ids[0]].request_count == 3
 
 
 def test_rollback_refuses_a_postgres_that_went_back_and_leaves_the_live_file_as_it_was(

@@ -93,9 +93,9 @@ def test_the_rollback_notebook_merges_postgresql_into_the_live_file(
             await store.close()
 
     seen = asyncio.run(view())
-    assert seen[ids[0]]["request_count"] == 3  # the new colour's validations, carried back
+    assert seen[ids[0]].request_count == 3  # the new colour's validations, carried back
     assert seen[ids[1]] is None  # ended in PostgreSQL: ended in the old colour's file
-    assert seen[created]["user_id"] == "after-cutover"
+    assert seen[created].user_id == "after-cutover"
 
     run_dir = _run_dir(tmp_path, "rollback")
     manifest = json.loads((run_dir / "manifest.json").read_text())

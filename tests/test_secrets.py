@@ -30,6 +30,7 @@ from sqlalchemy.engine import make_url
 from sessionmig import cli, mask
 from sessionmig import params as P
 from sessionmig.render import notebook_to_html, scrub_notebook
+from sessionstore import redact as redact_module
 
 # Two halves of the per-run password, each long enough to be recognised on its own: a
 # malformed DSN makes libpq split a password and quote one half in an error.
@@ -106,7 +107,7 @@ def test_bad_percent_escape_never_leaks_password_even_unregistered(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The safety net, for a DSN no variable names: libpq's parse errors quote raw text."""
-    monkeypatch.setattr(mask, "_registered", set(), raising=False)
+    monkeypatch.setattr(redact_module, "_registered", set(), raising=False)
     for dsn in (
         DSN_FORMS["bad_percent_escape"],
         DSN_FORMS["query_ampersand"],

@@ -66,11 +66,11 @@ def test_create_get_validate_counts_requests(store) -> None:
         return sid, got
 
     sid, got = run(scenario())
-    assert got["session_id"] == sid and got["user_id"] == "user-1"
-    assert got["metadata"] == meta
-    assert got["request_count"] == 2
-    assert got["last_activity"] == START + timedelta(hours=1)
-    assert got["created_at"] == START and got["created_at"].utcoffset() == timedelta(0)
+    assert got.session_id == sid and got.user_id == "user-1"
+    assert got.metadata == meta
+    assert got.request_count == 2
+    assert got.last_activity == START + timedelta(hours=1)
+    assert got.created_at == START and got.created_at.utcoffset() == timedelta(0)
 
 
 def test_expiry_is_exclusive_at_the_boundary_and_deletes(store) -> None:
@@ -127,7 +127,7 @@ def test_extend_delete_cleanup_and_count(store) -> None:
 
     (active, removed), (kept, short) = run(scenario())
     assert (active, removed) == (1, 1)
-    assert kept["expires_at"] == START + timedelta(hours=34) and short is None
+    assert kept.expires_at == START + timedelta(hours=34) and short is None
 
 
 def test_concurrent_clients_count_every_validation(store) -> None:
@@ -173,7 +173,7 @@ def test_concurrent_clients_count_every_validation(store) -> None:
         if sid in deleted:
             assert row is None
         else:
-            assert row["request_count"] == succeeded[sid], sid
+            assert row.request_count == succeeded[sid], sid
 
 
 def test_postgres_store_rows_are_what_migrate_would_write(dsn) -> None:
@@ -250,7 +250,7 @@ def test_postgres_rows_have_exactly_the_models_columns(dsn) -> None:
         return row
 
     row = run(scenario())
-    assert list(row) == [c.name for c in SessionRecord.__table__.columns]
+    assert list(row.as_dict()) == [c.name for c in SessionRecord.__table__.columns]
 
 
 def test_postgres_metadata_none_is_stored_as_the_model_stores_it(dsn) -> None:
@@ -304,7 +304,7 @@ def test_lost_connections_are_retried_and_count_once(dsn) -> None:
 
     dropped, answers, row = run(scenario())
     assert dropped >= 1
-    assert answers == [True] * 4 and row["request_count"] == 5
+    assert answers == [True] * 4 and row.request_count == 5
 
 
 def test_a_data_error_is_raised_at_once_never_retried(dsn) -> None:
@@ -342,7 +342,7 @@ def test_a_statement_past_its_timeout_is_store_unavailable(dsn) -> None:
         locker.execute("SELECT 1 FROM sessions WHERE session_id = %s FOR UPDATE", (sid,))
         with pytest.raises(StoreUnavailable, match="did not answer within 300 ms"):
             run(manager.validate_session(sid))
-    assert run(manager.get_session(sid))["request_count"] == 0
+    assert run(manager.get_session(sid)).request_count == 0
     run(manager.close())
 
 
@@ -369,7 +369,7 @@ def test_one_manager_serves_successive_event_loops(dsn) -> None:
     manager = SessionManager(dsn, pool_size=2)
     sid, _ = run(manager.create_session("u"))
     assert [run(manager.validate_session(sid)) for _ in range(3)] == [True] * 3
-    assert run(manager.get_session(sid))["request_count"] == 3
+    assert run(manager.get_session(sid)).request_count == 3
     run(manager.close())
     run(manager.close())  # twice is fine
     # Nothing of the earlier loops' pools is left connected.

@@ -151,7 +151,7 @@ def test_an_id_still_works_through_a_str_subclass(store: Store) -> None:
         return ok, await store.manager.get_session(Cookie(sid))
 
     ok, row = run(scenario())
-    assert ok is True and row["request_count"] == 1
+    assert ok is True and row.request_count == 1
 
 
 def test_id_the_database_cannot_encode_is_no_session(server_url: str) -> None:
@@ -203,7 +203,7 @@ def test_request_count_saturates_at_int_max(store: Store, start_count: int) -> N
     assert store.raw("SELECT request_count FROM sessions WHERE session_id = %s", (sid,)) == [
         (INT_MAX,)
     ]
-    assert run(manager.get_session(sid))["request_count"] == INT_MAX
+    assert run(manager.get_session(sid)).request_count == INT_MAX
 
 
 def test_request_count_still_counts_below_the_limit(store: Store) -> None:
@@ -227,11 +227,11 @@ def test_last_activity_never_moves_backwards(store: Store) -> None:
     clock.now = START + timedelta(hours=1)
     assert run(manager.validate_session(sid)) is True
     got = run(manager.get_session(sid))
-    assert got["last_activity"] == later and got["request_count"] == 1
+    assert got.last_activity == later and got.request_count == 1
     # And it still moves forward when the time does.
     clock.now = START + timedelta(hours=3)
     assert run(manager.validate_session(sid)) is True
-    assert run(manager.get_session(sid))["last_activity"] == START + timedelta(hours=3)
+    assert run(manager.get_session(sid)).last_activity == START + timedelta(hours=3)
 
 
 async def _db_now(conn: psycopg.AsyncConnection[Any]) -> datetime:
@@ -346,8 +346,8 @@ def test_pg_ttl_and_extension_are_exact_hours_on_a_dst_timezone_server(dsn: str)
     across, across_expires, row, extended = run(scenario())
     assert across_expires == datetime(2026, 3, 8, 12, 0, tzinfo=UTC) and extended is True
     # The store hands back UTC instants even though the server's zone is New York.
-    assert row["expires_at"].utcoffset() == timedelta(0)
-    assert row["created_at"].utcoffset() == timedelta(0)
+    assert row.expires_at.utcoffset() == timedelta(0)
+    assert row.created_at.utcoffset() == timedelta(0)
     assert rows_of(
         dsn,
         "SELECT session_id = %s, expires_at FROM sessions ORDER BY session_id = %s",

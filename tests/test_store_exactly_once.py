@@ -210,7 +210,7 @@ def test_reads_are_retried_after_a_lost_answer(dsn) -> None:
                 await manager.close()
 
         row, count = asyncio.run(scenario())
-    assert row["user_id"] == "reader" and row["request_count"] == 0
+    assert row.user_id == "reader" and row.request_count == 0
     assert count == 1
 
 
@@ -279,7 +279,7 @@ def test_a_write_the_server_ended_before_it_completed_is_sent_again(dsn) -> None
 def test_the_store_cursor_sees_whether_a_command_completed(dsn) -> None:
     """The store tells a FATAL that ended a statement before it completed from one after it by
     what psycopg's result check saw; if psycopg stopped calling it, this fails."""
-    from sessionmig.store import _Cursor
+    from sessionstore.manager import _Cursor
 
     async def scenario() -> tuple[bool | None, bool | None]:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:

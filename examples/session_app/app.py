@@ -6,6 +6,8 @@ Which store it uses is the environment's choice, read once at start-up, exactly 
 rollback switch works: ``SESSION_DB_TYPE=sqlite`` (the legacy manager on the SQLite file at
 ``SESSION_SQLITE_PATH``, naive wall-clock times in ``SESSION_TIMEZONE``) is the blue colour,
 ``SESSION_DB_TYPE=postgres`` (the async ``SessionManager`` on ``DATABASE_URL``) the green one.
+It needs only the ``sessionstore`` distribution (``examples/session_app/requirements.txt``), never
+the runbook.
 
 Every answer says whether the store accepted the operation, so a client can keep an exact
 ledger of what succeeded: a WebSocket whose session is not valid is refused before the
@@ -34,8 +36,7 @@ from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconn
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from sessionmig.errors import StoreUnavailable
-from sessionmig.store import SessionStore, get_session_manager
+from sessionstore import SessionStore, StoreUnavailable, get_session_manager
 
 POLICY_VIOLATION = 1008  # RFC 6455: the session is not (or no longer) valid
 TRY_AGAIN_LATER = 1013  # RFC 6455: a temporary condition; the session is untouched
@@ -63,13 +64,13 @@ def create_app(environ: dict[str, str] | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.sessions = get_session_manager(env)
-        try:
+        # Opened and checked before the first request (a database without the store's
+        # migrations stops the start with StoreNotReady, saying what to run). A stopping colour
+        # finishes its requests first (uvicorn drains), then lets go of the SQLite file or the
+        # pool.
+        async with get_session_manager(env) as sessions:
+            app.state.sessions = sessions
             yield
-        finally:
-            # A stopping colour finishes its requests first (uvicorn drains), then lets go of
-            # the SQLite file or the pool.
-            await app.state.sessions.close()
 
     app = FastAPI(title="session app", lifespan=lifespan)
 
@@ -107,7 +108,7 @@ def create_app(environ: dict[str, str] | None = None) -> FastAPI:
             return {"extended": False, "colour": colour}
         # The value the row holds right after (or a later extension's): what the user sees.
         found = await store().get_session(session_id)
-        expires = None if found is None else _instant(found["expires_at"])
+        expires = None if found is None else _instant(found.expires_at)
         return {"extended": True, "expires_at": expires, "colour": colour}
 
     @app.get("/sessions/{session_id}")
@@ -116,12 +117,12 @@ def create_app(environ: dict[str, str] | None = None) -> FastAPI:
         if found is None:
             raise HTTPException(status_code=404, detail="no such session")
         return {
-            "user_id": found["user_id"],
-            "metadata": found["metadata"],
-            "created_at": _instant(found["created_at"]),
-            "expires_at": _instant(found["expires_at"]),
-            "last_activity": _instant(found["last_activity"]),
-            "request_count": found["request_count"],
+            "user_id": found.user_id,
+            "metadata": found.metadata,
+            "created_at": _instant(found.created_at),
+            "expires_at": _instant(found.expires_at),
+            "last_activity": _instant(found.last_activity),
+            "request_count": found.request_count,
             "colour": colour,
         }
 

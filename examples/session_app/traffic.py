@@ -34,7 +34,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from sessionmig.mask import mask_id
-from sessionmig.store import LegacySQLiteSessionManager
+from sessionstore import LegacySQLiteSessionManager
 
 EXAMPLES = Path(__file__).resolve().parent.parent
 # The digest's mix (cumulative): logins, chats over the WebSocket, extensions; rest logouts.

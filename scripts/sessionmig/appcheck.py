@@ -21,13 +21,14 @@ from datetime import UTC, datetime, timedelta
 
 from psycopg import sql
 
+from sessionstore.manager import SessionManager
+
 from . import defaults as D
 from .connect import connect
 from .keys import duplicate_rejects
 from .mask import mask_id
 from .reconcile import latest_migrate_run
 from .source import Backup
-from .store import SessionManager
 from .transform import ROWID, Reject, Rules, normalise
 from .verdict import Verdict
 from .wire import (

@@ -1,6 +1,6 @@
 """Alembic environment of the target tables, in one schema, under ``lock_timeout``.
 
-Two callers. :func:`sessionmig.schema.upgrade_detail` hands over its open connection, the
+Two callers. :func:`sessionstore.migrate.upgrade_detail` hands over its open connection, the
 schema and the lock timeout in ``config.attributes``. The plain ``alembic`` command (with the
 package's ``alembic.ini``) names them itself: ``-x dsn=…``, else the variable ``-x dsn_env=NAME``
 names, else ``DATABASE_URL`` (any DSN form libpq accepts); ``-x schema=NAME`` (default
@@ -20,10 +20,11 @@ from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.pool import NullPool
 
-from sessionmig import params as P
-from sessionmig.connect import engine, sqlalchemy_url
-from sessionmig.errors import SessionmigError
-from sessionmig.schema import LOCK_TIMEOUT, Base, create_schema_if_missing
+from sessionstore.connect import engine, sqlalchemy_url
+from sessionstore.defaults import TARGET_SCHEMA
+from sessionstore.errors import StoreError
+from sessionstore.migrate import LOCK_TIMEOUT, create_schema_if_missing
+from sessionstore.model import Base
 
 config = context.config
 # Commands that only read: they never create the schema they are asked about.
@@ -77,7 +78,7 @@ def from_command_line() -> None:
         fileConfig(config.config_file_name, disable_existing_loggers=False)
     x = context.get_x_argument(as_dictionary=True)
     dsn = _dsn(x)
-    schema = x.get("schema", P.default("target_schema"))
+    schema = x.get("schema", TARGET_SCHEMA)
     lock_timeout = x.get("lock_timeout", LOCK_TIMEOUT)
     if context.is_offline_mode():
         context.configure(
@@ -107,12 +108,12 @@ handed_over = config.attributes.get("connection")
 if handed_over is not None:
     migrate(
         handed_over,
-        config.attributes.get("target_schema", P.default("target_schema")),
+        config.attributes.get("target_schema", TARGET_SCHEMA),
         config.attributes.get("lock_timeout", LOCK_TIMEOUT),
     )
 else:
     try:
         from_command_line()
-    except SessionmigError as exc:
+    except StoreError as exc:
         # Alembic prints a CommandError as one "FAILED:" line; ours already say what to do.
         raise CommandError(str(exc)) from None
