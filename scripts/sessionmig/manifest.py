@@ -35,6 +35,7 @@ from .source import sha256_file
 
 PACKAGES = (
     "sessionmig",
+    "sessionstore",  # the store, its model and the migrations the run applied
     "papermill",
     "nbconvert",
     "psycopg",
