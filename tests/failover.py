@@ -75,7 +75,7 @@ class Records(logging.Handler):
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name.startswith(("sessionmig", "psycopg")):
+        if record.name.startswith(("sessionstore", "sessionmig", "psycopg")):
             self.records.append(record)
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -76,8 +78,14 @@ def alone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with the store's wheel installed (and its dependencies, pinned as the
     project pins them), nothing else."""
     where = tmp_path_factory.mktemp("store-alone")
+    # Built from a copy: an in-tree build would leave build/ in the checkout, and a stale
+    # build/lib (a module since removed) would ship in the next wheel. Outside the repository
+    # setuptools-scm cannot see git: the version is the installed store's own.
+    source = where / "sessionstore-src"
+    shutil.copytree(STORE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(where), str(STORE)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(where), str(source)],
+        env={**os.environ, "SETUPTOOLS_SCM_PRETEND_VERSION": version("sessionstore")},
         capture_output=True,
         text=True,
         timeout=600,
