@@ -316,6 +316,7 @@ class Statements:
     cleanup: Statement
     count: Statement
     active_among: Statement
+    active_at: Statement
 
 
 @lru_cache(maxsize=16)
@@ -416,6 +417,12 @@ def statements(schema: str, database_clock: bool) -> Statements:
                 s.c.session_id == any_(bindparam("ids", type_=ARRAY(s.c.session_id.type))),
                 s.c.expires_at > bindparam("at", type_=TIMESTAMPTZ),
             ),
+            schema,
+            resend_safe=True,
+        ),
+        # validate's and count's predicate over the whole table, with the instant given.
+        active_at=_compile(
+            select(s.c.session_id).where(s.c.expires_at > bindparam("at", type_=TIMESTAMPTZ)),
             schema,
             resend_safe=True,
         ),
@@ -1078,6 +1085,36 @@ class SessionManager:
             return {r[0] for r in await cur.fetchall()}
 
         return await self._run(self.sql.active_among, lambda: {"ids": ids, "at": at}, found)
+
+    async def active_ids(self, at: datetime, chunk: int = 10_000) -> AsyncIterator[list[str]]:
+        """Every session ``validate_session`` would accept at ``at`` — read only, in one
+        snapshot: the store's own predicate over the whole table, streamed in lists of at most
+        ``chunk`` ids, so memory stays flat whatever the table holds (the runbook's application
+        check). Not retried: a stream cut half-way cannot resume in the same snapshot; every
+        way of being unavailable is :class:`StoreUnavailable`."""
+        statement = self.sql.active_at
+        try:
+            pool = self._ready_pool() or await self._pool()
+            async with pool.connection() as conn, conn.transaction():
+                if self.pooled:
+                    await conn.execute(self._per_transaction, prepare=False)
+                ids: list[str] = []
+                values = statement.bind({"at": at})
+                async for (sid,) in conn.cursor().stream(statement.sql, values, size=chunk):
+                    ids.append(sid)
+                    if len(ids) == chunk:
+                        yield ids
+                        ids = []
+                if ids:
+                    yield ids
+        except PoolTimeout:
+            raise self._pool_exhausted() from None
+        except (TargetRefused, TargetUnreachable) as exc:
+            raise StoreUnavailable(f"the session database is unavailable: {exc}") from None
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(
+                f"the session database stopped answering: {redact(_first_line(exc))}"
+            ) from None
 
     async def close(self) -> None:
         """Close the pool of the running loop (and what is left of pools of closed loops).
