@@ -18,9 +18,9 @@ RSS from ``wait4``, a ``CHECKPOINT`` before each, every load into a fresh databa
 The table shows medians and every round; ratios are taken within a round (this machine's speed
 drifts between minutes). The load average before each round is printed. ``--baseline DIR``
 adds the headline, the verbs and the engines of another checkout (e.g. a git worktree of an
-earlier commit), for a before/after ratio. The fixed cost of one notebook step (kernel,
-rendering) is measured on a 200-row backup: a run of the migrate step alone against the migrate
-engine alone.
+earlier commit), for a before/after ratio. The fixed costs are measured on a 200-row backup:
+each step's time beyond its engine cell (kernel, parameters, the report's other cells,
+rendering), and the run's own beyond its steps (start-up, target, hashes, sealing).
 
 Target server: ``--dsn`` (an admin URL, database ``postgres``), else the system PostgreSQL at
 127.0.0.1:5432 when it answers, else the embedded server.
@@ -65,7 +65,9 @@ ENGINE = (
     "r = {'inspect': lambda: steps.inspect(s, progress=False),\n"
     "     'migrate': lambda: steps.migrate(s, progress=False),\n"
     "     'reconcile': lambda: steps.reconcile_step(s, progress=False)}[sys.argv[1]]()\n"
-    "sys.exit(0 if str(r.verdict) in ('PASS', 'PASS_WITH_WARNINGS') else 1)\n"
+    "ok = not [f for f in r.findings if f.severity == 'error'] if sys.argv[1] == 'inspect' "
+    "else str(r.verdict) in ('PASS', 'PASS_WITH_WARNINGS')\n"
+    "sys.exit(0 if ok else 1)\n"
 )
 
 Timed = tuple[float, float, int]  # wall seconds, peak RSS MB, exit code
@@ -137,20 +139,26 @@ with psycopg.connect(url, autocommit=True) as conn:
 
 
 def ceiling_source(url: str) -> str | None:
-    """The migrated rows as a binary COPY file the server itself reads (made once, by the
-    server, from the database the headline run filled)."""
+    """The migrated rows as a binary COPY file for the server to read (made once, from the
+    database the headline run filled; readable by the server's own user)."""
     path = OUT / "ceiling.copy"
     if path.exists():
         return str(path)
     try:
-        with connect(embedded.with_database(url, DATABASE), "bench", autocommit=True) as conn:
-            conn.execute(
-                f"COPY (SELECT session_id, user_id, metadata, created_at, expires_at, "
-                f"last_activity, request_count FROM public.sessions) TO '{path}' (FORMAT binary)"
-            )
+        with (
+            connect(embedded.with_database(url, DATABASE), "bench") as conn,
+            conn.cursor().copy(
+                "COPY (SELECT session_id, user_id, metadata, created_at, expires_at, "
+                "last_activity, request_count FROM public.sessions) TO STDOUT (FORMAT binary)"
+            ) as copy,
+            open(path, "wb") as out,
+        ):
+            for chunk in copy:
+                out.write(chunk)
     except (TargetError, psycopg.Error) as exc:
-        print(f"no ceiling: the server cannot write {path} ({exc})", file=sys.stderr)
+        print(f"no ceiling: could not read the migrated rows ({exc})", file=sys.stderr)
         return None
+    path.chmod(0o644)
     return str(path)
 
 
@@ -170,9 +178,21 @@ def step_times(reports: Path) -> dict[str, float]:
     return {s["name"]: s["duration_s"] for s in data["steps"]}
 
 
-def step_overhead(env_file: Path, url: str, python: str, env: dict[str, str]) -> float:
-    """Seconds one notebook step adds over its engine (kernel, rendering, sealing), measured
-    on a 200-row backup so that the engine's own time is negligible."""
+def engine_cell(notebook: Path) -> float:
+    """Seconds the step's engine cell (the one that opens ``report.step``) took, per papermill."""
+    cells = json.loads(notebook.read_text())["cells"]
+    return sum(
+        c["metadata"].get("papermill", {}).get("duration") or 0.0
+        for c in cells
+        if c["cell_type"] == "code" and "report.step(" in "".join(c["source"])
+    )
+
+
+def fixed_costs(env_file: Path, url: str, python: str, env: dict[str, str]) -> dict[str, float]:
+    """What a run costs beyond its engines, on a 200-row backup (the engines' own time there
+    is a few hundredths of a second): per step, its time less its engine cell's (kernel,
+    parameters, the other cells, rendering); and the run's own (start-up, target, hashes,
+    sealing), its wall time less its steps'."""
     tiny = OUT / "tiny.db"
     subprocess.run(
         [python, "-m", "sessionmig.cli", "sample", "--rows", "200", "--out", str(tiny)]
@@ -182,19 +202,23 @@ def step_overhead(env_file: Path, url: str, python: str, env: dict[str, str]) ->
         env={**os.environ, **env},
     )
     tiny_env = env_file.with_name("tiny.yaml")
-    tiny_env.write_text(
-        yaml.safe_dump({**yaml.safe_load(env_file.read_text()), "sqlite_path": str(tiny)})
-    )
+    given = {**yaml.safe_load(env_file.read_text()), "sqlite_path": str(tiny)}
+    tiny_env.write_text(yaml.safe_dump(given))
     target = {"SESSIONMIG_BENCH_TARGET": fresh(url, "sessionmig_bench_tiny")}
-    engine, _, _ = timed([python, "-c", ENGINE, "migrate", str(tiny_env)], {**env, **target})
-    fresh(url, "sessionmig_bench_tiny")
     with tempfile.TemporaryDirectory() as reports:
-        step, _, _ = timed(
-            [python, "-m", "sessionmig.cli", "run", "--env", str(tiny_env), "--steps", "migrate"]
+        wall, _, _ = timed(
+            [python, "-m", "sessionmig.cli", "run", "--env", str(tiny_env)]
             + ["--reports-dir", reports],
             {**env, **target},
         )
-    return step - engine
+        (manifest,) = Path(reports).glob("*/*/manifest.json")
+        data = json.loads(manifest.read_text())
+        costs = {
+            s["name"]: s["duration_s"] - engine_cell(manifest.parent / s["notebook"])
+            for s in data["steps"]
+        }
+        costs["the run itself"] = wall - sum(s["duration_s"] for s in data["steps"])
+    return costs
 
 
 def main() -> int:
@@ -344,10 +368,9 @@ def main() -> int:
             )
     if "run" in ways:
         for prefix, extra in checkouts.items():
-            overhead = step_overhead(env_file, url, sys.executable, {**target, **extra})
-            print(
-                f"\n{prefix}fixed cost of one notebook step (kernel, rendering): {overhead:.2f} s"
-            )
+            costs = fixed_costs(env_file, url, sys.executable, {**target, **extra})
+            shown = ", ".join(f"{name} {seconds:.2f}" for name, seconds in costs.items())
+            print(f"\n{prefix}fixed costs, s (200-row backup, beyond the engines): {shown}")
     return max(c for done in runs.values() for _, _, c in done)
 
 

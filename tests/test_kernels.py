@@ -48,24 +48,26 @@ def ask(km, code: str) -> str:
 def test_a_kernel_started_ahead_has_the_runbook_imported_and_its_step_s_environment(
     tmp_path: Path,
 ) -> None:
-    env = {"PATH": os.environ["PATH"], RESULT_VARIABLE: "r", PROGRESS_VARIABLE: "p"}
-    with Kernels(tmp_path, str(tmp_path), lambda step: {**env, RESULT_VARIABLE: step}) as kernels:
+    """Started before the step's variables exist; taken with them (one set, one removed)."""
+    with Kernels(str(tmp_path)) as kernels:
         kernels.start("inspect")
-        km = kernels.take("inspect")
+        env = {**os.environ, RESULT_VARIABLE: "inspect", PROGRESS_VARIABLE: "p"}
+        env.pop("HOME", None)
+        km = kernels.take("inspect", env)
         try:
             printed = ask(
                 km,
                 "import os, sys; print('sessionmig.steps' in sys.modules, "
-                f"os.environ[{RESULT_VARIABLE!r}], os.getcwd())",
+                f"os.environ[{RESULT_VARIABLE!r}], 'HOME' in os.environ, os.getcwd())",
             )
         finally:
             end(km)
-    assert printed.split() == ["True", "inspect", str(tmp_path)]
+    assert printed.split() == ["True", "inspect", "False", str(tmp_path)]
     assert not kernels_of_this_process()
 
 
 def test_a_kernel_started_for_a_step_that_never_runs_is_stopped(tmp_path: Path) -> None:
-    with Kernels(tmp_path, str(tmp_path), lambda step: dict(os.environ)) as kernels:
+    with Kernels(str(tmp_path)) as kernels:
         kernels.start("reconcile")
         deadline = time.monotonic() + 60
         while not kernels_of_this_process() and time.monotonic() < deadline:

@@ -2,18 +2,21 @@
 
 A kernel costs about a second and a half before its first cell does any work: the interpreter,
 ipykernel, then the runbook's own modules (pandas, SQLAlchemy, psycopg …). The run starts the
-kernel of the next step while the current one runs, with those modules imported at start-up
-(``exec_lines``: no cell, nothing in the notebook), so a step waits for no start-up. Each
-kernel is given its step's environment when it starts (where to write its result and its
-progress), and is stopped once its step is over: a finished step leaves no process behind.
+first step's kernel before anything else (while parameters are read, the target prepared and the
+backup hashed) and the next step's while the current one runs, with those modules imported at
+start-up (``exec_lines``: no cell, nothing in the notebook), so a step waits for no start-up.
+A kernel started ahead is handed its step's environment (where to write its result and its
+progress, the run's salt …) when the step takes it, before any cell runs; each kernel is stopped
+once its step is over: a finished step leaves no process behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import tempfile
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import suppress
 from pathlib import Path
@@ -21,8 +24,37 @@ from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
 
-WARM_UP = "from sessionmig import plots, report, steps"
-"""What every step's notebook imports first; imported as the kernel starts."""
+WARM_UP = (
+    "from sessionmig import plots, report, steps; "
+    "from sessionmig.kernels import environment_before_the_first_cell as _e; _e(); del _e"
+)
+"""Run as the kernel starts: what every step's notebook imports first, and the hook that gives
+the kernel its step's environment."""
+ENVIRONMENT_VARIABLE = "SESSIONMIG_KERNEL_ENVIRONMENT"
+"""Where a kernel started ahead finds its step's environment (a JSON file, read once)."""
+
+
+def environment_before_the_first_cell() -> None:
+    """In the kernel, at start-up: before the first cell runs, set the variables the file
+    named by :data:`ENVIRONMENT_VARIABLE` holds (written when the step took the kernel), then
+    delete the file and forget the hook — nothing of it shows in the notebook."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    path = os.environ.get(ENVIRONMENT_VARIABLE)
+    if shell is None or not path:
+        return
+
+    def before(info: Any) -> None:
+        shell.events.unregister("pre_run_cell", before)
+        with suppress(FileNotFoundError):
+            given = json.loads(Path(path).read_text(encoding="utf-8"))
+            Path(path).unlink()
+            os.environ.update(given["set"])
+            for name in given["unset"]:
+                os.environ.pop(name, None)
+
+    shell.events.register("pre_run_cell", before)
 
 
 class KernelManager(AsyncKernelManager):
@@ -65,19 +97,22 @@ def end(km: KernelManager) -> None:
 
 class Kernels:
     """The run's kernels, each started ahead for a named step (:meth:`start`) and handed to it
-    (:meth:`take`); whatever was started and not taken is stopped on :meth:`close`."""
+    with its environment (:meth:`take`); whatever was started and not taken is stopped on
+    :meth:`close`. Kernel logs go to a private folder that goes with it."""
 
-    def __init__(self, folder: Path, cwd: str, environment: Callable[[str], dict[str, str]]):
-        self.folder, self.cwd, self.environment = folder, cwd, environment
-        self._started: dict[str, tuple[KernelManager, Future[None]]] = {}
+    def __init__(self, cwd: str):
+        self.cwd = cwd
+        self._logs = tempfile.TemporaryDirectory(prefix="sessionmig-kernels-")
+        self.folder = Path(self._logs.name)
+        self._started: dict[str, tuple[KernelManager, Future[dict[str, str]]]] = {}
 
     def start(self, step: str) -> None:
-        """Start ``step``'s kernel on a thread of its own, with the step's environment."""
+        """Start ``step``'s kernel on a thread of its own, with the environment of now."""
         if step in self._started:
             return
         km = new_kernel(self.folder / f"{step}.kernel.log")
-        env = self.environment(step)
-        done: Future[None] = Future()
+        env = {**os.environ, ENVIRONMENT_VARIABLE: str(self.folder / f"{step}.environment.json")}
+        done: Future[dict[str, str]] = Future()
 
         def launch() -> None:
             try:
@@ -88,22 +123,34 @@ class Kernels:
                         extra_arguments=[f"--IPKernelApp.exec_lines={WARM_UP}"],
                     )
                 )
-                done.set_result(None)
+                done.set_result(env)
             except BaseException as exc:  # told to take(), which starts afresh
                 done.set_exception(exc)
 
         threading.Thread(target=launch, name=f"sessionmig-kernel-{step}", daemon=True).start()
         self._started[step] = (km, done)
 
-    def take(self, step: str) -> KernelManager:
-        """``step``'s kernel, started ahead when it was; else one papermill will start."""
+    def take(self, step: str, env: dict[str, str]) -> KernelManager:
+        """``step``'s kernel with ``env`` in force from its first cell: the one started ahead,
+        told what changed since it started; else one papermill will start (with the process's
+        environment)."""
         km, done = self._started.pop(step, (None, None))
         if km is not None and done is not None:
             try:
-                done.result()
-                return km
+                spawned = done.result()
             except Exception:
                 end(km)  # papermill starts one the usual way, and says why if it cannot
+            else:
+                changes = {
+                    "set": {k: v for k, v in env.items() if spawned.get(k) != v},
+                    "unset": [k for k in spawned if k not in env and k != ENVIRONMENT_VARIABLE],
+                }
+                # Private: it may hold the run's salt (the folder is the owner's alone).
+                path = Path(spawned[ENVIRONMENT_VARIABLE])
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+                    json.dump(changes, out)
+                return km
         return new_kernel(self.folder / f"{step}.kernel.log")
 
     def __enter__(self) -> Kernels:
@@ -119,3 +166,4 @@ class Kernels:
                 done.result(timeout=60)
             end(km)
         self._started.clear()
+        self._logs.cleanup()

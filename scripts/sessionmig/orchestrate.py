@@ -23,8 +23,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -236,18 +236,14 @@ def step_line(record: StepRecord) -> str:
     return f"{record.name}: {verdict} in {record.duration_s:.1f} s{tail}"
 
 
-def step_environment(results: Path) -> Callable[[str], dict[str, str]]:
-    """The environment a step's kernel starts with: the run's, and where that step writes its
+def step_environment(results: Path, step: str) -> dict[str, str]:
+    """The environment a step's kernel runs with: the run's, and where that step writes its
     result and its progress."""
-
-    def of(step: str) -> dict[str, str]:
-        return {
-            **os.environ,
-            RESULT_VARIABLE: str(results / f"{step}.json"),
-            PROGRESS_VARIABLE: str(results / f"{step}.progress"),
-        }
-
-    return of
+    return {
+        **os.environ,
+        RESULT_VARIABLE: str(results / f"{step}.json"),
+        PROGRESS_VARIABLE: str(results / f"{step}.progress"),
+    }
 
 
 def execute_step(
@@ -273,7 +269,11 @@ def execute_step(
     declared = {p.name for p in P.of_steps([record.name])}
     started = time.perf_counter()
     # Started ahead (warm) when the run could; else papermill starts it with os.environ.
-    km = kernels.take(record.name) if kernels else new_kernel(results / f"{record.name}.kernel.log")
+    km = (
+        kernels.take(record.name, step_environment(results, record.name))
+        if kernels
+        else new_kernel(results / f"{record.name}.kernel.log")
+    )
     # The kernel appends its progress bars to this file; the echo shows them on stderr: a
     # redrawn line on a terminal, occasional plain lines in a log or under NO_COLOR.
     progress = results / f"{record.name}.progress"
@@ -656,12 +656,29 @@ def run(
     fresh: bool = False,
     project_dir: str | Path | None = None,
     verb: str = "run",
+    kernels: Kernels | None = None,
 ) -> RunOutcome:
     """Run the selected steps for ``env``; see the module docstring. ``verb`` names the
-    command in what the terminal is told (``sessionmig migrate`` runs this with one step)."""
+    command in what the terminal is told (``sessionmig migrate`` runs this with one step).
+    ``kernels``: the caller's, when it started the first step's kernel even earlier."""
     steps = list(steps or DEFAULT_STEPS)
+    with nullcontext(kernels) if kernels else Kernels(os.getcwd()) as running:
+        running.start(steps[0])  # it starts while the parameters are read and the target prepared
+        return _run(env, steps, overrides or {}, reports_dir, fresh, project_dir, verb, running)
+
+
+def _run(
+    env: str,
+    steps: list[str],
+    overrides: dict[str, Any],
+    reports_dir: str | Path,
+    fresh: bool,
+    project_dir: str | Path | None,
+    verb: str,
+    kernels: Kernels,
+) -> RunOutcome:
     started = datetime.now(UTC)
-    merged = resolve_parameters(env, overrides or {}, steps, project_dir)
+    merged = resolve_parameters(env, overrides, steps, project_dir)
     notebooks = locate(project_dir).notebooks
     # One id, one "now", one operator for every step of the run; a run's id is always new.
     merged = complete({**merged, "run_id": new_run_id(started)}, started)
@@ -677,15 +694,11 @@ def run(
         before: tuple = ()
         try:
             try:
-                with (
-                    tempfile.TemporaryDirectory(prefix="sessionmig-results-") as folder,
-                    Kernels(Path(folder), os.getcwd(), step_environment(Path(folder))) as kernels,
-                ):
+                with tempfile.TemporaryDirectory(prefix="sessionmig-results-") as folder:
                     results = Path(folder)
                     warm()  # the HTML exporter, ready for the first page
                     try:
                         target = prepare_target(merged, fresh)
-                        kernels.start(records[0].name)  # it warms up while the backup is hashed
                     finally:
                         before = hash_files(Path(merged["sqlite_path"]))
                     for i, record in enumerate(records):
