@@ -1,13 +1,26 @@
-"""Benchmark migrate and reconcile at a given size (not a test): ``make bench`` runs 1M rows.
+"""The operator's clock (not a test): ``make bench`` times 1M sessions every way, side by side.
 
-Generates a backup with ``sessionmig sample`` (cached under ``benchmarks/out``), migrates it into
-a fresh database and reconciles it, each as its own ``sessionmig`` process so that wall time and
-peak RSS (from ``wait4``) are the process's alone. When ``pgloader`` is on PATH it loads the same
-file into another fresh database, configured correctly (``SET timezone`` to the source zone,
-casts to the target types), for the side-by-side ratio. Each way runs ``--repeat`` times, side
-by side in rounds with a CHECKPOINT before each run; the table shows medians. Migrate runs as
-the runbook runs it, with ``expected_sha256`` (``--unreviewed`` adds a run without it, where
-``quick_check`` runs beside the load).
+Every round, on the same backup and server, each way in a process of its own (wall time and peak
+RSS from ``wait4``, a ``CHECKPOINT`` before each, every load into a fresh database):
+
+- **the headline** — ``sessionmig run`` (preflight → inspect → migrate → reconcile, every report
+  rendered and the folder sealed), as the operator runs it; each step's own time is read from
+  the run's manifest;
+- **the verbs** — ``sessionmig migrate`` and ``sessionmig reconcile`` (a sealed report folder
+  each), as the runbook runs them (``expected_sha256`` given);
+- **the engines** — ``steps.inspect``, ``steps.migrate``, ``steps.reconcile_step`` (with the
+  application check) in a bare process: the breakdown, no kernel, no report;
+- **pgloader** (when on PATH), configured correctly (``SET timezone`` to the source zone, casts
+  to the target types), the bare load without any proof;
+- **the ceiling** — a server-side binary ``COPY`` of the same rows into a table without
+  indexes, then the primary key and ``idx_expires_at`` built: the load's floor on this machine.
+
+The table shows medians and every round; ratios are taken within a round (this machine's speed
+drifts between minutes). The load average before each round is printed. ``--baseline DIR``
+adds the headline, the verbs and the engines of another checkout (e.g. a git worktree of an
+earlier commit), for a before/after ratio. The fixed costs are measured on a 200-row backup:
+each step's time beyond its engine cell (kernel, parameters, the report's other cells,
+rendering), and the run's own beyond its steps (start-up, target, hashes, sealing).
 
 Target server: ``--dsn`` (an admin URL, database ``postgres``), else the system PostgreSQL at
 127.0.0.1:5432 when it answers, else the embedded server.
@@ -16,6 +29,7 @@ Target server: ``--dsn`` (an admin URL, database ``postgres``), else the system 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -36,52 +50,68 @@ from sessionmig.source import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
-UNREVIEWED = "sessionmig migrate, no expected_sha256"
-BASELINE_MIGRATE = "baseline migrate"
-BASELINE_RECONCILE = "baseline reconcile"
+DATABASE = "sessionmig_bench"
+LOADER_DATABASE = "sessionmig_bench_pgloader"
+CEILING_DATABASE = "sessionmig_bench_ceiling"
+STEPS = ("preflight", "inspect", "migrate", "reconcile")
 
-
-# The engines alone, as the notebooks call them (no kernel, no report): what `--engine` times, for
-# this checkout and a baseline alike, since `sessionmig migrate|reconcile` now leave a report
-# folder too.
+# The engines alone, as the notebooks call them (no kernel, no report).
 ENGINE = (
     "import sys, yaml\n"
     "from sessionmig import steps\n"
     "given = yaml.safe_load(open(sys.argv[2]))\n"
     "given.update(expected_sha256=sys.argv[3]) if len(sys.argv) > 3 else None\n"
     "s = steps.settings(**given)\n"
-    "r = steps.migrate(s, progress=False) if sys.argv[1] == 'migrate' "
-    "else steps.reconcile_step(s, progress=False)\n"
-    "sys.exit(0 if str(r.verdict) in ('PASS', 'PASS_WITH_WARNINGS') else 1)\n"
+    "r = {'inspect': lambda: steps.inspect(s, progress=False),\n"
+    "     'migrate': lambda: steps.migrate(s, progress=False),\n"
+    "     'reconcile': lambda: steps.reconcile_step(s, progress=False)}[sys.argv[1]]()\n"
+    "ok = not [f for f in r.findings if f.severity == 'error'] if sys.argv[1] == 'inspect' "
+    "else str(r.verdict) in ('PASS', 'PASS_WITH_WARNINGS')\n"
+    "sys.exit(0 if ok else 1)\n"
 )
 
+Timed = tuple[float, float, int]  # wall seconds, peak RSS MB, exit code
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int]:
-    """Run ``cmd``; return (wall seconds, peak RSS in MB, exit code) of that process alone."""
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> Timed:
+    """Run ``cmd``; (wall seconds, peak RSS in MB, exit code) of that process, or of the
+    largest of the processes it started and waited for (kernels, workers), from ``wait4``."""
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()  # type: ignore[union-attr]
-    code = os.waitstatus_to_exitcode(status)
-    if code:
-        print(f"{' '.join(cmd[:4])}… exited {code}:\n{out}\n{err}", file=sys.stderr)
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=out
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        code = os.waitstatus_to_exitcode(status)
+        if code:
+            out.seek(0)
+            print(f"{' '.join(cmd[:4])}… exited {code}:\n{out.read().decode()}", file=sys.stderr)
     return wall, usage.ru_maxrss / 1024, code
 
 
-def pgloader(backup: Path, url: str, zone: str) -> tuple[float, float, int] | None:
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def fresh(url: str, database: str) -> str:
+    embedded.ensure_database(url, database, fresh=True)
+    with connect(url, "bench", autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+    return embedded.with_database(url, database)
+
+
+def checkpoint(url: str) -> None:
+    with connect(url, "bench", autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+
+
+def pgloader(backup: Path, url: str, zone: str) -> Timed | None:
     """pgloader into its own fresh database, told the source zone and the target types."""
     if not shutil.which("pgloader"):
         return None
-    embedded.ensure_database(url, "sessionmig_bench_pgloader", fresh=True)
-    target = embedded.with_database(url, "sessionmig_bench_pgloader")
-    load = f"""LOAD DATABASE FROM sqlite://{backup} INTO {target}
+    target = fresh(url, LOADER_DATABASE)
+    load_file = f"""LOAD DATABASE FROM sqlite://{backup} INTO {target}
  WITH create tables, create indexes, reset sequences, workers = 2, concurrency = 1
  SET timezone = '{zone}'
  CAST column sessions.created_at to timestamptz, column sessions.expires_at to timestamptz,
@@ -89,8 +119,47 @@ def pgloader(backup: Path, url: str, zone: str) -> tuple[float, float, int] | No
       using (lambda (x) x);
 """
     with tempfile.NamedTemporaryFile("w", suffix=".load", delete=False) as handle:
-        handle.write(load)
+        handle.write(load_file)
     return timed(["pgloader", handle.name])
+
+
+CEILING = """
+import sys, time, psycopg
+url, source = sys.argv[1], sys.argv[2]
+with psycopg.connect(url, autocommit=True) as conn:
+    conn.execute("CREATE TABLE sessions (session_id text COLLATE \\"C\\" NOT NULL, user_id text, "
+                 "metadata jsonb, created_at timestamptz NOT NULL, expires_at timestamptz NOT "
+                 "NULL, last_activity timestamptz NOT NULL, request_count int NOT NULL)")
+    conn.execute("BEGIN")
+    conn.execute(f"COPY sessions FROM '{source}' (FORMAT binary)")
+    conn.execute("ALTER TABLE sessions ADD PRIMARY KEY (session_id)")
+    conn.execute("CREATE INDEX idx_expires_at ON sessions (expires_at)")
+    conn.execute("COMMIT")
+"""
+
+
+def ceiling_source(url: str) -> str | None:
+    """The migrated rows as a binary COPY file for the server to read (made once, from the
+    database the headline run filled; readable by the server's own user)."""
+    path = OUT / "ceiling.copy"
+    if path.exists():
+        return str(path)
+    try:
+        with (
+            connect(embedded.with_database(url, DATABASE), "bench") as conn,
+            conn.cursor().copy(
+                "COPY (SELECT session_id, user_id, metadata, created_at, expires_at, "
+                "last_activity, request_count FROM public.sessions) TO STDOUT (FORMAT binary)"
+            ) as copy,
+            open(path, "wb") as out,
+        ):
+            for chunk in copy:
+                out.write(chunk)
+    except (TargetError, psycopg.Error) as exc:
+        print(f"no ceiling: could not read the migrated rows ({exc})", file=sys.stderr)
+        return None
+    path.chmod(0o644)
+    return str(path)
 
 
 def landed(url: str, database: str) -> int:
@@ -102,56 +171,54 @@ def landed(url: str, database: str) -> int:
         return 0
 
 
-def checkpoint(url: str) -> None:
-    """Flush the previous way's dirty buffers now, so that no way pays for another's."""
-    with connect(url, "bench", autocommit=True) as conn:
-        conn.execute("CHECKPOINT")
+def step_times(reports: Path) -> dict[str, float]:
+    """Each step's own time, from the one run folder under ``reports``."""
+    (manifest,) = reports.glob("*/*/manifest.json")
+    data = json.loads(manifest.read_text())
+    return {s["name"]: s["duration_s"] for s in data["steps"]}
 
 
-def median_run(done: list[tuple[float, float, int]]) -> tuple[float, float, int]:
-    """The median wall time, the largest peak RSS and the worst exit code of the rounds."""
-    walls = sorted(wall for wall, _, _ in done)
-    return statistics.median(walls), max(r for _, r, _ in done), max(c for _, _, c in done)
+def engine_cell(notebook: Path) -> float:
+    """Seconds the step's engine cell (the one that opens ``report.step``) took, per papermill."""
+    cells = json.loads(notebook.read_text())["cells"]
+    return sum(
+        c["metadata"].get("papermill", {}).get("duration") or 0.0
+        for c in cells
+        if c["cell_type"] == "code" and "report.step(" in "".join(c["source"])
+    )
 
 
-def papermill_overhead(env_file: Path, env: dict[str, str]) -> float:
-    """Seconds a notebook step adds over the bare engine (kernel start, rendering), measured
-    on a tiny backup so that the engine's own time is negligible."""
+def fixed_costs(env_file: Path, url: str, python: str, env: dict[str, str]) -> dict[str, float]:
+    """What a run costs beyond its engines, on a 200-row backup (the engines' own time there
+    is a few hundredths of a second): per step, its time less its engine cell's (kernel,
+    parameters, the other cells, rendering); and the run's own (start-up, target, hashes,
+    sealing), its wall time less its steps'."""
     tiny = OUT / "tiny.db"
     subprocess.run(
-        [sys.executable, "-m", "sessionmig.cli", "sample", "--rows", "200", "--out", str(tiny)]
+        [python, "-m", "sessionmig.cli", "sample", "--rows", "200", "--out", str(tiny)]
         + ["--replace"],
         check=True,
         capture_output=True,
+        env={**os.environ, **env},
     )
-    data = yaml.safe_load(env_file.read_text())
-    url = env["SESSIONMIG_BENCH_TARGET"]
-    embedded.ensure_database(
-        embedded.with_database(url, "postgres"), "sessionmig_bench_tiny", fresh=True
-    )
-    env = {"SESSIONMIG_BENCH_TARGET": embedded.with_database(url, "sessionmig_bench_tiny")}
     tiny_env = env_file.with_name("tiny.yaml")
-    tiny_env.write_text(yaml.safe_dump({**data, "sqlite_path": str(tiny)}))
-    bare, _, _ = timed(
-        [sys.executable, "-m", "sessionmig.cli", "migrate", "--env", str(tiny_env)], env
-    )
+    given = {**yaml.safe_load(env_file.read_text()), "sqlite_path": str(tiny)}
+    tiny_env.write_text(yaml.safe_dump(given))
+    target = {"SESSIONMIG_BENCH_TARGET": fresh(url, "sessionmig_bench_tiny")}
     with tempfile.TemporaryDirectory() as reports:
-        step, _, _ = timed(
-            [
-                sys.executable,
-                "-m",
-                "sessionmig.cli",
-                "run",
-                "--env",
-                str(tiny_env),
-                "--steps",
-                "migrate",
-                "--reports-dir",
-                reports,
-            ],
-            env,
+        wall, _, _ = timed(
+            [python, "-m", "sessionmig.cli", "run", "--env", str(tiny_env)]
+            + ["--reports-dir", reports],
+            {**env, **target},
         )
-    return step - bare
+        (manifest,) = Path(reports).glob("*/*/manifest.json")
+        data = json.loads(manifest.read_text())
+        costs = {
+            s["name"]: s["duration_s"] - engine_cell(manifest.parent / s["notebook"])
+            for s in data["steps"]
+        }
+        costs["the run itself"] = wall - sum(s["duration_s"] for s in data["steps"])
+    return costs
 
 
 def main() -> int:
@@ -163,21 +230,15 @@ def main() -> int:
     parser.add_argument(
         "--baseline",
         type=Path,
-        help="another checkout (e.g. a git worktree of an earlier commit) whose migrate and "
-        "reconcile run beside this one's in every round, for a before/after ratio",
+        help="another checkout whose run, verbs and engines are timed beside in every round",
     )
     parser.add_argument(
-        "--unreviewed",
-        action="store_true",
-        help="also migrate without expected_sha256 (quick_check runs beside the load)",
-    )
-    parser.add_argument(
-        "--engine",
-        action="store_true",
-        help="time the engines alone (steps.migrate / steps.reconcile_step in a process of "
-        "their own), not the CLI verbs, which now also write a report folder",
+        "--ways",
+        default="run,verbs,engines,pgloader,ceiling",
+        help="which ways to time (comma-separated): run, verbs, engines, pgloader, ceiling",
     )
     args = parser.parse_args()
+    ways = set(args.ways.split(","))
     OUT.mkdir(parents=True, exist_ok=True)
     backup = OUT / f"sessions-{args.rows}.db"
     if not backup.exists():
@@ -185,18 +246,8 @@ def main() -> int:
         # No oddities: pgloader stops a whole COPY batch on one bad value, so the comparison
         # would measure nothing. (Every oddity is handled by sessionmig; see the tests.)
         subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "sessionmig.cli",
-                "sample",
-                "--rows",
-                str(args.rows),
-                "--oddities",
-                "0",
-                "--out",
-                str(backup),
-            ],
+            [sys.executable, "-m", "sessionmig.cli", "sample", "--rows", str(args.rows)]
+            + ["--oddities", "0", "--out", str(backup)],
             check=True,
         )
     url, label = server_url(args.dsn)
@@ -212,88 +263,115 @@ def main() -> int:
             }
         )
     )
-    env = {"SESSIONMIG_BENCH_TARGET": embedded.with_database(url, "sessionmig_bench")}
-    cli = [sys.executable, "-m", "sessionmig.cli"]
-    if args.engine:
-
-        def verb(name: str, *rest: str) -> list[str]:
-            extra = [r.split("=", 1)[1] for r in rest if r.startswith("expected_sha256=")]
-            return [sys.executable, "-c", ENGINE, name, str(env_file), *extra]
-    else:
-
-        def verb(name: str, *rest: str) -> list[str]:
-            return [*cli, name, "--env", str(env_file), *[x for r in rest for x in ("-p", r)]]
-
-    # As the runbook migrates: with the sha256 of the file that inspect checked in full.
+    target = {"SESSIONMIG_BENCH_TARGET": embedded.with_database(url, DATABASE)}
     sha = sha256_file(backup)
-    runs: dict[str, list[tuple[float, float, int]]] = {}
+    checkouts = {"": {}}
+    if args.baseline:
+        checkouts["baseline "] = {"PYTHONPATH": str(args.baseline.resolve() / "scripts")}
+    cli = [sys.executable, "-m", "sessionmig.cli"]
+    runs: dict[str, list[Timed]] = {}
+    steps_of: dict[str, list[dict[str, float]]] = {}
     arrived: dict[str, int] = {}
-    # Rounds, each way side by side in every round: this machine's speed drifts by 10-20%
-    # between minutes, so a ratio is only fair within a round; the table shows medians.
+
+    def note(way: str, done: Timed, database: str = DATABASE) -> None:
+        runs.setdefault(way, []).append(done)
+        arrived[way] = landed(url, database)
+
     for round_ in range(args.repeat):
-        print(f"round {round_ + 1} of {args.repeat} …", file=sys.stderr)
-        embedded.ensure_database(url, "sessionmig_bench", fresh=True)
-        checkpoint(url)
-        runs.setdefault("sessionmig migrate", []).append(
-            timed(verb("migrate", f"expected_sha256={sha}"), env)
-        )
-        arrived["sessionmig migrate"] = landed(url, "sessionmig_bench")
-        if args.unreviewed:
-            embedded.ensure_database(url, "sessionmig_bench", fresh=True)
-            checkpoint(url)
-            runs.setdefault(UNREVIEWED, []).append(timed(verb("migrate"), env))
-            arrived[UNREVIEWED] = landed(url, "sessionmig_bench")
-        checkpoint(url)
-        runs.setdefault("sessionmig reconcile", []).append(timed(verb("reconcile"), env))
-        arrived["sessionmig reconcile"] = arrived["sessionmig migrate"]
-        if args.baseline:
-            before = {**env, "PYTHONPATH": str(args.baseline.resolve() / "scripts")}
-            embedded.ensure_database(url, "sessionmig_bench", fresh=True)
-            checkpoint(url)
-            runs.setdefault(BASELINE_MIGRATE, []).append(
-                timed(verb("migrate", f"expected_sha256={sha}"), before)
+        print(f"round {round_ + 1} of {args.repeat} · load {load()}", file=sys.stderr)
+        for prefix, extra in checkouts.items():
+            env = {**target, **extra}
+            if "run" in ways:
+                fresh(url, DATABASE)
+                with tempfile.TemporaryDirectory() as reports:
+                    done = timed(
+                        [*cli, "run", "--env", str(env_file), "--reports-dir", reports], env
+                    )
+                    note(f"{prefix}sessionmig run", done)
+                    steps_of.setdefault(f"{prefix}sessionmig run", []).append(
+                        step_times(Path(reports))
+                    )
+            if "verbs" in ways:
+                fresh(url, DATABASE)
+                with tempfile.TemporaryDirectory() as reports:
+                    given = ["--reports-dir", reports, "-p", f"expected_sha256={sha}"]
+                    note(
+                        f"{prefix}sessionmig migrate",
+                        timed([*cli, "migrate", "--env", str(env_file), *given], env),
+                    )
+                checkpoint(url)
+                with tempfile.TemporaryDirectory() as reports:
+                    note(
+                        f"{prefix}sessionmig reconcile",
+                        timed(
+                            [*cli, "reconcile", "--env", str(env_file), "--reports-dir", reports],
+                            env,
+                        ),
+                    )
+            if "engines" in ways:
+                for step in ("inspect", "migrate", "reconcile"):
+                    if step == "migrate":
+                        fresh(url, DATABASE)
+                    else:
+                        checkpoint(url)
+                    given = [sha] if step == "migrate" else []
+                    note(
+                        f"{prefix}engine: steps.{step}",
+                        timed([sys.executable, "-c", ENGINE, step, str(env_file), *given], env),
+                    )
+        if "pgloader" in ways:
+            done = pgloader(backup, url, "Asia/Seoul")
+            if done:
+                note("pgloader 3.6.7, bare load", done, LOADER_DATABASE)
+        if "ceiling" in ways and (source := ceiling_source(url)):
+            ceiling = fresh(url, CEILING_DATABASE)
+            note(
+                "server-side binary COPY, indexes after",
+                timed([sys.executable, "-c", CEILING, ceiling, source]),
+                CEILING_DATABASE,
             )
-            arrived[BASELINE_MIGRATE] = landed(url, "sessionmig_bench")
-            checkpoint(url)
-            runs.setdefault(BASELINE_RECONCILE, []).append(timed(verb("reconcile"), before))
-            arrived[BASELINE_RECONCILE] = arrived[BASELINE_MIGRATE]
-        checkpoint(url)
-        loaded = pgloader(backup, url, "Asia/Seoul")
-        if loaded:
-            runs.setdefault("pgloader", []).append(loaded)
-            arrived["pgloader"] = landed(url, "sessionmig_bench_pgloader")
-    results = {way: median_run(done) for way, done in runs.items()}
-    # A ratio only against a pgloader that finished and loaded every row.
-    loaded_all = results.get("pgloader", (0.0, 0.0, 1))[2] == 0
-    base = results["pgloader"][0] if loaded_all and arrived["pgloader"] == args.rows else 0.0
+    loader = runs.get("pgloader 3.6.7, bare load")
+    loaded_all = bool(loader) and arrived.get("pgloader 3.6.7, bare load") == args.rows
+
+    def per_round(way: str) -> str:
+        walls = [f"{w:.1f}" for w, _, _ in runs[way]]
+        if not loaded_all or way.startswith("pgloader"):
+            return ", ".join(walls)
+        ratios = [f"{w / p[0]:.2f}×" for (w, _, _), p in zip(runs[way], loader, strict=False)]
+        return ", ".join(f"{w} ({r})" for w, r in zip(walls, ratios, strict=True))
+
     print(
-        f"\n{args.rows:,} rows · {label} · {os.cpu_count()} cores · batch_rows "
-        f"{args.batch_rows} · median of {args.repeat} round(s)"
+        f"\n{args.rows:,} sessions · {label} · {os.cpu_count()} cores · batch_rows "
+        f"{args.batch_rows} · median of {args.repeat} round(s) · load after: {load()}"
     )
-    print("| way | rows in target | wall s | rows/s | peak RSS MB | throughput × pgloader |")
+    print(
+        "| way | rows in target | wall s (median) | × pgloader | peak RSS MB "
+        "| rounds: s (× pgloader) |"
+    )
     print("|---|---|---|---|---|---|")
-    for way, (wall, rss, code) in results.items():
-        ratio = f"{base / wall:.2f}" if base else "–"
-        status = "" if code == 0 else f" (exit {code})"
+    base = statistics.median(w for w, _, _ in loader) if loaded_all and loader else 0.0
+    for way, done in runs.items():
+        wall = statistics.median(w for w, _, _ in done)
+        worst = max(c for _, _, c in done)
+        status = "" if worst == 0 else f" (exit {worst})"
+        times = f"{wall / base:.2f}" if base else "–"
+        rss = max(r for _, r, _ in done)
         print(
-            f"| {way}{status} | {arrived[way]:,} | {wall:.1f} | {args.rows / wall:,.0f} | "
-            f"{rss:.0f} | {ratio} |"
+            f"| {way}{status} | {arrived.get(way, 0):,} | {wall:.1f} | {times} | {rss:.0f} | "
+            f"{per_round(way)} |"
         )
-    if base and args.repeat > 1:
-        pairs = zip(runs["sessionmig migrate"], runs["pgloader"], strict=True)
-        per_round = [f"{p[0] / m[0]:.2f}" for m, p in pairs]
-        print(f"\nmigrate × pgloader per round: {', '.join(per_round)}")
-    for way, baseline in (
-        ("sessionmig migrate", BASELINE_MIGRATE),
-        ("sessionmig reconcile", BASELINE_RECONCILE),
-    ):
-        if baseline in runs:
-            pairs = zip(runs[way], runs[baseline], strict=True)
-            ratios = ", ".join(f"{now[0] / then[0]:.2f}" for now, then in pairs)
-            print(f"{way} time ÷ baseline's, per round: {ratios}")
-    overhead = papermill_overhead(env_file, env)
-    print(f"\npapermill step overhead (kernel start + rendering): {overhead:.1f} s")
-    return max(code for _, _, code in results.values())
+        for step in STEPS if way in steps_of else ():
+            values = [t.get(step, 0.0) for t in steps_of[way]]
+            print(
+                f"| · its {step} step | | {statistics.median(values):.1f} | | | "
+                f"{', '.join(f'{v:.1f}' for v in values)} |"
+            )
+    if "run" in ways:
+        for prefix, extra in checkouts.items():
+            costs = fixed_costs(env_file, url, sys.executable, {**target, **extra})
+            shown = ", ".join(f"{name} {seconds:.2f}" for name, seconds in costs.items())
+            print(f"\n{prefix}fixed costs, s (200-row backup, beyond the engines): {shown}")
+    return max(c for done in runs.values() for _, _, c in done)
 
 
 if __name__ == "__main__":

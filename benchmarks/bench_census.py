@@ -1,14 +1,14 @@
-"""Time inspect and the app check, bulk against row by row, beside migrate (not a test).
+"""Time inspect, bulk against row by row, beside migrate (not a test).
 
-Issue 23: inspect (the census) and reconcile's app check should each take no longer than the
-migrate step on the same backup. Every round migrates the backup into a fresh database on the
-target server (the migrate engine, ``steps.migrate``), then runs inspect and the app check
-against it both ways — ``fast`` (the bulk path) and ``rows`` (every row through the rules, the
-reference the tests compare the bulk path with) — and, with ``--baseline``, the same steps of
-another checkout. Each run is a process of its own; the time shown is the step's own (measured
-inside the process, interpreter start excluded), with the peak RSS of the process or of its
-largest worker process, whichever is larger. Ways alternate their order from round to round;
-the machine's load average is printed with every round.
+Inspect (the census) should take no longer than the migrate step on the same backup. Every
+round migrates the backup into a fresh database on the target server (the migrate engine,
+``steps.migrate``), then runs inspect both ways — ``fast`` (the bulk path) and ``rows`` (every
+row through the rules, the reference the tests compare the bulk path with) — and, with
+``--baseline``, the same step of another checkout. (Reconcile, with the application check in
+it, is timed by ``bench.py``.) Each run is a process of its own; the time shown is the step's
+own (measured inside the process, interpreter start excluded), with the peak RSS of the process
+or of its largest worker process, whichever is larger. Ways alternate their order from round
+to round; the machine's load average is printed with every round.
 
     .venv/bin/python benchmarks/bench_census.py --rows 1000000 --repeat 3
 """
@@ -48,14 +48,6 @@ elif step == "inspect":
     r = inspect_backup(s.sqlite_path, s.rules, s.as_of, s.source_timezone, s.batch_rows,
                        s.on_extra_columns, **mode)
     seen = [[f.code, f.count] for f in r.findings]
-else:
-    from sessionmig.appcheck import check_with_manager
-    from sessionmig.source import open_backup
-    with open_backup(s.sqlite_path) as backup:
-        a = check_with_manager(s.dsn(), backup, s.rules, schema=s.target_schema, as_of=s.as_of,
-                               batch_rows=s.batch_rows, mode=s.reconcile_mode, **mode)
-    seen = [a.checked, a.expected_active, a.accepted_active, a.wrongly_rejected,
-            a.wrongly_accepted]
 wall = time.perf_counter() - start
 rss = max(resource.getrusage(who).ru_maxrss for who in
           (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
@@ -92,7 +84,7 @@ def main() -> int:
     parser.add_argument("--batch-rows", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--baseline", type=Path, help="another checkout, timed beside")
-    parser.add_argument("--steps", default="migrate,inspect,appcheck")
+    parser.add_argument("--steps", default="migrate,inspect")
     parser.add_argument("--ways", default="fast,rows", help="fast, rows (and baseline)")
     args = parser.parse_args()
     backup = args.backup or OUT / f"census-{args.rows}.db"
@@ -130,8 +122,8 @@ def main() -> int:
         embedded.ensure_database(url, DATABASE, fresh=True)
         with connect(url, "bench", autocommit=True) as conn:
             conn.execute("CHECKPOINT")
-        runs = [("fast", "migrate")]  # the app check needs the target migrated
-        runs += [(way, step) for step in ("inspect", "appcheck") for way in order]
+        runs = [("fast", "migrate")]
+        runs += [(way, "inspect") for way in order]
         for way, step in runs:
             if step not in wanted and step != "migrate":
                 continue

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import psycopg
 import pytest
 from conftest import rows_of
 
@@ -38,9 +39,10 @@ def test_an_active_row_postgresql_refuses_does_not_fail_the_app_check(
     assert rows_of(dsn, "SELECT reason FROM session_migration_rejects") == [
         ("refused_by_postgresql",)
     ]
-    app = steps.app_check(s)
-    assert (app.wrongly_rejected, app.wrongly_accepted) == (0, 0), app.examples
     result = steps.reconcile_step(s, progress=False)
+    app = result.app
+    assert app is not None
+    assert (app.wrongly_rejected, app.wrongly_accepted) == (0, 0), app.examples
     verdict, _ = combined_verdict(result.verdict, result.reason, app)
     assert verdict == "PASS_WITH_WARNINGS"
 
@@ -71,7 +73,7 @@ def passes(s) -> str:
     """Migrate then reconcile (with the app check), as the runbook does: the combined verdict."""
     assert steps.migrate(s, progress=False).outcome.committed
     result = steps.reconcile_step(s, progress=False)
-    verdict, reason = combined_verdict(result.verdict, result.reason, steps.app_check(s))
+    verdict, reason = combined_verdict(result.verdict, result.reason, result.app)
     assert verdict in ("PASS", "PASS_WITH_WARNINGS"), reason
     return verdict
 
@@ -131,3 +133,20 @@ def test_a_json_object_naming_a_key_twice_is_a_finding(clean_backup: Path, targe
     found = {f.code: f for f in steps.inspect(s, progress=False).findings}
     assert found["anomaly:json_repeated_key"].count == 1
     assert "keeps only the last value" in found["anomaly:json_repeated_key"].message
+
+
+def test_a_changed_row_whose_metadata_nests_deeper_than_python_parses_is_named(
+    clean_backup: Path, target, dsn: str
+) -> None:
+    """jsonb keeps 5,000 levels of nesting that Python's parser refuses (RecursionError):
+    naming a difference in such a row says what changed, and never crashes the proof."""
+    deep = "[" * 5000 + "1" + "]" * 5000
+    add_row(clean_backup, "session-deep", "u1", deep)
+    s = target(clean_backup)
+    assert steps.migrate(s, progress=False).outcome.committed
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE sessions SET request_count = 7 WHERE session_id = 'session-deep'")
+    result = steps.reconcile_step(s, progress=False)
+    assert result.verdict == "FAIL" and result.counts["changed"] == 1
+    (named,) = [d for d in result.differences if d.kind == "changed"]
+    assert named.detail == "request_count: source 1 vs target 7"

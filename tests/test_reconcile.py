@@ -250,7 +250,8 @@ def test_app_check_accepts_exactly_the_active_sessions_without_touching_them(mig
     before = rows_of(
         dsn, "SELECT session_id, last_activity, request_count FROM sessions ORDER BY 1"
     )
-    app = steps.app_check(migrated)
+    app = steps.reconcile_step(migrated).app
+    assert app is not None
     assert app.ok and app.checked == 393
     assert app.accepted_active == app.expected_active > 0
     assert (
@@ -266,10 +267,11 @@ def test_app_check_names_a_session_the_app_would_refuse(migrated, dsn) -> None:
             "FROM sessions WHERE expires_at > %s)",
             (migrated.as_of, migrated.as_of),
         )
-    app = steps.app_check(migrated)
+    result = steps.reconcile_step(migrated)
+    app = result.app
+    assert app is not None
     assert app.wrongly_rejected == 1 and app.wrongly_accepted == 0
     assert "source says active, the app says not active" in app.examples[0]
-    result = steps.reconcile_step(migrated)
     assert combined_verdict(result.verdict, result.reason, app)[0] == FAIL
 
 

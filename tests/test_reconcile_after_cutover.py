@@ -25,7 +25,6 @@ from sessionmig.reconcile import (
     UNEXPLAINED,
     ReconcileResult,
 )
-from sessionmig.source import open_backup
 from sessionmig.store import SessionManager
 
 
@@ -227,15 +226,12 @@ def test_the_step_reads_reconcile_mode(clean, dsn) -> None:
 
 
 def test_the_app_check_counts_what_the_app_explains(clean, dsn) -> None:
-    from sessionmig.appcheck import check_with_manager
-
     _app_traffic(dsn)
 
     def check(mode: str):
-        with open_backup(clean.sqlite_path) as backup:
-            return check_with_manager(
-                dsn, backup, clean.rules, schema="public", as_of=clean.as_of, mode=mode
-            )
+        app = steps.reconcile_step(dataclasses.replace(clean, reconcile_mode=mode)).app
+        assert app is not None
+        return app
 
     strict, after = check(STRICT), check(AFTER_CUTOVER)
     assert not strict.ok and strict.wrongly_rejected == 1  # the logout

@@ -183,7 +183,7 @@ nb(
         ),
         (
             "code",
-            'app = steps.app_check(settings) if compared else None\nif app is not None:\n    report.show(report.app_check_table(app))\n    report.show(tables["parity"])',
+            'app = result.app if compared else None\nif app is not None:\n    report.show(report.app_check_table(app))\n    report.show(tables["parity"])',
         ),
         ("code", "report.conclude_reconcile(result, app)"),
     ],

@@ -1,48 +1,45 @@
-"""The application's view of the migrated sessions: ask the new ``SessionManager`` which
-sessions it would accept at ``as_of``, without changing any of them.
+"""The application's view of the migrated sessions: does the new ``SessionManager`` accept, at
+``as_of``, exactly the sessions the source says are active — without changing any of them?
 
-Every source row that normalises is expected active in PostgreSQL exactly when its
-``expires_at`` is after ``as_of``; the manager answers with the same predicate
-``validate_session`` uses, read only, so no ``request_count`` or ``last_activity`` moves.
+The manager is asked with its own statement (``validate_session``'s predicate, read only, no
+``request_count`` or ``last_activity`` moved) over every session of the table, in one
+snapshot; the ids it accepts are streamed into a temporary table on reconcile's connection
+before reconcile takes its snapshot (:func:`ask_the_app`). Reconcile's own reading of the
+backup — the rows that should have landed, normalised independently of migrate's code — is
+then compared with those answers in one query (:func:`compare`): every source row that
+should have landed is expected active exactly when its ``expires_at`` is after ``as_of``.
+The backup is read once for reconcile and the check, and no id crosses the client twice.
 
 In ``after_cutover`` mode (the re-check once the app serves from PostgreSQL) a session the app
 treats differently from the backup is *explained* when PostgreSQL's own row says why: the
 session is gone (logout, cleanup) or its ``expires_at`` moved later (extend); those are counted,
-not failed. Whether such a change itself is one the app can make is reconcile's question.
+not failed. The app is asked before reconcile's snapshot, so whatever made it answer
+differently is already visible to that explanation. Whether such a change itself is one the app
+can make is reconcile's question.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Container, Generator, Iterator
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
+from typing import Any
 
+import psycopg
 from psycopg import sql
 
 from sessionstore.manager import SessionManager
 
-from . import defaults as D
-from .connect import connect
-from .keys import duplicate_rejects
-from .mask import mask_id
-from .reconcile import latest_migrate_run
-from .source import Backup
-from .transform import ROWID, Reject, Rules, normalise
 from .verdict import Verdict
-from .wire import (
-    PG_EPOCH,
-    Landed,
-    describe,
-    grouped,
-    in_processes,
-    landed_in_bulk,
-    pg_micros,
-    spans,
-)
 
 EXAMPLES = 10
+APP_ACTIVE = sql.Identifier("pg_temp", "sessionmig_app_active")
+"""The ids the app accepts at ``as_of``, on reconcile's connection (a temporary table)."""
+STREAM_TIMEOUT_MS = 600_000
+"""The manager's statement timeout for the one statement that reads the whole table (its
+request-sized default would stop a large table's scan)."""
 
 
 @dataclass(frozen=True)
@@ -76,192 +73,117 @@ def combined_verdict(verdict: str, reason: str, app: AppCheck | None) -> tuple[s
     )
 
 
-async def _check(
+@dataclass(frozen=True)
+class Asked:
+    """What the app was asked, and how its answers are to be read."""
+
+    schema: str
+    as_of: datetime
+    after_cutover: bool
+    mask: Callable[[str | None], str]
+    accepted: int  # ids the app accepts at as_of, whether or not the backup has them
+
+
+def ask_the_app(
+    conn: psycopg.Connection,
     dsn: str,
-    backup: Backup,
-    rules: Rules,
     schema: str,
     as_of: datetime,
-    batch_rows: int,
+    after_cutover: bool,
     mask: Callable[[str | None], str],
-    mode: str = "strict",
-    fast: bool = True,
-) -> AppCheck:
-    manager = SessionManager(dsn, schema=schema, pool_size=1)
-    checked = expected = accepted = rejected_wrongly = accepted_wrongly = explained = 0
-    at = pg_micros(as_of)
-    loop = asyncio.get_running_loop()
-    reading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sessionmig-appcheck")
-    batches: Generator[tuple[int, Landed], None, None] | None = None
-    found: dict[int, list[str]] = {}
-    try:
-        repeated = duplicate_rejects(backup, rules)  # later copies of a session_id never land
-        # Rows the rules accept but PostgreSQL refused never landed either: the app cannot know
-        # them. (Whether each such reject is true, reconcile checks by offering it again.)
-        refused = _refused_by_postgresql(dsn, schema)
-        if fast and not rules.extra_columns:
-            batches = landed_in_parts(backup, rules, batch_rows, repeated, refused)
-        else:
-            batches = (
-                (0, b) for b in landed_by_the_rules(backup, rules, batch_rows, repeated, refused)
-            )
-        # The next batch is read on a thread of its own while the server answers for this one;
-        # batches of several parts of the backup come in any order, each part's in rowid order.
-        coming = loop.run_in_executor(reading, next, batches, None)
-        while (item := await coming) is not None:
-            coming = loop.run_in_executor(reading, next, batches, None)
-            part, (ids, expires) = item
-            examples = found.setdefault(part, [])
-            active = await manager.active_among(ids, as_of)
-            by_app: set[str] = set()
-            if mode == "after_cutover":
-                differ = [
-                    (sid, _instant(e))
-                    for sid, e in zip(ids, expires, strict=True)
-                    if (e > at) != (sid in active)
-                ]
-                now_expires = _expires_now(dsn, schema, [sid for sid, _ in differ])
-                for sid, expires_at in differ:
-                    # Gone: the app ended it. Later: the app extended it past as_of.
-                    gone = sid not in now_expires
-                    if gone or now_expires[sid] > max(expires_at, as_of):
-                        by_app.add(sid)
-                explained += len(by_app)
-            checked += len(ids)
-            for sid, e in zip(ids, expires, strict=True):
-                if sid in by_app:
-                    continue
-                should = e > at
-                does = sid in active
-                expected += should
-                accepted += does
-                if should != does:
-                    if should:
-                        rejected_wrongly += 1
-                    else:
-                        accepted_wrongly += 1
-                    if len(examples) < EXAMPLES:
-                        examples.append(
-                            f"{mask(sid)}: source says "
-                            f"{'active' if should else 'expired'}, the app says "
-                            f"{'active' if does else 'not active'}"
-                        )
-    finally:
-        reading.shutdown(wait=True, cancel_futures=True)
-        if batches is not None:
-            batches.close()
-        await manager.close()
-    examples = [text for part in sorted(found) for text in found[part]][:EXAMPLES]
-    return AppCheck(
-        checked, expected, accepted, rejected_wrongly, accepted_wrongly, examples, explained
+) -> Asked:
+    """Stream the ids the app's ``SessionManager`` accepts at ``as_of`` into
+    :data:`APP_ACTIVE` on ``conn``, and commit: called before reconcile's transaction, so
+    that its snapshot is later than the app's answers."""
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(APP_ACTIVE))
+    conn.execute(
+        sql.SQL(
+            'CREATE TEMP TABLE {} (session_id pg_catalog.text COLLATE pg_catalog."C" NOT NULL)'
+        ).format(APP_ACTIVE)
     )
+    accepted = 0
+    with conn.cursor().copy(sql.SQL("COPY {} (session_id) FROM STDIN").format(APP_ACTIVE)) as copy:
 
-
-ASK_ROWS = 20_000
-"""Sessions per question to the manager on the bulk path (one array parameter each)."""
-
-PARTS = 2
-"""Worker processes that read a large backup for the app check, each its share of rowids."""
-PARTS_FROM = 200_000
-"""Rowids from which a backup is read by :data:`PARTS` processes (starting them costs ~1 s)."""
-
-
-def landed_in_parts(
-    backup: Backup,
-    rules: Rules,
-    batch_rows: int,
-    repeated: Collection[int],
-    refused: Collection[int],
-    parts: int = PARTS,
-) -> Generator[tuple[int, Landed], None, None]:
-    """:func:`wire.landed_in_bulk` over the whole backup, as ``(part, batch)``: a large backup
-    is split into ``parts`` spans of rowids, each read by a process of its own (the rules are
-    CPU work, and the GIL would serialise threads). Each part's batches come in rowid order,
-    the parts' in whatever order they are ready; ``part`` numbers the spans in rowid order."""
-    cut = spans(backup, parts) if parts > 1 else []
-    if not cut or cut[-1][1] - cut[0][0] < PARTS_FROM:
-        for batch in grouped(
-            landed_in_bulk(backup, rules, batch_rows, repeated, refused), ASK_ROWS
-        ):
-            yield 0, batch
-        return
-    opened, left_out = describe(backup), (set(repeated), set(refused))
-    works = [(opened, rules, batch_rows, *left_out, first, last, ASK_ROWS) for first, last in cut]
-    yield from in_processes(_WORKER, works)
-
-
-_WORKER = "from sessionmig.wire import landed_part, serve; serve(landed_part)"
-
-
-def _instant(micros: int) -> datetime:
-    return PG_EPOCH.replace(tzinfo=UTC) + timedelta(microseconds=micros)
-
-
-def landed_by_the_rules(
-    backup: Backup, rules: Rules, batch_rows: int, repeated: Container[int], refused: Container[int]
-) -> Iterator[Landed]:
-    """The sessions that landed, each row through :func:`transform.normalise` (the reference
-    :func:`landed_in_bulk` is tested against)."""
-    for batch in backup.rows(batch_rows, extra=rules.extra_columns):
-        rows = [
-            r
-            for r in (
-                normalise(raw, rules)
-                for raw in batch
-                if raw[ROWID] not in repeated and raw[ROWID] not in refused
+        async def stream() -> None:
+            nonlocal accepted
+            manager = SessionManager(
+                dsn, schema=schema, pool_size=1, statement_timeout_ms=STREAM_TIMEOUT_MS
             )
-            if not isinstance(r, Reject)
-        ]
-        yield [r.session_id for r in rows], [pg_micros(r.expires_at) for r in rows]
+            try:
+                async for ids in manager.active_ids(as_of):
+                    for sid in ids:
+                        copy.write_row((sid,))
+                    accepted += len(ids)
+            finally:
+                await manager.close()
+
+        _run(stream())
+    # The planner's figures for the join (a temporary table is never analysed by autovacuum).
+    conn.execute(sql.SQL("ANALYZE {}").format(APP_ACTIVE))
+    conn.commit()
+    return Asked(schema, as_of, after_cutover, mask, accepted)
 
 
-def _refused_by_postgresql(dsn: str, schema: str) -> set[int]:
-    """The source rowids the latest migrate run kept as ``refused_by_postgresql`` rejects."""
-    rejects = sql.Identifier(schema, "session_migration_rejects")
-    with connect(dsn, "appcheck", read_only=True) as conn:
-        run = latest_migrate_run(conn, schema)
-        if run is None:
-            return set()
-        rows = conn.execute(
-            sql.SQL(
-                "SELECT source_rowid FROM {} WHERE run_id = %s AND reason = 'refused_by_postgresql'"
-            ).format(rejects),
-            (run,),
-        ).fetchall()
-    return {r[0] for r in rows}
-
-
-def _expires_now(dsn: str, schema: str, ids: list[str]) -> dict[str, datetime]:
-    """PostgreSQL's ``expires_at`` of those of ``ids`` it still holds (few: only the sessions
-    whose answer differs from the backup's)."""
-    if not ids:
-        return {}
-    query = sql.SQL("SELECT session_id, expires_at FROM {} WHERE session_id = ANY(%s)").format(
-        sql.Identifier(schema, "sessions")
-    )
-    with connect(dsn, "appcheck", read_only=True) as conn:
-        return dict(conn.execute(query, (ids,)).fetchall())
-
-
-def check_with_manager(
-    dsn: str,
-    backup: Backup,
-    rules: Rules,
-    *,
-    schema: str,
-    as_of: datetime,
-    batch_rows: int = D.BATCH_ROWS,
-    mask: Callable[[str | None], str] = mask_id,
-    mode: str = "strict",
-    fast: bool = True,
-) -> AppCheck:
-    """Run the check (see the module docstring); ``mode`` as reconcile's. ``fast=False``
-    reads every row through the rules (the reference the bulk path is tested against)."""
-    work = _check(dsn, backup, rules, schema, as_of, batch_rows, mask, mode, fast)
+def _run(work: Coroutine[Any, Any, None]) -> None:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(work)
-    # Inside Jupyter an event loop is already running: give the check a loop of its own.
+        asyncio.run(work)
+        return
+    # Inside Jupyter an event loop is already running: give the manager a loop of its own.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, work).result()
+        pool.submit(asyncio.run, work).result()
+
+
+# Per source row s (left-joined to the app's answers a and, after the cutover, to the target's
+# row t): what the source says, what the app says, and whether PostgreSQL explains a difference.
+_SHOULD = "s.expires_at OPERATOR(pg_catalog.>) %(at)s"
+_DOES = "a.session_id IS NOT NULL"
+_EXPLAINED = """({should}) IS DISTINCT FROM ({does})
+                AND (t.session_id IS NULL
+                     OR t.expires_at OPERATOR(pg_catalog.>)
+                        pg_catalog.timestamptz_larger(s.expires_at, %(at)s))"""
+_JUDGED = """SELECT s.session_id, {should} AS should, {does} AS does, {explained} AS explained
+             FROM {source} s
+             LEFT JOIN {answers} a ON a.session_id OPERATOR(pg_catalog.=) s.session_id
+             {target}"""
+_TALLY = """SELECT pg_catalog.count(*),
+                   pg_catalog.count(*) FILTER (WHERE NOT explained AND should),
+                   pg_catalog.count(*) FILTER (WHERE NOT explained AND does),
+                   pg_catalog.count(*) FILTER (WHERE NOT explained AND should AND NOT does),
+                   pg_catalog.count(*) FILTER (WHERE NOT explained AND does AND NOT should),
+                   pg_catalog.count(*) FILTER (WHERE explained)
+            FROM ({judged}) j"""
+_EXAMPLES = """SELECT session_id, should FROM ({judged}) j
+               WHERE NOT explained AND should IS DISTINCT FROM does
+               ORDER BY session_id LIMIT %(examples)s"""
+
+
+def compare(conn: psycopg.Connection, source: sql.Identifier, asked: Asked) -> AppCheck:
+    """The app's answers against ``source``, reconcile's temporary table of the rows that should
+    have landed (in reconcile's transaction, while it exists)."""
+    judged = sql.SQL(_JUDGED).format(
+        should=sql.SQL(_SHOULD),
+        does=sql.SQL(_DOES),
+        explained=sql.SQL(_EXPLAINED if asked.after_cutover else "false").format(
+            should=sql.SQL(_SHOULD), does=sql.SQL(_DOES)
+        ),
+        source=source,
+        answers=APP_ACTIVE,
+        target=sql.SQL("LEFT JOIN {} t ON t.session_id OPERATOR(pg_catalog.=) s.session_id").format(
+            sql.Identifier(asked.schema, "sessions")
+        )
+        if asked.after_cutover
+        else sql.SQL(""),
+    )
+    values = {"at": asked.as_of, "examples": EXAMPLES}
+    row = conn.execute(sql.SQL(_TALLY).format(judged=judged), values).fetchone()
+    checked, expected, accepted, rejected, wrongly_accepted, explained = row  # type: ignore[misc]
+    examples = []
+    if rejected or wrongly_accepted:
+        for sid, should in conn.execute(sql.SQL(_EXAMPLES).format(judged=judged), values):
+            examples.append(
+                f"{asked.mask(sid)}: source says {'active' if should else 'expired'}, the app "
+                f"says {'not active' if should else 'active'}"
+            )
+    return AppCheck(checked, expected, accepted, rejected, wrongly_accepted, examples, explained)

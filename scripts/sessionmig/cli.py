@@ -121,17 +121,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run_steps(args: argparse.Namespace, steps: list[str] | None, verb: str) -> int:
     """``sessionmig run`` of ``steps``: the step lines and progress on stderr, then the report
     path, the verdict and a summary a ticket can take (or the JSON of ``--format json``)."""
-    from .orchestrate import run
+    from .kernels import Kernels
 
-    outcome = run(
-        args.env,
-        steps,
-        P.parse_overrides(args.param),
-        args.reports_dir,
-        getattr(args, "fresh", False),
-        project_dir=args.project_dir,
-        verb=verb,
-    )
+    with Kernels(os.getcwd()) as kernels:
+        # The first step's kernel starts while the runbook's own modules load.
+        kernels.start((steps or list(P.DEFAULT_STEPS))[0])
+        from .orchestrate import run
+
+        outcome = run(
+            args.env,
+            steps,
+            P.parse_overrides(args.param),
+            args.reports_dir,
+            getattr(args, "fresh", False),
+            project_dir=args.project_dir,
+            verb=verb,
+            kernels=kernels,
+        )
     out = _human(args)
     print(f"reports: {outcome.index.resolve()}", file=out)
     if outcome.exit_code:

@@ -24,14 +24,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import papermill
-from jupyter_client.manager import AsyncKernelManager
 from papermill.exceptions import PapermillExecutionError
 
 from . import defaults as D
@@ -39,9 +38,10 @@ from . import embedded, manifest, mask
 from . import params as P
 from .cover import of_step, run_headline, when
 from .errors import EXIT_ERROR, EXIT_FAIL, EXIT_OK, ParameterError, SessionmigError
+from .kernels import KernelManager, Kernels, end, new_kernel
 from .progress import PROGRESS_VARIABLE, ProgressEcho, plain
 from .project import ENVIRONMENTS, PROJECT_DIR_VARIABLE, locate
-from .render import Answer, notebook_to_html, scrub_notebook
+from .render import Answer, notebook_to_html, scrub_notebook, warm
 from .report import RESULT_VARIABLE
 from .settings import complete, new_run_id
 from .source import hash_files
@@ -135,24 +135,6 @@ def prepare_target(merged: dict[str, Any], fresh: bool) -> str:
         raise ParameterError("--fresh drops the database: allowed only for the embedded server")
     P.database_url(name)  # raises with the fix when the variable is unset
     return f"the database named by ${name}"
-
-
-class KernelManager(AsyncKernelManager):
-    """A kernel whose own process log (not the notebook's output) goes to a file, so the
-    operator's terminal shows the run's outcome rather than ipykernel's start-up warnings.
-    It remembers the kernel's pid, so an interrupt can reach the running cell."""
-
-    log_file: Any = None
-    kernel_pid: int | None = None
-
-    # jupyter_client types start_kernel as its synchronous wrapper; the async manager's, which
-    # nbclient awaits, is a coroutine function.
-    async def start_kernel(self, **kw: Any) -> None:  # type: ignore[override]
-        if self.log_file is not None:
-            kw.setdefault("stderr", self.log_file)
-            kw.setdefault("stdout", self.log_file)
-        await super().start_kernel(**kw)
-        self.kernel_pid = getattr(self.provisioner, "pid", None)
 
 
 def _signal_kernel(km: KernelManager, signum: int) -> None:
@@ -254,6 +236,16 @@ def step_line(record: StepRecord) -> str:
     return f"{record.name}: {verdict} in {record.duration_s:.1f} s{tail}"
 
 
+def step_environment(results: Path, step: str) -> dict[str, str]:
+    """The environment a step's kernel runs with: the run's, and where that step writes its
+    result and its progress."""
+    return {
+        **os.environ,
+        RESULT_VARIABLE: str(results / f"{step}.json"),
+        PROGRESS_VARIABLE: str(results / f"{step}.progress"),
+    }
+
+
 def execute_step(
     record: StepRecord,
     run_dir: Path,
@@ -261,6 +253,7 @@ def execute_step(
     results: Path,
     secrets: tuple[str, ...] = (),
     notebooks: Path | None = None,
+    kernels: Kernels | None = None,
 ) -> None:
     """Execute one notebook with papermill, render it, and fill ``record``.
 
@@ -275,9 +268,12 @@ def execute_step(
     os.environ[RESULT_VARIABLE] = str(result_file)
     declared = {p.name for p in P.of_steps([record.name])}
     started = time.perf_counter()
-    kernel_log = open(results / f"{record.name}.kernel.log", "wb")  # noqa: SIM115
-    km = KernelManager(kernel_name="python3")
-    km.log_file = kernel_log
+    # Started ahead (warm) when the run could; else papermill starts it with os.environ.
+    km = (
+        kernels.take(record.name, step_environment(results, record.name))
+        if kernels
+        else new_kernel(results / f"{record.name}.kernel.log")
+    )
     # The kernel appends its progress bars to this file; the echo shows them on stderr: a
     # redrawn line on a terminal, occasional plain lines in a log or under NO_COLOR.
     progress = results / f"{record.name}.progress"
@@ -324,7 +320,7 @@ def execute_step(
         os.environ.pop(RESULT_VARIABLE, None)
         os.environ.pop(PROGRESS_VARIABLE, None)
         echo.stop()
-        kernel_log.close()
+        end(km)
     if result_file.exists():
         data = json.loads(result_file.read_text(encoding="utf-8"))
         record.verdict, record.reason = data["verdict"], data["reason"]
@@ -660,12 +656,29 @@ def run(
     fresh: bool = False,
     project_dir: str | Path | None = None,
     verb: str = "run",
+    kernels: Kernels | None = None,
 ) -> RunOutcome:
     """Run the selected steps for ``env``; see the module docstring. ``verb`` names the
-    command in what the terminal is told (``sessionmig migrate`` runs this with one step)."""
+    command in what the terminal is told (``sessionmig migrate`` runs this with one step).
+    ``kernels``: the caller's, when it started the first step's kernel even earlier."""
     steps = list(steps or DEFAULT_STEPS)
+    with nullcontext(kernels) if kernels else Kernels(os.getcwd()) as running:
+        running.start(steps[0])  # it starts while the parameters are read and the target prepared
+        return _run(env, steps, overrides or {}, reports_dir, fresh, project_dir, verb, running)
+
+
+def _run(
+    env: str,
+    steps: list[str],
+    overrides: dict[str, Any],
+    reports_dir: str | Path,
+    fresh: bool,
+    project_dir: str | Path | None,
+    verb: str,
+    kernels: Kernels,
+) -> RunOutcome:
     started = datetime.now(UTC)
-    merged = resolve_parameters(env, overrides or {}, steps, project_dir)
+    merged = resolve_parameters(env, overrides, steps, project_dir)
     notebooks = locate(project_dir).notebooks
     # One id, one "now", one operator for every step of the run; a run's id is always new.
     merged = complete({**merged, "run_id": new_run_id(started)}, started)
@@ -681,12 +694,18 @@ def run(
         before: tuple = ()
         try:
             try:
-                before = hash_files(Path(merged["sqlite_path"]))
-                target = prepare_target(merged, fresh)
-                with tempfile.TemporaryDirectory(prefix="sessionmig-results-") as results:
-                    for record in records:
+                with tempfile.TemporaryDirectory(prefix="sessionmig-results-") as folder:
+                    results = Path(folder)
+                    warm()  # the HTML exporter, ready for the first page
+                    try:
+                        target = prepare_target(merged, fresh)
+                    finally:
+                        before = hash_files(Path(merged["sqlite_path"]))
+                    for i, record in enumerate(records):
+                        if i + 1 < len(records):
+                            kernels.start(records[i + 1].name)  # warming while this step runs
                         announce(f"{record.name}: running {record.notebook}", verb)
-                        execute_step(record, run_dir, merged, Path(results), secrets, notebooks)
+                        execute_step(record, run_dir, merged, results, secrets, notebooks, kernels)
                         announce(step_line(record), verb)
                         if record.interrupted:
                             interrupted = True

@@ -52,6 +52,7 @@ import psycopg
 from psycopg import sql
 
 from . import defaults as D
+from .appcheck import AppCheck, Asked, ask_the_app, compare
 from .connect import connect
 from .copyin import REFUSALS, stream_backup
 from .errors import ParameterError, TargetError
@@ -135,6 +136,7 @@ class ReconcileResult:
     reason: str
     warnings: list[str] = field(default_factory=list)
     mode: str = STRICT
+    app: AppCheck | None = None  # the application check, when it was asked for
 
     @property
     def explained(self) -> dict[str, int]:
@@ -175,7 +177,14 @@ _SQL_NULL = ("sql", "NULL")  # never equal to any parsed JSON value, JSON null i
 
 
 def _json(text: str | None) -> Any:
-    return _SQL_NULL if text is None else canonical_json(json.loads(text, parse_float=Decimal))
+    if text is None:
+        return _SQL_NULL
+    try:
+        return canonical_json(json.loads(text, parse_float=Decimal))
+    except RecursionError:
+        # Nested deeper than Python parses (jsonb holds it): both sides are jsonb's own text,
+        # equal exactly when the values are, so the text is the canonical form.
+        return ("deep", text)
 
 
 def _shown_json(text: str | None, limit: int = 60) -> str:
@@ -762,10 +771,13 @@ def reconcile(
     mask: Callable[[str | None], str] = mask_id,
     progress: Callable[[int], None] | None = None,
     mode: str = STRICT,
+    app_check: bool = False,
 ) -> ReconcileResult:
     """Compare every source row and column with the target; see the module docstring.
     ``mode`` is ``strict`` (every difference fails) or ``after_cutover`` (differences the
-    application explains are counted, the others fail)."""
+    application explains are counted, the others fail). ``app_check``: also ask the new
+    ``SessionManager`` which sessions it accepts at ``as_of`` (:mod:`sessionmig.appcheck`),
+    against the same reading of the backup."""
     if mode not in MODES:
         raise ParameterError(
             f"reconcile_mode={mode!r}: give strict (right after migrate: any difference fails) "
@@ -773,8 +785,15 @@ def reconcile(
         )
     conn = connect(dsn, "reconcile")  # raises TargetUnreachable/TargetRefused, redacted
     try:
+        asked = None
+        if app_check:
+            # The app reads the table only once the shape says what it reads can be trusted.
+            with conn.transaction():
+                conn.execute("SELECT pg_catalog.set_config('row_security', 'off', true)")
+                check_shape(conn, schema)
+            asked = ask_the_app(conn, dsn, schema, as_of, mode == AFTER_CUTOVER, mask)
         return _reconcile(
-            conn, dsn, backup, rules, schema, as_of, batch_rows, run_id, mask, progress, mode
+            conn, dsn, backup, rules, schema, as_of, batch_rows, run_id, mask, progress, mode, asked
         )
     except psycopg.Error as exc:
         # A target damaged in a way the shape check cannot see, or lost mid-way: one line that
@@ -961,6 +980,7 @@ def _reconcile(
     mask: Callable[[str | None], str],
     progress: Callable[[int], None] | None,
     mode: str = STRICT,
+    asked: Asked | None = None,
 ) -> ReconcileResult:
     tally = _Tally(mask)
     if mode == AFTER_CUTOVER:
@@ -1037,6 +1057,8 @@ def _reconcile(
         if mode == AFTER_CUTOVER:
             parity["reconcile_mode"] = mode
             parity["backup_taken_not_before"] = cutoff.isoformat() if cutoff else None
+        # While the source's rows are still on the server: the app's answers against them.
+        app = compare(conn, _SOURCE, asked) if asked is not None else None
         unchanged_source.result()
     counts = tally.counts
     # In after_cutover a landed row the app ended since is still a row that landed.
@@ -1065,6 +1087,7 @@ def _reconcile(
         reason=reason,
         warnings=warnings,
         mode=mode,
+        app=app,
     )
 
 

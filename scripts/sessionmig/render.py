@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import html
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,22 +231,37 @@ def arrange(node: Any) -> Arranged:
     )
 
 
+_EXPORTING = threading.Lock()
+
+
+@functools.cache
+def exporter() -> Any:
+    """The one HTML exporter of the process (nbconvert's import and the template's loading
+    take a few tenths of a second: once, and ahead of the first page when warmed)."""
+    from nbconvert import HTMLExporter
+
+    made = HTMLExporter(template_name="sessionmig", extra_template_basedirs=[str(TEMPLATES)])
+    made.embed_images = True
+    made.exclude_input = True
+    made.exclude_input_prompt = True
+    made.exclude_output_prompt = True
+    return made
+
+
+def warm() -> None:
+    """Make the exporter on a thread of its own, while a step runs."""
+    threading.Thread(target=exporter, name="sessionmig-render-warm", daemon=True).start()
+
+
 def notebook_to_html(notebook: Path, html_path: Path, stopped: Answer | None = None) -> Path:
     """Write ``html_path`` from ``notebook``: the answer first, then the evidence (outputs and
     inline PNG figures), then the parameters, code and any traceback in a collapsed appendix;
     with no script or style fetched from the network (the ``sessionmig`` template).
     ``stopped`` is the answer to show when the notebook holds none (its kernel died)."""
-    from nbconvert import HTMLExporter
-
     node = nbformat.read(notebook, as_version=4)
     page = arrange(node)
     if stopped is not None and not page.answer:  # e.g. its kernel died: what is known instead
         page = dataclasses.replace(page, answer=(answer_html(stopped),))
-    exporter = HTMLExporter(template_name="sessionmig", extra_template_basedirs=[str(TEMPLATES)])
-    exporter.embed_images = True
-    exporter.exclude_input = True
-    exporter.exclude_input_prompt = True
-    exporter.exclude_output_prompt = True
     resources = {
         "metadata": {"name": notebook.stem},
         "sessionmig": {
@@ -259,7 +276,8 @@ def notebook_to_html(notebook: Path, html_path: Path, stopped: Answer | None = N
             "notebook": notebook.name,
         },
     }
-    body, _ = exporter.from_notebook_node(page.body, resources=resources)
+    with _EXPORTING:
+        body, _ = exporter().from_notebook_node(page.body, resources=resources)
     html_path.write_text(mask.redact_html(body), encoding="utf-8")
     return html_path
 

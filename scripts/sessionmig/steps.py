@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -55,9 +55,6 @@ from .source import FileHash, open_backup
 from .verdict import Verdict
 
 log = logging.getLogger(__name__)
-
-if TYPE_CHECKING:  # the app check pulls in the async SessionManager; load it only for that step
-    from .appcheck import AppCheck
 
 RETRY_BACKOFF_S = 1.0
 
@@ -673,23 +670,8 @@ def reconcile_step(
                 progress=bar.update,
                 mode=s.reconcile_mode,
                 run_id=run_id,
+                app_check=True,
             )
-
-
-def app_check(s: Settings) -> AppCheck:
-    """Ask the new SessionManager, read only, which sessions it accepts at ``as_of``."""
-    from .appcheck import check_with_manager
-
-    with open_backup(s.sqlite_path) as backup:
-        return check_with_manager(
-            s.dsn(),
-            backup,
-            s.rules,
-            schema=s.target_schema,
-            as_of=s.as_of,
-            batch_rows=s.batch_rows,
-            mode=s.reconcile_mode,
-        )
 
 
 # --- analysis --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta, tzinfo
 from itertools import repeat
 from operator import itemgetter
@@ -24,7 +24,7 @@ import numpy as np
 
 from . import defaults as D
 from .source import Backup
-from .transform import MAX_SESSION_ID_BYTES, Reject, Rules, Session, normalise
+from .transform import MAX_SESSION_ID_BYTES, Rules, Session
 
 WIRE_TYPES = ["bytea", "bytea", "bytea", "int8", "int8", "int8", "int4"]
 """The COPY types of a wire row. Text goes as its UTF-8 bytes and metadata as jsonb's binary
@@ -457,52 +457,6 @@ def raw_rows(backup: Backup, rowids: list[int], extra: tuple[str, ...] = ()) -> 
                 yield raw
 
 
-Landed = tuple[list[str], list[int]]
-"""A batch of the sessions that landed, in rowid order: session ids and ``expires_at`` as
-``timestamptz``'s binary value (microseconds since 2000-01-01 UTC)."""
-
-
-def landed_in_bulk(
-    backup: Backup,
-    rules: Rules,
-    batch_rows: int,
-    repeated: Container[int],
-    refused: Container[int],
-    first: int | None = None,
-    last: int | None = None,
-) -> Iterator[Landed]:
-    """The sessions that landed (the rules accept them, and their rowid is in neither
-    ``repeated`` nor ``refused``), in rowid order: rows the rules surely land as they are
-    (:class:`RulesPath`) in bulk, every other row by :func:`transform.normalise`."""
-    path = RulesPath(rules, repeated_keys=False)
-    skip = bool(repeated) or bool(refused)
-    for checked in path.batches(backup, batch_rows, first, last):
-        rowids = checked.rowids
-        sure = checked.sure.tolist()
-        if skip:
-            sure = [
-                ok and r not in repeated and r not in refused
-                for ok, r in zip(sure, rowids, strict=True)
-            ]
-        rest = [r for ok, r in zip(sure, rowids, strict=True) if not ok]
-        exact = sorted(checked.exact + rest) if rest else checked.exact
-        if not exact:
-            yield decoded_texts(checked.session_ids), checked.expires.tolist()
-            continue
-        pick = [i for i, ok in enumerate(sure) if ok]
-        sids = decoded_texts([checked.session_ids[i] for i in pick])
-        expires = checked.expires.tolist()
-        rows = [(rowids[i], sid, expires[i]) for i, sid in zip(pick, sids, strict=True)]
-        for raw in raw_rows(backup, exact, rules.extra_columns):
-            if raw[0] in repeated or raw[0] in refused:
-                continue
-            result = normalise(raw, rules)
-            if not isinstance(result, Reject):
-                rows.append((raw[0], result.session_id, pg_micros(result.expires_at)))
-        rows.sort()
-        yield [sid for _, sid, _ in rows], [e for _, _, e in rows]
-
-
 def opened_again(opened: dict[str, Any]) -> Backup:
     """In a worker process: the backup a parent opened, described by :func:`describe` (the
     parent keeps it, and any private copy, until its workers are done)."""
@@ -539,41 +493,6 @@ def spans(backup: Backup, parts: int) -> list[tuple[int, int]]:
         return []
     step = (high - low + parts) // parts
     return [(low + i * step, min(low + (i + 1) * step - 1, high)) for i in range(parts)]
-
-
-def landed_part(
-    opened: dict[str, Any],
-    rules: Rules,
-    batch_rows: int,
-    repeated: set[int],
-    refused: set[int],
-    first: int,
-    last: int,
-    rows: int,
-) -> Iterator[Landed]:
-    """A worker's share of :func:`landed_in_bulk`: the rowids ``first..last``, in batches of at
-    least ``rows`` sessions."""
-    backup = opened_again(opened)
-    try:
-        yield from grouped(
-            landed_in_bulk(backup, rules, batch_rows, repeated, refused, first, last), rows
-        )
-    finally:
-        backup.connection.close()
-
-
-def grouped(batches: Iterator[Landed], rows: int) -> Iterator[Landed]:
-    """Batches joined into ones of at least ``rows`` sessions (the last may be smaller)."""
-    ids: list[str] = []
-    expires: list[int] = []
-    for more_ids, more_expires in batches:
-        ids += more_ids
-        expires += more_expires
-        if len(ids) >= rows:
-            yield ids, expires
-            ids, expires = [], []
-    if ids:
-        yield ids, expires
 
 
 def serve(produce: Callable[..., Iterator[Any]]) -> None:

@@ -818,6 +818,36 @@ class SessionManager:
 
         return await self._run(self.sql.active_among, lambda: {"ids": ids, "at": at}, found)
 
+    async def active_ids(self, at: datetime, chunk: int = 10_000) -> AsyncIterator[list[str]]:
+        """Every session ``validate_session`` would accept at ``at`` — read only, in one
+        snapshot: the store's own predicate over the whole table, streamed in lists of at most
+        ``chunk`` ids, so memory stays flat whatever the table holds (the runbook's application
+        check). Not retried: a stream cut half-way cannot resume in the same snapshot; every
+        way of being unavailable is :class:`StoreUnavailable`."""
+        statement = self.sql.active_at
+        try:
+            pool = self._ready_pool() or await self._pool()
+            async with pool.connection() as conn, conn.transaction():
+                if self.pooled:
+                    await conn.execute(self._per_transaction, prepare=False)
+                ids: list[str] = []
+                values = statement.bind({"at": at})
+                async for (sid,) in conn.cursor().stream(statement.sql, values, size=chunk):
+                    ids.append(sid)
+                    if len(ids) == chunk:
+                        yield ids
+                        ids = []
+                if ids:
+                    yield ids
+        except PoolTimeout:
+            raise self._pool_exhausted() from None
+        except (TargetRefused, TargetUnreachable) as exc:
+            raise StoreUnavailable(f"the session database is unavailable: {exc}") from None
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(
+                f"the session database stopped answering: {redact(_first_line(exc))}"
+            ) from None
+
     async def open(self) -> SessionManager:
         """Make the pool of the running loop and check the database once: the sessions table
         exists in :attr:`schema` at the revision the store is written for

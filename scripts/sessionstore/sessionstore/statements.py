@@ -122,6 +122,7 @@ class Statements:
     cleanup: Statement
     count: Statement
     active_among: Statement
+    active_at: Statement
 
 
 @lru_cache(maxsize=16)
@@ -222,6 +223,12 @@ def statements(schema: str, database_clock: bool) -> Statements:
                 s.c.session_id == any_(bindparam("ids", type_=ARRAY(s.c.session_id.type))),
                 s.c.expires_at > bindparam("at", type_=TIMESTAMPTZ),
             ),
+            schema,
+            resend_safe=True,
+        ),
+        # validate's and count's predicate over the whole table, with the instant given.
+        active_at=_compile(
+            select(s.c.session_id).where(s.c.expires_at > bindparam("at", type_=TIMESTAMPTZ)),
             schema,
             resend_safe=True,
         ),
