@@ -141,3 +141,23 @@ def test_the_store_alone_migrates_and_serves(alone: Path, dsn: str, tmp_path: Pa
 def test_the_store_loads_nothing_of_the_runbook_beside_it(dsn: str, tmp_path: Path) -> None:
     """In the development venv pandas and the rest are installed: still none is imported."""
     assert _run(Path(sys.executable), USE_THE_STORE, dsn, tmp_path)["loaded"] == []
+
+
+def test_the_example_app_imports_the_store_only(tmp_path: Path) -> None:
+    """``examples/session_app``'s app (its requirements: the store, FastAPI, uvicorn) loads
+    nothing of the runbook."""
+    environ = {"SESSION_DB_TYPE": "sqlite", "SESSION_SQLITE_PATH": str(tmp_path / "s.db")}
+    code = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'examples')!r})\n"
+        "from session_app.app import create_app\n"
+        f"create_app({environ!r})\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {RUNBOOK_ONLY!r})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    requirements = (ROOT / "examples" / "session_app" / "requirements.txt").read_text()
+    assert "sessionmig" not in requirements.replace("# ", "")
