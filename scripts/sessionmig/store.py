@@ -1100,7 +1100,9 @@ class SessionManager:
                     await conn.execute(self._per_transaction, prepare=False)
                 ids: list[str] = []
                 values = statement.bind({"at": at})
-                async for (sid,) in conn.cursor().stream(statement.sql, values, size=chunk):
+                # Rows a chunk at a time where libpq can (17 and later), else one at a time.
+                size = chunk if psycopg.pq.version() >= 170000 else 1
+                async for (sid,) in conn.cursor().stream(statement.sql, values, size=size):
                     ids.append(sid)
                     if len(ids) == chunk:
                         yield ids
