@@ -429,6 +429,10 @@ def statements(schema: str, database_clock: bool) -> Statements:
     )
 
 
+_STREAM_SETTINGS = "SELECT pg_catalog.set_config('idle_in_transaction_session_timeout', '0', true)"
+_NO_TRANSACTION_TIMEOUT = "SELECT pg_catalog.set_config('transaction_timeout', '0', true)"
+
+
 def _closed_by_the_server(conn: psycopg.AsyncConnection[Any]) -> bool:
     """Whether this idle pool connection is already gone: closed on our side, or anything to
     read on its socket — the server sends an idle autocommit connection nothing unasked but
@@ -1098,6 +1102,11 @@ class SessionManager:
             async with pool.connection() as conn, conn.transaction():
                 if self.pooled:
                     await conn.execute(self._per_transaction, prepare=False)
+                # The rows are read at the caller's pace: the server may have sent them all
+                # and wait, idle in this transaction, until the caller is done.
+                await conn.execute(_STREAM_SETTINGS, prepare=False)
+                if conn.info.server_version >= 170000:
+                    await conn.execute(_NO_TRANSACTION_TIMEOUT, prepare=False)
                 ids: list[str] = []
                 values = statement.bind({"at": at})
                 # Rows a chunk at a time where libpq can (17 and later), else one at a time.
