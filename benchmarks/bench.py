@@ -106,6 +106,12 @@ def checkpoint(url: str) -> None:
         conn.execute("CHECKPOINT")
 
 
+def pgloader_version() -> str:
+    done = subprocess.run(["pgloader", "--version"], capture_output=True, text=True, check=False)
+    first = (done.stdout or done.stderr).split("\n", 1)[0]
+    return first.removeprefix("pgloader version ").strip('"') or "?"
+
+
 def pgloader(backup: Path, url: str, zone: str) -> Timed | None:
     """pgloader into its own fresh database, told the source zone and the target types."""
     if not shutil.which("pgloader"):
@@ -277,6 +283,7 @@ def main() -> int:
         runs.setdefault(way, []).append(done)
         arrived[way] = landed(url, database)
 
+    loader_way = f"pgloader {pgloader_version()}, bare load" if shutil.which("pgloader") else ""
     for round_ in range(args.repeat):
         print(f"round {round_ + 1} of {args.repeat} · load {load()}", file=sys.stderr)
         for prefix, extra in checkouts.items():
@@ -322,7 +329,7 @@ def main() -> int:
         if "pgloader" in ways:
             done = pgloader(backup, url, "Asia/Seoul")
             if done:
-                note("pgloader 3.6.7, bare load", done, LOADER_DATABASE)
+                note(loader_way, done, LOADER_DATABASE)
         if "ceiling" in ways and (source := ceiling_source(url)):
             ceiling = fresh(url, CEILING_DATABASE)
             note(
@@ -330,8 +337,8 @@ def main() -> int:
                 timed([sys.executable, "-c", CEILING, ceiling, source]),
                 CEILING_DATABASE,
             )
-    loader = runs.get("pgloader 3.6.7, bare load")
-    loaded_all = bool(loader) and arrived.get("pgloader 3.6.7, bare load") == args.rows
+    loader = runs.get(loader_way)
+    loaded_all = bool(loader) and arrived.get(loader_way) == args.rows
 
     def per_round(way: str) -> str:
         walls = [f"{w:.1f}" for w, _, _ in runs[way]]

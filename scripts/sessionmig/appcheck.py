@@ -21,6 +21,7 @@ can make is reconcile's question.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,11 +33,18 @@ from psycopg import sql
 
 from sessionstore.manager import SessionManager
 
+from .errors import TargetError
 from .verdict import Verdict
 
 EXAMPLES = 10
-APP_ACTIVE = sql.Identifier("pg_temp", "sessionmig_app_active")
-"""The ids the app accepts at ``as_of``, on reconcile's connection (a temporary table)."""
+APP_ACTIVE = "sessionmig_app_active_"
+"""The ids the app accepts at ``as_of`` go to a temporary table of this name and a random
+suffix on reconcile's connection: one run's answers are never read as another's."""
+POOLED = (
+    "reconcile's connection reached another server session between asking the app and the "
+    "proof: a transaction pooler (PgBouncer) is in between. Point database_url_env at "
+    "PostgreSQL directly (as preflight requires) and run again; nothing was written"
+)
 STREAM_TIMEOUT_MS = 600_000
 """The manager's statement timeout for the one statement that reads the whole table (its
 request-sized default would stop a large table's scan)."""
@@ -82,6 +90,8 @@ class Asked:
     after_cutover: bool
     mask: Callable[[str | None], str]
     accepted: int  # ids the app accepts at as_of, whether or not the backup has them
+    answers: sql.Identifier  # the temporary table that holds them
+    backend: int  # the server session that holds it
 
 
 def ask_the_app(
@@ -95,14 +105,15 @@ def ask_the_app(
     """Stream the ids the app's ``SessionManager`` accepts at ``as_of`` into
     :data:`APP_ACTIVE` on ``conn``, and commit: called before reconcile's transaction, so
     that its snapshot is later than the app's answers."""
-    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(APP_ACTIVE))
+    answers = sql.Identifier("pg_temp", APP_ACTIVE + secrets.token_hex(8))
+    backend = conn.execute("SELECT pg_catalog.pg_backend_pid()").fetchone()[0]  # type: ignore[index]
     conn.execute(
         sql.SQL(
             'CREATE TEMP TABLE {} (session_id pg_catalog.text COLLATE pg_catalog."C" NOT NULL)'
-        ).format(APP_ACTIVE)
+        ).format(answers)
     )
     accepted = 0
-    with conn.cursor().copy(sql.SQL("COPY {} (session_id) FROM STDIN").format(APP_ACTIVE)) as copy:
+    with conn.cursor().copy(sql.SQL("COPY {} (session_id) FROM STDIN").format(answers)) as copy:
 
         async def stream() -> None:
             nonlocal accepted
@@ -119,9 +130,9 @@ def ask_the_app(
 
         _run(stream())
     # The planner's figures for the join (a temporary table is never analysed by autovacuum).
-    conn.execute(sql.SQL("ANALYZE {}").format(APP_ACTIVE))
+    conn.execute(sql.SQL("ANALYZE {}").format(answers))
     conn.commit()
-    return Asked(schema, as_of, after_cutover, mask, accepted)
+    return Asked(schema, as_of, after_cutover, mask, accepted, answers, backend)
 
 
 def _run(work: Coroutine[Any, Any, None]) -> None:
@@ -144,7 +155,7 @@ _EXPLAINED = """({should}) IS DISTINCT FROM ({does})
                      OR t.expires_at OPERATOR(pg_catalog.>)
                         pg_catalog.timestamptz_larger(s.expires_at, %(at)s))"""
 _JUDGED = """SELECT s.session_id, {should} AS should, {does} AS does, {explained} AS explained
-             FROM {source} s
+             FROM ({source}) s
              LEFT JOIN {answers} a ON a.session_id OPERATOR(pg_catalog.=) s.session_id
              {target}"""
 _TALLY = """SELECT pg_catalog.count(*),
@@ -159,9 +170,19 @@ _EXAMPLES = """SELECT session_id, should FROM ({judged}) j
                ORDER BY session_id LIMIT %(examples)s"""
 
 
-def compare(conn: psycopg.Connection, source: sql.Identifier, asked: Asked) -> AppCheck:
-    """The app's answers against ``source``, reconcile's temporary table of the rows that should
-    have landed (in reconcile's transaction, while it exists)."""
+def same_session(conn: psycopg.Connection, asked: Asked) -> None:
+    """Raise :class:`TargetError` unless ``conn`` is still the server session that holds the
+    app's answers (a transaction pooler may hand each transaction another)."""
+    backend = conn.execute("SELECT pg_catalog.pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+    if backend != asked.backend:
+        raise TargetError(POOLED)
+
+
+def compare(conn: psycopg.Connection, source: sql.Composable, asked: Asked) -> AppCheck:
+    """The app's answers against ``source``: reconcile's rows that should have landed
+    (``session_id``, ``expires_at``), read in reconcile's transaction while they exist. The
+    answers' table is dropped with that transaction."""
+    same_session(conn, asked)
     judged = sql.SQL(_JUDGED).format(
         should=sql.SQL(_SHOULD),
         does=sql.SQL(_DOES),
@@ -169,10 +190,11 @@ def compare(conn: psycopg.Connection, source: sql.Identifier, asked: Asked) -> A
             should=sql.SQL(_SHOULD), does=sql.SQL(_DOES)
         ),
         source=source,
-        answers=APP_ACTIVE,
-        target=sql.SQL("LEFT JOIN {} t ON t.session_id OPERATOR(pg_catalog.=) s.session_id").format(
-            sql.Identifier(asked.schema, "sessions")
-        )
+        answers=asked.answers,
+        target=sql.SQL(
+            "LEFT JOIN {} t ON t.session_id OPERATOR(pg_catalog.=) s.session_id "
+            'COLLATE pg_catalog."C"'
+        ).format(sql.Identifier(asked.schema, "sessions"))
         if asked.after_cutover
         else sql.SQL(""),
     )
@@ -186,4 +208,5 @@ def compare(conn: psycopg.Connection, source: sql.Identifier, asked: Asked) -> A
                 f"{asked.mask(sid)}: source says {'active' if should else 'expired'}, the app "
                 f"says {'not active' if should else 'active'}"
             )
+    conn.execute(sql.SQL("DROP TABLE {}").format(asked.answers))
     return AppCheck(checked, expected, accepted, rejected, wrongly_accepted, examples, explained)

@@ -52,7 +52,7 @@ import psycopg
 from psycopg import sql
 
 from . import defaults as D
-from .appcheck import AppCheck, Asked, ask_the_app, compare
+from .appcheck import AppCheck, Asked, ask_the_app, compare, same_session
 from .connect import connect
 from .copyin import REFUSALS, stream_backup
 from .errors import ParameterError, TargetError
@@ -354,6 +354,9 @@ class _SourceSide:
     seen_rejects: set[int] = field(default_factory=set)
     refused: list[tuple[int, Session]] = field(default_factory=list)  # to offer the server again
     duplicates: list[tuple[int, str]] = field(default_factory=list)  # (rowid, key) to check
+    # Recorded as rejects for any other reason although the rules land them: rows that should
+    # have landed, which the application check asks about too.
+    landable: list[Session] = field(default_factory=list)
 
 
 def row_hash(seed: int) -> sql.Composable:
@@ -462,12 +465,17 @@ def _read_source(
         key = _decoded_key(raw)
         if key is not None and claim["reason"] != "duplicate_session_id":
             side.rejected_keys.append(key)  # then no row of PostgreSQL may have it
+        derived = normalise(raw, rules)
+        if not isinstance(derived, Reject) and claim["reason"] not in (
+            "refused_by_postgresql",
+            "duplicate_session_id",
+        ):
+            side.landable.append(derived)
         if claim["raw"] != raw_record(raw, rules.extra_columns):
             tally.note(
                 "reject_mismatch", key, rowid, "the reject's raw values do not match the source row"
             )
             return
-        derived = normalise(raw, rules)
         if isinstance(derived, Reject):
             if derived.reason != claim["reason"]:
                 tally.note(
@@ -503,6 +511,27 @@ def _read_source(
     )
     side.rows = streamed.read
     return side
+
+
+_LANDABLE = sql.Identifier("pg_temp", "sessionmig_landable_rejects")
+
+
+def _should_have_landed(conn: psycopg.Connection, side: _SourceSide) -> sql.Composable:
+    """The rows that should have landed, as ``(session_id, expires_at)``: the copied rows and
+    those recorded as rejects although the rules land them (``false_reject``)."""
+    rows = sql.SQL("SELECT session_id, expires_at FROM {}").format(_SOURCE)
+    if not side.landable:
+        return rows
+    conn.execute(
+        sql.SQL(
+            'CREATE TEMP TABLE {} (session_id pg_catalog.text COLLATE pg_catalog."C", '
+            "expires_at pg_catalog.timestamptz) ON COMMIT DROP"
+        ).format(_LANDABLE)
+    )
+    with conn.cursor().copy(sql.SQL("COPY {} FROM STDIN").format(_LANDABLE)) as copy:
+        for session in side.landable:
+            copy.write_row((session.session_id, session.expires_at))
+    return sql.SQL("{} UNION ALL SELECT session_id, expires_at FROM {}").format(rows, _LANDABLE)
 
 
 def _offer_refused(conn: psycopg.Connection, side: _SourceSide, tally: _Tally) -> None:
@@ -990,6 +1019,8 @@ def _reconcile(
         # One snapshot for every query. Not READ ONLY: the source rows go to a temporary
         # table, which dies with the transaction; nothing else is written.
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        if asked is not None:
+            same_session(conn, asked)  # behind a transaction pooler: refused before any work
         conn.execute("SELECT set_config('work_mem', %s, true)", (WORK_MEM,))
         # A policy that would filter what this role reads is an error, never a silent filter.
         conn.execute("SELECT pg_catalog.set_config('row_security', 'off', true)")
@@ -1058,7 +1089,7 @@ def _reconcile(
             parity["reconcile_mode"] = mode
             parity["backup_taken_not_before"] = cutoff.isoformat() if cutoff else None
         # While the source's rows are still on the server: the app's answers against them.
-        app = compare(conn, _SOURCE, asked) if asked is not None else None
+        app = compare(conn, _should_have_landed(conn, side), asked) if asked else None
         unchanged_source.result()
     counts = tally.counts
     # In after_cutover a landed row the app ended since is still a row that landed.

@@ -862,13 +862,26 @@ def app_check_table(app: Any) -> pd.DataFrame:
         ("active in the source, refused by the app", app.wrongly_rejected),
         ("expired in the source, accepted by the app", app.wrongly_accepted),
     ]
+    if app.explained:
+        # after_cutover: left out of the rows above, and said so.
+        rows.insert(
+            1,
+            (
+                "treated differently, explained by the app since the backup (ended or extended; "
+                "not counted below)",
+                app.explained,
+            ),
+        )
     rows += [("example", e) for e in app.examples]
     return pd.DataFrame(rows, columns=["measure", "sessions"])
 
 
 def conclude_reconcile(result: Any, app: Any = None) -> None:
-    """Show and record the reconcile verdict (the app check's view included)."""
+    """Show and record the reconcile verdict (the app check's view included: ``app``, else
+    the result's own)."""
     from .appcheck import combined_verdict
+
+    app = app if app is not None else getattr(result, "app", None)
 
     verdict, reason = combined_verdict(result.verdict, result.reason, app)
     figures = reconcile_figures(result) if result.verdict != Verdict.SKIPPED else []

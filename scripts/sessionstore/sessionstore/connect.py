@@ -264,15 +264,20 @@ def connect(
 _AFTER_CONNECT = """SELECT pg_catalog.set_config('synchronous_commit', 'on', false)
     WHERE pg_catalog.current_setting('synchronous_commit') IN ('off', 'local')"""
 _IDLE_SESSION = "SELECT pg_catalog.set_config('idle_session_timeout', '0', false)"
+# PostgreSQL 17's limit on a whole transaction: a proof or a load lasts as long as its data.
+_TRANSACTION_TIMEOUT = "SELECT pg_catalog.set_config('transaction_timeout', '0', false)"
 
 
 def _after_connect(conn: psycopg.Connection[Any]) -> None:
     """Settings a startup option cannot give safely: ``synchronous_commit`` at least "on"
     (an asynchronous commit could lose, in a server crash, a migration, pass or audit row the
-    operator was told was committed), and ``idle_session_timeout`` off where it exists."""
+    operator was told was committed), and ``idle_session_timeout`` and ``transaction_timeout``
+    off where they exist."""
     conn.execute(_AFTER_CONNECT)
     if conn.info.server_version >= 140000:
         conn.execute(_IDLE_SESSION)
+    if conn.info.server_version >= 170000:
+        conn.execute(_TRANSACTION_TIMEOUT)
     if not conn.autocommit:
         conn.commit()  # the caller's first statement opens its own transaction
 

@@ -160,6 +160,10 @@ UNREPRESENTABLE_SQLSTATES = {"22P05", "22021"}
 DEFAULT_POOL_SIZE = 8
 
 
+_STREAM_SETTINGS = "SELECT pg_catalog.set_config('idle_in_transaction_session_timeout', '0', true)"
+_NO_TRANSACTION_TIMEOUT = "SELECT pg_catalog.set_config('transaction_timeout', '0', true)"
+
+
 def _closed_by_the_server(conn: psycopg.AsyncConnection[Any]) -> bool:
     """Whether this idle pool connection is already gone: closed on our side, or anything to
     read on its socket — the server sends an idle autocommit connection nothing unasked but
@@ -830,9 +834,16 @@ class SessionManager:
             async with pool.connection() as conn, conn.transaction():
                 if self.pooled:
                     await conn.execute(self._per_transaction, prepare=False)
+                # The rows are read at the caller's pace: the server may have sent them all
+                # and wait, idle in this transaction, until the caller is done.
+                await conn.execute(_STREAM_SETTINGS, prepare=False)
+                if conn.info.server_version >= 170000:
+                    await conn.execute(_NO_TRANSACTION_TIMEOUT, prepare=False)
                 ids: list[str] = []
                 values = statement.bind({"at": at})
-                async for (sid,) in conn.cursor().stream(statement.sql, values, size=chunk):
+                # Rows a chunk at a time where libpq can (17 and later), else one at a time.
+                size = chunk if psycopg.pq.version() >= 170000 else 1
+                async for (sid,) in conn.cursor().stream(statement.sql, values, size=size):
                     ids.append(sid)
                     if len(ids) == chunk:
                         yield ids
