@@ -831,25 +831,36 @@ class SessionManager:
         statement = self.sql.active_at
         try:
             pool = self._ready_pool() or await self._pool()
-            async with pool.connection() as conn, conn.transaction():
-                if self.pooled:
-                    await conn.execute(self._per_transaction, prepare=False)
+            async with pool.connection() as conn:
                 # The rows are read at the caller's pace: the server may have sent them all
-                # and wait, idle in this transaction, until the caller is done.
-                await conn.execute(_STREAM_SETTINGS, prepare=False)
-                if conn.info.server_version >= 170000:
-                    await conn.execute(_NO_TRANSACTION_TIMEOUT, prepare=False)
-                ids: list[str] = []
-                values = statement.bind({"at": at})
-                # Rows a chunk at a time where libpq can (17 and later), else one at a time.
-                size = chunk if psycopg.pq.version() >= 170000 else 1
-                async for (sid,) in conn.cursor().stream(statement.sql, values, size=size):
-                    ids.append(sid)
-                    if len(ids) == chunk:
+                # and wait, idle in this transaction, until the caller is done. BEGIN and the
+                # settings that allow it go in one round trip (one Sync): the transaction is
+                # never idle before its own timeouts are off, whatever the database's.
+                async with conn.pipeline():
+                    await conn.execute("BEGIN", prepare=False)
+                    if self.pooled:
+                        await conn.execute(self._per_transaction, prepare=False)
+                    await conn.execute(_STREAM_SETTINGS, prepare=False)
+                    if conn.info.server_version >= 170000:
+                        await conn.execute(_NO_TRANSACTION_TIMEOUT, prepare=False)
+                try:
+                    ids: list[str] = []
+                    values = statement.bind({"at": at})
+                    # Rows a chunk at a time where libpq can (17 and later), else one by one.
+                    size = chunk if psycopg.pq.version() >= 170000 else 1
+                    async for (sid,) in conn.cursor().stream(statement.sql, values, size=size):
+                        ids.append(sid)
+                        if len(ids) == chunk:
+                            yield ids
+                            ids = []
+                    if ids:
                         yield ids
-                        ids = []
-                if ids:
-                    yield ids
+                except BaseException:
+                    if not conn.broken:
+                        with contextlib.suppress(psycopg.Error):
+                            await conn.execute("ROLLBACK", prepare=False)
+                    raise
+                await conn.execute("COMMIT", prepare=False)
         except PoolTimeout:
             raise self._pool_exhausted() from None
         except (TargetRefused, TargetUnreachable) as exc:
