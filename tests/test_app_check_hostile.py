@@ -8,9 +8,11 @@ after as_of, and the app is asked with its own predicate about every session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -376,33 +378,48 @@ def test_behind_pgbouncer_the_app_s_answers_reach_reconcile_s_transaction(
     transaction mode that next transaction may reach another server session, where the answers
     are not. The run then either passes (the same session) or is refused by name before any
     work (another) — never a damaged-target message, never an answer read from elsewhere."""
-    from pgbouncer import PGBOUNCER, pgbouncer
-
-    if PGBOUNCER is None:
-        pytest.skip("pgbouncer is not installed")
     from sessionmig.reconcile import reconcile
 
     s = target(clean_backup)
     assert steps.migrate(s, progress=False).outcome.committed
+    with _behind_pgbouncer(tmp_path, dsn, monkeypatch) as url:
+        with open_backup(s.sqlite_path) as backup:
+            alone = reconcile(url, backup, s.rules, as_of=s.as_of)
+        assert alone.verdict == "PASS"  # reconcile without the app check: fine
+        assert _never_a_wrong_answer(s)
+
+
+@contextlib.contextmanager
+def _behind_pgbouncer(tmp_path: Path, dsn: str, monkeypatch) -> Iterator[str]:
+    """A transaction-pooling PgBouncer that hands each transaction the next server session,
+    the runbook's target variable pointed at it; its URL."""
+    from pgbouncer import PGBOUNCER, pgbouncer
+
+    if PGBOUNCER is None:
+        pytest.skip("pgbouncer is not installed")
     with pgbouncer(
         tmp_path, dsn, ignore_startup_parameters="options", server_round_robin="1"
     ) as bouncer:
         monkeypatch.setenv("SMTEST_DSN", bouncer.url)
-        with open_backup(s.sqlite_path) as backup:
-            alone = reconcile(bouncer.url, backup, s.rules, as_of=s.as_of)
-        assert alone.verdict == "PASS"  # reconcile without the app check: fine
-        outcomes = set()
-        for _ in range(4):
-            # Never a wrong answer: the same server session passes, another is refused by name.
-            try:
-                result = steps.reconcile_step(s, progress=False)
-            except TargetError as exc:
-                assert str(exc) == POOLED
-                outcomes.add("refused")
-            else:
-                assert result.verdict == "PASS" and result.app is not None and result.app.ok
-                outcomes.add("passed")
-        assert outcomes
+        yield bouncer.url
+
+
+def _never_a_wrong_answer(s: steps.Settings) -> set[str]:
+    """Reconcile four times behind the pooler: each run passes with the app agreeing (the same
+    server session) or is refused by name (another); what happened."""
+    outcomes = set()
+    for _ in range(4):
+        try:
+            result = steps.reconcile_step(s, progress=False)
+        except TargetError as exc:
+            assert str(exc) == POOLED
+            outcomes.add("refused")
+            continue
+        app = result.app
+        assert result.verdict == "PASS" and app is not None and app.ok
+        assert (app.accepted_active, app.wrongly_accepted) == (app.expected_active, 0), app
+        outcomes.add("passed")
+    return outcomes
 
 
 def test_a_repeated_id_whose_first_copy_postgresql_refuses(tmp_path: Path, target, dsn) -> None:
@@ -542,33 +559,18 @@ def test_behind_pgbouncer_an_earlier_run_s_answers_are_not_read_as_this_run_s(
     accepted')."""
     from datetime import UTC, datetime
 
-    from pgbouncer import PGBOUNCER, pgbouncer
-
     from sessionmig.appcheck import ask_the_app
     from sessionmig.connect import connect
 
-    if PGBOUNCER is None:
-        pytest.skip("pgbouncer is not installed")
     s = target(clean_backup)
     assert steps.migrate(s, progress=False).outcome.committed
-    with pgbouncer(
-        tmp_path, dsn, ignore_startup_parameters="options", server_round_robin="1"
-    ) as bouncer:
-        monkeypatch.setenv("SMTEST_DSN", bouncer.url)
-        earlier = [connect(bouncer.url, "reconcile") for _ in range(4)]
+    with _behind_pgbouncer(tmp_path, dsn, monkeypatch) as url:
+        earlier = [connect(url, "reconcile") for _ in range(4)]
         for conn in earlier:
-            ask_the_app(conn, bouncer.url, "public", datetime(2000, 1, 1, tzinfo=UTC), False, str)
+            ask_the_app(conn, url, "public", datetime(2000, 1, 1, tzinfo=UTC), False, str)
         for conn in earlier:
             conn.close()
-        for _ in range(4):
-            try:
-                result = steps.reconcile_step(s, progress=False)
-            except TargetError as exc:
-                assert str(exc) == POOLED  # another server session: refused by name
-                continue
-            app = result.app
-            assert app is not None
-            assert (app.accepted_active, app.wrongly_accepted) == (app.expected_active, 0), app
+        assert _never_a_wrong_answer(s)
 
 
 def test_odd_expires_at_values_agree_with_the_oracle(clean_backup: Path, target, dsn) -> None:

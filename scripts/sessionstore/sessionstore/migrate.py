@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import text
 
 from . import defaults as D
+from . import model as M
 from .connect import engine, failure_text
 from .errors import TargetError
 
@@ -34,14 +35,8 @@ ALEMBIC_INI = Path(__file__).parent / "alembic.ini"
 HEAD = "0004"
 # How long any DDL waits for a lock before giving up (PostgreSQL interval syntax).
 LOCK_TIMEOUT = D.LOCK_TIMEOUT
-TABLES = (
-    "sessions",
-    "session_migration_rejects",
-    "session_migration_runs",
-    "session_migration_manifests",
-)
-VERSION_TABLE = "alembic_version"
-APPEND_ONLY_FUNCTION = "session_migration_append_only"  # revision 0004
+# What the history creates, named once by the model.
+TABLES, VERSION_TABLE, APPEND_ONLY_FUNCTION = M.TABLES, M.VERSION_TABLE, M.APPEND_ONLY_FUNCTION
 
 
 @dataclass(frozen=True)
