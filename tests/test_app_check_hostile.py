@@ -656,3 +656,44 @@ def test_row_security_is_refused_before_the_app_is_asked(
             conn.execute("ALTER TABLE public.sessions OWNER TO CURRENT_USER")
             conn.execute("DROP OWNED BY sessionmig_rls_owner")
             conn.execute("DROP ROLE sessionmig_rls_owner")
+
+
+# --- a cut at each point of the application check, then the same command again ----------------
+
+CUTS = [
+    # (application_name, statement, point): the store's one long read, and reconcile's own
+    # statements that hold the app's answers.
+    ("sessionmig-store", r"expires_at", "before"),
+    ("sessionmig-store", r"expires_at", "after"),
+    # (A COPY FROM STDIN has no answer to lose before its data: it is cut before it starts.)
+    ("sessionmig-reconcile", r"COPY .*sessionmig_app_active", "before"),
+    ("sessionmig-reconcile", r"ANALYZE .*sessionmig_app_active", "after"),
+    ("sessionmig-reconcile", r"DROP TABLE .*sessionmig_app_active", "before"),
+    ("sessionmig-reconcile", r"DROP TABLE .*sessionmig_app_active", "after"),
+]
+
+
+@pytest.mark.parametrize(("who", "statement", "point"), CUTS)
+def test_a_cut_at_each_point_of_the_app_check_is_one_clear_error_and_the_rerun_passes(
+    clean_backup: Path, target, dsn: str, monkeypatch, who: str, statement: str, point: str
+) -> None:
+    """The check writes nothing that outlives its connection: a connection lost at any of its
+    statements is one error of the tool's own (never a raw driver error), the target is as it
+    was, and the same command again passes with the app agreeing."""
+    from faultproxy import FaultProxy
+
+    from sessionmig.errors import SessionmigError
+
+    s = target(clean_backup)
+    assert steps.migrate(s, progress=False).outcome.committed
+    before = rows_of(dsn, "SELECT * FROM sessions ORDER BY session_id")
+    with FaultProxy.for_dsn(dsn) as proxy:
+        monkeypatch.setenv("SMTEST_DSN", proxy.dsn(dsn))
+        fault = proxy.arm(statement, point, application_name=who)
+        with pytest.raises(SessionmigError):
+            steps.reconcile_step(s, progress=False)
+        assert fault.fired.is_set()
+        assert rows_of(dsn, "SELECT * FROM sessions ORDER BY session_id") == before
+        again = steps.reconcile_step(s, progress=False)
+    assert again.verdict == "PASS" and again.app is not None and again.app.ok
+    assert again.app.checked == 300
