@@ -84,10 +84,14 @@ def new_kernel(log: Path) -> KernelManager:
 
 def end(km: KernelManager) -> None:
     """Stop ``km``'s kernel now, if it runs, and close its log."""
-    if km.kernel_pid:
-        with suppress(ProcessLookupError, ChildProcessError):
-            os.kill(km.kernel_pid, 9)
-            os.waitpid(km.kernel_pid, 0)
+    # Through the provisioner's own process object, never a bare pid: a pid reaped behind its
+    # back could be another process's by the time anything signals it again.
+    process = getattr(km.provisioner, "process", None)
+    if process is not None:
+        with suppress(ProcessLookupError, ChildProcessError, OSError):
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=30)
     with suppress(Exception):
         # The connection file and the control socket; async on this manager.
         asyncio.run(km._async_cleanup_resources())
@@ -138,7 +142,11 @@ class Kernels:
         if km is not None and done is not None:
             try:
                 spawned = done.result()
+                process = getattr(km.provisioner, "process", None)
+                alive = process is not None and process.poll() is None
             except Exception:
+                alive = False
+            if not alive:
                 end(km)  # papermill starts one the usual way, and says why if it cannot
             else:
                 changes = {
