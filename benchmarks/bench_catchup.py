@@ -397,6 +397,12 @@ def checkpoint(url: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument(
+        "--store",
+        type=Path,
+        help="the store to start from (default: the shared sample of --rows sessions, "
+        "generated without oddities)",
+    )
     parser.add_argument("--changed", default="0.01,0.10", help="fractions of sessions changed")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians")
     parser.add_argument("--dsn", default=os.environ.get("SESSIONMIG_BENCH_DSN"))
@@ -432,7 +438,7 @@ def main() -> int:
     if args.trace:
         args.trace.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
-    store = sample(args.rows)
+    store = args.store or sample(args.rows)
     url, label = server_url(args.dsn)
     work = Path(tempfile.mkdtemp(prefix="sessionmig-bench-catchup-", dir=OUT))
     os.chmod(work, 0o700)

@@ -43,14 +43,18 @@ URL = re.compile(r"^(postgres(?:ql)?)(\+\w+)?://")
 
 
 class Fault:
-    """One armed fault: it triggers on the next ``times`` matching statements."""
+    """One armed fault: it lets the first ``skip`` matching statements through, then triggers
+    on the next ``times``."""
 
-    def __init__(self, pattern: str, point: str, times: int, application_name: str | None):
+    def __init__(
+        self, pattern: str, point: str, times: int, application_name: str | None, skip: int = 0
+    ):
         if point not in POINTS:
             raise ValueError(f"point must be one of {POINTS}, not {point!r}")
         self.regex = re.compile(pattern, re.IGNORECASE | re.DOTALL)
         self.point = point
         self.remaining = times
+        self.skip = skip
         self.application_name = application_name
         self.triggered = 0  # how many statements it caught so far
         self.fired = threading.Event()
@@ -71,7 +75,12 @@ class Fault:
         if self.remaining <= 0 or self.regex.search(text) is None:
             return False
         wanted = self.application_name
-        return wanted is None or application_name.startswith(wanted)
+        if wanted is not None and not application_name.startswith(wanted):
+            return False
+        if self.skip > 0:
+            self.skip -= 1  # called under the proxy's lock
+            return False
+        return True
 
 
 class _Link:
@@ -159,9 +168,15 @@ class FaultProxy:
         return f"{scheme}://{auth}{host}:{port}{path}?{query}"
 
     def arm(
-        self, pattern: str, point: str, *, times: int = 1, application_name: str | None = None
+        self,
+        pattern: str,
+        point: str,
+        *,
+        times: int = 1,
+        application_name: str | None = None,
+        skip: int = 0,
     ) -> Fault:
-        fault = Fault(pattern, point, times, application_name)
+        fault = Fault(pattern, point, times, application_name, skip)
         with self._lock:
             self._faults.append(fault)
         return fault

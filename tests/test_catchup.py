@@ -279,7 +279,7 @@ def test_the_app_waits_only_on_the_rows_a_pass_changes(
     seen: dict = {}
     prove = catchup._prove
 
-    def prove_while_the_app_works(conn, schema, kinds, done):
+    def prove_while_the_app_works(conn, schema, kinds, done, **given):
         free: dict = {}
         blocked: dict = {}
         validate(untouched, free)  # returns: that row is not locked
@@ -288,7 +288,7 @@ def test_the_app_waits_only_on_the_rows_a_pass_changes(
         waiter.join(0.5)
         seen.update(free=free, blocked_done_early="ok" in blocked, waiter=waiter, blocked=blocked)
         seen["committing_at"] = time.perf_counter()
-        return prove(conn, schema, kinds, done)
+        return prove(conn, schema, kinds, done, **given)
 
     monkeypatch.setattr(catchup, "_prove", prove_while_the_app_works)
     result = m.run()
@@ -580,7 +580,7 @@ def test_a_pass_composes_with_concurrent_validations(
         phases["before_lock"] = progress["ok"] - seen
         return lock(conn, schema)
 
-    def prove_while_the_app_waits(conn, schema, kinds, done_ids):
+    def prove_while_the_app_waits(conn, schema, kinds, done_ids, **given):
         # The app's validations of the changed sessions queue on our locks.
         deadline = time.monotonic() + 60
         while progress["started"] - progress["finished"] == 0 and time.monotonic() < deadline:
@@ -588,7 +588,7 @@ def test_a_pass_composes_with_concurrent_validations(
         time.sleep(0.1)
         phases["waiting_on_locks"] = progress["started"] - progress["finished"]
         phases["ok_at_commit"] = progress["ok"]
-        return prove(conn, schema, kinds, done_ids)
+        return prove(conn, schema, kinds, done_ids, **given)
 
     monkeypatch.setattr(catchup, "_lock_targets", lock_after_the_app_moved)
     monkeypatch.setattr(catchup, "_prove", prove_while_the_app_waits)

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from conftest import rows_of
 
-from sessionmig import steps
+from sessionmig import catchup, steps
 from sessionmig.catchup import CatchupResult, catchup_step
 from sessionmig.mask import mask_id
 from sessionmig.snapshot import snapshot
@@ -109,10 +109,22 @@ def overlapped(ledger: Ledger) -> bool:
     )
 
 
-@pytest.mark.parametrize("journal_mode", ["delete", "wal"])
+@pytest.mark.parametrize(
+    ("journal_mode", "part_rows"),
+    [("delete", None), ("wal", None), ("wal", 5)],
+    ids=["delete", "wal", "wal-in-parts-of-5"],
+)
 def test_live_cutover_loses_no_session_and_no_request(
-    tmp_path: Path, target, dsn: str, journal_mode: str
+    tmp_path: Path,
+    target,
+    dsn: str,
+    journal_mode: str,
+    part_rows: int | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if part_rows:  # every pass crosses many commits while both colours write
+        for name in ("FIRST_PART_ROWS", "MIN_PART_ROWS", "MAX_PART_ROWS"):
+            monkeypatch.setattr(catchup, name, part_rows)
     live = tmp_path / "app" / "sessions.db"
     live.parent.mkdir()
     asyncio.run(LegacySQLiteSessionManager(live).close())  # the app's schema
@@ -182,6 +194,8 @@ def test_live_cutover_loses_no_session_and_no_request(
     # Every pass proved itself and committed, chained one after the other.
     assert [p.pass_number for p in passes] == [1, 2, 3, 4, 5, 6]
     assert all(p.verdict == "PASS" and p.committed for p in passes), [p.reason for p in passes]
+    if part_rows:
+        assert max(p.parts for p in passes) > 1
     assert all(b.base_sha256 == a.live_sha256 for a, b in zip(passes, passes[1:], strict=False))
     assert sum(p.inserted for p in passes) > 0 and sum(p.ended for p in passes) > 0
     assert sum(p.changed for p in passes[2:]) > 0

@@ -8,28 +8,39 @@ snapshots are normalised by the migration's own rules (``transform.normalise``);
 the two snapshots finds the sessions whose raw values differ, so only those are read into
 Python.
 
-PostgreSQL is written in ONE transaction, under ``lock_timeout``: the touched rows are locked
-(``FOR UPDATE``, in key order), the expected rows computed by the pure rules from them, and the
-changes applied by set-based statements that compose with the app's own writes
-(``request_count = request_count + Δ``, ``greatest(…)``), so the app on PostgreSQL waits at most
-on a row lock and never loses an update. In the same transaction the pass proves itself: every
-touched session equals ``merge(base, live, target-before)``, each statement touched exactly the
-sessions it should, and no other row was written by this transaction (``xmin``). A mismatch rolls
-everything back and says what.
+PostgreSQL is written in **parts**: the touched sessions in key order, a span of them per
+transaction, each part sized so that it holds its rows locked about :data:`PART_LOCKED_S` (the
+first :data:`FIRST_PART_ROWS` sessions, then as many as the last part's pace allows): a pass
+carrying 30% of a large store never holds the app's rows for more than about a second. A part,
+under ``lock_timeout``, merges its sessions with PostgreSQL's rows read unlocked, then locks them
+(``FOR UPDATE``, in key order; those the app wrote meanwhile are merged again), and applies the
+changes by set-based statements that compose with the app's own writes (``request_count =
+request_count + Δ``, ``greatest(…)``), so the app on PostgreSQL waits at most on a row lock and
+never loses an update. In the same transaction the part proves itself: every session of it
+equals ``merge(base, live, target-before)``, each statement touched exactly the sessions it
+should, and no other row was written by this transaction. A mismatch rolls the part back and
+says what. The parts partition the delta, so their proofs compose into the pass's.
 
-Exactly once: each pass records its base and live sha256 in ``session_migration_runs`` (step
-``catchup``) in that same transaction, and keeps its live snapshot in ``state_dir`` as the next
-pass's base. The chain starts at the latest committed migrate run, whose backup
-(``sqlite_path``) is the first base; a pass whose base is not the last one recorded is refused,
-so a delta is never applied twice; a pass that dies before its commit committed nothing, and the
-same command run again applies it once. Passes hold the migration's advisory lock, so two passes
-(or a pass and a migrate) never run at once.
+Exactly once: each part records, in its own transaction, how far the pass got (a
+``catchup_part`` row: how many sessions of the delta in key order are carried, and the digest of
+their ids); the last part records the pass itself (step ``catchup``: its base and live sha256),
+which is what moves the chain. The live snapshot is kept in ``state_dir`` from before the first
+part: it is the next pass's base, and the snapshot a pass stopped part-way is finished from —
+the same command, run again, reads the parts, computes the same delta from the same two files
+(refused if its digest differs) and carries only the sessions not yet carried. The chain starts
+at the latest committed migrate run, whose backup (``sqlite_path``) is the first base; a pass
+whose base is not the last one recorded is refused, so a delta is never applied twice; a part
+that dies before its commit committed nothing. Passes hold the migration's advisory lock, and
+every part re-reads the chain and the parts under a transaction-level commit lock, so two
+passes (or a pass and a migrate or rollback) never interleave; a rollback during the overlap is
+refused while a pass is carried in part.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import re
 import socket
@@ -69,6 +80,14 @@ if TYPE_CHECKING:  # pandas is heavy; only the notebook's functions need it
 
 T = TypeVar("T")
 STEP = "catchup"
+PART_STEP = "catchup_part"
+"""The audit step of a part of a pass that is not its last (the last writes the pass's row)."""
+PART_LOCKED_S = 0.5
+"""How long a part should hold its sessions' rows locked: the next part's size is chosen from
+the last one's rows per second locked (the app waits at most this long on a touched session)."""
+FIRST_PART_ROWS = 4_000
+MIN_PART_ROWS = 500
+MAX_PART_ROWS = 100_000
 LOCK_TIMEOUT = D.LOCK_TIMEOUT
 """How long the pass waits for a row lock the app holds before giving up (and committing
 nothing). The app's transactions are one statement each, so this is only hit when something
@@ -131,7 +150,7 @@ class CatchupResult:
     rejected_examples: tuple[str, ...]
     mismatches: tuple[str, ...]  # what the proof found wrong (then nothing was committed)
     seconds: float
-    locked_seconds: float  # from locking the touched rows to the commit
+    locked_seconds: float  # the longest any part held its rows: from its locks to its commit
     committed: bool
     dry_run: bool
     verdict: Verdict
@@ -139,6 +158,8 @@ class CatchupResult:
     # Touched sessions the app wrote between the pass's unlocked merge and its row locks,
     # merged again from the locked row.
     remerged: int = 0
+    parts: int = 1  # transactions the pass was applied in (each proven and recorded)
+    resumed: int = 0  # sessions an earlier run carried before its pass stopped part-way
 
     @property
     def exit_code(self) -> int:
@@ -207,6 +228,77 @@ def chain_of(conn: psycopg.Connection, schema: str) -> Chain:
     if last is None:
         return Chain(migrate[0], migrate[1], 0, migrate[1], migrate[2])
     return Chain(migrate[0], migrate[1], last[0], last[1], last[2])
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A pass begun and not finished: what its committed parts carried.
+
+    A pass is applied in parts (see :func:`catchup`): the touched sessions in key order, a
+    span of them per transaction, each span recorded by a ``catchup_part`` row in the same
+    transaction as its writes. The pass's own ``catchup`` row, written by its last part, is what
+    moves the chain; until then the parts say how far it got."""
+
+    number: int
+    live_sha256: str
+    through: int  # the delta's first ``through`` sessions, in key order, are carried
+    ids_sha256: str  # of those sessions' ids: a resumed pass proves its delta is the same
+    of: int  # sessions the pass touches in all
+    parts: int
+    kinds: Counter[str]  # the outcomes of the parts' sessions, summed
+    rules: str  # :func:`rules_key` of the rules the pass began with
+
+    def key(self) -> tuple[str, int, str]:
+        return (self.live_sha256, self.through, self.ids_sha256)
+
+
+def progress_of(conn: psycopg.Connection, schema: str, chain: Chain) -> Progress | None:
+    """The parts committed of the pass after the chain's head (None: it has not begun)."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT parameters FROM {} WHERE step = %s AND parameters->>'migrate_run_id' = %s "
+            "AND (parameters->>'catchup_pass')::int = %s "
+            "ORDER BY (parameters->>'through')::int"
+        ).format(_runs(schema)),
+        (PART_STEP, chain.migrate_run_id, chain.last_pass + 1),
+    ).fetchall()
+    if not rows:
+        return None
+    parts = [r[0] for r in rows]
+    last = parts[-1]
+    kinds: Counter[str] = Counter()
+    for part in parts:
+        if (part["base_sha256"], part["live_sha256"]) != (chain.base_sha256, last["live_sha256"]):
+            raise TargetError(
+                f"the parts recorded for catch-up pass {chain.last_pass + 1} name different "
+                "snapshots (session_migration_runs, step catchup_part): the audit table was "
+                "changed by hand; nothing was done — find out who wrote it"
+            )
+        kinds.update(part["kinds"])
+    return Progress(
+        number=chain.last_pass + 1,
+        live_sha256=last["live_sha256"],
+        through=int(last["through"]),
+        ids_sha256=last["ids_sha256"],
+        of=int(last["of"]),
+        parts=len(parts),
+        kinds=kinds,
+        rules=str(last.get("rules")),
+    )
+
+
+def refuse_partial_pass(conn: psycopg.Connection, schema: str, chain: Chain, what: str) -> None:
+    """Refuse ``what`` (an overlap rollback, …) while a pass is carried in part: PostgreSQL then
+    holds some of its sessions as live has them and the others as the base has them, a state
+    no snapshot describes."""
+    found = progress_of(conn, schema, chain)
+    if found is not None:
+        raise BaseNotCurrent(
+            f"catch-up pass {found.number} is carried in part ({found.through:,} of "
+            f"{found.of:,} sessions, {found.parts} parts committed): no {what} may start until "
+            "it is finished. Nothing was changed; run the catch-up command again (it finishes "
+            "the pass from its kept snapshot), then this one"
+        )
 
 
 def refuse_after_rollback(
@@ -575,6 +667,7 @@ class Applied:
     locked_seconds: float = 0.0
     remerged: int = 0  # touched sessions the app wrote between the merge and the row locks
     committing: bool = False  # the COMMIT was sent: an error after it leaves the outcome open
+    touched: list[str] = field(default_factory=list)  # the part's sessions
 
 
 _APPLY_COLUMNS = (
@@ -639,9 +732,9 @@ def _copy_rows(
     conn.execute(sql.SQL("ANALYZE {}").format(name))
 
 
-def _apply_rows(delta: Delta) -> Iterator[tuple]:
+def _apply_rows(delta: Delta, ids: list[str]) -> Iterator[tuple]:
     empty = (None,) * (len(COLUMNS) - 1)
-    for sid in delta.ids:
+    for sid in ids:
         b, lv = delta.base.get(sid), delta.live.get(sid)
         yield (
             sid,
@@ -794,10 +887,16 @@ def _apply_statements(conn: psycopg.Connection, schema: str) -> dict[str, set[st
 
 
 def _prove(
-    conn: psycopg.Connection, schema: str, expected_kinds: dict[str, set[str]], done: dict
+    conn: psycopg.Connection,
+    schema: str,
+    expected_kinds: dict[str, set[str]],
+    done: dict,
+    *,
+    counted_before: tuple[int, int, int] | None = None,
 ) -> list[str]:
-    """In the pass's own transaction: every touched session equals the rules' outcome, each
-    statement touched exactly the sessions it should, and no other row was written."""
+    """In the part's own transaction: every touched session equals the rules' outcome, each
+    statement touched exactly the sessions it should, and no other row was written
+    (``counted_before``: :func:`_write_counts` before the statements)."""
     problems: list[str] = []
     sessions = sql.Identifier(schema, "sessions")
     values = sql.SQL(", ").join(
@@ -843,30 +942,46 @@ def _prove(
                 f"the {kind} statement touched {len(got)} sessions, the rules expect "
                 f"{len(wanted_ids)} ({extra} unexpected, {missing} missed)"
             )
-    problems += _nothing_else_written(conn, schema, done)
+    problems += _nothing_else_written(conn, schema, done, counted_before)
     return problems
 
 
-def _nothing_else_written(
-    conn: psycopg.Connection, schema: str, done: dict[str, set[str]]
-) -> list[str]:
-    """No row of sessions but the ones the statements returned was written by this pass.
-
-    PostgreSQL counts every row the transaction inserted, updated or deleted per table
-    (``pg_stat_xact_user_tables``, kept while ``track_counts`` is on, its default): equal to
-    what the statements returned means no other write happened, at no cost. Without the
-    counts, every row that carries this transaction's id (``xmin``) is looked at instead, a
-    scan of the whole table while the touched rows stay locked.
-    """
-    sessions = sql.Identifier(schema, "sessions")
-    wrote = {kind: len(ids) for kind, ids in done.items()}
+def _write_counts(conn: psycopg.Connection, schema: str) -> tuple[int, int, int] | None:
+    """The rows of sessions this backend inserted, updated and deleted and has not yet reported
+    (``pg_stat_xact_user_tables``, kept while ``track_counts`` is on, its default); None
+    without the counts. Not this transaction's alone: a backend reports its counts when idle,
+    at most once a second, so those of its earlier transactions on the same connection (the
+    pass's earlier parts) may still be in them — hence read before and after the writes."""
     counted = conn.execute(
         """SELECT current_setting('track_counts')::boolean, n_tup_ins, n_tup_upd, n_tup_del
            FROM pg_stat_xact_user_tables WHERE relid = %s::regclass""",
-        (sql.SQL("{}").format(sessions).as_string(conn),),
+        (sql.SQL("{}").format(sql.Identifier(schema, "sessions")).as_string(conn),),
     ).fetchone()
-    if counted is not None and counted[0] and _COUNTS_TRUSTED:
-        _, inserted, updated, deleted = counted
+    if counted is None or not counted[0] or not _COUNTS_TRUSTED:
+        return None
+    return (int(counted[1]), int(counted[2]), int(counted[3]))
+
+
+def _nothing_else_written(
+    conn: psycopg.Connection,
+    schema: str,
+    done: dict[str, set[str]],
+    counted_before: tuple[int, int, int] | None = None,
+) -> list[str]:
+    """No row of sessions but the ones the statements returned was written by this part.
+
+    PostgreSQL counts every row a backend inserted, updated or deleted per table
+    (:func:`_write_counts`): what they grew by since ``counted_before`` equal to what the
+    statements returned means no other write happened, at no cost. Without the counts, every
+    row that carries this transaction's id (``xmin``) is looked at instead, a scan of the
+    whole table while the touched rows stay locked.
+    """
+    sessions = sql.Identifier(schema, "sessions")
+    wrote = {kind: len(ids) for kind, ids in done.items()}
+    counted = _write_counts(conn, schema)
+    if counted is not None:
+        base = counted_before or (0, 0, 0)
+        inserted, updated, deleted = (now - then for now, then in zip(counted, base, strict=True))
         if (inserted, updated, deleted) == (wrote[M.INSERTED], wrote[M.CHANGED], wrote[M.ENDED]):
             return []
         return [
@@ -938,13 +1053,15 @@ def _merge(delta: Delta, sid: str, target: Targets) -> M.Outcome:
 
 def _tally(
     delta: Delta,
+    ids: list[str],
     outcomes: dict[str, M.Outcome],
     target: Targets,
     applied: Applied,
 ) -> dict[str, set[str]]:
-    """Count the outcomes into ``applied``; return the sessions each statement must touch."""
+    """Count the outcomes of ``ids`` into ``applied``; return the sessions each statement must
+    touch."""
     kinds: dict[str, set[str]] = {M.CHANGED: set(), M.INSERTED: set(), M.ENDED: set()}
-    for sid in delta.ids:
+    for sid in ids:
         outcome, lv = outcomes[sid], delta.live.get(sid)
         t = target[sid][0] if sid in target else None
         applied.kinds[outcome.kind] += 1
@@ -967,16 +1084,18 @@ def _transaction(
     conn: psycopg.Connection,
     schema: str,
     delta: Delta,
+    ids: list[str],
     chain: Chain,
+    expect: Progress | None,
     lock_timeout: str,
     dry_run: bool,
-    record: dict[str, Any],
+    record: Callable[[psycopg.Connection, Applied], None],
     applied: Applied,
 ) -> None:
-    """The pass's one transaction: copy the delta, merge it with PostgreSQL's rows read
-    unlocked, lock the touched rows (merging again those the app wrote meanwhile), apply,
-    prove, record; fills ``applied``. Raises to roll back (a failed proof, a dry run's end,
-    any error)."""
+    """One part's transaction (the whole pass when it is one part): copy the delta of ``ids``,
+    merge it with PostgreSQL's rows read unlocked, lock those rows (merging again those the app
+    wrote meanwhile), apply, prove, ``record``; fills ``applied``. Raises to roll back (a failed
+    proof, a dry run's end, any error)."""
     with conn.transaction():
         conn.execute("SELECT set_config('lock_timeout', %s, true)", (lock_timeout,))
         conn.execute(
@@ -989,9 +1108,10 @@ def _transaction(
         conn.execute("SELECT set_config('enable_hashjoin', 'off', true)")
         conn.execute("SELECT set_config('enable_mergejoin', 'off', true)")
         # The migration lock is a session-level lock on a connection that can vanish mid-pass
-        # unnoticed; what makes one pass per number is this transaction-level lock (released
-        # only by this transaction's end) and the chain read again under it (and, behind both,
-        # the target's unique index on the pass number).
+        # unnoticed; what makes one pass per number, and each part once, is this
+        # transaction-level lock (released only by this transaction's end) with the chain and
+        # the parts read again under it (and, behind both, the target's unique index on the
+        # pass number).
         commit_lock(conn, schema)
         if chain_of(conn, schema) != chain:
             raise BaseNotCurrent(
@@ -999,25 +1119,32 @@ def _transaction(
                 "migration lock was lost); nothing was committed — run the same command again"
             )
         refuse_after_rollback(conn, schema, chain)
+        now = progress_of(conn, schema, chain)
+        if (now and now.key()) != (expect and expect.key()):
+            raise BaseNotCurrent(
+                f"another run carried parts of catch-up pass {chain.last_pass + 1} since this "
+                "one read them (its migration lock was lost); nothing was committed — run the "
+                "same command again"
+            )
         _create_temp_tables(conn)
         _copy_rows(
-            conn, "sessionmig_catchup", _APPLY_COLUMNS, _APPLY_COPY_TYPES, _apply_rows(delta)
+            conn, "sessionmig_catchup", _APPLY_COLUMNS, _APPLY_COPY_TYPES, _apply_rows(delta, ids)
         )
         # The merge is computed from PostgreSQL's rows as they are, unlocked: the app goes on
         # serving the touched sessions while the rules run and the expected rows are copied.
         # Only then are the rows locked; those another transaction wrote meanwhile (their
         # version moved) are merged again from the locked row, which nobody else can change.
         seen = _read_targets(conn, schema)
-        outcomes = {sid: _merge(delta, sid, seen) for sid in delta.ids}
+        outcomes = {sid: _merge(delta, sid, seen) for sid in ids}
         _copy_rows(
             conn,
             "sessionmig_catchup_expected",
             _EXPECTED_COLUMNS,
             _EXPECTED_COPY_TYPES,
-            (_expected_row(sid, outcomes[sid]) for sid in delta.ids),
+            (_expected_row(sid, outcomes[sid]) for sid in ids),
         )
         locked = time.perf_counter()
-        moved = _moved(delta.ids, seen, _lock_targets(conn, schema))
+        moved = _moved(ids, seen, _lock_targets(conn, schema))
         if moved:
             # Read again under a lock (a row created again since the lock is locked now; one
             # still absent is inserted with ON CONFLICT and checked by the proof).
@@ -1027,12 +1154,13 @@ def _transaction(
             outcomes.update((sid, _merge(delta, sid, seen)) for sid in moved)
             _replace_expected(conn, [_expected_row(sid, outcomes[sid]) for sid in moved])
         applied.remerged = len(moved)
-        kinds = _tally(delta, outcomes, seen, applied)
+        kinds = _tally(delta, ids, outcomes, seen, applied)
+        counted = _write_counts(conn, schema)
         done = _apply_statements(conn, schema)
-        problems = _prove(conn, schema, kinds, done)
+        problems = _prove(conn, schema, kinds, done, counted_before=counted)
         if problems:
             raise _ProofFailed(problems)
-        _record_pass(conn, schema, counts=_counts(delta, applied), **record)
+        record(conn, applied)
         applied.locked_seconds = time.perf_counter() - locked
         if dry_run:
             raise _DryRun
@@ -1042,14 +1170,24 @@ def _transaction(
     applied.locked_seconds = time.perf_counter() - locked  # the commit included
 
 
-def _counts(delta: Delta, applied: Applied) -> dict[str, int]:
+def _kinds(applied: Applied) -> Counter[str]:
+    """A part's outcomes as its audit row keeps them (conflicts: sessions, not columns)."""
+    kinds = Counter(applied.kinds)
+    kinds[CONFLICTS] = len({c.session for c in applied.conflicts})
+    return kinds
+
+
+CONFLICTS = "conflicts"
+
+
+def _counts(delta: Delta, kinds: Counter[str]) -> dict[str, int]:
     return {
-        "inserted": applied.kinds[M.INSERTED],
-        "changed": applied.kinds[M.CHANGED],
-        "ended": applied.kinds[M.ENDED],
-        "stays_ended": applied.kinds[M.STAYS_ENDED],
-        "recreated": applied.kinds[M.RECREATED],
-        "conflicts": len({c.session for c in applied.conflicts}),
+        "inserted": kinds[M.INSERTED],
+        "changed": kinds[M.CHANGED],
+        "ended": kinds[M.ENDED],
+        "stays_ended": kinds[M.STAYS_ENDED],
+        "recreated": kinds[M.RECREATED],
+        "conflicts": kinds[CONFLICTS],
         "unchanged": delta.unchanged,
         "rejected": len(delta.rejected),
     }
@@ -1132,33 +1270,67 @@ def _read_snapshots(
     rules: Rules,
     batch_rows: int,
     evidence: bool,
+    kept: Path | None = None,
 ) -> _Snapshots:
     """Open and hash the base, snapshot the live store to ``incoming``, hash the snapshot while
     SQLite compares it with the base. When the base is ``evidence`` (the migrated backup), it
     is hashed again once the diff has read it, and a change raises before anything is locked in
-    PostgreSQL. On failure nothing is left open and ``incoming`` is gone."""
+    PostgreSQL. On failure nothing is left open and ``incoming`` is gone. With ``kept`` (the
+    snapshot a pass carried in part began with), that file is the live side instead of a new
+    snapshot, and it must still have the sha256 that names it."""
     base = open_backup(base_file)  # hashed on a thread meanwhile
     try:
-        taken = take(live_path, incoming, check=False, replace=True)
+        if kept is None:
+            taken, snapshot = take(live_path, incoming, check=False, replace=True), incoming
+        else:
+            taken, snapshot = _resumed(kept, live_path), kept
         try:
             _idle_priority()  # the live file is no longer read: no lock of the app's to hold
             # The copy is hashed on a thread while SQLite compares it with the base.
-            digest = in_background(sha256_file, incoming)
+            digest = in_background(sha256_file, snapshot)
             _refuse_stale_base(base_file, base.sha256, chain)
-            _refuse_rolled_back_file(incoming, live_path)
-            delta = diff(base, incoming, rules, batch_rows, taken.sessions)
+            _refuse_rolled_back_file(snapshot, live_path)
+            delta = diff(base, snapshot, rules, batch_rows, taken.sessions)
             # Every read of the base is done: its re-hash runs here, idle like the rest of the
             # SQLite side, rather than beside the transaction at the caller's priority.
             if evidence:
                 base.verify_unchanged()
-            taken = dataclasses.replace(taken, sha256=digest.result())
+            sha = digest.result()
+            if kept is not None and kept.name != _SNAPSHOT_NAME.format(sha256=sha):
+                raise SourceError(
+                    f"{kept}: its sha256 is now {sha}, not the one it is named by: the snapshot "
+                    "a pass carried in part began with was changed in state_dir; nothing was "
+                    "changed in PostgreSQL — restore it, or find out what wrote to it"
+                )
+            taken = dataclasses.replace(taken, sha256=sha)
         except BaseException:
-            incoming.unlink(missing_ok=True)
+            if kept is None:
+                incoming.unlink(missing_ok=True)
             raise
     except BaseException:
         base.close()
         raise
     return _Snapshots(base, taken, delta)
+
+
+def _resumed(kept: Path, live_path: Path) -> SnapshotResult:
+    """The kept snapshot as the live side of a pass finished from it (no new copy taken)."""
+    return SnapshotResult(
+        live_path=str(live_path),
+        path=str(kept),
+        sha256="",
+        size=kept.stat().st_size,
+        pages=0,
+        page_size=0,
+        journal_mode="kept (a pass finished from its first snapshot)",
+        sessions=None,
+        seconds=0.0,
+        waited_s=0.0,
+        attempts=0,
+        restarts=0,
+        step_pages=-1,
+        check="skipped",
+    )
 
 
 ROLLBACK_MARKER = "sessionmig_rollback_passes"
@@ -1268,6 +1440,8 @@ def catchup(
             )
         number = chain.last_pass + 1
         pass_run_id = f"{run_id}-{STEP}-{number}"
+        progress = progress_of(conn, schema, chain)
+        kept = None if progress is None else _kept_file(progress, state)
         local = _in_background_priority(
             background_nice,
             _read_snapshots,
@@ -1278,13 +1452,15 @@ def catchup(
             rules,
             batch_rows,
             base_file == migrated,
+            kept,
         )
         with local.base:
             taken, delta = local.taken, local.delta
-            live_file, created, outcome = Path(taken.path), True, Outcome()
+            live_file, created, outcome = Path(taken.path), kept is None, Outcome()
             try:
                 _refuse_going_back(delta, live_path, base_file)
-                live_file, created = _keep_snapshot(taken, state)
+                if kept is None:
+                    live_file, created = _keep_snapshot(taken, state)
                 taken = dataclasses.replace(taken, path=str(live_file))
                 record = {
                     "run_id": pass_run_id,
@@ -1303,20 +1479,23 @@ def catchup(
                         "base_path": str(base_file),
                         "base_sha256": chain.base_sha256,
                         "live_sha256": taken.sha256,
+                        "rules": rules_key(rules),
                     },
                 }
-                applied, mismatches = _apply(
-                    conn, dsn, schema, delta, chain, lock_timeout, dry_run, record, retries, outcome
+                job = _Pass(
+                    dsn, schema, delta, chain, lock_timeout, dry_run, record, retries, outcome
                 )
+                applied, mismatches = job.apply(conn, progress)
             finally:
                 if outcome.value == COMMITTED:
                     _prune(state, {live_file.resolve(), base_file.resolve()})
-                elif outcome.value == NOT_COMMITTED and created:
-                    live_file.unlink(missing_ok=True)  # no pass recorded it: never a base
-                # UNKNOWN: kept — it may be the next base; the next pass asks the target and
-                # prunes whatever the chain does not name.
+                elif outcome.value == NOT_COMMITTED and created and not outcome.parts:
+                    live_file.unlink(missing_ok=True)  # no part recorded it: never a base
+                # UNKNOWN, or parts committed: kept — it may be the next base, or the snapshot
+                # the pass is finished from; the next pass asks the target and prunes whatever
+                # the chain does not name.
     committed = outcome.value == COMMITTED
-    counts = _counts(delta, applied)
+    counts = _counts(delta, (progress.kinds if progress else Counter()) + applied.kinds)
     return _result(
         pass_run_id,
         number,
@@ -1333,7 +1512,23 @@ def catchup(
         committed,
         dry_run,
         outcome.resolved,
+        parts=(progress.parts if progress else 0) + outcome.parts,
+        resumed=progress.through if progress else 0,
     )
+
+
+def _kept_file(progress: Progress, state_dir: Path) -> Path:
+    """The live snapshot a pass carried in part began with: it is finished from that one."""
+    kept = state_dir / _SNAPSHOT_NAME.format(sha256=progress.live_sha256)
+    if not kept.is_file():
+        raise ParameterError(
+            f"catch-up pass {progress.number} is carried in part ({progress.through:,} of "
+            f"{progress.of:,} sessions, {progress.parts} parts committed) from the live snapshot "
+            f"{progress.live_sha256}, and {kept} is not there: a pass carried in part is "
+            "finished from the snapshot it began with. Nothing was changed; give the state_dir "
+            "the run that began it used"
+        )
+    return kept
 
 
 @dataclass
@@ -1342,52 +1537,275 @@ class Outcome:
 
     value: str = NOT_COMMITTED
     resolved: bool = False  # COMMIT's answer was lost and the target was asked
+    parts: int = 0  # parts this run committed (its last included, when it committed)
 
 
-def _apply(
-    conn: psycopg.Connection,
-    dsn: str,
-    schema: str,
-    delta: Delta,
-    chain: Chain,
-    lock_timeout: str,
-    dry_run: bool,
-    record: dict[str, Any],
-    retries: int,
-    outcome: Outcome,
-) -> tuple[Applied, tuple[str, ...]]:
-    """The transaction, redone from scratch when the app's row locks got in its way: (what it
-    did, what its proof found wrong); ``outcome`` says whether it committed. When COMMIT's
-    answer is lost (a dropped connection, Ctrl-C, SIGTERM), the target is asked before anything
-    is decided: its audit row is the truth."""
-    pid = conn.info.backend_pid
-    for attempt in range(retries + 1):
-        applied = Applied()  # each attempt starts again from PostgreSQL as it is now
-        try:
-            _transaction(conn, schema, delta, chain, lock_timeout, dry_run, record, applied)
-            outcome.value = COMMITTED
-            return applied, ()
-        except _DryRun:
-            return applied, ()
-        except _ProofFailed as failed:
-            return applied, tuple(failed.problems)
-        except BaseException as exc:
-            if not applied.committing:
-                _raise_uncommitted(exc, lock_timeout, attempt < retries)
-                time.sleep(0.2 * 2**attempt)  # the app's row locks are short-lived
-                continue
-            outcome.value = commit_outcome(dsn, schema, record["run_id"], pid)
-            outcome.resolved = True
-            number = record["parameters"]["catchup_pass"]
-            if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM: stop, saying what holds
-                raise KeyboardInterrupt(
-                    f"interrupted at COMMIT: catch-up pass {number} {outcome.value} (asked of "
-                    "the target's audit row)"
-                ) from exc
-            if outcome.value == COMMITTED:
+def _ids_digest(ids: list[str], hasher: Any = None) -> Any:
+    hasher = hasher.copy() if hasher is not None else hashlib.sha256()
+    for sid in ids:
+        hasher.update(sid.encode("utf-8", "surrogatepass") + b"\n")
+    return hasher
+
+
+def _next_part_rows(rows: int, locked_s: float) -> int:
+    """The next part's size: as many sessions as the last part's pace locks in
+    :data:`PART_LOCKED_S`, at most twice as many as the last (a pace measured on a few rows is
+    noisy), within :data:`MIN_PART_ROWS` … :data:`MAX_PART_ROWS`."""
+    if locked_s <= 0:
+        return min(MAX_PART_ROWS, max(MIN_PART_ROWS, 2 * rows))
+    paced = int(rows * PART_LOCKED_S / locked_s)
+    return min(MAX_PART_ROWS, max(MIN_PART_ROWS, min(paced, 2 * max(rows, 1))))
+
+
+def _record_part(
+    conn: psycopg.Connection, schema: str, record: dict[str, Any], part: dict[str, Any]
+) -> None:
+    """A part's audit row, in the part's own transaction: recorded if and only if its writes
+    committed. It says how far the pass got (``through`` of ``of`` sessions in key order, the
+    digest of their ids) and what the part did; it never moves the chain."""
+    kinds = part["kinds"]
+    write_run(
+        conn,
+        schema,
+        RunRow(
+            run_id=part["run_id"],
+            step=PART_STEP,
+            started_at=record["started"],
+            source_path=record["live_snapshot"],
+            source_sha256=record["live_sha256"],
+            source_timezone=record["source_timezone"],
+            rows_read=part["rows"],
+            inserted=kinds[M.INSERTED],
+            conflicting=kinds[CONFLICTS],
+            updated=kinds[M.CHANGED],
+            parameters={
+                **{k: record["parameters"][k] for k in _PART_PARAMETERS},
+                "through": part["through"],
+                "of": part["of"],
+                "ids_sha256": part["ids_sha256"],
+                "kinds": dict(kinds),
+                "pass_run_id": record["run_id"],
+            },
+            operator=record["operator"],
+            host=socket.gethostname(),
+        ),
+    )
+
+
+_PART_PARAMETERS = ("catchup_pass", "migrate_run_id", "base_sha256", "live_sha256", "rules")
+
+
+def rules_key(rules: Rules) -> str:
+    """The rules a delta is normalised by, as a part records them: a pass is finished by the
+    rules it began with (the same sessions differ in another zone, with other values)."""
+    zone = getattr(rules.zone, "key", str(rules.zone))
+    return f"{zone}|{rules.on_invalid_metadata}|{','.join(rules.extra_columns)}"
+
+
+@dataclass(frozen=True)
+class _PartSpec:
+    """Which sessions a part carries and how its audit row names them."""
+
+    run_id: str  # the part's audit row (the pass's own, for the last part)
+    through: int
+    of: int
+    ids_sha256: str
+    last: bool
+
+
+@dataclass
+class _Pass:
+    """A pass's PostgreSQL side: what every part needs, and what the parts did so far.
+
+    :meth:`apply` carries the delta in parts, each its own transaction: the touched sessions in
+    key order, a part at a time, sized so that each holds its rows locked about
+    :data:`PART_LOCKED_S`. Every part is proven and recorded with its writes; the last records
+    the pass. A pass that stopped after some parts goes on from the first session not yet
+    carried, once its delta is proven the same."""
+
+    dsn: str
+    schema: str
+    delta: Delta
+    chain: Chain
+    lock_timeout: str
+    dry_run: bool
+    record: dict[str, Any]
+    retries: int
+    outcome: Outcome
+    total: Applied = field(default_factory=Applied)
+
+    @property
+    def number(self) -> int:
+        return self.chain.last_pass + 1
+
+    def apply(
+        self, conn: psycopg.Connection, progress: Progress | None
+    ) -> tuple[Applied, tuple[str, ...]]:
+        """(what the parts did, what a proof found wrong); ``self.outcome`` says what
+        committed."""
+        ids = self.delta.ids
+        start = progress.through if progress else 0
+        done = _ids_digest(ids[:start])
+        self._refuse_another_delta(progress, done.hexdigest())
+        before = progress.kinds if progress else Counter()
+        expect, size = progress, FIRST_PART_ROWS
+        with contextlib.ExitStack() as opened:
+            while True:
+                if conn.closed or conn.broken:
+                    # A part whose COMMIT's answer was lost, and which the target says
+                    # committed: the next part goes on a new connection.
+                    conn = opened.enter_context(_connect(self.dsn))
+                end = min(len(ids), start + size)
+                part, through = ids[start:end], _ids_digest(ids[start:end], done)
+                last = end == len(ids)
+                run_id = self.record["run_id"]
+                spec = _PartSpec(
+                    run_id if last else f"{run_id}-part-{end}",
+                    end,
+                    len(ids),
+                    through.hexdigest(),
+                    last,
+                )
+                try:
+                    applied, problems = self._part(conn, part, expect, spec, before)
+                except BaseException as exc:
+                    carried = (progress.parts if progress else 0) + self.outcome.parts
+                    if carried and not isinstance(exc, KeyboardInterrupt):
+                        raise _partial(exc, self.number, start, len(ids), carried) from None
+                    raise
+                self._add(applied)
+                if problems or last:
+                    return self.total, problems
+                if not self.dry_run:
+                    parts = (expect.parts if expect else 0) + 1
+                    expect = Progress(
+                        self.number, self.record["live_sha256"], end, spec.ids_sha256,
+                        len(ids), parts, before + self.total.kinds,
+                        self.record["parameters"]["rules"],
+                    )  # fmt: skip
+                start, done = end, through
+                size = _next_part_rows(len(part), applied.locked_seconds)
+
+    def _refuse_another_delta(self, progress: Progress | None, done: str) -> None:
+        """A pass carried in part is finished only by the rules and the delta it began with."""
+        if progress is None:
+            return
+        rules = self.record["parameters"]["rules"]
+        if progress.rules != rules:
+            raise ParameterError(
+                f"catch-up pass {self.number} was begun under other rules ({progress.rules}: "
+                f"zone, on_invalid_metadata, extra columns) than this run's ({rules}); "
+                f"{progress.through:,} of its {progress.of:,} sessions are carried by those "
+                "rules. Nothing was changed; run it with the parameters of the run that began it"
+            )
+        if (progress.of, progress.ids_sha256) != (len(self.delta.ids), done):
+            raise SourceError(
+                f"catch-up pass {self.number} was begun with another delta ({progress.through:,} "
+                f"of {progress.of:,} sessions carried) than the one its kept snapshot gives now "
+                f"({len(self.delta.ids):,} sessions); nothing was changed. The snapshot and the "
+                "base are the same files (their sha256 are checked): report this as a bug"
+            )
+
+    def _add(self, applied: Applied) -> None:
+        total = self.total
+        total.kinds += _kinds(applied)
+        total.remerged += applied.remerged
+        total.conflicts += applied.conflicts
+        total.locked_seconds = max(total.locked_seconds, applied.locked_seconds)
+        for kind, shown in applied.examples.items():
+            kept = total.examples.setdefault(kind, [])
+            kept += shown[: EXAMPLES - len(kept)]
+
+    def _write(
+        self, conn: psycopg.Connection, applied: Applied, spec: _PartSpec, before: Counter[str]
+    ) -> None:
+        """The part's audit row; the last part's is the pass's, with the whole pass's counts."""
+        if spec.last:
+            kinds = before + self.total.kinds + _kinds(applied)
+            _record_pass(conn, self.schema, counts=_counts(self.delta, kinds), **self.record)
+            return
+        part = {
+            "run_id": spec.run_id,
+            "rows": len(applied.touched),
+            "through": spec.through,
+            "of": spec.of,
+            "ids_sha256": spec.ids_sha256,
+            "kinds": _kinds(applied),
+        }
+        _record_part(conn, self.schema, self.record, part)
+
+    def _part(
+        self,
+        conn: psycopg.Connection,
+        ids: list[str],
+        expect: Progress | None,
+        spec: _PartSpec,
+        before: Counter[str],
+    ) -> tuple[Applied, tuple[str, ...]]:
+        """One part's transaction, redone from scratch when the app's row locks got in its
+        way: (what it did, what its proof found wrong). When COMMIT's answer is lost (a dropped
+        connection, Ctrl-C, SIGTERM), the target is asked before anything is decided: the
+        part's audit row (the pass's, for the last) is the truth."""
+        pid, outcome = conn.info.backend_pid, self.outcome
+        for attempt in range(self.retries + 1):
+            applied = Applied(touched=ids)  # each attempt starts again from PostgreSQL now
+            try:
+                _transaction(
+                    conn, self.schema, self.delta, ids, self.chain, expect, self.lock_timeout,
+                    self.dry_run, lambda c, a: self._write(c, a, spec, before), applied,
+                )  # fmt: skip
+            except _DryRun:
                 return applied, ()
-            raise _lost_commit(exc, number, outcome.value) from None
-    raise AssertionError("unreachable")
+            except _ProofFailed as failed:
+                return applied, tuple(failed.problems)
+            except BaseException as exc:
+                if not applied.committing:
+                    _raise_uncommitted(exc, self.lock_timeout, attempt < self.retries)
+                    time.sleep(0.2 * 2**attempt)  # the app's row locks are short-lived
+                    continue
+                value = commit_outcome(self.dsn, self.schema, spec.run_id, pid)
+                outcome.resolved = True
+                what = f"catch-up pass {self.number}"
+                if not spec.last:
+                    what += f" (its part through session {spec.through:,} of {spec.of:,})"
+                if value == COMMITTED:
+                    self._committed(spec)
+                elif value != NOT_COMMITTED:  # unknown: its snapshot may be the next base
+                    outcome.value = value
+                if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM: stop, saying what holds
+                    raise KeyboardInterrupt(
+                        f"interrupted at COMMIT: {what} {value} (asked of the target's audit row)"
+                    ) from exc
+                if value == COMMITTED:
+                    return applied, ()
+                raise _lost_commit(exc, what, value) from None
+            self._committed(spec)
+            return applied, ()
+        raise AssertionError("unreachable")
+
+    def _committed(self, spec: _PartSpec) -> None:
+        self.outcome.parts += 1
+        if spec.last:
+            self.outcome.value = COMMITTED
+
+
+def _partial(exc: BaseException, number: int, through: int, of: int, parts: int) -> Exception:
+    """What a part's failure means once earlier parts committed: the pass is carried in part,
+    and the same command finishes it."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    # The part's own words without "nothing was committed": true of the part, not the pass.
+    cause = re.split(r"[;:,]?\s*nothing was committed", first)[0]
+    message = (
+        f"catch-up pass {number} stopped part-way: {parts} of its parts are committed, each "
+        f"proven and recorded ({through:,} of {of:,} sessions carried); the part after them "
+        f"failed ({redact(cause)}). Run the same command again: it finishes the pass from its "
+        "kept snapshot, carrying only what is not yet carried"
+    )
+    kind = type(exc) if isinstance(exc, (TargetError, SourceError, ParameterError)) else None
+    try:
+        return kind(message) if kind else TransientTargetError(message)
+    except TypeError:  # an error class with a constructor of its own
+        return TransientTargetError(message)
 
 
 def _raise_uncommitted(exc: BaseException, lock_timeout: str, may_retry: bool) -> None:
@@ -1421,17 +1839,17 @@ def _raise_uncommitted(exc: BaseException, lock_timeout: str, may_retry: bool) -
     raise exc
 
 
-def _lost_commit(exc: BaseException, number: int, outcome: str) -> TransientTargetError:
+def _lost_commit(exc: BaseException, what: str, outcome: str) -> TransientTargetError:
     message = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
     if outcome == NOT_COMMITTED:
         return TransientTargetError(
             f"the connection was lost at COMMIT ({message}); the target's audit row, read on a "
-            f"new connection, shows catch-up pass {number} was not committed: nothing was "
+            f"new connection, shows {what} was not committed: nothing was "
             "committed — run the same command again"
         )
     return TransientTargetError(
         f"the connection was lost while COMMIT's answer was in flight ({message}) and the "
-        f"target cannot be asked now: whether catch-up pass {number} committed is unknown. Its "
+        f"target cannot be asked now: whether {what} committed is unknown. Its "
         "snapshot is kept in state_dir; run the same command again once the target answers: it "
         "reads the audit row first and carries exactly what is not yet carried"
     )
@@ -1479,12 +1897,22 @@ def _result(
     committed: bool,
     dry_run: bool,
     resolved: bool = False,
+    *,
+    parts: int = 1,
+    resumed: int = 0,
 ) -> CatchupResult:
     conflicts = counts["conflicts"]
     if mismatches:
         verdict = Verdict.FAIL
+        what = (
+            "nothing was committed"
+            if not parts
+            else f"its part committed nothing ({parts} earlier parts are committed, each proven; "
+            "the pass is carried in part and no rollback or other pass may start until it is "
+            "finished)"
+        )
         reason = (
-            "the proof failed, nothing was committed: "
+            f"the proof failed, {what}: "
             + "; ".join(mismatches[:3])
             + ("; …" if len(mismatches) > 3 else "")
         )
@@ -1510,6 +1938,13 @@ def _result(
             f"{counts['ended']} ended, {counts['stays_ended']} already ended in PostgreSQL, "
             f"{counts['unchanged']} unchanged; every touched session proven equal to the rules"
         )
+        if parts > 1 or resumed:
+            did += f", applied in {parts} parts of at most {PART_LOCKED_S:g} s of row locks each"
+        if resumed:
+            did += (
+                f" (the first {resumed:,} sessions by an earlier run whose pass stopped "
+                "part-way; this run finished it from the same snapshot)"
+            )
         reason = "; ".join([did, *warnings])
         if dry_run:
             reason = "dry run, nothing committed: " + reason
@@ -1544,6 +1979,8 @@ def _result(
         seconds=seconds,
         locked_seconds=applied.locked_seconds,
         remerged=applied.remerged,
+        parts=parts,
+        resumed=resumed,
         committed=committed,
         dry_run=dry_run,
         verdict=verdict,
@@ -1630,7 +2067,9 @@ def catchup_tables(result: CatchupResult) -> dict[str, pd.DataFrame]:
             ("snapshot of the live store", f"{snap.seconds:.2f} s"),
             ("waiting for the app's SQLite locks", f"{snap.waited_s:.2f} s"),
             ("snapshot restarts (app committed meanwhile)", str(snap.restarts)),
-            ("touched rows locked in PostgreSQL", f"{result.locked_seconds:.2f} s"),
+            ("longest time a part held touched rows locked", f"{result.locked_seconds:.2f} s"),
+            ("parts (transactions, each proven and recorded)", f"{result.parts:,}"),
+            ("sessions carried by an earlier run of this pass", f"{result.resumed:,}"),
             (
                 "sessions the app wrote during the merge (merged again under the lock)",
                 f"{result.remerged:,}",

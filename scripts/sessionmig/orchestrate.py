@@ -594,6 +594,11 @@ def _what_a_row_says(row: dict[str, Any]) -> str:
     step, finished = row.get("step"), when(row.get("finished_at"))
     if step == "catchup":
         return f"catch-up pass {row.get('catchup_pass')} had committed (finished {finished})"
+    if step == "catchup_part":
+        return (
+            f"a part of catch-up pass {row.get('catchup_pass')} had committed (finished "
+            f"{finished}; the pass is carried in part: the same command finishes it)"
+        )
     if step == "rollback" and row.get("state") == "intent":
         return (
             "the rollback during the overlap had recorded its intent (catch-up is refused from "

@@ -44,6 +44,7 @@ from .catchup import (
     chain_of,
     commit_lock,
     refuse_after_rollback,
+    refuse_partial_pass,
 )
 from .connect import connect
 from .copyin import stream_backup
@@ -291,6 +292,8 @@ def rollback_live(
     with migration_lock(dsn, schema), _connect(dsn) as conn:
         chain = chain_of(conn, schema)
         begun = _begun(conn, schema, chain, live_path)
+        if begun is None:
+            refuse_partial_pass(conn, schema, chain, "rollback during the overlap")
         if chain.migrate_sha256 != expected_sha256:
             raise SourceError(
                 f"the latest migrate run on the target ({chain.migrate_run_id}) loaded "
@@ -479,6 +482,7 @@ def _record_intent(conn: psycopg.Connection, schema: str, chain: Any, row: RunRo
                     "changed — run the same command again"
                 )
             refuse_after_rollback(conn, schema, chain, what="second rollback")
+            refuse_partial_pass(conn, schema, chain, "rollback during the overlap")
             write_run(conn, schema, row)
     except psycopg.errors.UniqueViolation:
         raise BaseNotCurrentError(
