@@ -1,4 +1,4 @@
-"""The lock an audited install trusts: ``constraints.txt`` names every third-party file by its
+"""The lock an audited install trusts: ``constraints.lock`` names every third-party file by its
 sha256, ``make install`` installs it so that pip checks every one, and a file whose hash differs
 (a tampered or substituted download) stops the install. Offline: the tampering is tried on a
 wheel built here, from a folder, with no index."""
@@ -21,7 +21,8 @@ from conftest import ROOT
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-LOCK = ROOT / "constraints.txt"
+LOCK = ROOT / "constraints.lock"
+PLAIN = ROOT / "constraints.txt"  # the same pins without hashes, for pip install -c
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
 HASH = re.compile(r"--hash=sha256:([0-9a-f]{64})\b")
 
@@ -43,9 +44,7 @@ def lock_entries(text: str) -> dict[tuple[str, str], list[str]]:
         elif line.startswith((" ", "\t")) and current is not None:
             entries[current] += HASH.findall(line)
         elif line.strip() and not line.lstrip().startswith("#"):
-            raise AssertionError(
-                f"constraints.txt: a line that is neither a pin nor a hash: {line}"
-            )
+            raise AssertionError(f"{LOCK.name}: a line that is neither a pin nor a hash: {line}")
     return entries
 
 
@@ -58,11 +57,24 @@ def pins() -> dict[str, set[str]]:
 
 def test_every_pin_of_the_lock_carries_sha256_digests() -> None:
     entries = lock_entries(LOCK.read_text())
-    assert len(entries) > 50, "constraints.txt looks empty: run make constraints"
+    assert len(entries) > 50, f"{LOCK.name} looks empty: run make constraints"
     unhashed = sorted(f"{n}=={v}" for (n, v), digests in entries.items() if not digests)
     assert not unhashed, f"pins without a --hash: {unhashed}; regenerate with make constraints"
     # Never the repository's own two distributions: make install installs them editable.
     assert not {"sessionmig", "sessionstore"} & {n for n, _ in entries}
+
+
+def test_constraints_txt_is_the_lock_without_its_hashes() -> None:
+    """``pip install -c constraints.txt`` (an app installing the store alone) gets exactly the
+    lock's versions, under the same markers."""
+    lines = [line for line in PLAIN.read_text().splitlines() if not line.startswith("#")]
+    assert lines and not any("--hash" in line for line in lines)
+    pinned = [
+        line.removesuffix("\\").rstrip()
+        for line in LOCK.read_text().splitlines()
+        if PIN.match(line)
+    ]
+    assert lines == pinned, "constraints.txt differs from constraints.lock: run make constraints"
 
 
 def test_the_lock_holds_what_the_editable_installs_are_built_with() -> None:
@@ -80,11 +92,11 @@ def test_the_lock_holds_what_the_editable_installs_are_built_with() -> None:
 def test_make_install_checks_every_hash_then_adds_the_two_editables_without_deps() -> None:
     recipe = (ROOT / "Makefile").read_text().split("$(STAMP):", 1)[1].split("\ninstall:", 1)[0]
     commands = [c for c in recipe.replace("\\\n", " ").splitlines() if c.startswith("\t")]
-    lock_install = next(c for c in commands if "-r constraints.txt" in c)
+    lock_install = next(c for c in commands if f"-r {LOCK.name}" in c)
     assert "--require-hashes" in lock_install and "--no-deps" in lock_install
     editable = next(c for c in commands if "-e scripts/sessionstore" in c)
     assert "--no-deps" in editable and "--no-build-isolation" in editable
-    assert "-c constraints.txt" not in recipe  # pip would not check the hashes of a -e install
+    assert "-c " not in recipe  # pip would not check the hashes of a -e install
     assert commands.index(lock_install) < commands.index(editable)
     assert any(c.strip().endswith("pip check") for c in commands[commands.index(editable) :])
 
@@ -106,7 +118,7 @@ def test_environment_yml_ranges_admit_the_locked_versions() -> None:
         if name in ("python", "pip"):
             continue
         specifier = SpecifierSet(text[len(re.split(r"[<>=!~ ]", text, maxsplit=1)[0]) :].strip())
-        assert name in locked, f"environment.yml lists {name}, which constraints.txt does not pin"
+        assert name in locked, f"environment.yml lists {name}, which {LOCK.name} does not pin"
         assert any(specifier.contains(v, prereleases=True) for v in locked[name]), (
             f"environment.yml: {text} does not admit the locked {name} {locked[name]}"
         )

@@ -49,7 +49,7 @@ def test_environment_yml_lists_the_runtime_dependencies_of_pyproject() -> None:
 
 def test_constraints_pin_every_dependency_within_its_range() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    # The lock's lines: `name==version ; marker \` (then its --hash lines).
+    # Its lines: `name==version` or `name==version ; marker` (the lock's pins, no hashes).
     pinned = (
         re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", line)
         for line in (ROOT / "constraints.txt").read_text().splitlines()
