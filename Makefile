@@ -5,14 +5,22 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ROWS   ?= 50000
 
-.PHONY: install demo demo-live test test-fast typecheck notebooks browser pgbouncer lint bench clean constraints
+.PHONY: install demo demo-live test test-fast typecheck notebooks browser pgbouncer lint bench clean constraints check-lock
 
-# Exact versions from constraints.txt: an audited procedure installs the same thing every time.
-# Two distributions, both editable: the session store (scripts/sessionstore) and the runbook.
-$(STAMP): pyproject.toml scripts/sessionstore/pyproject.toml constraints.txt
+# Exact versions, each file checked against its sha256: an audited procedure installs the same
+# bytes every time. constraints.lock is the lock (`make constraints` writes it from
+# constraints.in): every third-party distribution, the build backend and pip included, with
+# --hash lines. pip enforces hashes for all of a `-r` file under --require-hashes, but an
+# editable install has no hash to check (pip refuses the two together), so: the lock alone,
+# --no-deps (nothing unlisted comes in); then the repository's own two distributions, editable,
+# --no-deps, built by the lock's setuptools (--no-build-isolation: no unhashed download to
+# build them); then pip check, which fails if the lock misses anything they need.
+$(STAMP): pyproject.toml scripts/sessionstore/pyproject.toml constraints.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e scripts/sessionstore -e '.[dev,embedded,browser,example]'
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r constraints.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation \
+	  -e scripts/sessionstore -e '.[dev,embedded,browser,example]'
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -46,11 +54,26 @@ typecheck: $(STAMP)
 notebooks: $(STAMP)
 	$(BIN)/python tools/make_notebooks.py
 
-## Re-pin constraints.txt from what is installed now (after changing pyproject.toml's ranges).
+## Re-lock constraints.lock (versions and sha256 of every file) from constraints.in: after changing
+## a pyproject.toml's ranges or extras. Pins already in the lock are kept where they still fit
+## (uv prefers them); `make constraints UPGRADE=1` moves every pin to the newest that fits.
+## For every Python >= 3.11 and platform (--universal): pip picks by each line's marker.
+## constraints.txt is the same pins without the hashes, for `pip install -c` (an app installing
+## the store alone, an editable install): pip 23 turns hashes in a -c file into --require-hashes
+## for the whole install, which an editable or an unpinned requirement then fails.
 constraints: $(STAMP)
-	{ echo "# Exact versions an audited run installs (make install: pip install -c constraints.txt …)."; \
-	  echo "# Regenerate after changing pyproject.toml's ranges: make constraints"; \
-	  $(BIN)/pip freeze --exclude-editable | grep -v '^session\(mig\|store\)'; } > constraints.txt
+	$(BIN)/uv pip compile constraints.in --quiet --universal --python-version 3.11 \
+	  --generate-hashes --no-emit-package sessionmig --no-emit-package sessionstore \
+	  $(if $(UPGRADE),--upgrade) --custom-compile-command "make constraints" -o constraints.lock
+	{ echo "# The versions constraints.lock pins, without its hashes: for pip install -c."; \
+	  echo "# Written by make constraints from constraints.lock; never edited by hand."; \
+	  grep -E '^[A-Za-z0-9]' constraints.lock | sed 's/ *\\$$//'; } > constraints.txt
+
+## The lock is what make install installs: a file whose sha256 differs from the lock's (a
+## tampered or substituted download) must stop the install. Checked offline, on a wheel built
+## here, and in the real lock: every pin carries at least one sha256 (tests/test_lock.py too).
+check-lock: $(STAMP)
+	$(BIN)/python -m pytest -q tests/test_lock.py
 
 ## Debian's chromium for the offline-report browser test (installed when missing and root).
 browser:

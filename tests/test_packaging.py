@@ -49,11 +49,12 @@ def test_environment_yml_lists_the_runtime_dependencies_of_pyproject() -> None:
 
 def test_constraints_pin_every_dependency_within_its_range() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pins = {
-        _name(line): line.split("==", 1)[1].strip()
+    # Its lines: `name==version` or `name==version ; marker` (the lock's pins, no hashes).
+    pinned = (
+        re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", line)
         for line in (ROOT / "constraints.txt").read_text().splitlines()
-        if "==" in line and not line.startswith("#")
-    }
+    )
+    pins = {_name(m.group(1)): m.group(2) for m in pinned if m}
     from packaging.requirements import Requirement
 
     store = tomllib.loads((ROOT / "scripts/sessionstore/pyproject.toml").read_text())["project"]

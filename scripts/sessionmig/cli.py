@@ -1,10 +1,17 @@
-"""``sessionmig``: one small function per verb; each parses, delegates and sets the exit code.
+"""``sessionmig``: the command line's parsing, a dispatch table, and how each result is shown.
+
+The work of each verb is :mod:`sessionmig.command`'s (one function per verb, plain values in, a
+result object out, which notebooks, scripts and tests call too); here each verb's namespace is
+read into those values, the command called and its result rendered — text for people, or with
+``--format json`` (run, migrate, reconcile, verify) one JSON object on stdout for a CI pipeline,
+the human text then on stderr.
 
 Exit codes: 0 passed (warnings allowed), 1 a verdict is FAIL, 2 the run could not be carried out
 — always with a one-line reason on stderr. Everything this process prints goes through the one
-redaction path (:func:`sessionmig.mask.redact`), tracebacks included. ``--format json`` (run,
-migrate, reconcile, verify) prints one JSON object on stdout for a CI pipeline; the human text
-then goes to stderr.
+redaction path (:func:`sessionmig.mask.redact`), tracebacks included.
+
+Nothing heavy is imported here: ``sessionmig --help`` and ``sessionmig db …`` never load pandas
+or papermill (the commands import what they need when they run).
 """
 
 from __future__ import annotations
@@ -16,22 +23,13 @@ import re
 import sys
 import textwrap
 import traceback
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from . import defaults as D
-from . import mask
+from . import command, mask
 from . import params as P
 from .connect import MALFORMED_DSN_HINT
-from .errors import (
-    EXIT_ERROR,
-    EXIT_FAIL,
-    EXIT_OK,
-    ParameterError,
-    SessionmigError,
-    TargetError,
-    TargetUnreachable,
-)
+from .errors import EXIT_ERROR, EXIT_FAIL, EXIT_OK, SessionmigError
 from .project import PROJECT_DIR_VARIABLE, runbook_path
 from .verdict import Verdict, partition
 
@@ -56,54 +54,17 @@ class RedactingStream:
         return getattr(self.inner, name)
 
 
-def _parameters(
-    args: argparse.Namespace,
-    steps: list[str],
-    extra: tuple[str, ...] = (),
-) -> dict[str, Any]:
-    """The environment file with ``-p`` on top, by the one rule every verb and ``run`` share."""
-    overrides = P.parse_overrides(args.param)
-    return P.resolve(args.env, overrides, steps, extra=extra, project_dir=args.project_dir)
+# --- each verb: its namespace read into plain values, the command called, its result rendered --
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``-p NAME=VALUE`` typed as each parameter is declared (:func:`params.parse_overrides`)."""
+    return P.parse_overrides(args.param)
 
 
 def _settings(args: argparse.Namespace) -> Any:
     """The settings of the step this verb runs (``migrate``, ``reconcile``)."""
-    from .settings import settings
-
-    return settings(**_parameters(args, [args.verb]))
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    """Write a made-up backup in the legacy schema, with the known oddities planted: for a
-    demo, a rehearsal or a test."""
-    from .sample import generate, is_sample
-
-    out = Path(args.out)
-    if out.exists() or out.is_symlink():
-        if not args.replace:
-            raise ParameterError(
-                f"{out} exists; sample never overwrites a file (a typo could name the live "
-                "store). Give a new path, or --replace to replace an earlier sample"
-            )
-        if not is_sample(out):
-            raise ParameterError(
-                f"{out} exists and is not a sample sessionmig wrote: refused even with "
-                "--replace (it may be a real store). Give a new path"
-            )
-    applied = generate(
-        args.out,
-        rows=args.rows,
-        seed=args.seed,
-        as_of=args.as_of,
-        zone=args.timezone,
-        oddities=args.oddities,
-    )
-    lands = sum(o.lands for _, o in applied)
-    print(
-        f"{args.out}: {args.rows} sessions, {len(applied)} oddities "
-        f"({len(applied) - lands} cannot land), as_of {args.as_of}"
-    )
-    return EXIT_OK
+    return command.settings_of(args.verb, args.env, _overrides(args), args.project_dir)
 
 
 def _human(args: argparse.Namespace) -> Any:
@@ -111,33 +72,27 @@ def _human(args: argparse.Namespace) -> Any:
     return sys.stderr if getattr(args, "format", "text") == "json" else sys.stdout
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Run the runbook's steps as notebooks (preflight to reconcile unless --steps says
-    otherwise) and leave a sealed report folder: one report per step, index.html, manifest."""
+def _run(args: argparse.Namespace) -> int:
     steps = [s.strip() for s in args.steps.split(",") if s.strip()] if args.steps else None
-    return _run_steps(args, steps, "run")
+    outcome = command.run(
+        args.env, steps, _overrides(args), args.reports_dir, args.fresh, args.project_dir
+    )
+    return _outcome(args, outcome, "run")
 
 
-def _run_steps(args: argparse.Namespace, steps: list[str] | None, verb: str) -> int:
-    """``sessionmig run`` of ``steps``: the step lines and progress on stderr, then the report
-    path, the verdict and a summary a ticket can take (or the JSON of ``--format json``)."""
-    from .kernels import Kernels
+def _migrate(args: argparse.Namespace) -> int:
+    outcome = command.migrate(args.env, _overrides(args), args.reports_dir, args.project_dir)
+    return _outcome(args, outcome, "migrate")
 
-    with Kernels(os.getcwd()) as kernels:
-        # The first step's kernel starts while the runbook's own modules load.
-        kernels.start((steps or list(P.DEFAULT_STEPS))[0])
-        from .orchestrate import run
 
-        outcome = run(
-            args.env,
-            steps,
-            P.parse_overrides(args.param),
-            args.reports_dir,
-            getattr(args, "fresh", False),
-            project_dir=args.project_dir,
-            verb=verb,
-            kernels=kernels,
-        )
+def _reconcile(args: argparse.Namespace) -> int:
+    outcome = command.reconcile(args.env, _overrides(args), args.reports_dir, args.project_dir)
+    return _outcome(args, outcome, "reconcile")
+
+
+def _outcome(args: argparse.Namespace, outcome: Any, verb: str) -> int:
+    """A run's end: the report path, the verdict and a summary a ticket can take (or the JSON
+    of ``--format json``); the step lines and progress went to stderr as it ran."""
     out = _human(args)
     print(f"reports: {outcome.index.resolve()}", file=out)
     if outcome.exit_code:
@@ -148,8 +103,8 @@ def _run_steps(args: argparse.Namespace, steps: list[str] | None, verb: str) -> 
     for line in run_summary(outcome):
         print(f"  {line}", file=out)
     if args.format == "json":
-        print(json.dumps(outcome_json(outcome), indent=2, default=str))
-    return outcome.exit_code
+        print(json.dumps(command.outcome_json(outcome), indent=2, default=str))
+    return int(outcome.exit_code)
 
 
 def run_summary(outcome: Any) -> list[str]:
@@ -191,88 +146,8 @@ def run_summary(outcome: Any) -> list[str]:
     return [line for line in lines if line]
 
 
-def counts_of(steps: Any) -> dict[str, int | None]:
-    """Rows read, landed and rejected: the load's when the run migrated, else reconcile's."""
-    by_name = {r.name: r.summary for r in steps if r.summary}
-    migrate, reconcile = by_name.get("migrate", {}), by_name.get("reconcile", {})
-
-    def whole(value: Any) -> int | None:
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-    if whole(migrate.get("rows_read")) is not None:
-        read, rejected = whole(migrate.get("rows_read")), whole(migrate.get("rejected"))
-        landed = read - rejected if read is not None and rejected is not None else None
-        return {"read": read, "landed": landed, "rejected": rejected}
-    return {
-        "read": whole(reconcile.get("source_rows")),
-        "landed": whole(reconcile.get("migrated")),
-        "rejected": whole(reconcile.get("rejected")),
-    }
-
-
-def outcome_json(outcome: Any) -> dict[str, Any]:
-    """The run for a CI pipeline: verdict, exit code, counts, source sha256, folder, steps."""
-    return {
-        "verdict": outcome.verdict,
-        "exit_code": outcome.exit_code,
-        "message": outcome.message,
-        "counts": counts_of(outcome.steps),
-        "source_sha256": outcome.source_sha256,
-        "run_folder": str(outcome.run_dir.resolve()),
-        "index": str(outcome.index.resolve()),
-        "steps": [
-            {
-                "name": r.name,
-                "status": r.status,
-                "verdict": r.verdict,
-                "exit_code": r.exit_code,
-                "seconds": round(r.duration_s, 1),
-                "reason": r.reason,
-            }
-            for r in outcome.steps
-        ],
-    }
-
-
-def _check_target(args: argparse.Namespace, retries_allowed: bool) -> None:
-    """Before a single-step verb makes its run folder: a target that refuses the login or a
-    malformed DSN is one line and exit 2, with nothing written. One that cannot be reached is
-    left to the step when it may retry (migrate's ``max_retries``): its report says so."""
-    from .connect import connect
-
-    merged = _parameters(args, [args.verb])
-    name = merged.get("database_url_env", D.DATABASE_URL_ENV)
-    if name is None:
-        return  # the embedded server, which the run starts itself
-    try:
-        with connect(P.database_url(name), "check", autocommit=True):
-            pass
-    except TargetUnreachable:
-        retries = merged.get("max_retries", D.MAX_RETRIES)
-        if not (retries_allowed and retries):
-            raise
-
-
-def cmd_migrate(args: argparse.Namespace) -> int:
-    """Load the backup into PostgreSQL (the runbook's migrate step alone), with a sealed
-    report folder of its own."""
-    _check_target(args, retries_allowed=True)
-    return _run_steps(args, ["migrate"], "migrate")
-
-
-def cmd_reconcile(args: argparse.Namespace) -> int:
-    """Compare the backup with PostgreSQL, every row and column (the reconcile step alone, e.g.
-    to re-check days later), with a sealed report folder of its own."""
-    _check_target(args, retries_allowed=False)
-    return _run_steps(args, ["reconcile"], "reconcile")
-
-
-def cmd_snapshot(args: argparse.Namespace) -> int:
-    """Copy the live SQLite store while the app keeps writing to it (SQLite's online backup
-    API; the app's writes never fail because of it). Prints the copy's sha256."""
-    from .snapshot import snapshot
-
-    result = snapshot(args.live, args.out)
+def _snapshot(args: argparse.Namespace) -> int:
+    result = command.snapshot(args.live, args.out)
     print(
         f"{result.path}: {result.sessions} sessions, journal mode {result.journal_mode}, "
         f"waited {result.waited_s:.1f} s for the app's locks, {result.seconds:.1f} s in all"
@@ -281,193 +156,117 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_catchup(args: argparse.Namespace) -> int:
-    """One catch-up pass of a live cutover: carry into PostgreSQL what the old colour changed
-    since the last pass (run the same command each pass; see RUNBOOK "Live cutover")."""
-    from .catchup import catchup_step
-    from .settings import settings
-
-    merged = _parameters(args, ["catchup"])
-    result = catchup_step(
-        settings(**merged),
-        str(merged.get("live_sqlite_path") or ""),
-        str(merged.get("state_dir") or ""),
-        lock_timeout=merged.get("lock_timeout") or D.LOCK_TIMEOUT,
-    )
+def _catchup(args: argparse.Namespace) -> int:
+    result = command.catchup(args.env, _overrides(args), args.project_dir)
     print(f"{result.verdict}: {result.reason}")
+    return int(result.exit_code)
+
+
+def _query(args: argparse.Namespace) -> int:
+    if args.list:
+        print("\n".join(command.list_queries()))
+        return EXIT_OK
+    # The query's own whole-number parameters are read as numbers; its name is checked first.
+    overrides = P.parse_overrides(args.param, command.query_kinds(args.name, args.env))
+    result = command.query(
+        args.name,
+        args.env,
+        overrides,
+        source=args.source,
+        show_ids=args.show_ids,
+        limit=args.limit,
+        project_dir=args.project_dir,
+    )
+    print(result.text(args.format))
+    if result.more:
+        print(f"(first {args.limit} rows shown; raise --limit for more)", file=sys.stderr)
     return result.exit_code
 
 
-def cmd_query(args: argparse.Namespace) -> int:
-    """Run a named analysis query on the backup or on PostgreSQL (read only)."""
-    from . import queries
-    from .settings import settings as make_settings
-
-    if args.list:
-        print("\n".join(queries.listing()))
-        return EXIT_OK
-    if not args.name or not args.env:
-        raise P.ParameterError("give a query name and --env (or --list to see the queries)")
-    query = queries.get(args.name)
-    kinds: dict[str, type] = {p.name: int for p in query.params if p.kind == "int"}
-    overrides = P.parse_overrides(args.param, kinds)
-    # Settings by the one rule; every other -p name is the query's, which names what it takes.
-    extra = (*P.SETTINGS, *overrides)
-    merged = P.resolve(args.env, overrides, [], extra=extra, project_dir=args.project_dir)
-    # Only a query on the backup reads it: on PostgreSQL the file need not exist here.
-    settings = make_settings(require_source=args.source == "sqlite", **merged)
-    given = {k: v for k, v in overrides.items() if k not in P.SETTINGS}
-    values = queries.resolve(query, given, settings.as_of, settings.source_timezone)
-    backends = queries.backends_for(settings, (args.source,))
-    frame = queries.run(
-        args.name, args.source, backends, values, show_ids=args.show_ids, limit=args.limit + 1
+def _verify(args: argparse.Namespace) -> int:
+    result = command.verify(
+        args.run_dir,
+        args.env,
+        _overrides(args),
+        allowed_signers=args.allowed_signers,
+        identity=args.identity,
+        project_dir=args.project_dir,
     )
-    print(queries.to_text(frame.head(args.limit), args.format))
-    if len(frame) > args.limit:
-        print(f"(first {args.limit} rows shown; raise --limit for more)", file=sys.stderr)
-    return EXIT_OK
-
-
-def _verify_target(args: argparse.Namespace, run_dir: Path) -> tuple[list[str], str]:
-    """Check the manifest's digest against the one the run recorded in the target."""
-    from . import embedded
-    from .connect import connect
-    from .manifest import check_recorded
-
-    target = ("database_url_env", "target_schema")
-    merged = _parameters(args, [], extra=target)
-    name, schema = (merged.get(k, P.default(k)) for k in target)
-    P.validate({"database_url_env": name, "target_schema": schema})
-    try:
-        try:
-            conn = connect(P.database_url(name), "verify", autocommit=True)
-        except TargetError as exc:
-            raise TargetError(
-                f"cannot reach the target of --env {args.env} to check the recorded digest: "
-                f"{exc}; check the server and ${name}"
-            ) from None
-        with conn:
-            check = check_recorded(run_dir, conn, schema)
-        return list(check.problems), check.note
-    finally:
-        if name is None:
-            embedded.stop()
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    """Re-hash every file of a run folder against its manifest; with --env, also check the
-    manifest's digest against the one the run recorded in the target."""
-    from .manifest import check_signature, verify
-
-    run_dir = Path(args.run_dir)
-    result = verify(run_dir)
-    if not result.found:
-        raise P.ParameterError(result.problems[0])
-    problems = list(result.problems)
-    notes = []
-    if args.env and not any("not valid JSON" in p for p in problems):
-        found, note = _verify_target(args, run_dir)
-        problems += found
-        notes.append(note)
-    elif not args.env:
-        notes.append(
-            "only its self-consistency was checked: without --env ENV nothing shows the folder "
-            "was not edited and re-sealed"
-        )
-    allowed = Path(args.allowed_signers) if args.allowed_signers else None
-    found, note = check_signature(run_dir, allowed, args.identity)
-    problems += found
-    notes.append(note)
     out = _human(args)
-    for problem in problems:
+    for problem in result.problems:
         print(problem, file=out)
-    said = "; ".join(n for n in notes if n)
-    if not problems:
-        print(f"{args.run_dir}: {result.checked} files match the manifest; {said}", file=out)
+    if not result.problems:
+        print(
+            f"{args.run_dir}: {result.checked} files match the manifest; {result.notes}", file=out
+        )
     else:
-        print(f"sessionmig verify: {len(problems)} problem(s) in {args.run_dir}", file=sys.stderr)
-    code = EXIT_FAIL if problems else EXIT_OK
+        print(
+            f"sessionmig verify: {len(result.problems)} problem(s) in {args.run_dir}",
+            file=sys.stderr,
+        )
     if args.format == "json":
-        print(json.dumps(verify_json(run_dir, result.checked, problems, said, code), indent=2))
-    return code
+        print(json.dumps(result.json(), indent=2))
+    return result.exit_code
 
 
-def verify_json(
-    run_dir: Path, checked: int, problems: list[str], notes: str, code: int
-) -> dict[str, Any]:
-    """``verify`` for a CI pipeline, with what the sealed manifest says of the run."""
-    try:
-        sealed = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        sealed = {}
-    source = sealed.get("source") if isinstance(sealed.get("source"), dict) else {}
-    return {
-        "verdict": Verdict.PASS if not problems else Verdict.FAIL,
-        "exit_code": code,
-        "run_folder": str(run_dir.resolve()),
-        "files_checked": checked,
-        "problems": problems,
-        "notes": notes,
-        "run_verdict": sealed.get("verdict"),
-        "source_sha256": source.get("sha256_before"),
-        "steps": [
-            {"name": step.get("name"), "verdict": step.get("verdict")}
-            for step in sealed.get("steps", [])
-            if isinstance(step, dict)
-        ],
-    }
-
-
-def cmd_sign(args: argparse.Namespace) -> int:
-    """Sign a verified run's manifest.json with an SSH key (ssh-keygen -Y sign, as git does)."""
-    from .manifest import SIGNATURE_NAMESPACE, sign, verify
-
-    run_dir = Path(args.run_dir)
-    result = verify(run_dir)
-    if not result.found:
-        raise P.ParameterError(result.problems[0])
-    if not result.ok:
+def _sign(args: argparse.Namespace) -> int:
+    result = command.sign(args.run_dir, args.key)
+    if result.signature is None:
         for problem in result.problems:
             print(problem)
         print(f"sessionmig sign: {args.run_dir} does not verify; not signed", file=sys.stderr)
-        return EXIT_FAIL
-    signature = sign(run_dir, Path(args.key))
+        return result.exit_code
     print(
-        f"{signature}: check it with `sessionmig verify {args.run_dir} --allowed-signers FILE`, "
-        f'FILE holding a line `NAME namespaces="{SIGNATURE_NAMESPACE}" <public key>`'
+        f"{result.signature}: check it with `sessionmig verify {args.run_dir} --allowed-signers "
+        f'FILE`, FILE holding a line `NAME namespaces="{result.namespace}" <public key>`'
     )
-    return EXIT_OK
+    return result.exit_code
 
 
-def _target_dsn(args: argparse.Namespace) -> tuple[str, str, str | None]:
-    """The DSN and schema of ``--env``'s target (the same variable every verb reads)."""
-    target = ("database_url_env", "target_schema")
-    merged = _parameters(args, [], extra=target)
-    name, schema = (merged.get(k, P.default(k)) for k in target)
-    P.validate({"database_url_env": name, "target_schema": schema})
-    return P.database_url(name), str(schema), name
+def _db(args: argparse.Namespace) -> int:
+    result = command.db(args.action, args.env, _overrides(args), args.project_dir)
+    if result.action == "history":
+        print("\n".join(result.history))
+    elif result.action == "upgrade":
+        print(f"{result.schema}: at revision {result.revision}")
+    else:
+        shown = f"at revision {result.revision}" if result.revision else "not migrated"
+        print(f"{result.schema}: {shown}")
+    return result.exit_code
 
 
-def cmd_db(args: argparse.Namespace) -> int:
-    """The target's schema revision (Alembic): upgrade it, show it, or list the revisions."""
-    from . import embedded, schema
+def _sample(args: argparse.Namespace) -> int:
+    result = command.sample(
+        args.out,
+        args.rows,
+        seed=args.seed,
+        as_of=args.as_of,
+        timezone=args.timezone,
+        oddities=args.oddities,
+        replace=args.replace,
+    )
+    print(
+        f"{result.path}: {result.rows} sessions, {result.oddities} oddities "
+        f"({result.cannot_land} cannot land), as_of {result.as_of}"
+    )
+    return result.exit_code
 
-    if args.action == "history":
-        print("\n".join(schema.db_history()))
-        return EXIT_OK
-    if not args.env:
-        raise P.ParameterError(f"db {args.action} needs --env ENV (whose target to look at)")
-    dsn, target_schema, name = _target_dsn(args)
-    try:
-        if args.action == "upgrade":
-            print(f"{target_schema}: at revision {schema.db_upgrade(dsn, target_schema)}")
-        else:
-            current = schema.db_current(dsn, target_schema)
-            print(f"{target_schema}: " + (f"at revision {current}" if current else "not migrated"))
-    finally:
-        if name is None:
-            embedded.stop()
-    return EXIT_OK
+
+# The one place a verb meets its command: (the command whose docstring is the verb's help, the
+# function that reads the namespace, calls it and renders its result). In the runbook's order.
+Handler = Callable[[argparse.Namespace], int]
+VERBS: dict[str, tuple[Callable[..., Any], Handler]] = {
+    "run": (command.run, _run),
+    "migrate": (command.migrate, _migrate),
+    "reconcile": (command.reconcile, _reconcile),
+    "query": (command.query, _query),
+    "snapshot": (command.snapshot, _snapshot),
+    "catchup": (command.catchup, _catchup),
+    "verify": (command.verify, _verify),
+    "sign": (command.sign, _sign),
+    "db": (command.db, _db),
+    "sample": (command.sample, _sample),
+}
 
 
 def version() -> str:
@@ -571,11 +370,10 @@ def _epilog(verb: str, steps: tuple[str, ...] | None = None) -> str:
     return "\n\n".join(parts)
 
 
-def _verb(
-    sub: Any, verb: str, func: Any, steps: tuple[str, ...] | None = None
-) -> argparse.ArgumentParser:
-    """A verb's parser: its docstring as help and description, examples and exit codes."""
-    doc = " ".join((func.__doc__ or "").split())
+def _verb(sub: Any, verb: str, steps: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """A verb's parser: its command's docstring (the first paragraph) as help and description,
+    examples and exit codes."""
+    doc = " ".join((VERBS[verb][0].__doc__ or "").split("\n\n")[0].split())
     p: argparse.ArgumentParser = sub.add_parser(
         verb,
         help=doc,
@@ -583,7 +381,6 @@ def _verb(
         epilog=_epilog(verb, steps),
         formatter_class=_Help,
     )
-    p.set_defaults(func=func)
     return p
 
 
@@ -662,7 +459,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="COMMAND",
     )
 
-    p = _verb(sub, "run", cmd_run, P.STEPS)
+    p = _verb(sub, "run", P.STEPS)
     _env_args(p, steps=P.STEPS)
     p.add_argument(
         "--steps",
@@ -674,12 +471,12 @@ def parser() -> argparse.ArgumentParser:
         "--fresh", action="store_true", help="embedded server only: start from an empty database"
     )
 
-    for verb, func in (("migrate", cmd_migrate), ("reconcile", cmd_reconcile)):
-        p = _verb(sub, verb, func, (verb,))
+    for verb in ("migrate", "reconcile"):
+        p = _verb(sub, verb, (verb,))
         _env_args(p, steps=(verb,))
         _report_args(p)
 
-    p = _verb(sub, "query", cmd_query)
+    p = _verb(sub, "query")
     p.add_argument("name", nargs="?", help="the query's name (see --list)")
     p.add_argument("--list", action="store_true", help="list the queries, one a line, and stop")
     _env_args(p, required=False)
@@ -699,14 +496,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--show-ids", action="store_true", help="show session ids in clear")
     p.add_argument("--limit", type=int, default=100, help="rows shown (default 100)")
 
-    p = _verb(sub, "snapshot", cmd_snapshot)
+    p = _verb(sub, "snapshot")
     p.add_argument("live", help="the SQLite file the app writes to")
     p.add_argument("out", help="where the copy goes (a new file, written 0600)")
 
-    p = _verb(sub, "catchup", cmd_catchup, ("catchup",))
+    p = _verb(sub, "catchup", ("catchup",))
     _env_args(p, steps=("catchup",))
 
-    p = _verb(sub, "verify", cmd_verify)
+    p = _verb(sub, "verify")
     p.add_argument("run_dir", help="the run folder (REPORTS_DIR/ENV/RUN_ID)")
     _env_args(p, required=False)
     p.add_argument(
@@ -717,11 +514,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--identity", help="the signer to check (default: whoever FILE names)")
     p.add_argument("--format", choices=("text", "json"), default="text", help=_JSON_HELP)
 
-    p = _verb(sub, "sign", cmd_sign)
+    p = _verb(sub, "sign")
     p.add_argument("run_dir", help="the run folder (REPORTS_DIR/ENV/RUN_ID); it must verify")
     p.add_argument("--key", required=True, help="SSH private key (e.g. ~/.ssh/id_ed25519)")
 
-    p = _verb(sub, "db", cmd_db)
+    p = _verb(sub, "db")
     p.add_argument(
         "action",
         choices=("upgrade", "current", "history"),
@@ -730,7 +527,7 @@ def parser() -> argparse.ArgumentParser:
     )
     _env_args(p, required=False)
 
-    p = _verb(sub, "sample", cmd_sample)
+    p = _verb(sub, "sample")
     p.add_argument("--rows", type=int, default=1000, help="sessions to write (default 1000)")
     p.add_argument("--out", required=True, help="the SQLite file to write (a new file)")
     p.add_argument(
@@ -806,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
     try:
-        return args.func(args)
+        return VERBS[args.verb][1](args)
     except SessionmigError as exc:
         line = f"sessionmig {args.verb}: {with_hint(one_line(str(exc)))}"
         print(line, file=sys.stderr)
