@@ -306,7 +306,7 @@ def test_reports_open_with_their_answer_in_a_real_browser(
         assert text.index("on SQLite (the backup)") < text.index("on PostgreSQL (the target)")
         widths = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
         assert len(widths) >= 3 and all(w > 0 for w in widths)
-        # Issue 22 item 4: the zone, unit and window above the fold; each chart before its
+        # The zone, unit and window above the fold; each chart before its
         # rows, no long table open before the first chart (long ones are folded); one panel
         # per chart with both sources on it.
         assert "buckets" in info["above"] and " in " in info["above"], info["above"]

@@ -71,7 +71,7 @@ def busy(m: Migrated, ledger: Ledger) -> int:
     return 17
 
 
-def test_1_a_pass_in_parts_lands_exactly_the_ledger_and_records_each_part(
+def test_a_pass_in_parts_lands_exactly_the_ledger_and_records_each_part(
     migrated: Migrated,
 ) -> None:
     m = migrated
@@ -111,7 +111,7 @@ POINTS = [
 
 
 @pytest.mark.parametrize(("pattern", "per_part", "point", "committed"), POINTS)
-def test_2_a_pass_cut_in_a_later_part_is_finished_once_by_the_same_command(
+def test_a_pass_cut_in_a_later_part_is_finished_once_by_the_same_command(
     proxied, pattern: str, per_part: int, point: str, committed: bool
 ) -> None:
     m, proxy = proxied
@@ -143,7 +143,7 @@ def test_2_a_pass_cut_in_a_later_part_is_finished_once_by_the_same_command(
     assert snapshots_in(m.state) == chain_files(m.dsn)
 
 
-def test_3_a_pass_killed_between_two_parts_is_finished_by_the_same_command(
+def test_a_pass_killed_between_two_parts_is_finished_by_the_same_command(
     migrated: Migrated,
 ) -> None:
     """SIGKILL in the third part's transaction, after two parts committed: the server rolls the
@@ -181,7 +181,7 @@ def test_3_a_pass_killed_between_two_parts_is_finished_by_the_same_command(
     ledger.check()
 
 
-def test_4_no_overlap_rollback_while_a_pass_is_carried_in_part(
+def test_no_overlap_rollback_while_a_pass_is_carried_in_part(
     overlap, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import asyncio
@@ -236,7 +236,7 @@ def _stop_after_two_parts(m: Migrated, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(catchup, "_record_part", real)
 
 
-def test_5_a_pass_carried_in_part_is_finished_from_its_own_snapshot_only(
+def test_a_pass_carried_in_part_is_finished_from_its_own_snapshot_only(
     migrated: Migrated, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Its snapshot gone, or changed in state_dir: refused before anything is written; the
@@ -268,7 +268,7 @@ def test_5_a_pass_carried_in_part_is_finished_from_its_own_snapshot_only(
     late.check()
 
 
-def test_6_a_pass_carried_in_part_is_finished_only_by_the_rules_it_began_with(
+def test_a_pass_carried_in_part_is_finished_only_by_the_rules_it_began_with(
     migrated: Migrated, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     m = migrated
@@ -283,7 +283,7 @@ def test_6_a_pass_carried_in_part_is_finished_only_by_the_rules_it_began_with(
     ledger.check()
 
 
-def test_7_a_part_another_run_carried_meanwhile_stops_this_one(
+def test_a_part_another_run_carried_meanwhile_stops_this_one(
     migrated: Migrated, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run whose migration lock was lost, and another run of the same pass beside it: each
@@ -315,7 +315,7 @@ def test_7_a_part_another_run_carried_meanwhile_stops_this_one(
     assert passes(m.dsn) == [] and m.pg() == after_one  # part 2 wrote nothing
 
 
-def test_8_a_dry_run_in_parts_commits_nothing(migrated: Migrated) -> None:
+def test_a_dry_run_in_parts_commits_nothing(migrated: Migrated) -> None:
     m = migrated
     ledger = Ledger(m)
     busy(m, ledger)
@@ -337,7 +337,7 @@ def test_8_a_dry_run_in_parts_commits_nothing(migrated: Migrated) -> None:
         (90_000, 0.01, PART),  # nor above the ceiling (here both are PART)
     ],
 )
-def test_9_each_part_is_sized_to_hold_its_locks_half_a_second(
+def test_each_part_is_sized_to_hold_its_locks_half_a_second(
     monkeypatch: pytest.MonkeyPatch, rows: int, locked_s: float, expected: int
 ) -> None:
     if expected != PART:

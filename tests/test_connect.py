@@ -1,4 +1,4 @@
-"""Issue 13, connections: one helper opens every connection, names it after the user's own
+"""Connections: one helper opens every connection, names it after the user's own
 application, takes every DSN form libpq takes, and fails with our exceptions, redacted."""
 
 from __future__ import annotations

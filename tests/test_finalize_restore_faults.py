@@ -31,7 +31,7 @@ FAULT = "server closed the connection unexpectedly"
 
 def sealed_run(run: Path, dsn: str, step: dict, **data) -> Path:
     """A run folder sealed as a run seals it (``write_index``, ``write_manifest``) with its
-    digest recorded in the target, as test_evidence's case 19 does: a folder ``read_trusted``
+    digest recorded in the target, as test_evidence's sealed folders are: a folder ``read_trusted``
     accepts, without running a notebook."""
     run.mkdir(parents=True)
     (run / f"{step['name']}.html").write_text(f"<html>{step['name']}</html>")

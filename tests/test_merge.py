@@ -314,8 +314,8 @@ def test_a_count_down_or_another_creation_time_is_going_back() -> None:
         "request_count",
         "created_at",
     )
-    # A later created_at with the count back at 0 is a new session under the same id (issue
-    # 20, case 6): carried as recreated, never a sign of another store.
+    # A later created_at with the count back at 0 is a new session under the same id:
+    # carried as recreated, never a sign of another store.
     assert went_back(base, with_(base, count=0, created=T0 + H)) == ()
     # A clock set back on the old colour's host moves last_activity back: the merge takes the
     # later one anyway, so that alone is no sign of another store.

@@ -1,11 +1,11 @@
-"""Issue 21, cases 7, 8, 9 and 11: pages that never contradict themselves.
+"""Pages that never contradict themselves.
 
-7. The cover's headline comes from the worst verdict, whatever it is (every combination).
-8. A figure whose truth is the point (the partition) says whether it holds, everywhere.
-9. Every command a page offers runs as printed (executed here, through the installed CLI).
-11. Words for people and advice that fits: the order stated is the order drawn, charts with
-    real axes, plurals, zones on times, the digest shown, a refusal read as a refusal, a dead
-    kernel said with what is known.
+- The cover's headline comes from the worst verdict, whatever it is (every combination).
+- A figure whose truth is the point (the partition) says whether it holds, everywhere.
+- Every command a page offers runs as printed (executed here, through the installed CLI).
+- Words for people and advice that fits: the order stated is the order drawn, charts with
+  real axes, plurals, zones on times, the digest shown, a refusal read as a refusal, a dead
+  kernel said with what is known.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ STEP_STATES: list[tuple[str | None, str]] = [(v.value, "passed") for v in Verdic
 RUN_VERDICTS = ["", *(v.value for v in Verdict)]
 
 
-def test_case7_the_headline_follows_the_worst_verdict_in_every_combination() -> None:
+def test_the_headline_follows_the_worst_verdict_in_every_combination() -> None:
     checked = 0
     for n in (1, 2, 3):
         for states in itertools.product(STEP_STATES, repeat=n):
@@ -104,7 +104,7 @@ def test_case7_the_headline_follows_the_worst_verdict_in_every_combination() -> 
     assert checked > 10_000
 
 
-def test_case7_an_error_step_never_gets_every_step_passed() -> None:
+def test_an_error_step_never_gets_every_step_passed() -> None:
     """The reproduction: a step that stopped without a verdict (its kernel died)."""
     data = {
         "run_id": "r1",
@@ -155,7 +155,7 @@ def reconcile_result(source: int, migrated: int, rejected: int, **counts: int) -
     )
 
 
-def test_case8_a_partition_that_does_not_hold_never_reads_as_an_equation(
+def test_a_partition_that_does_not_hold_never_reads_as_an_equation(
     monkeypatch, tmp_path: Path
 ) -> None:
     figure, note, holds = V.partition(50_000, 49_992, 7)
@@ -203,7 +203,7 @@ def test_case8_a_partition_that_does_not_hold_never_reads_as_an_equation(
     assert "50,000 ≠ 49,992 + 7" in line and "1 row unaccounted" in line
 
 
-def test_case8_the_terminal_summary_says_the_partition_does_not_hold() -> None:
+def test_the_terminal_summary_says_the_partition_does_not_hold() -> None:
     record = orchestrate.StepRecord("reconcile", "03_reconcile.ipynb", "failed", "FAIL")
     record.summary = {"source_rows": 50_000, "migrated": 49_992, "rejected": 7}
     outcome = orchestrate.RunOutcome(1, Path("r"), Path("r/index.html"), "", (record,), "0" * 64)
@@ -224,7 +224,7 @@ def both(name: str, rows: list[tuple]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def test_case11_the_order_stated_is_the_order_drawn(monkeypatch) -> None:
+def test_the_order_stated_is_the_order_drawn(monkeypatch) -> None:
     said = published(monkeypatch)
     monkeypatch.setattr(report, "query_header", lambda name: "")
     monkeypatch.setattr(report, "_display", lambda obj, metadata=None: None)
@@ -234,12 +234,12 @@ def test_case11_the_order_stated_is_the_order_drawn(monkeypatch) -> None:
     assert headings[0].startswith("on SQLite") and headings[1].startswith("on PostgreSQL")
     assert "SQLite (the backup) on the left, PostgreSQL (the target) on the right" in markup
     fig = plots.plot_query("lifetime_hours", both("lifetime_hours", [(1, 5), (24, 7)]))
-    # One panel (issue 22 item 4): SQLite named first, as filled bars, PostgreSQL outlined.
+    # One panel: SQLite named first, as filled bars, PostgreSQL outlined.
     title = fig.axes[0].get_title(loc="left")
     assert "SQLite (bars) and PostgreSQL (outline)" in title
 
 
-def test_case11_charts_have_real_axes_labels_and_counts_from_zero() -> None:
+def test_charts_have_real_axes_labels_and_counts_from_zero() -> None:
     bins = both("request_count_distribution", [(0, 4_600), (10, 4_800), (50, 4_700), (200, 4_900)])
     fig = plots.plot_query("request_count_distribution", bins)
     for ax in fig.axes:
@@ -284,7 +284,7 @@ def test_case11_charts_have_real_axes_labels_and_counts_from_zero() -> None:
     assert "1 day differs" in [t.get_text() for t in ax.get_legend().get_texts()]
 
 
-def test_case11_one_is_singular(monkeypatch) -> None:
+def test_one_is_singular(monkeypatch) -> None:
     assert [V.plural(n, "row") for n in (0, 1, 2, 1000)] == [
         "0 rows",
         "1 row",
@@ -310,7 +310,7 @@ def test_case11_one_is_singular(monkeypatch) -> None:
     assert "1 rows" not in notes and "1 days" not in notes
 
 
-def test_case11_restore_rollback_names_the_run_it_was_given(tmp_path: Path, monkeypatch) -> None:
+def test_restore_rollback_names_the_run_it_was_given(tmp_path: Path, monkeypatch) -> None:
     given = tmp_path / "reports" / "prod" / "RUN-A"
     given.mkdir(parents=True)
     (given / "manifest.json").write_text(json.dumps({"run_id": "RUN-A"}))
@@ -340,7 +340,7 @@ def test_case11_restore_rollback_names_the_run_it_was_given(tmp_path: Path, monk
     )
 
 
-def test_case11_times_on_the_cover_carry_their_zone() -> None:
+def test_times_on_the_cover_carry_their_zone() -> None:
     data = {
         "run_id": "r",
         "started_at": "2026-01-15T03:04:05.123456+00:00",
@@ -353,7 +353,7 @@ def test_case11_times_on_the_cover_carry_their_zone() -> None:
     assert cover.when("2026-01-15T03:04:05") == "2026-01-15 03:04:05 (time zone not recorded)"
 
 
-def test_case11_the_cover_shows_the_digest_and_where_it_is_kept() -> None:
+def test_the_cover_shows_the_digest_and_where_it_is_kept() -> None:
     digest = "ab" * 32
     data = {
         "run_id": "r",
@@ -369,7 +369,7 @@ def test_case11_the_cover_shows_the_digest_and_where_it_is_kept() -> None:
     assert digest in page_of({**data, "manifest_sha256": digest})
 
 
-def test_case11_a_planned_refusal_reads_as_one(tmp_path: Path, monkeypatch) -> None:
+def test_a_planned_refusal_reads_as_one(tmp_path: Path, monkeypatch) -> None:
     said = published(monkeypatch)
     out = tmp_path / "result.json"
     monkeypatch.setenv(report.RESULT_VARIABLE, str(out))
@@ -425,7 +425,7 @@ def run_printed(command: str, cwd: Path, dsn: str) -> subprocess.CompletedProces
 
 
 @pytest.mark.slow
-def test_case9_the_printed_verify_command_runs_as_printed(
+def test_the_printed_verify_command_runs_as_printed(
     tmp_path: Path, small_backup: Path, dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SMTEST_DSN", dsn)
@@ -464,7 +464,7 @@ os.kill(os.getpid(), signal.SIGKILL)"""
 
 
 @pytest.mark.slow
-def test_case11_a_dead_kernel_says_what_is_known(
+def test_a_dead_kernel_says_what_is_known(
     tmp_path: Path, small_backup: Path, dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SMTEST_DSN", dsn)
@@ -526,8 +526,8 @@ def test_case11_a_dead_kernel_says_what_is_known(
     ],
 )
 def test_an_interrupted_writing_step_says_what_its_audit_rows_say(step, rows, said) -> None:
-    """Issue 20: an interrupted finalize, rollback or catch-up pass said "nothing of this run
-    was committed" (only migrate's rows were read): every step's rows are read and named."""
+    """An interrupted finalize, rollback or catch-up pass is described by its own audit rows,
+    never as "nothing of this run was committed" because no migrate row was found."""
     record = orchestrate.StepRecord(step, f"0x_{step}.ipynb", "interrupted")
     record.interrupted = True
     facts = orchestrate.TargetFacts(

@@ -1,6 +1,6 @@
 """Every named query gives the same answer on the SQLite backup and on migrated PostgreSQL,
-with values asserted on a known sample; every parameter is checked before any query runs
-(issue 22 item 3). What each answer *means* is checked against an independent computation in
+with values asserted on a known sample; every parameter is checked before any query runs.
+What each answer *means* is checked against an independent computation in
 ``test_query_oracle.py``."""
 
 from __future__ import annotations
