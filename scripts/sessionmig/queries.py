@@ -26,9 +26,10 @@ only against each other. The conventions they share:
 PostgreSQL runs them on the live table in a read-only transaction with a statement timeout. The
 SQLite side never queries the backup directly: the backup is normalised once by the migration's
 own rules into a private *analysis copy* (instants as UTC microseconds, metadata printed as
-jsonb prints it, rows that cannot land left out — exactly what migrate would load), opened
-read-only, with small SQL functions for what SQLite lacks. Session ids are masked in results
-unless asked otherwise. Every parameter is checked by :func:`resolve` before any query runs.
+jsonb prints it — or, nested deeper than Python prints, the rules' text of the same value — rows
+that cannot land left out: exactly what migrate would load), opened read-only, with small SQL
+functions for what SQLite lacks. Session ids are masked in results unless asked otherwise.
+Every parameter is checked by :func:`resolve` before any query runs.
 
 The analysis copy holds every session id in clear, so it lives in a private cache, never in a
 shared temporary directory: ``$XDG_CACHE_HOME/sessionmig/analysis`` (else
@@ -1056,8 +1057,20 @@ def _by_the_rules(raw: tuple, rules: Rules) -> CopyRow | None:
     if isinstance(result, Reject):
         return None
     sid, user, meta, created, expires, last, count = result
-    text = None if meta is None else metadata_text(meta)
+    text = None if meta is None else _copy_text(meta)
     return (sid, user, text, _micros(created), _micros(expires), _micros(last), count)
+
+
+def _copy_text(text: str) -> str:
+    """Metadata the rules accepted as the copy holds it: as jsonb prints it, or, when it is
+    nested deeper than Python prints (~900 levels), the rules' text without leading whitespace."""
+    try:
+        return metadata_text(text)
+    except RecursionError:
+        # The rules kept it for PostgreSQL to judge (see parse_metadata), which stores it: the
+        # copy keeps the same JSON value rather than fail the whole build. Leading whitespace
+        # goes so that an object's text still starts with {, as the metadata queries expect.
+        return text.lstrip(" \t\n\r")
 
 
 def _rule_batches(
@@ -1102,8 +1115,8 @@ _JSONB_TEXT = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "))
 
 
 def _plain_metadata(raw: bytes, rules: Rules) -> str:
-    """A plain row's metadata as ``metadata_text(parse_metadata(…))`` prints it, in one parse
-    when the text holds no fraction, exponent, escape or constant; otherwise by those rules."""
+    """A plain row's metadata as ``_copy_text(parse_metadata(…))`` makes it, in one parse when
+    the text holds no fraction, exponent, escape or constant; otherwise by those rules."""
     from .transform import decode_text, parse_metadata
 
     text = decode_text(raw, "text", "metadata")
@@ -1116,7 +1129,7 @@ def _plain_metadata(raw: bytes, rules: Rules) -> str:
             return _JSONB_TEXT.encode(value)
     checked = parse_metadata(raw, "text", rules.on_invalid_metadata)
     assert checked is not None  # metadata that is not NULL stays text
-    return metadata_text(checked)
+    return _copy_text(checked)
 
 
 def _plain_batches(
