@@ -70,6 +70,11 @@ def test_a_copy_made_in_parts_is_the_copy_made_whole(tmp_path: Path, monkeypatch
     assert rows_of(parts) == rows_of(whole) and len(rows_of(whole)) == whole.rows
     assert indexes_of(parts) == indexes_of(whole)
     assert sorted(p.name for p in parts.path.parent.iterdir()) == ["analysis.db", "meta.json"]
+    for copy in (whole, parts):  # statistics sampled, the row count exact
+        with sqlite3.connect(copy.path) as conn:
+            stats = conn.execute("SELECT idx, stat FROM sqlite_stat1 ORDER BY idx").fetchall()
+        assert [i for i, _ in stats] == ["idx_created_at", "idx_expires_at", "sessions_pkey"]
+        assert all(stat.split()[0] == str(copy.rows) == "2993" for _, stat in stats)
 
 
 def test_a_worker_that_dies_leaves_the_copy_to_the_caller(tmp_path: Path, monkeypatch) -> None:
