@@ -104,6 +104,37 @@ def test_a_small_backup_is_made_by_this_process(tmp_path: Path, monkeypatch, row
     assert copy.rows + copy.left_out == rows
 
 
+@pytest.mark.parametrize("workers", [False, True], ids=["one process", "worker processes"])
+def test_rows_still_in_the_wal_are_in_the_copy(tmp_path: Path, monkeypatch, workers: bool) -> None:
+    """A backup taken with its last commits in ``-wal``: the copy is made from the private copy
+    the backup is read through, WAL included (by the worker processes too), and the backup's
+    files stay as they were."""
+    live_path = tmp_path / "live.db"
+    generate(live_path, rows=500, seed=10)
+    live = sqlite3.connect(live_path)
+    live.execute("PRAGMA journal_mode = WAL")
+    live.execute("PRAGMA wal_autocheckpoint = 0")
+    live.execute("UPDATE sessions SET request_count = 100000 + rowid WHERE rowid <= 50")
+    live.commit()
+    folder = tmp_path / "backup"
+    folder.mkdir()
+    for suffix in ("", "-wal"):
+        (folder / f"sessions.db{suffix}").write_bytes(Path(f"{live_path}{suffix}").read_bytes())
+    live.close()
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    started = []
+    real = wire.in_processes
+    monkeypatch.setattr(wire, "in_processes", lambda *a: started.append(a) or real(*a))
+    if workers:
+        monkeypatch.setattr(queries, "FILL_PARTS_FROM", 100)
+    copy = queries.AnalysisCopy.build(folder / "sessions.db", RULES, cache_dir=tmp_path / "c")
+    assert len(started) == workers
+    with sqlite3.connect(copy.path) as conn:
+        counts = dict(conn.execute("SELECT rowid, request_count FROM sessions WHERE rowid <= 50"))
+    assert counts and all(n == 100000 + r for r, n in counts.items())
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 # --- hostile backups: the fast paths make the copy the rules make ---------------------------
 
 GOOD = ("2026-01-10 10:00:00", "2026-01-11 10:00:00", "2026-01-10 12:00:00.123456")
