@@ -1,7 +1,6 @@
-"""Issue 22, speed: the analysis copy's fast paths — plain rows' instants and metadata by
-Python's fast path, a large backup by worker processes a span of rowids each — make row for row
-the copy the rules make alone (rows kept, rows left out, every value), on the sample and on
-hostile backups."""
+"""The analysis copy's fast paths — plain rows' instants and metadata by Python's fast path, a
+large backup by worker processes a span of rowids each — make row for row the copy the rules
+make alone (rows kept, rows left out, every value), on the sample and on hostile backups."""
 
 from __future__ import annotations
 
