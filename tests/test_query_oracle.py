@@ -458,3 +458,47 @@ def test_plain_metadata_is_printed_as_the_rules_print_it(value: Any, spacing: in
             queries._plain_metadata(text.encode(), UTC_RULES)
         return
     assert queries._plain_metadata(text.encode(), UTC_RULES) == expected
+
+
+# --- metadata the copy prints as jsonb does, whoever decided it ----------------------------------
+
+HOSTILE_METADATA = [
+    '{"b": "x", "a": "y", "c": {"a": "z"}}',  # keys not in jsonb's order
+    '{"a": "1", "a": "2"}',  # a repeated key: jsonb keeps the last
+    '{"o": {"k": "1", "k": "2"}, "a": "v"}',
+    '{"o": {"k": "1"}, "o": "flat"}',
+    '{"a": "x", "b": 1.50, "c": 1e2, "d": -0, "e": 12345678901234567890123}',
+    '{"k\\u00e9": "\\u00e9", "a": "\\/", "é": "é"}',
+    '{"a\\"b": "q", "a\\u0022b": "r"}',
+    ' {"a": "lead"}',
+    '{ "a" : "spaced" ,"b":"x" } ',
+    '{":a": ":b", "": "", "a:": "a"}',
+    '{"a.b": "1", "a": {"b": "2"}}',
+    '["a", "b"]',
+    '"a"',
+    "7",
+    "null",
+    "{}",
+    None,
+]
+
+
+def test_metadata_queries_read_what_jsonb_holds_on_both_sources(stores: Stores) -> None:
+    """Each metadata twice: in a plain row (naive times: Python's fast path prints it) and in
+    one the rules decide (times with an offset); jsonb holds the same value either way, and the
+    copy prints it as jsonb does."""
+    rows = [
+        Row(f"session-{i:03d}", None, meta, DAY, DAY + H, DAY, 0)
+        for i, meta in enumerate(m for m in HOSTILE_METADATA for _ in (0, 1))
+    ]
+    backends = stores.write(rows)
+    for top in (1, 2, 5):
+        check("metadata_top_values", backends, rows, resolve("metadata_top_values", DAY, top_n=top))
+    check("metadata_keys", backends, rows, resolve("metadata_keys", DAY))
+    keys = {k for k, _ in oracle.answer("metadata_keys", rows, {})}
+    assert {"a", 'a"b', "ké", "", ":a", "a.b", "o"} <= keys
+    with sqlite3.connect(stores.copy.path) as lite:  # type: ignore[union-attr]
+        texts = dict(lite.execute("SELECT session_id, metadata FROM sessions"))
+    printed = '{"a": "y", "b": "x", "c": {"a": "z"}}'  # jsonb's printing
+    assert texts["session-000"] == texts["session-001"] == printed
+    assert texts["session-002"] == texts["session-003"] == '{"a": "2"}'
