@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -200,40 +201,39 @@ def test_no_overlap_rollback_while_a_pass_is_carried_in_part(
         await store.close()
 
     asyncio.run(old_colour())
-    real, seen = catchup._record_part, []
-
-    def stop_in_part_two(*args, **kwargs):
-        seen.append(1)
-        if len(seen) == 2:
-            raise psycopg.OperationalError("the connection was lost")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(catchup, "_record_part", stop_in_part_two)
-    with pytest.raises(TransientTargetError, match="stopped part-way: 1 of its parts"):
-        catchup_step(settings, str(live), str(state))
+    _stop_in_part(
+        2, lambda: catchup_step(settings, str(live), str(state)), monkeypatch, "1 of its parts"
+    )
     before = Path(live).read_bytes()
     with pytest.raises(BaseNotCurrent, match="carried in part"):
         rollback_overlap(settings, live, state, snap0)
     assert Path(live).read_bytes() == before  # the live file was not touched
     assert rows_of(dsn, "SELECT 1 FROM session_migration_runs WHERE step = 'rollback'") == []
-    monkeypatch.setattr(catchup, "_record_part", real)
     assert catchup_step(settings, str(live), str(state)).resumed == PART
     assert rollback_overlap(settings, live, state, snap0) is not None  # now it may
 
 
-def _stop_after_two_parts(m: Migrated, monkeypatch: pytest.MonkeyPatch) -> None:
+def _stop_in_part(
+    number: int, run: Callable[[], object], monkeypatch: pytest.MonkeyPatch, said: str = ""
+) -> None:
+    """Run a pass whose connection is lost while part ``number`` records itself (the parts
+    before it committed); afterwards the parts record themselves again."""
     real, seen = catchup._record_part, []
 
-    def stop_in_part_three(*args, **kwargs):
+    def lost_in_that_part(*args, **kwargs):
         seen.append(1)
-        if len(seen) == 3:
+        if len(seen) == number:
             raise psycopg.OperationalError("the connection was lost")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(catchup, "_record_part", stop_in_part_three)
-    with pytest.raises(TransientTargetError, match="stopped part-way"):
-        m.run()
+    monkeypatch.setattr(catchup, "_record_part", lost_in_that_part)
+    with pytest.raises(TransientTargetError, match=f"stopped part-way: {said}"):
+        run()
     monkeypatch.setattr(catchup, "_record_part", real)
+
+
+def _stop_after_two_parts(m: Migrated, monkeypatch: pytest.MonkeyPatch) -> None:
+    _stop_in_part(3, m.run, monkeypatch, "2 of its parts")
 
 
 def test_a_pass_carried_in_part_is_finished_from_its_own_snapshot_only(
