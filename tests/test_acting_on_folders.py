@@ -26,12 +26,12 @@ from test_rollback import migrated_run  # noqa: F401  (a fixture: a migrate + re
 from test_rollback_overlap import START, legacy
 
 from sessionmig import embedded, manifest, orchestrate, schema, steps
-from sessionmig.catchup import catchup_step
 from sessionmig.errors import VerdictFailed
 from sessionmig.overlap import MARKER_TABLE
 from sessionmig.sample import generate
 from sessionmig.snapshot import snapshot
 from sessionmig.source import sha256_file
+from sessionmig.steps import catchup_step
 
 pytestmark = pytest.mark.slow
 

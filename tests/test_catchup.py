@@ -23,11 +23,12 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from sessionmig import catchup, source, steps
-from sessionmig.catchup import BaseNotCurrent, catchup_step, catchup_tables
+from sessionmig.catchup import BaseNotCurrent, catchup_tables
 from sessionmig.errors import LockHeld, ParameterError, SourceError, TargetError
 from sessionmig.mask import mask_id
 from sessionmig.snapshot import snapshot
 from sessionmig.source import sha256_file
+from sessionmig.steps import catchup_step
 from sessionmig.store import LegacySQLiteSessionManager, SessionManager
 
 START = datetime(2026, 1, 15, 3, tzinfo=UTC)  # TEST_ENV's as_of: every session active
@@ -693,7 +694,7 @@ def test_a_pass_whose_process_is_killed_commits_nothing(migrated: Migrated) -> N
         "from sessionmig import catchup, steps\n"
         "catchup._record_pass = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
         "s = steps.settings(**json.loads(sys.argv[1]))\n"
-        "catchup.catchup_step(s, sys.argv[2], sys.argv[3])\n"
+        "steps.catchup_step(s, sys.argv[2], sys.argv[3])\n"
     )
     params = {**TEST_ENV, "sqlite_path": m.settings.sqlite_path}
     proc = subprocess.run(

@@ -164,7 +164,7 @@ def test_a_pass_killed_between_two_parts_is_finished_by_the_same_command(
         "    return real(*args, **kwargs)\n"
         "catchup._record_part = record\n"
         "s = steps.settings(**json.loads(sys.argv[1]))\n"
-        "catchup.catchup_step(s, sys.argv[2], sys.argv[3])\n"
+        "steps.catchup_step(s, sys.argv[2], sys.argv[3])\n"
     )
     params = {**TEST_ENV, "sqlite_path": m.settings.sqlite_path}
     proc = subprocess.run(
@@ -190,7 +190,7 @@ def test_no_overlap_rollback_while_a_pass_is_carried_in_part(
 
     from test_rollback_overlap import START, legacy
 
-    from sessionmig.catchup import catchup_step
+    from sessionmig.steps import catchup_step
 
     live, snap0, settings, state, dsn, ids = overlap
 

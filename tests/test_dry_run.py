@@ -18,7 +18,8 @@ from conftest import ROOT, env_file, rows_of
 from sessionmig import steps
 from sessionmig.appcheck import AppCheck, combined_verdict
 from sessionmig.errors import VerdictFailed
-from sessionmig.rollback import finalize, read_manifest
+from sessionmig.manifest import read_manifest
+from sessionmig.rollback import finalize
 
 SKIPPED_REASON = (
     "skipped: dry run, nothing was written (migrate rolled its rows back), so there is nothing "

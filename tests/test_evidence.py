@@ -39,8 +39,9 @@ from sqlalchemy import create_engine, text
 
 from sessionmig import cli, manifest, orchestrate, sample, schema
 from sessionmig.errors import ParameterError, TargetError
+from sessionmig.manifest import read_manifest
 from sessionmig.params import sqlalchemy_url
-from sessionmig.rollback import migrated_sha256, read_manifest
+from sessionmig.rollback import migrated_sha256
 from sessionstore import migrate
 
 

@@ -192,7 +192,7 @@ def test_a_signal_while_the_commit_answer_is_in_flight_is_settled_by_the_target(
         "from sessionmig import catchup, steps\n"
         "s = steps.settings(**json.loads(sys.argv[1]))\n"
         "try:\n"
-        "    r = catchup.catchup_step(s, sys.argv[2], sys.argv[3])\n"
+        "    r = steps.catchup_step(s, sys.argv[2], sys.argv[3])\n"
         "    print('RESULT', r.committed, r.pass_number, flush=True)\n"
         "except KeyboardInterrupt as exc:\n"
         "    print('INTERRUPTED', exc, flush=True)\n"
@@ -356,7 +356,7 @@ def test_an_overlap_rollback_cut_at_either_write_is_completed_by_a_rerun(
     overlapped, monkeypatch: pytest.MonkeyPatch, where: str, point: str
 ) -> None:
     from sessionmig import overlap as O
-    from sessionmig.catchup import catchup_step
+    from sessionmig.steps import catchup_step
 
     live, snap0, settings, state, dsn, ids, proxy = overlapped
     with psycopg.connect(dsn, autocommit=True) as conn:  # the new colour validated ids[1] twice
@@ -404,7 +404,7 @@ def test_an_overlap_rollback_cut_at_either_write_is_completed_by_a_rerun(
 def test_catch_up_reads_the_live_files_marker_whatever_the_target_says(overlap) -> None:
     """A live file a rollback wrote into is refused by catch-up even where the target lost the
     rollback's rows (restored from before, or the rows were removed)."""
-    from sessionmig.catchup import catchup_step
+    from sessionmig.steps import catchup_step
 
     live, snap0, settings, state, dsn, ids = overlap
     rollback_overlap(settings, live, state, snap0)
@@ -510,7 +510,7 @@ def test_an_overlap_rollback_killed_between_its_two_systems_is_completed_once(
     record. The same command then carries PostgreSQL's changes into the live file exactly
     once."""
     from sessionmig import overlap as O
-    from sessionmig.catchup import catchup_step
+    from sessionmig.steps import catchup_step
 
     live, snap0, settings, state, dsn, ids = overlap
     with psycopg.connect(dsn, autocommit=True) as conn:

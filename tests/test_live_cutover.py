@@ -27,9 +27,10 @@ import pytest
 from conftest import rows_of
 
 from sessionmig import catchup, steps
-from sessionmig.catchup import CatchupResult, catchup_step
+from sessionmig.catchup import CatchupResult
 from sessionmig.mask import mask_id
 from sessionmig.snapshot import snapshot
+from sessionmig.steps import catchup_step
 from sessionmig.store import LegacySQLiteSessionManager, SessionManager
 
 pytestmark = pytest.mark.slow

@@ -14,11 +14,11 @@ from conftest import rows_of
 
 from sessionmig import steps
 from sessionmig.catchup import BaseNotCurrent as CatchupBaseNotCurrent
-from sessionmig.catchup import catchup_step
 from sessionmig.errors import ParameterError, SourceError
 from sessionmig.overlap import MARKER_TABLE, BaseNotCurrentError, rollback_live
 from sessionmig.snapshot import snapshot
 from sessionmig.source import sha256_file
+from sessionmig.steps import catchup_step
 from sessionmig.store import LegacySQLiteSessionManager, SessionManager
 
 pytestmark = pytest.mark.slow

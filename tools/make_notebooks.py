@@ -273,7 +273,7 @@ nb(
         SETUP,
         (
             "code",
-            'from sessionmig import catchup\n\nwith report.step("catchup"):\n    result = catchup.catchup_step(\n        settings, live_sqlite_path, state_dir, lock_timeout=lock_timeout\n    )\ntables = catchup.catchup_tables(result)',
+            'from sessionmig import catchup\n\nwith report.step("catchup"):\n    result = steps.catchup_step(\n        settings, live_sqlite_path, state_dir, lock_timeout=lock_timeout\n    )\ntables = catchup.catchup_tables(result)',
         ),
         ("md", "## What this pass carried"),
         ("code", 'report.show(tables["counts"])'),

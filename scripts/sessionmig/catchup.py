@@ -76,8 +76,6 @@ from .verdict import Verdict
 if TYPE_CHECKING:  # pandas is heavy; only the notebook's functions need it
     import pandas as pd
 
-    from .settings import Settings
-
 T = TypeVar("T")
 STEP = "catchup"
 PART_STEP = "catchup_part"
@@ -1985,48 +1983,6 @@ def _result(
         dry_run=dry_run,
         verdict=verdict,
         reason=reason,
-    )
-
-
-# --- the runbook step ------------------------------------------------------------------------
-
-_INTERVAL = re.compile(r"^[0-9]+(\.[0-9]+)?(ms|s|min)$")
-
-
-def catchup_step(
-    s: Settings, live_sqlite_path: str, state_dir: str, *, lock_timeout: str = LOCK_TIMEOUT
-) -> CatchupResult:
-    """One pass as the runbook runs it (notebook ``07_catchup``, ``sessionmig catchup``): the
-    same command each time; the base is found from the audit table and ``state_dir``."""
-    if not live_sqlite_path:
-        raise ParameterError(
-            "live_sqlite_path is empty: give the SQLite file the old colour writes to "
-            "(its SESSION_SQLITE_PATH)"
-        )
-    if not state_dir:
-        raise ParameterError(
-            "state_dir is empty: give a private directory (0700) kept between passes, outside "
-            "any report folder, e.g. /var/lib/sessionmig/catchup"
-        )
-    if not isinstance(lock_timeout, str) or not _INTERVAL.match(lock_timeout):
-        raise ParameterError(
-            f"lock_timeout={lock_timeout!r}: give a duration such as 500ms, 5s or 1min"
-        )
-    return catchup(
-        s.dsn(),
-        sqlite_path=s.sqlite_path,
-        live_sqlite_path=live_sqlite_path,
-        state_dir=state_dir,
-        rules=s.rules,
-        schema=s.target_schema,
-        run_id=s.run_id,
-        source_timezone=s.source_timezone,
-        operator=s.operator,
-        parameters=s.public(),
-        lock_timeout=lock_timeout,
-        retries=s.max_retries,
-        batch_rows=s.batch_rows,
-        dry_run=s.dry_run,
     )
 
 

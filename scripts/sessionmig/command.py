@@ -272,8 +272,8 @@ def catchup(
     ``overrides`` names ``live_sqlite_path`` and ``state_dir`` unless the environment file
     does. The same engine call as notebook ``07_catchup``; the result's ``exit_code`` is 0
     (the pass is proven), 1 (its proof found a difference) or 2."""
-    from .catchup import catchup_step
     from .settings import settings
+    from .steps import catchup_step
 
     merged = resolve(env, overrides, ["catchup"], project_dir=project_dir)
     return catchup_step(

@@ -31,6 +31,7 @@ from typing import Any
 
 from . import mask, render
 from .cover import cover, describe_target
+from .errors import ParameterError, VerdictFailed
 from .source import sha256_file
 
 PACKAGES = (
@@ -249,6 +250,24 @@ def verify(run_dir: Path) -> Verification:
         elif kind != "folder":
             problems.append(f"{rel}: {kind}, which a sealed folder never holds (added)")
     return Verification(str(run_dir), len(listed), tuple(problems))
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """A run's manifest (the file or its run directory), checked against its own hashes only.
+
+    Not for a step that acts on the folder: whoever edits a folder can recompute its hashes.
+    Steps use :func:`read_trusted` (the digest the target recorded)."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / "manifest.json"
+    if not file.exists():
+        raise ParameterError(f"{file}: no manifest here; give the run folder of the step's run")
+    result = verify(file.parent)
+    if not result.ok:
+        raise VerdictFailed(
+            f"{file.parent}: the reports were altered: {'; '.join(result.problems)}"
+        )
+    return json.loads(file.read_text(encoding="utf-8"))
 
 
 def _entries(run_dir: Path) -> dict[str, str]:

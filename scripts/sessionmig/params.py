@@ -30,6 +30,7 @@ import yaml
 from . import defaults as D
 from . import mask
 from .errors import ParameterError
+from .instant import parse_instant as parse_instant
 from .project import locate
 
 ON_CONFLICT = ("fail", "skip", "keep_newer")
@@ -55,28 +56,6 @@ _ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 # --- checks: each raises ParameterError naming the parameter and the fix ---------------------
-
-
-def parse_instant(value: Any, name: str = "as_of") -> datetime | None:
-    """An ISO-8601 instant as an aware UTC datetime; empty means "not given" (None)."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, datetime):
-        parsed = value
-    else:
-        try:
-            parsed = datetime.fromisoformat(str(value).strip())
-        except ValueError:
-            raise ParameterError(
-                f"{name}={value!r} is not an ISO-8601 instant; "
-                "write e.g. 2026-11-26T09:00:00+09:00 or leave it empty for the run's start"
-            ) from None
-    if parsed.tzinfo is None:
-        raise ParameterError(
-            f"{name}={value!r} has no UTC offset, so it is not one instant; "
-            "add one, e.g. 2026-11-26T09:00:00+09:00 or ...Z"
-        )
-    return parsed.astimezone(UTC)
 
 
 def resolve_as_of(value: Any, started: datetime | None = None) -> datetime:

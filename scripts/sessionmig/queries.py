@@ -69,10 +69,10 @@ import pandas as pd
 from psycopg import sql
 
 from . import defaults as D
-from . import params as P
 from . import readonly
 from .connect import connect
 from .errors import ParameterError, SourceError
+from .instant import parse_instant
 from .jsonb import metadata_text
 from .keys import duplicate_rejects
 from .mask import mask_id
@@ -697,7 +697,7 @@ def resolve(query: Query, given: dict[str, Any], as_of: datetime, zone: str) -> 
         if p.kind == "instant":
             default = as_of - timedelta(days=7) if p.name == "start" else as_of
             try:
-                value = P.parse_instant(value, p.name) or default
+                value = parse_instant(value, p.name) or default
             except ParameterError as exc:
                 raise ParameterError(f"query {query.name}: {exc}") from None
         else:

@@ -24,8 +24,7 @@ from typing import Any
 import pandas as pd
 
 from .errors import EXIT_ERROR, EXIT_FAIL, SessionmigError, VerdictFailed
-from .mask import mask_id
-from .params import redact
+from .mask import mask_id, redact
 from .render import ANSWER, ANSWER_KEY, REFUSAL_TODO, Answer, Figure, answer_html
 from .transform import COLUMNS, REASONS
 from .verdict import FAILED, Verdict, partition, plural

@@ -9,7 +9,8 @@ only after a reconcile PASS and a soak period.
 
 Both act on a run folder given by the operator; the steps read it only through
 :func:`sessionmig.manifest.read_trusted` (its digest must be the one the run recorded in the
-target), never through :func:`read_manifest`, which checks the folder's own hashes alone.
+target), never through :func:`sessionmig.manifest.read_manifest`, which checks the folder's own
+hashes alone.
 
 Both are re-runnable after a fault at any point. Each write is recorded in PostgreSQL by one
 audit row (``run_id`` is its primary key, so it exists at most once), after the files:
@@ -45,7 +46,6 @@ from . import defaults as D
 from .audit import RunRow, write_run
 from .connect import connect, failure_text
 from .errors import ParameterError, SessionmigError, SourceError, TargetError, VerdictFailed
-from .manifest import verify
 from .reconcile import field_diff, latest_migrate_run, rejects_of_run
 from .source import Backup, hash_files, open_backup, sha256_file
 from .transform import Reject, Rules, normalise
@@ -57,24 +57,6 @@ OK_VERDICTS = (Verdict.PASS, Verdict.PASS_WITH_WARNINGS)
 FINALIZE_INTENT = ".sessionmig-finalize.json"
 RESTORE_MARK = ".sessionmig-rollback.json"
 PARTIAL = ".sessionmig-partial"
-
-
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """A run's manifest (the file or its run directory), checked against its own hashes only.
-
-    Not for a step that acts on the folder: whoever edits a folder can recompute its hashes.
-    Steps use :func:`sessionmig.manifest.read_trusted` (the digest the target recorded)."""
-    file = Path(path)
-    if file.is_dir():
-        file = file / "manifest.json"
-    if not file.exists():
-        raise ParameterError(f"{file}: no manifest here; give the run folder of the step's run")
-    result = verify(file.parent)
-    if not result.ok:
-        raise VerdictFailed(
-            f"{file.parent}: the reports were altered: {'; '.join(result.problems)}"
-        )
-    return json.loads(file.read_text(encoding="utf-8"))
 
 
 def migrated_sha256(manifest: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 import time
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,7 @@ from psycopg import sql
 from . import defaults as D
 from . import params as P
 from . import replication
+from .catchup import CatchupResult, catchup
 from .connect import connect, failure_text
 from .errors import EXIT_ERROR, SourceError, TargetError, TransientTargetError
 from .inspection import InspectResult, inspect_backup
@@ -1067,3 +1069,45 @@ def finalize_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
         ),
         **own,
     }
+
+
+# --- catchup ---------------------------------------------------------------------------------
+
+_INTERVAL = re.compile(r"^[0-9]+(\.[0-9]+)?(ms|s|min)$")
+
+
+def catchup_step(
+    s: Settings, live_sqlite_path: str, state_dir: str, *, lock_timeout: str = D.LOCK_TIMEOUT
+) -> CatchupResult:
+    """One pass as the runbook runs it (notebook ``07_catchup``, ``sessionmig catchup``): the
+    same command each time; the base is found from the audit table and ``state_dir``."""
+    if not live_sqlite_path:
+        raise P.ParameterError(
+            "live_sqlite_path is empty: give the SQLite file the old colour writes to "
+            "(its SESSION_SQLITE_PATH)"
+        )
+    if not state_dir:
+        raise P.ParameterError(
+            "state_dir is empty: give a private directory (0700) kept between passes, outside "
+            "any report folder, e.g. /var/lib/sessionmig/catchup"
+        )
+    if not isinstance(lock_timeout, str) or not _INTERVAL.match(lock_timeout):
+        raise P.ParameterError(
+            f"lock_timeout={lock_timeout!r}: give a duration such as 500ms, 5s or 1min"
+        )
+    return catchup(
+        s.dsn(),
+        sqlite_path=s.sqlite_path,
+        live_sqlite_path=live_sqlite_path,
+        state_dir=state_dir,
+        rules=s.rules,
+        schema=s.target_schema,
+        run_id=s.run_id,
+        source_timezone=s.source_timezone,
+        operator=s.operator,
+        parameters=s.public(),
+        lock_timeout=lock_timeout,
+        retries=s.max_retries,
+        batch_rows=s.batch_rows,
+        dry_run=s.dry_run,
+    )
