@@ -43,10 +43,10 @@ import psycopg
 import yaml
 from target import server_url
 
-from sessionmig import embedded
-from sessionmig.connect import connect
 from sessionmig.errors import TargetError
-from sessionmig.source import sha256_file
+from sessionmig.postgres import embedded
+from sessionmig.postgres.connect import connect
+from sessionmig.sqlite.source import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
@@ -58,7 +58,7 @@ STEPS = ("preflight", "inspect", "migrate", "reconcile")
 # The engines alone, as the notebooks call them (no kernel, no report).
 ENGINE = (
     "import sys, yaml\n"
-    "from sessionmig import steps\n"
+    "from sessionmig.runbook import steps\n"
     "given = yaml.safe_load(open(sys.argv[2]))\n"
     "given.update(expected_sha256=sys.argv[3]) if len(sys.argv) > 3 else None\n"
     "s = steps.settings(**given)\n"

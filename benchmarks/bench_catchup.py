@@ -55,9 +55,9 @@ import yaml
 from bench_store import Sessions, closed_loop, one_operation, percentile
 from target import server_url
 
-from sessionmig import embedded
-from sessionmig.connect import connect
-from sessionmig.source import sha256_file
+from sessionmig.postgres import embedded
+from sessionmig.postgres.connect import connect
+from sessionmig.sqlite.source import sha256_file
 from sessionmig.store import SessionManager
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +81,7 @@ DETAIL_HEADER = (
 # One pass as its own process: the notebook's function, its result as JSON on stdout.
 PASS_DRIVER = """
 import json, sys, yaml
-from sessionmig import catchup, steps
+from sessionmig.engines import catchup; from sessionmig.runbook import steps
 s = steps.settings(**yaml.safe_load(open(sys.argv[1])))
 r = catchup.catchup_step(s, sys.argv[2], sys.argv[3])
 print(json.dumps({"verdict": r.verdict, "counts": r.counts, "seconds": r.seconds,
@@ -114,7 +114,9 @@ print(json.dumps({"verdict": "PASS", "locked_s": 0.0}))
 # to the file named by SESSIONMIG_TRACE_PHASES.
 TRACED_PASS_DRIVER = """
 import functools, json, os, sys, threading, time, yaml
-from sessionmig import catchup, snapshot, source, steps
+from sessionmig.engines import catchup
+from sessionmig.sqlite import snapshot, source
+from sessionmig.runbook import steps
 phases = []
 def timed(module, name, label=None):
     inner = getattr(module, name)

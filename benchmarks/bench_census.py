@@ -26,8 +26,8 @@ from pathlib import Path
 import yaml
 from target import server_url
 
-from sessionmig import embedded
-from sessionmig.connect import connect
+from sessionmig.postgres import embedded
+from sessionmig.postgres.connect import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
@@ -35,7 +35,7 @@ DATABASE = "sessionmig_bench_census"
 
 STEP = r"""
 import json, resource, sys, time, yaml
-from sessionmig import steps
+from sessionmig.runbook import steps
 way, step = sys.argv[1], sys.argv[2]
 s = steps.settings(**yaml.safe_load(open(sys.argv[3])))
 mode = {} if way == "baseline" else {"fast": way == "fast"}
@@ -44,7 +44,7 @@ if step == "migrate":
     steps.migrate(s, progress=False)
     seen = None
 elif step == "inspect":
-    from sessionmig.inspection import inspect_backup
+    from sessionmig.sqlite.inspection import inspect_backup
     r = inspect_backup(s.sqlite_path, s.rules, s.as_of, s.source_timezone, s.batch_rows,
                        s.on_extra_columns, **mode)
     seen = [[f.code, f.count] for f in r.findings]

@@ -3,9 +3,9 @@
 
     .venv/bin/python benchmarks/bench_queries.py --dsn postgresql://postgres@127.0.0.1:5432/postgres
 
-makes a sample backup (``sessionmig.sample.generate``, reused when ``--backup`` exists), migrates
-it into a fresh database on the server (dropped afterwards; ``--database URL`` uses one already
-migrated from the same backup instead), then runs ``--rounds`` rounds. Each round times the
+makes a sample backup (``sessionmig.sqlite.sample.generate``, reused when ``--backup`` exists),
+migrates it into a fresh database on the server (dropped afterwards; ``--database URL`` uses one
+already migrated from the same backup instead), then runs ``--rounds`` rounds. Each round times the
 analysis copy's build (what the first SQLite query on a new backup waits for) in a fresh cache,
 then every query once on each source; the medians are printed as a Markdown table.
 
@@ -37,8 +37,10 @@ if "SESSIONMIG_BENCH_CODE" not in os.environ:  # a --compare round brings its ow
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from sessionmig import queries, sample, steps  # noqa: E402
-from sessionmig.connect import with_database  # noqa: E402
+from sessionmig.engines import queries  # noqa: E402
+from sessionmig.postgres.connect import with_database  # noqa: E402
+from sessionmig.runbook import steps  # noqa: E402
+from sessionmig.sqlite import sample  # noqa: E402
 
 AS_OF = "2026-01-15T12:00:00+09:00"
 ZONE = "Asia/Seoul"

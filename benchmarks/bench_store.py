@@ -46,8 +46,8 @@ from pathlib import Path
 from psycopg import sql
 from target import SYSTEM, server_url
 
-from sessionmig import embedded, schema
-from sessionmig.connect import connect
+from sessionmig.postgres import embedded, schema
+from sessionmig.postgres.connect import connect
 from sessionmig.store import DEFAULT_POOL_SIZE, LegacySQLiteSessionManager, SessionManager
 
 DATABASE = "sessionmig_bench_store"

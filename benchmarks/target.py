@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from sessionmig import embedded
-from sessionmig.connect import connect
 from sessionmig.errors import TargetError
+from sessionmig.postgres import embedded
+from sessionmig.postgres.connect import connect
 
 SYSTEM = "postgresql://postgres@127.0.0.1:5432/postgres"
 

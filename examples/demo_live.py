@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from session_app.traffic import Colour, Ledger, adopt, client, compare  # noqa: E402
 
-from sessionmig import embedded  # noqa: E402
-from sessionmig.connect import connect  # noqa: E402
+from sessionmig.postgres import embedded  # noqa: E402
+from sessionmig.postgres.connect import connect  # noqa: E402
 
 ZONE = "Asia/Seoul"
 BLUE_USERS, GREEN_USERS = 5, 4

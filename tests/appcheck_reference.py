@@ -18,12 +18,12 @@ from datetime import datetime
 import psycopg
 from psycopg import sql
 
-from sessionmig.keys import duplicate_rejects
-from sessionmig.mask import mask_id
-from sessionmig.reconcile import latest_migrate_run
-from sessionmig.source import Backup
+from sessionmig.engines.reconcile import latest_migrate_run
+from sessionmig.rules.mask import mask_id
+from sessionmig.rules.transform import ROWID, Reject, Rules, normalise
+from sessionmig.sqlite.keys import duplicate_rejects
+from sessionmig.sqlite.source import Backup
 from sessionmig.store import SessionManager
-from sessionmig.transform import ROWID, Reject, Rules, normalise
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from sessionmig import embedded, sample
+from sessionmig.postgres import embedded
+from sessionmig.sqlite import sample
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_PGDATA = ROOT / ".sessionmig" / "pgdata-test"
@@ -108,7 +109,7 @@ def env_file(tmp_path: Path, backup: Path, **extra) -> Path:
 @pytest.fixture
 def target(dsn: str, monkeypatch: pytest.MonkeyPatch):
     """Make step settings for a backup, aimed at this test's database."""
-    from sessionmig import steps
+    from sessionmig.runbook import steps
 
     monkeypatch.setenv("SMTEST_DSN", dsn)
 

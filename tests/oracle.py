@@ -1,6 +1,6 @@
 """The named queries' meanings computed the obvious way, in plain Python over normalised rows.
 
-Nothing here reads SQL or :mod:`sessionmig.queries`' code: each function is the query's
+Nothing here reads SQL or :mod:`sessionmig.engines.queries`' code: each function is the query's
 description (``sessionmig query --list``) spelled out with loops, ``zoneinfo`` and exact
 ``timedelta`` arithmetic, slow and small on purpose. The property tests in
 ``test_query_oracle.py`` check both SQL texts against it.

@@ -25,13 +25,14 @@ from test_evidence import run_cli
 from test_rollback import migrated_run  # noqa: F401  (a fixture: a migrate + reconcile run)
 from test_rollback_overlap import START, legacy
 
-from sessionmig import embedded, manifest, orchestrate, schema, steps
+from sessionmig.engines.overlap import MARKER_TABLE
 from sessionmig.errors import VerdictFailed
-from sessionmig.overlap import MARKER_TABLE
-from sessionmig.sample import generate
-from sessionmig.snapshot import snapshot
-from sessionmig.source import sha256_file
-from sessionmig.steps import catchup_step
+from sessionmig.postgres import embedded, schema
+from sessionmig.runbook import manifest, orchestrate, steps
+from sessionmig.runbook.steps import catchup_step
+from sessionmig.sqlite.sample import generate
+from sessionmig.sqlite.snapshot import snapshot
+from sessionmig.sqlite.source import sha256_file
 
 pytestmark = pytest.mark.slow
 

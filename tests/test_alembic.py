@@ -15,8 +15,8 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import sessionstore
-from sessionmig import schema
-from sessionmig.connect import parse
+from sessionmig.postgres import schema
+from sessionmig.postgres.connect import parse
 
 ALEMBIC = Path(sys.executable).parent / "alembic"
 INI = Path(sessionstore.__file__).parent / "alembic.ini"

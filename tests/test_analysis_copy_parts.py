@@ -12,10 +12,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from sessionmig import queries, wire
-from sessionmig.jsonb import metadata_text
-from sessionmig.sample import generate
-from sessionmig.transform import Rules
+from sessionmig.engines import queries
+from sessionmig.rules.jsonb import metadata_text
+from sessionmig.rules.transform import Rules
+from sessionmig.sqlite import wire
+from sessionmig.sqlite.sample import generate
 
 RULES = Rules(zone=ZoneInfo("Asia/Seoul"))
 NEW_YORK = Rules(zone=ZoneInfo("America/New_York"))

@@ -25,8 +25,10 @@ import pytest
 
 matplotlib.use("Agg")
 
-from sessionmig import plots, queries, report, steps  # noqa: E402
-from sessionmig.sample import generate  # noqa: E402
+from sessionmig.engines import queries  # noqa: E402
+from sessionmig.reports import plots, report  # noqa: E402
+from sessionmig.runbook import steps  # noqa: E402
+from sessionmig.sqlite.sample import generate  # noqa: E402
 
 AS_OF = datetime(2026, 1, 15, 3, tzinfo=UTC)
 FALL_BACK = [
@@ -155,7 +157,7 @@ def test_item4_the_page_states_its_window_first_and_charts_before_long_tables(
 ) -> None:
     from conftest import env_file
 
-    from sessionmig import orchestrate
+    from sessionmig.runbook import orchestrate
 
     s = target(backup, as_of=AS_OF.isoformat())
     steps.migrate(s, progress=False)

@@ -11,7 +11,7 @@ from datetime import datetime
 import pytest
 from conftest import env_file, rows_of
 
-from sessionmig import orchestrate, steps
+from sessionmig.runbook import orchestrate, steps
 
 BOTH = ("sqlite", "postgres")
 

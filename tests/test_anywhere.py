@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, sessionmig_process
 
-from sessionmig import params as P
-from sessionmig import project
 from sessionmig.errors import ParameterError
+from sessionmig.runbook import params as P
+from sessionmig.runbook import project
 
 PACKAGE = ROOT / "scripts" / "sessionmig"
 
@@ -71,7 +71,7 @@ def test_an_installed_package_uses_the_notebooks_it_carries(tmp_path) -> None:
     cwd.mkdir()
     done = _python(
         site,
-        "from sessionmig import project, params; p = project.locate(); "
+        "from sessionmig.runbook import project, params; p = project.locate(); "
         "print(p.origin, p.notebooks, params.environment_file('prod'))",
         cwd,
     )

@@ -23,10 +23,11 @@ from hypothesis import strategies as st
 from test_fast_census import ROW, SCHEMAS, write_rows
 from test_hostile import build as build_hostile
 
-from sessionmig import sample, steps
-from sessionmig.appcheck import EXAMPLES, AppCheck
-from sessionmig.sample import LEGACY_SCHEMA
-from sessionmig.source import open_backup
+from sessionmig.engines.appcheck import EXAMPLES, AppCheck
+from sessionmig.runbook import steps
+from sessionmig.sqlite import sample
+from sessionmig.sqlite.sample import LEGACY_SCHEMA
+from sessionmig.sqlite.source import open_backup
 
 
 def both(s: steps.Settings) -> dict[str, AppCheck]:

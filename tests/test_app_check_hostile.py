@@ -21,11 +21,12 @@ from appcheck_reference import reference_app_check
 from conftest import rows_of
 from test_app_check import both
 
-from sessionmig import reconcile as reconcile_module
-from sessionmig import report, steps
-from sessionmig.appcheck import APP_ACTIVE, POOLED
+from sessionmig.engines import reconcile as reconcile_module
+from sessionmig.engines.appcheck import APP_ACTIVE, POOLED
 from sessionmig.errors import TargetError
-from sessionmig.source import open_backup
+from sessionmig.reports import report
+from sessionmig.runbook import steps
+from sessionmig.sqlite.source import open_backup
 
 # as_of is 2026-01-15 12:00 in Asia/Seoul (the source zone of the shared test settings).
 CREATED, LAST = "2026-01-15 10:00:00", "2026-01-15 11:00:00"
@@ -353,7 +354,7 @@ def test_a_dba_s_transaction_timeout_does_not_cut_the_proof(
     """PostgreSQL 17's ``transaction_timeout``, set by a DBA for the app, reaches neither the
     runbook's connections (turned off once connected) nor the store's one long read for the
     runbook: a proof lasts as long as its data."""
-    from sessionmig.connect import connect
+    from sessionmig.postgres.connect import connect
 
     with psycopg.connect(dsn) as conn:
         if conn.info.server_version < 170000:
@@ -378,7 +379,7 @@ def test_behind_pgbouncer_the_app_s_answers_reach_reconcile_s_transaction(
     transaction mode that next transaction may reach another server session, where the answers
     are not. The run then either passes (the same session) or is refused by name before any
     work (another) — never a damaged-target message, never an answer read from elsewhere."""
-    from sessionmig.reconcile import reconcile
+    from sessionmig.engines.reconcile import reconcile
 
     s = target(clean_backup)
     assert steps.migrate(s, progress=False).outcome.committed
@@ -426,7 +427,7 @@ def test_a_repeated_id_whose_first_copy_postgresql_refuses(tmp_path: Path, targe
     """Two rows share a session_id; the rules accept both, PostgreSQL refuses the first (a
     number beyond numeric's range). The oracle never asks about either (later copies never
     land; refused rows never land); whatever migrate did, the app check must agree with it."""
-    from sessionmig.sample import LEGACY_SCHEMA
+    from sessionmig.sqlite.sample import LEGACY_SCHEMA
 
     path = tmp_path / "repeated.db"
     with sqlite3.connect(path) as conn:
@@ -513,7 +514,7 @@ def test_concluding_a_reconcile_whose_app_check_failed_fails(
     only the notebook's cell passes ``result.app`` explicitly. A reconcile whose app check
     failed concludes PASS through the one-argument call (as ``test_pages_agree`` makes it).
     (The failing app check is put in by hand: an API trap, not a wrong count.)"""
-    from sessionmig.appcheck import AppCheck
+    from sessionmig.engines.appcheck import AppCheck
     from sessionmig.errors import VerdictFailed
 
     s = target(clean_backup)
@@ -559,8 +560,8 @@ def test_behind_pgbouncer_an_earlier_run_s_answers_are_not_read_as_this_run_s(
     accepted')."""
     from datetime import UTC, datetime
 
-    from sessionmig.appcheck import ask_the_app
-    from sessionmig.connect import connect
+    from sessionmig.engines.appcheck import ask_the_app
+    from sessionmig.postgres.connect import connect
 
     s = target(clean_backup)
     assert steps.migrate(s, progress=False).outcome.committed

@@ -26,7 +26,9 @@ import psycopg
 import pytest
 from conftest import ROOT, env_file
 
-from sessionmig import embedded, orchestrate, sample
+from sessionmig.postgres import embedded
+from sessionmig.runbook import orchestrate
+from sessionmig.sqlite import sample
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

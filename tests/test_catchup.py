@@ -22,13 +22,15 @@ from conftest import ROOT, TEST_ENV, rows_of
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from sessionmig import catchup, source, steps
-from sessionmig.catchup import BaseNotCurrent, catchup_tables
+from sessionmig.engines import catchup
+from sessionmig.engines.catchup import BaseNotCurrent, catchup_tables
 from sessionmig.errors import LockHeld, ParameterError, SourceError, TargetError
-from sessionmig.mask import mask_id
-from sessionmig.snapshot import snapshot
-from sessionmig.source import sha256_file
-from sessionmig.steps import catchup_step
+from sessionmig.rules.mask import mask_id
+from sessionmig.runbook import steps
+from sessionmig.runbook.steps import catchup_step
+from sessionmig.sqlite import source
+from sessionmig.sqlite.snapshot import snapshot
+from sessionmig.sqlite.source import sha256_file
 from sessionmig.store import LegacySQLiteSessionManager, SessionManager
 
 START = datetime(2026, 1, 15, 3, tzinfo=UTC)  # TEST_ENV's as_of: every session active
@@ -691,7 +693,7 @@ def test_a_pass_whose_process_is_killed_commits_nothing(migrated: Migrated) -> N
     before = m.pg()
     driver = (
         "import json, os, signal, sys\n"
-        "from sessionmig import catchup, steps\n"
+        "from sessionmig.engines import catchup\nfrom sessionmig.runbook import steps\n"
         "catchup._record_pass = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
         "s = steps.settings(**json.loads(sys.argv[1]))\n"
         "steps.catchup_step(s, sys.argv[2], sys.argv[3])\n"

@@ -11,9 +11,9 @@ from zoneinfo import ZoneInfo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sessionmig.catchup import diff
-from sessionmig.source import open_backup
-from sessionmig.transform import Rules
+from sessionmig.engines.catchup import diff
+from sessionmig.rules.transform import Rules
+from sessionmig.sqlite.source import open_backup
 
 SCHEMA = (
     "CREATE TABLE sessions (session_id TEXT PRIMARY KEY, user_id TEXT, metadata TEXT, "

@@ -35,8 +35,8 @@ from test_exactly_once import proxied as proxied  # the fixture
 from test_rollback_overlap import overlap as overlap  # the fixture
 from test_rollback_overlap import rollback_overlap
 
-from sessionmig import catchup
-from sessionmig.catchup import BaseNotCurrent, _next_part_rows
+from sessionmig.engines import catchup
+from sessionmig.engines.catchup import BaseNotCurrent, _next_part_rows
 from sessionmig.errors import ParameterError, SourceError, TransientTargetError
 
 pytestmark = pytest.mark.slow
@@ -154,7 +154,7 @@ def test_a_pass_killed_between_two_parts_is_finished_by_the_same_command(
     busy(m, ledger)
     driver = (
         "import json, os, signal, sys\n"
-        "from sessionmig import catchup, steps\n"
+        "from sessionmig.engines import catchup\nfrom sessionmig.runbook import steps\n"
         f"catchup.FIRST_PART_ROWS = catchup.MIN_PART_ROWS = catchup.MAX_PART_ROWS = {PART}\n"
         "real, seen = catchup._record_part, []\n"
         "def record(*args, **kwargs):\n"
@@ -190,7 +190,7 @@ def test_no_overlap_rollback_while_a_pass_is_carried_in_part(
 
     from test_rollback_overlap import START, legacy
 
-    from sessionmig.steps import catchup_step
+    from sessionmig.runbook.steps import catchup_step
 
     live, snap0, settings, state, dsn, ids = overlap
 

@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 from conftest import env_file, sessionmig_process
 
-from sessionmig import cli, orchestrate, queries, schema
+from sessionmig import cli
+from sessionmig.engines import queries
 from sessionmig.errors import EXIT_ERROR, EXIT_FAIL, EXIT_OK
+from sessionmig.postgres import schema
+from sessionmig.runbook import orchestrate
 
 RUNBOOK_ORDER = (
     "run",

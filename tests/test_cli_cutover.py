@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import env_file, rows_of, sessionmig_process
 
-from sessionmig.source import sha256_file
+from sessionmig.sqlite.source import sha256_file
 from sessionmig.store import LegacySQLiteSessionManager
 
 pytestmark = pytest.mark.slow

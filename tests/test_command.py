@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 from conftest import env_file
 
-from sessionmig import cli, command, sample, schema
+from sessionmig import cli, command
 from sessionmig.errors import EXIT_ERROR, EXIT_FAIL, EXIT_OK, ParameterError
-from sessionmig.manifest import write_index, write_manifest
-from sessionmig.verdict import Verdict
+from sessionmig.postgres import schema
+from sessionmig.rules.verdict import Verdict
+from sessionmig.runbook.manifest import write_index, write_manifest
+from sessionmig.sqlite import sample
 
 # --- the command line is a dispatch table over the commands -------------------------------------
 

@@ -11,7 +11,6 @@ from conftest import TEST_PASSWORD, dsn_with_password
 from psycopg.conninfo import make_conninfo
 from sqlalchemy import create_engine, text
 
-from sessionmig import connect as C
 from sessionmig.errors import (
     EXIT_ERROR,
     TargetError,
@@ -19,6 +18,7 @@ from sessionmig.errors import (
     TargetUnreachable,
     TransientTargetError,
 )
+from sessionmig.postgres import connect as C
 from sessionmig.store import SessionManager
 
 CLOSED = "127.0.0.1:1"  # nothing listens there

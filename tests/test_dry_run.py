@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, env_file, rows_of
 
-from sessionmig import steps
-from sessionmig.appcheck import AppCheck, combined_verdict
+from sessionmig.engines.appcheck import AppCheck, combined_verdict
+from sessionmig.engines.rollback import finalize
 from sessionmig.errors import VerdictFailed
-from sessionmig.manifest import read_manifest
-from sessionmig.rollback import finalize
+from sessionmig.runbook import steps
+from sessionmig.runbook.manifest import read_manifest
 
 SKIPPED_REASON = (
     "skipped: dry run, nothing was written (migrate rolled its rows back), so there is nothing "

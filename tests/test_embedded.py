@@ -21,11 +21,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sessionmig import embedded
+from sessionmig.postgres import embedded
 
 HOLD = """
 import time
-from sessionmig import embedded
+from sessionmig.postgres import embedded
 server = embedded.start()
 print(server.get_pid(), flush=True)
 time.sleep(600)
@@ -34,8 +34,8 @@ time.sleep(600)
 USE = """
 import os
 import sys
-from sessionmig import embedded
-from sessionmig.connect import connect
+from sessionmig.postgres import embedded
+from sessionmig.postgres.connect import connect
 # A test may shorten how long a leftover server is given to answer and to shut down.
 limits = {"ANSWER_TIMEOUT_S": "SMTEST_ANSWER_S", "SHUTDOWN_TIMEOUT_S": "SMTEST_STOP_S"}
 for name, variable in limits.items():

@@ -37,11 +37,14 @@ from conftest import (
 from psycopg import sql
 from sqlalchemy import create_engine, text
 
-from sessionmig import cli, manifest, orchestrate, sample, schema
+from sessionmig import cli
+from sessionmig.engines.rollback import migrated_sha256
 from sessionmig.errors import ParameterError, TargetError
-from sessionmig.manifest import read_manifest
-from sessionmig.params import sqlalchemy_url
-from sessionmig.rollback import migrated_sha256
+from sessionmig.postgres import schema
+from sessionmig.runbook import manifest, orchestrate
+from sessionmig.runbook.manifest import read_manifest
+from sessionmig.runbook.params import sqlalchemy_url
+from sessionmig.sqlite import sample
 from sessionstore import migrate
 
 

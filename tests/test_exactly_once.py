@@ -28,11 +28,11 @@ from test_catchup import migrated as migrated  # the fixture
 from test_rollback_overlap import overlap as overlap  # the fixture
 from test_rollback_overlap import rollback_overlap
 
-from sessionmig import catchup
-from sessionmig.catchup import BaseNotCurrent, CatchupResult
+from sessionmig.engines import catchup
+from sessionmig.engines.catchup import BaseNotCurrent, CatchupResult
+from sessionmig.engines.overlap import MARKER_TABLE
 from sessionmig.errors import TransientTargetError
-from sessionmig.overlap import MARKER_TABLE
-from sessionmig.source import sha256_file
+from sessionmig.sqlite.source import sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -189,7 +189,7 @@ def test_a_signal_while_the_commit_answer_is_in_flight_is_settled_by_the_target(
     ledger.traffic(validate=[m.ids[7], m.ids[7], m.ids[7]], create=1)
     driver = (
         "import json, sys\n"
-        "from sessionmig import catchup, steps\n"
+        "from sessionmig.engines import catchup\nfrom sessionmig.runbook import steps\n"
         "s = steps.settings(**json.loads(sys.argv[1]))\n"
         "try:\n"
         "    r = steps.catchup_step(s, sys.argv[2], sys.argv[3])\n"
@@ -355,8 +355,8 @@ def overlapped(overlap, monkeypatch: pytest.MonkeyPatch):
 def test_an_overlap_rollback_cut_at_either_write_is_completed_by_a_rerun(
     overlapped, monkeypatch: pytest.MonkeyPatch, where: str, point: str
 ) -> None:
-    from sessionmig import overlap as O
-    from sessionmig.steps import catchup_step
+    from sessionmig.engines import overlap as O
+    from sessionmig.runbook.steps import catchup_step
 
     live, snap0, settings, state, dsn, ids, proxy = overlapped
     with psycopg.connect(dsn, autocommit=True) as conn:  # the new colour validated ids[1] twice
@@ -404,7 +404,7 @@ def test_an_overlap_rollback_cut_at_either_write_is_completed_by_a_rerun(
 def test_catch_up_reads_the_live_files_marker_whatever_the_target_says(overlap) -> None:
     """A live file a rollback wrote into is refused by catch-up even where the target lost the
     rollback's rows (restored from before, or the rows were removed)."""
-    from sessionmig.steps import catchup_step
+    from sessionmig.runbook.steps import catchup_step
 
     live, snap0, settings, state, dsn, ids = overlap
     rollback_overlap(settings, live, state, snap0)
@@ -478,7 +478,7 @@ def test_a_session_recreated_under_its_id_is_carried_named_and_counted(migrated:
 def test_migrate_cut_at_its_commit_lands_every_row_once(
     small_backup: Path, target, dsn: str, monkeypatch: pytest.MonkeyPatch, pattern, point, attempts
 ) -> None:
-    from sessionmig import steps
+    from sessionmig.runbook import steps
 
     with FaultProxy.for_dsn(dsn) as proxy:
         monkeypatch.setenv("SMTEST_DSN", proxy.dsn(dsn))
@@ -509,8 +509,8 @@ def test_an_overlap_rollback_killed_between_its_two_systems_is_completed_once(
     before SQLite committed (its transaction rolls back) or after it committed and before the
     record. The same command then carries PostgreSQL's changes into the live file exactly
     once."""
-    from sessionmig import overlap as O
-    from sessionmig.steps import catchup_step
+    from sessionmig.engines import overlap as O
+    from sessionmig.runbook.steps import catchup_step
 
     live, snap0, settings, state, dsn, ids = overlap
     with psycopg.connect(dsn, autocommit=True) as conn:

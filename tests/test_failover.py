@@ -14,7 +14,7 @@ import pytest
 from failover import measure
 from pgcluster import needs_pg_bin, primary_and_standby
 
-from sessionmig import schema
+from sessionmig.postgres import schema
 
 pytestmark = [needs_pg_bin, pytest.mark.slow]
 PROMOTE_AFTER_S = 3.0

@@ -27,8 +27,8 @@ import yaml
 from conftest import env_file
 from pgcluster import needs_pg_bin, server
 
-from sessionmig import orchestrate, steps
 from sessionmig.errors import SessionmigError, StoreUnavailable
+from sessionmig.runbook import orchestrate, steps
 from sessionmig.store import LegacySQLiteSessionManager, SessionManager
 
 pytestmark = [needs_pg_bin, pytest.mark.slow]

@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_hostile import build as build_hostile
 
-from sessionmig import inspection, sample
-from sessionmig.inspection import InspectResult, inspect_backup
-from sessionmig.sample import LEGACY_SCHEMA
-from sessionmig.transform import Rules
+from sessionmig.rules.transform import Rules
+from sessionmig.sqlite import inspection, sample
+from sessionmig.sqlite.inspection import InspectResult, inspect_backup
+from sessionmig.sqlite.sample import LEGACY_SCHEMA
 
 SEOUL = "Asia/Seoul"
 NEW_YORK = "America/New_York"

@@ -17,8 +17,9 @@ import pytest
 import yaml
 from conftest import ROOT, TEST_ENV, rows_of, sessionmig_tables
 
-from sessionmig import sample, steps
 from sessionmig.errors import SourceError, TransientTargetError
+from sessionmig.runbook import steps
+from sessionmig.sqlite import sample
 
 pytestmark = pytest.mark.slow
 

@@ -21,10 +21,12 @@ import psycopg
 import pytest
 from conftest import rows_of
 
-from sessionmig import manifest, rollback, schema, steps
+from sessionmig.engines import rollback
 from sessionmig.errors import ParameterError, TargetError, TargetUnreachable
-from sessionmig.sample import generate
-from sessionmig.source import sha256_file
+from sessionmig.postgres import schema
+from sessionmig.runbook import manifest, steps
+from sessionmig.sqlite.sample import generate
+from sessionmig.sqlite.source import sha256_file
 
 FAULT = "server closed the connection unexpectedly"
 

@@ -28,10 +28,10 @@ from conftest import ROOT, env_file, rows_of
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from sessionmig import queries
+from sessionmig.engines import queries
 from sessionmig.errors import ParameterError
-from sessionmig.mask import mask_id
-from sessionmig.transform import Rules
+from sessionmig.rules.mask import mask_id
+from sessionmig.rules.transform import Rules
 
 RULES = Rules(zone=ZoneInfo("Asia/Seoul"))
 # Ids in the legacy format, and one that is not: masked by value, not by its shape.

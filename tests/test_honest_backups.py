@@ -11,9 +11,9 @@ import psycopg
 import pytest
 from conftest import rows_of
 
-from sessionmig import steps
-from sessionmig.appcheck import combined_verdict
-from sessionmig.source import sha256_file
+from sessionmig.engines.appcheck import combined_verdict
+from sessionmig.runbook import steps
+from sessionmig.sqlite.source import sha256_file
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import rows_of
 
-from sessionmig import steps
 from sessionmig.errors import SourceError
-from sessionmig.sample import LEGACY_SCHEMA
+from sessionmig.runbook import steps
+from sessionmig.sqlite.sample import LEGACY_SCHEMA
 
 GOOD = ("2026-01-15 10:00:00", "2026-01-16 10:00:00", "2026-01-15 11:00:00")
 T = "CAST(? AS TEXT)"

@@ -17,11 +17,12 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from sessionmig import connect as C
-from sessionmig import sample, steps
+from sessionmig.engines.reconcile import FAIL, PASS, WARN
 from sessionmig.errors import TargetError
-from sessionmig.mask import mask_id
-from sessionmig.reconcile import FAIL, PASS, WARN
+from sessionmig.postgres import connect as C
+from sessionmig.rules.mask import mask_id
+from sessionmig.runbook import steps
+from sessionmig.sqlite import sample
 from sessionmig.store import SessionManager
 
 # --- fixtures --------------------------------------------------------------------------------
@@ -445,7 +446,7 @@ def test_numbers_at_their_own_spelling_pass_both_ways(numbers_backup, target) ->
 
 def test_fingerprints_that_differ_while_every_row_compares_equal_fail() -> None:
     """Two readings of one pair of tables that contradict each other prove nothing."""
-    from sessionmig.reconcile import KINDS, _verdict
+    from sessionmig.engines.reconcile import KINDS, _verdict
 
     counts = dict.fromkeys(KINDS, 0) | {"matched": 300}
     parity = {

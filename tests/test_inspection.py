@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from sessionmig.inspection import inspect_backup
-from sessionmig.transform import Rules
+from sessionmig.rules.transform import Rules
+from sessionmig.sqlite.inspection import inspect_backup
 
 AS_OF = datetime(2026, 1, 15, 3, tzinfo=UTC)
 RULES = Rules(ZoneInfo("Asia/Seoul"))

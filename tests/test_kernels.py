@@ -12,10 +12,10 @@ import psutil
 import pytest
 from conftest import env_file
 
-from sessionmig import orchestrate
-from sessionmig.kernels import Kernels, end
-from sessionmig.progress import PROGRESS_VARIABLE
-from sessionmig.report import RESULT_VARIABLE
+from sessionmig.reports.report import RESULT_VARIABLE
+from sessionmig.runbook import orchestrate
+from sessionmig.runbook.kernels import Kernels, end
+from sessionmig.runbook.progress import PROGRESS_VARIABLE
 
 
 def kernels_of_this_process() -> list[psutil.Process]:
@@ -57,7 +57,7 @@ def test_a_kernel_started_ahead_has_the_runbook_imported_and_its_step_s_environm
         try:
             printed = ask(
                 km,
-                "import os, sys; print('sessionmig.steps' in sys.modules, "
+                "import os, sys; print('sessionmig.runbook.steps' in sys.modules, "
                 f"os.environ[{RESULT_VARIABLE!r}], 'HOME' in os.environ, os.getcwd())",
             )
         finally:

@@ -26,11 +26,12 @@ from pathlib import Path
 import pytest
 from conftest import rows_of
 
-from sessionmig import catchup, steps
-from sessionmig.catchup import CatchupResult
-from sessionmig.mask import mask_id
-from sessionmig.snapshot import snapshot
-from sessionmig.steps import catchup_step
+from sessionmig.engines import catchup
+from sessionmig.engines.catchup import CatchupResult
+from sessionmig.rules.mask import mask_id
+from sessionmig.runbook import steps
+from sessionmig.runbook.steps import catchup_step
+from sessionmig.sqlite.snapshot import snapshot
 from sessionmig.store import LegacySQLiteSessionManager, SessionManager
 
 pytestmark = pytest.mark.slow

@@ -11,11 +11,11 @@ import psycopg
 import pytest
 from conftest import rows_of
 
-from sessionmig import steps
 from sessionmig.errors import LockHeld, MigrationConflict, SourceError
-from sessionmig.params import zone
-from sessionmig.source import sha256_file
-from sessionmig.transform import Reject, Rules, normalise
+from sessionmig.rules.transform import Reject, Rules, normalise
+from sessionmig.runbook import steps
+from sessionmig.runbook.params import zone
+from sessionmig.sqlite.source import sha256_file
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sessionmig.manifest import verify, write_index, write_manifest
+from sessionmig.runbook.manifest import verify, write_index, write_manifest
 
 
 def make_run(tmp_path: Path) -> Path:

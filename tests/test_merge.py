@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sessionmig.merge import (
+from sessionmig.rules.merge import (
     BEFORE_BASE,
     CHANGED,
     ENDED,
@@ -25,7 +25,7 @@ from sessionmig.merge import (
     saturated,
     went_back,
 )
-from sessionmig.transform import INT4_MAX
+from sessionmig.rules.transform import INT4_MAX
 
 T0 = datetime(2026, 1, 15, 3, tzinfo=UTC)
 H = timedelta(hours=1)

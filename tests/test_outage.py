@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT
 from pgcluster import needs_pg_bin, server
 
-from sessionmig import schema
+from sessionmig.postgres import schema
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")

@@ -123,7 +123,7 @@ def test_the_wheel_carries_the_runbook_its_help_points_to(tmp_path) -> None:
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = tmp_path.glob("sessionmig-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "sessionmig/runbook/RUNBOOK.md" in names
+    assert "sessionmig/procedure/RUNBOOK.md" in names
     assert "sessionmig/environments/local.yaml" in names
     assert "sessionmig/notebooks/02_migrate.ipynb" in names
     # The store, its model and its migrations ship in their own wheel (sessionstore).
@@ -132,14 +132,18 @@ def test_the_wheel_carries_the_runbook_its_help_points_to(tmp_path) -> None:
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     shown = subprocess.run(
-        [sys.executable, "-c", "from sessionmig import project; print(project.runbook_path())"],
+        [
+            sys.executable,
+            "-c",
+            "from sessionmig.runbook import project; print(project.runbook_path())",
+        ],
         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert shown.stdout.strip() == str(site / "sessionmig" / "runbook" / "RUNBOOK.md"), shown
+    assert shown.stdout.strip() == str(site / "sessionmig" / "procedure" / "RUNBOOK.md"), shown
 
     # Installed from the wheel and run inside another git repository, the
     # evidence names sessionmig's own commit and version, never that repository's.
@@ -162,7 +166,8 @@ def test_the_wheel_carries_the_runbook_its_help_points_to(tmp_path) -> None:
         [
             sys.executable,
             "-c",
-            "import json; from sessionmig import manifest; print(json.dumps(manifest.git_state()))",
+            "import json; from sessionmig.runbook import manifest; "
+            "print(json.dumps(manifest.git_state()))",
         ],
         env={"PYTHONPATH": str(inside), "PATH": "/usr/bin:/bin"},
         cwd=other,

@@ -31,12 +31,14 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_outp
 
 matplotlib.use("Agg")
 
-from sessionmig import cli, cover, orchestrate, plots, render, report  # noqa: E402
-from sessionmig import verdict as V  # noqa: E402
+from sessionmig import cli  # noqa: E402
+from sessionmig.engines.reconcile import KINDS, ReconcileResult  # noqa: E402
+from sessionmig.engines.rollback import RollbackResult  # noqa: E402
 from sessionmig.errors import VerdictFailed  # noqa: E402
-from sessionmig.reconcile import KINDS, ReconcileResult  # noqa: E402
-from sessionmig.rollback import RollbackResult  # noqa: E402
-from sessionmig.verdict import FAILED, Verdict, worst  # noqa: E402
+from sessionmig.reports import cover, plots, render, report  # noqa: E402
+from sessionmig.rules import verdict as V  # noqa: E402
+from sessionmig.rules.verdict import FAILED, Verdict, worst  # noqa: E402
+from sessionmig.runbook import orchestrate  # noqa: E402
 
 SESSIONMIG = ROOT / ".venv" / "bin" / "sessionmig"
 

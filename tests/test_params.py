@@ -12,10 +12,10 @@ import pytest
 import yaml
 from conftest import TEST_PASSWORD, dsn_with_password
 
-from sessionmig import params as P
-from sessionmig import settings as S
 from sessionmig.errors import ParameterError
-from sessionmig.orchestrate import STEPS as NOTEBOOKS
+from sessionmig.runbook import params as P
+from sessionmig.runbook import settings as S
+from sessionmig.runbook.orchestrate import STEPS as NOTEBOOKS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -199,7 +199,7 @@ def test_environment_files_carry_only_what_every_notebook_declares() -> None:
 
 
 def test_settings_fields_and_defaults_are_the_declarations() -> None:
-    from sessionmig import steps
+    from sessionmig.runbook import steps
 
     # The notebooks and older callers reach them through steps.
     assert (steps.Settings, steps.settings, steps.settings_from) == (
@@ -289,7 +289,8 @@ def test_help_lists_each_parameter_of_the_steps_with_its_help() -> None:
 def test_runbook_table_is_the_declaration() -> None:
     runbook = (ROOT / "runbook" / "RUNBOOK.md").read_text()
     assert P.with_runbook_table(runbook) == runbook, (
-        "the RUNBOOK's parameter table is stale: python -m sessionmig.params runbook/RUNBOOK.md"
+        "the RUNBOOK's parameter table is stale: "
+        "python -m sessionmig.runbook.params runbook/RUNBOOK.md"
     )
     table = runbook.split(P.RUNBOOK_BEGIN)[1].split(P.RUNBOOK_END)[0]
     names = [line.split("`")[1] for line in table.strip().splitlines()[2:]]
@@ -305,7 +306,7 @@ def test_run_fills_run_id_as_of_and_operator_in_one_place() -> None:
     assert done["run_id"].startswith("20260102T030405Z-") and done["operator"]
     import inspect
 
-    from sessionmig import orchestrate
+    from sessionmig.runbook import orchestrate
 
     source = inspect.getsource(orchestrate)
     assert "current_operator" not in source and "resolve_as_of" not in source
@@ -328,7 +329,7 @@ def test_query_on_postgres_does_not_need_the_backup(monkeypatch, capsys) -> None
 
 
 def test_every_step_has_one_notebook_in_the_declared_order() -> None:
-    from sessionmig import orchestrate
+    from sessionmig.runbook import orchestrate
 
     assert tuple(orchestrate.STEPS) == P.STEPS
     assert set(P.DEFAULT_STEPS) <= set(P.STEPS)

@@ -25,8 +25,8 @@ from pgbouncer import needs_pgbouncer, pgbouncer
 from pgcluster import needs_pg_bin, server
 from psycopg import sql
 
-from sessionmig import connect, schema
 from sessionmig.errors import StoreUnavailable, TargetRefused
+from sessionmig.postgres import connect, schema
 from sessionmig.store import SessionManager, get_session_manager
 
 pytestmark = needs_pgbouncer
@@ -200,7 +200,7 @@ def test_preflight_refuses_a_target_behind_a_pooler(
     """The runbook's steps need a server session of their own: through PgBouncer (told to let
     the startup options pass, so the connection itself succeeds) preflight says no-go and
     names the fix."""
-    from sessionmig import steps
+    from sessionmig.runbook import steps
 
     settings = target(small_backup)
     assert not [c for c in steps.preflight(settings).checks if c.name == "direct connection"]

@@ -18,8 +18,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from sessionmig import manifest, schema, steps
 from sessionmig.errors import TargetError
+from sessionmig.postgres import schema
+from sessionmig.runbook import manifest, steps
 
 # How a step reports the server's refusal (raw, or wrapped with what was not written).
 REFUSED = (TargetError, psycopg.errors.InsufficientPrivilege)

@@ -8,7 +8,7 @@ import re
 import threading
 from pathlib import Path
 
-from sessionmig import progress
+from sessionmig.runbook import progress
 
 
 class Polls:
@@ -151,7 +151,8 @@ def test_a_phase_reaches_the_progress_file(tmp_path: Path, monkeypatch) -> None:
 
 def test_inspect_reports_its_phases_and_rows(tmp_path: Path, monkeypatch) -> None:
     """A long inspect is never silent: each phase and each batch of rows reach the bar."""
-    from sessionmig import inspection, sample, steps
+    from sessionmig.runbook import steps
+    from sessionmig.sqlite import inspection, sample
 
     backup = tmp_path / "s.db"
     sample.generate(backup, rows=250, seed=3)
@@ -186,7 +187,8 @@ def test_inspect_reports_its_phases_and_rows(tmp_path: Path, monkeypatch) -> Non
 def test_migrate_names_the_phases_after_the_copy(tmp_path: Path, target, monkeypatch) -> None:
     """The bar no longer sits at 100% without a word while indexes are rebuilt and the
     transaction commits: each phase is the bar's description, in the progress file."""
-    from sessionmig import sample, steps
+    from sessionmig.runbook import steps
+    from sessionmig.sqlite import sample
 
     backup = tmp_path / "s.db"
     sample.generate(backup, rows=300, seed=4)

@@ -20,13 +20,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
-from sessionmig import steps
+from sessionmig.engines.reconcile import FAIL, WARN, new_seed, row_hash
 from sessionmig.errors import TargetError, TransientTargetError, is_connection_loss
-from sessionmig.inspection import inspect_backup
-from sessionmig.mask import mask_id
-from sessionmig.reconcile import FAIL, WARN, new_seed, row_hash
-from sessionmig.sample import LEGACY_SCHEMA
-from sessionmig.transform import MAX_SESSION_ID_BYTES
+from sessionmig.rules.mask import mask_id
+from sessionmig.rules.transform import MAX_SESSION_ID_BYTES
+from sessionmig.runbook import steps
+from sessionmig.sqlite.inspection import inspect_backup
+from sessionmig.sqlite.sample import LEGACY_SCHEMA
 
 GOOD = ("2026-01-15 10:00:00", "2026-01-16 10:00:00", "2026-01-15 11:00:00")
 COLUMNS = "session_id, user_id, metadata, created_at, expires_at, last_activity, request_count"
@@ -309,13 +309,13 @@ def test_a_refusal_after_copy_is_one_clear_error_not_retries(
 ) -> None:
     """The primary key build refusing (here: forced by a unique violation the rules did not
     foresee) fails once, with the SQLSTATE, no token, and is not retried."""
-    from sessionmig import keys
+    from sessionmig.sqlite import keys
 
     path = backup_of(tmp_path / "dup.db", [plain("same"), plain("same")], schema=NO_KEY_SCHEMA)
-    monkeypatch.setattr("sessionmig.load.duplicate_rejects", lambda *a: {})
+    monkeypatch.setattr("sessionmig.postgres.load.duplicate_rejects", lambda *a: {})
     assert keys  # the rule exists; it is switched off here to make the server refuse
     attempts = []
-    from sessionmig import load as load_module
+    from sessionmig.postgres import load as load_module
 
     original = load_module._is_first_load
 
@@ -541,7 +541,7 @@ def test_a_without_rowid_table_is_migrated_not_called_damaged(tmp_path, target, 
 
 
 def test_audit_row_times_span_the_load(tmp_path, target, dsn, monkeypatch) -> None:
-    from sessionmig import load as load_module
+    from sessionmig.postgres import load as load_module
 
     original = load_module.stream_backup
 
@@ -595,7 +595,7 @@ def test_a_load_never_queues_behind_a_lock(tmp_path, target, dsn) -> None:
 def test_a_fault_in_migrates_clock_is_caught_by_reconcile(
     clean_backup, target, monkeypatch
 ) -> None:
-    from sessionmig.wire import WallClock
+    from sessionmig.sqlite.wire import WallClock
 
     real = WallClock._offset
 
@@ -617,7 +617,7 @@ def test_a_fault_in_migrates_plain_row_choice_is_caught_by_reconcile(
 ) -> None:
     """Put back the old choice of plain rows (numbers counted as text, so SQLite printed a REAL
     with 15 digits): reconcile, reading the backup its own way, sees the lost digits."""
-    from sessionmig import wire
+    from sessionmig.sqlite import wire
 
     path = backup_of(tmp_path / "json.db", [*filler(3), plain("real", meta=0.1 + 0.2)], JSON_SCHEMA)
     old = wire.PLAIN.replace(
@@ -643,9 +643,9 @@ def test_a_fault_in_migrates_plain_row_choice_is_caught_by_reconcile(
 def test_reconciles_reading_agrees_with_the_rules(moment, zone_name, micros) -> None:
     from zoneinfo import ZoneInfo
 
-    from sessionmig.expected import ExpectedPath
-    from sessionmig.transform import parse_timestamp
-    from sessionmig.wire import pg_micros
+    from sessionmig.rules.transform import parse_timestamp
+    from sessionmig.sqlite.expected import ExpectedPath
+    from sessionmig.sqlite.wire import pg_micros
 
     text = moment.isoformat(" ", timespec="microseconds" if micros else "seconds")
     zone = ZoneInfo(zone_name)
@@ -701,7 +701,7 @@ def test_reconciling_a_backup_other_than_the_migrated_one_says_so(migrated, dsn)
 def test_reconciles_reading_leaves_every_other_spelling_to_the_rules(text) -> None:
     from zoneinfo import ZoneInfo
 
-    from sessionmig.expected import ExpectedPath
+    from sessionmig.sqlite.expected import ExpectedPath
 
     values, ok = ExpectedPath(ZoneInfo("Asia/Seoul")).instants([b"2026-01-15 10:00:00", text])
     assert ok.tolist() == [True, False]

@@ -11,10 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sessionmig import queries, steps
+from sessionmig.engines import queries
 from sessionmig.errors import ParameterError
-from sessionmig.mask import mask_id
-from sessionmig.sample import generate
+from sessionmig.rules.mask import mask_id
+from sessionmig.runbook import steps
+from sessionmig.sqlite.sample import generate
 
 AS_OF = datetime(2026, 1, 15, 3, tzinfo=UTC)
 
@@ -142,7 +143,7 @@ def test_query_command_and_analysis_notebook(both, backup, dsn, tmp_path, monkey
 
     from conftest import ROOT, env_file
 
-    from sessionmig import orchestrate
+    from sessionmig.runbook import orchestrate
 
     env = env_file(tmp_path, backup, as_of=AS_OF.isoformat())
 
@@ -282,7 +283,7 @@ def test_item5_timeout_is_a_parameter(both, monkeypatch) -> None:
 
 
 def test_item5_default_unit_is_the_analysis_steps_everywhere() -> None:
-    from sessionmig import params
+    from sessionmig.runbook import params
 
     assert values("active_over_time")["unit"] == params.default("unit")
     assert values("sessions_started")["unit"] == params.default("unit")

@@ -27,10 +27,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle import Row
 
-from sessionmig import queries
+from sessionmig.engines import queries
 from sessionmig.errors import ParameterError
-from sessionmig.sample import LEGACY_SCHEMA
-from sessionmig.transform import Rules
+from sessionmig.rules.transform import Rules
+from sessionmig.sqlite.sample import LEGACY_SCHEMA
 
 Q = timedelta(minutes=15)
 H = timedelta(hours=1)
@@ -447,8 +447,8 @@ JSON = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(value=JSON, spacing=st.sampled_from([None, 2]))
 def test_plain_metadata_is_printed_as_the_rules_print_it(value: Any, spacing: int | None) -> None:
-    from sessionmig.jsonb import metadata_text
-    from sessionmig.transform import RowProblem, parse_metadata
+    from sessionmig.rules.jsonb import metadata_text
+    from sessionmig.rules.transform import RowProblem, parse_metadata
 
     text = json.dumps(value, ensure_ascii=spacing is None, indent=spacing)
     try:

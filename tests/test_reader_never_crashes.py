@@ -20,15 +20,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sessionmig.transform import RowProblem, parse_timestamp
-from sessionmig.wire import pg_micros
+from sessionmig.rules.transform import RowProblem, parse_timestamp
+from sessionmig.sqlite.wire import pg_micros
 
 ZONES = ("UTC", "Asia/Seoul", "America/New_York", "Australia/Lord_Howe")
 
 WORKER = r"""
 import json, sys
 from zoneinfo import ZoneInfo
-from sessionmig.expected import ExpectedPath
+from sessionmig.sqlite.expected import ExpectedPath
 
 readers = {}
 for line in sys.stdin:

@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 
-from sessionmig import steps
-from sessionmig.appcheck import combined_verdict
-from sessionmig.jsonb import jsonb_text, metadata_text
-from sessionmig.mask import mask_id
-from sessionmig.reconcile import FAIL, WARN, canonical_json, json_diff
+from sessionmig.engines.appcheck import combined_verdict
+from sessionmig.engines.reconcile import FAIL, WARN, canonical_json, json_diff
+from sessionmig.rules.jsonb import jsonb_text, metadata_text
+from sessionmig.rules.mask import mask_id
+from sessionmig.runbook import steps
 
 
 @pytest.fixture
@@ -284,7 +284,7 @@ def test_a_clean_untouched_migration_passes_outright(clean_backup, target) -> No
 
 
 def test_the_app_check_can_only_make_a_verdict_worse() -> None:
-    from sessionmig.appcheck import AppCheck
+    from sessionmig.engines.appcheck import AppCheck
 
     agrees = AppCheck(10, 4, 4, 0, 0)
     refuses_one = AppCheck(10, 4, 3, 1, 0)

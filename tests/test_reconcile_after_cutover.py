@@ -13,10 +13,7 @@ import psycopg
 import pytest
 from conftest import rows_of
 
-from sessionmig import steps
-from sessionmig.errors import ParameterError
-from sessionmig.mask import mask_id
-from sessionmig.reconcile import (
+from sessionmig.engines.reconcile import (
     AFTER_CUTOVER,
     EXPLAINED,
     FAIL,
@@ -25,6 +22,9 @@ from sessionmig.reconcile import (
     UNEXPLAINED,
     ReconcileResult,
 )
+from sessionmig.errors import ParameterError
+from sessionmig.rules.mask import mask_id
+from sessionmig.runbook import steps
 from sessionmig.store import SessionManager
 
 

@@ -8,8 +8,8 @@ import nbformat
 from conftest import TEST_PASSWORD, dsn_with_password
 from nbformat.v4 import new_code_cell, new_notebook, new_output
 
-from sessionmig.orchestrate import secrets_of
-from sessionmig.render import notebook_to_html, scrub_notebook
+from sessionmig.reports.render import notebook_to_html, scrub_notebook
+from sessionmig.runbook.orchestrate import secrets_of
 
 PW = TEST_PASSWORD
 URL = dsn_with_password("app", PW, "db/x")

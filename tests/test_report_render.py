@@ -10,8 +10,15 @@ import nbformat
 import pandas as pd
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from sessionmig import report
-from sessionmig.render import ANSWER, ANSWER_KEY, Answer, Figure, answer_html, notebook_to_html
+from sessionmig.reports import report
+from sessionmig.reports.render import (
+    ANSWER,
+    ANSWER_KEY,
+    Answer,
+    Figure,
+    answer_html,
+    notebook_to_html,
+)
 
 
 def _executed_failing_notebook() -> nbformat.NotebookNode:

@@ -12,10 +12,10 @@ import pytest
 import yaml
 from conftest import env_file, rows_of
 
-from sessionmig import orchestrate, steps
 from sessionmig.errors import ParameterError, SourceError, VerdictFailed
-from sessionmig.sample import generate
-from sessionmig.source import sha256_file
+from sessionmig.runbook import orchestrate, steps
+from sessionmig.sqlite.sample import generate
+from sessionmig.sqlite.source import sha256_file
 from sessionmig.store import LegacySQLiteSessionManager, SessionManager
 
 pytestmark = pytest.mark.slow

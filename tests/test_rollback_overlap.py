@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from conftest import rows_of
 
-from sessionmig import steps
-from sessionmig.catchup import BaseNotCurrent as CatchupBaseNotCurrent
+from sessionmig.engines.catchup import BaseNotCurrent as CatchupBaseNotCurrent
+from sessionmig.engines.overlap import MARKER_TABLE, BaseNotCurrentError, rollback_live
 from sessionmig.errors import ParameterError, SourceError
-from sessionmig.overlap import MARKER_TABLE, BaseNotCurrentError, rollback_live
-from sessionmig.snapshot import snapshot
-from sessionmig.source import sha256_file
-from sessionmig.steps import catchup_step
+from sessionmig.runbook import steps
+from sessionmig.runbook.steps import catchup_step
+from sessionmig.sqlite.snapshot import snapshot
+from sessionmig.sqlite.source import sha256_file
 from sessionmig.store import LegacySQLiteSessionManager, SessionManager
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import env_file, sessionmig_process
 
-from sessionmig.snapshot import snapshot
+from sessionmig.sqlite.snapshot import snapshot
 from sessionmig.store import LegacySQLiteSessionManager, SessionManager
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,9 @@ import psycopg
 import pytest
 from conftest import ROOT, TEST_PASSWORD, dsn_with_password, env_file, rows_of, sessionmig_process
 
-from sessionmig import embedded, sample
-from sessionmig.manifest import verify
+from sessionmig.postgres import embedded
+from sessionmig.runbook.manifest import verify
+from sessionmig.sqlite import sample
 
 pytestmark = pytest.mark.slow
 PASSWORD = TEST_PASSWORD
@@ -258,9 +259,9 @@ def test_a_notebook_runs_alone_with_papermill(tmp_path, small_backup) -> None:
 def test_inspect_says_when_a_wal_file_holds_rows(tmp_path) -> None:
     import sqlite3
 
-    from sessionmig.inspection import inspect_backup
-    from sessionmig.params import zone
-    from sessionmig.transform import Rules
+    from sessionmig.rules.transform import Rules
+    from sessionmig.runbook.params import zone
+    from sessionmig.sqlite.inspection import inspect_backup
 
     live = tmp_path / "live.db"
     sample.generate(live, rows=30, oddities=0)

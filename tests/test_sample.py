@@ -5,8 +5,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from sessionmig import sample
-from sessionmig.source import sha256_file
+from sessionmig.sqlite import sample
+from sessionmig.sqlite.source import sha256_file
 
 
 def test_same_seed_same_file_different_seed_different_file(tmp_path: Path) -> None:

@@ -6,8 +6,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from sessionmig.connect import engine as make_engine
-from sessionmig.schema import HEAD, Base, SessionRecord, upgrade
+from sessionmig.postgres.connect import engine as make_engine
+from sessionmig.postgres.schema import HEAD, Base, SessionRecord, upgrade
 
 
 def test_autogenerate_against_a_migrated_database_finds_no_diff(dsn) -> None:

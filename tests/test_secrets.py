@@ -27,9 +27,10 @@ from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
-from sessionmig import cli, mask
-from sessionmig import params as P
-from sessionmig.render import notebook_to_html, scrub_notebook
+from sessionmig import cli
+from sessionmig.reports.render import notebook_to_html, scrub_notebook
+from sessionmig.rules import mask
+from sessionmig.runbook import params as P
 from sessionstore import redact as redact_module
 
 # Two halves of the per-run password, each long enough to be recognised on its own: a

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from sessionmig.snapshot import SnapshotError, snapshot
-from sessionmig.source import sha256_file
+from sessionmig.sqlite.snapshot import SnapshotError, snapshot
+from sessionmig.sqlite.source import sha256_file
 from sessionmig.store import LegacySQLiteSessionManager
 
 ROW = "INSERT INTO sessions VALUES (?, 'u', '{\"k\": 1}', '2026-01-15 12:00:00', " \

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sessionmig import sample
 from sessionmig.errors import SourceError
-from sessionmig.source import hash_files, open_backup, sha256_file
+from sessionmig.sqlite import sample
+from sessionmig.sqlite.source import hash_files, open_backup, sha256_file
 
 
 def test_rows_stream_raw_with_storage_classes(small_backup: Path) -> None:

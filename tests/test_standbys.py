@@ -11,7 +11,9 @@ import psycopg
 import pytest
 from pgcluster import needs_pg_bin, primary_and_standby
 
-from sessionmig import replication, report, steps
+from sessionmig.postgres import replication
+from sessionmig.reports import report
+from sessionmig.runbook import steps
 
 
 def standbys_check(settings: steps.Settings) -> steps.Check:

@@ -13,9 +13,9 @@ import psycopg
 import pytest
 from conftest import TEST_PASSWORD, dsn_with_password, rows_of
 
-from sessionmig import schema
 from sessionmig.errors import StoreUnavailable
-from sessionmig.schema import SessionRecord
+from sessionmig.postgres import schema
+from sessionmig.postgres.schema import SessionRecord
 from sessionmig.store import LegacySQLiteSessionManager, SessionManager, get_session_manager
 
 START = datetime(2026, 1, 15, 3, 0, tzinfo=UTC)

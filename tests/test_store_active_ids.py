@@ -11,8 +11,8 @@ import psycopg
 import pytest
 from conftest import TEST_PASSWORD, dsn_with_password, rows_of
 
-from sessionmig import schema
 from sessionmig.errors import StoreUnavailable
+from sessionmig.postgres import schema
 from sessionmig.store import SessionManager
 
 AT = datetime(2026, 1, 15, 3, 0, tzinfo=UTC)

@@ -23,7 +23,7 @@ import pytest
 from conftest import rows_of
 from psycopg import sql
 
-from sessionmig import embedded, schema
+from sessionmig.postgres import embedded, schema
 from sessionmig.store import LegacySQLiteSessionManager, SessionManager
 
 START = datetime(2026, 1, 15, 3, 0, tzinfo=UTC)

@@ -22,8 +22,8 @@ import pytest
 from conftest import rows_of
 from faultproxy import Fault, FaultProxy
 
-from sessionmig import schema
 from sessionmig.errors import StoreUnavailable
+from sessionmig.postgres import schema
 from sessionmig.store import SessionManager
 
 USER = "exactly-once"

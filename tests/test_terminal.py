@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from conftest import env_file, sessionmig_process
 
-from sessionmig.manifest import verify
+from sessionmig.runbook.manifest import verify
 
 pytestmark = pytest.mark.slow
 

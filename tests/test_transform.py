@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sessionmig.transform import (
+from sessionmig.rules.transform import (
     COLUMNS,
     Reject,
     Rules,

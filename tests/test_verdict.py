@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sessionmig.verdict import Verdict, worst
+from sessionmig.rules.verdict import Verdict, worst
 
 
 def test_a_verdict_is_its_plain_text() -> None:
@@ -46,7 +46,7 @@ def test_an_unknown_verdict_is_refused() -> None:
 
 
 def test_failed_verdicts_are_the_ones_that_stop_a_run_and_match_their_text() -> None:
-    from sessionmig.verdict import FAILED
+    from sessionmig.rules.verdict import FAILED
 
     assert {str(v) for v in FAILED} == {"NO-GO", "FAIL", "ERROR", "INTERRUPTED"}
     assert all(text in FAILED for text in ("NO-GO", "FAIL", "ERROR", "INTERRUPTED"))

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_transform import RULES, raw
 
-from sessionmig.transform import RowProblem, normalise, parse_timestamp
-from sessionmig.wire import WallClock, as_wire, pg_micros
+from sessionmig.rules.transform import RowProblem, normalise, parse_timestamp
+from sessionmig.sqlite.wire import WallClock, as_wire, pg_micros
 
 SEOUL = ZoneInfo("Asia/Seoul")
 NEW_YORK = ZoneInfo("America/New_York")

@@ -5,13 +5,13 @@ from pathlib import Path
 import nbformat as nbf
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from sessionmig import params as P
+from sessionmig.runbook import params as P
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def params_cell(step):
-    """The step's parameters, each with its default and help, from sessionmig.params."""
+    """The step's parameters, each with its default and help, from sessionmig.runbook.params."""
     declared = P.of_steps([step])
     width = max(len(f"{p.name} = {p.literal}") for p in declared)
     lines = ["# Parameters: papermill injects overrides in a cell right after this one."]
@@ -38,7 +38,7 @@ def nb(path, title, intro, step, body):
 
 SETUP = (
     "code",
-    "from sessionmig import report, steps\n\nsettings = steps.settings_from(globals())\nreport.show_settings(settings)",
+    "from sessionmig.reports import report\nfrom sessionmig.runbook import steps\n\nsettings = steps.settings_from(globals())\nreport.show_settings(settings)",
 )
 
 nb(
@@ -107,7 +107,7 @@ nb(
         ("md", "## Sessions over time"),
         (
             "code",
-            "from sessionmig import plots\n\nreport.show_inspect_charts(result, plots)",
+            "from sessionmig.reports import plots\n\nreport.show_inspect_charts(result, plots)",
         ),
         ("code", "report.conclude_inspect(result)"),
     ],
@@ -157,7 +157,7 @@ nb(
         SETUP,
         (
             "code",
-            'from sessionmig import plots\n\nwith report.step("reconcile"):\n    result = steps.reconcile_step(settings)\ncompared = result.verdict != steps.SKIPPED\ntables = report.reconcile_tables(result)',
+            'from sessionmig.reports import plots\n\nwith report.step("reconcile"):\n    result = steps.reconcile_step(settings)\ncompared = result.verdict != steps.SKIPPED\ntables = report.reconcile_tables(result)',
         ),
         (
             "md",
@@ -215,7 +215,7 @@ nb(
     "Only after a reconcile **PASS** (read from its sealed manifest, verified first) and the soak period: the live SQLite file is moved to the archive folder with its sha256 recorded — never deleted — and the step is recorded in `session_migration_runs`.",
     "finalize",
     [
-        ("code", "from sessionmig import report, steps"),
+        ("code", "from sessionmig.reports import report\nfrom sessionmig.runbook import steps"),
         (
             "code",
             'with report.step("finalize"):\n    result = steps.finalize_step(**steps.finalize_parameters(globals()))\nreport.show(report.finalize_table(result))',
@@ -233,7 +233,7 @@ nb(
         SETUP,
         (
             "code",
-            'from sessionmig import plots, queries\n\nsources = ("sqlite", "postgres") if source == "both" else (source,)\ncommon = {"start": window_start, "end": window_end, "unit": unit, "timezone": timezone, "user_id": user_id, "top_n": top_n}',
+            'from sessionmig.engines import queries\nfrom sessionmig.reports import plots\n\nsources = ("sqlite", "postgres") if source == "both" else (source,)\ncommon = {"start": window_start, "end": window_end, "unit": unit, "timezone": timezone, "user_id": user_id, "top_n": top_n}',
         ),
         (
             "code",
@@ -273,7 +273,7 @@ nb(
         SETUP,
         (
             "code",
-            'from sessionmig import catchup\n\nwith report.step("catchup"):\n    result = steps.catchup_step(\n        settings, live_sqlite_path, state_dir, lock_timeout=lock_timeout\n    )\ntables = catchup.catchup_tables(result)',
+            'from sessionmig.engines import catchup\n\nwith report.step("catchup"):\n    result = steps.catchup_step(\n        settings, live_sqlite_path, state_dir, lock_timeout=lock_timeout\n    )\ntables = catchup.catchup_tables(result)',
         ),
         ("md", "## What this pass carried"),
         ("code", 'report.show(tables["counts"])'),

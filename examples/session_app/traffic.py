@@ -33,7 +33,7 @@ import httpx
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from sessionmig.mask import mask_id
+from sessionmig.rules.mask import mask_id
 from sessionstore import LegacySQLiteSessionManager
 
 EXAMPLES = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ the human text then on stderr.
 
 Exit codes: 0 passed (warnings allowed), 1 a verdict is FAIL, 2 the run could not be carried out
 — always with a one-line reason on stderr. Everything this process prints goes through the one
-redaction path (:func:`sessionmig.mask.redact`), tracebacks included.
+redaction path (:func:`sessionmig.rules.mask.redact`), tracebacks included.
 
 Nothing heavy is imported here: ``sessionmig --help`` and ``sessionmig db …`` never load pandas
 or papermill (the commands import what they need when they run).
@@ -26,12 +26,13 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from . import command, mask
-from . import params as P
-from .connect import MALFORMED_DSN_HINT
-from .errors import EXIT_ERROR, EXIT_FAIL, EXIT_OK, SessionmigError
-from .project import PROJECT_DIR_VARIABLE, runbook_path
-from .verdict import Verdict, partition
+from sessionmig import command
+from sessionmig.errors import EXIT_ERROR, EXIT_FAIL, EXIT_OK, SessionmigError
+from sessionmig.postgres.connect import MALFORMED_DSN_HINT
+from sessionmig.rules import mask
+from sessionmig.rules.verdict import Verdict, partition
+from sessionmig.runbook import params as P
+from sessionmig.runbook.project import PROJECT_DIR_VARIABLE, runbook_path
 
 DEBUG_VARIABLE = "SESSIONMIG_DEBUG"
 
@@ -346,7 +347,7 @@ class _Help(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help
         if text and "{steps}" in text:
-            from .orchestrate import DEFAULT_STEPS, STEPS
+            from sessionmig.runbook.orchestrate import DEFAULT_STEPS, STEPS
 
             listed = ", ".join(
                 f"{name}{' (default)' if name in DEFAULT_STEPS else ''}" for name in STEPS
@@ -441,7 +442,7 @@ examples:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .sample import DEFAULT_AS_OF, DEFAULT_ZONE, ODDITIES
+    from sessionmig.sqlite.sample import DEFAULT_AS_OF, DEFAULT_ZONE, ODDITIES
 
     top = argparse.ArgumentParser(
         prog="sessionmig",

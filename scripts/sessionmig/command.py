@@ -28,18 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import defaults as D
-from . import params as P
-from .errors import EXIT_FAIL, EXIT_OK, ParameterError, TargetError, TargetUnreachable
-from .verdict import Verdict
+from sessionmig import defaults as D
+from sessionmig.errors import EXIT_FAIL, EXIT_OK, ParameterError, TargetError, TargetUnreachable
+from sessionmig.rules.verdict import Verdict
+from sessionmig.runbook import params as P
 
 if TYPE_CHECKING:  # only for the annotations: importing them pulls in papermill or pandas
     import pandas as pd
 
-    from .catchup import CatchupResult
-    from .orchestrate import RunOutcome
-    from .settings import Settings
-    from .snapshot import SnapshotResult
+    from sessionmig.engines.catchup import CatchupResult
+    from sessionmig.runbook.orchestrate import RunOutcome
+    from sessionmig.runbook.settings import Settings
+    from sessionmig.sqlite.snapshot import SnapshotResult
 
 __all__ = [
     "DbResult",
@@ -82,7 +82,7 @@ def resolve(
     project_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The environment file with ``overrides`` on top, by the one rule every verb and ``run``
-    share (:func:`sessionmig.params.resolve`): a name the selected steps do not declare is
+    share (:func:`sessionmig.runbook.params.resolve`): a name the selected steps do not declare is
     refused."""
     return P.resolve(env, dict(overrides or {}), list(steps), extra=extra, project_dir=project_dir)
 
@@ -91,7 +91,7 @@ def settings_of(
     verb: str, env: str, overrides: Overrides | None = None, project_dir: str | Path | None = None
 ) -> Settings:
     """The settings the step ``verb`` (``migrate``, ``reconcile``, ``catchup``) runs with."""
-    from .settings import settings
+    from sessionmig.runbook.settings import settings
 
     return settings(**resolve(env, overrides, [verb], project_dir=project_dir))
 
@@ -127,16 +127,16 @@ def run(
     ``steps``: the steps in the order to run them (None: ``params.DEFAULT_STEPS``);
     ``overrides``: parameter values on top of the environment file; ``fresh``: the embedded
     server only, start from an empty database; ``verb``: the command the terminal's step lines
-    name. Returns the orchestrator's :class:`~sessionmig.orchestrate.RunOutcome` (its
+    name. Returns the orchestrator's :class:`~sessionmig.runbook.orchestrate.RunOutcome` (its
     ``exit_code``, ``verdict``, each step's record, the run folder)."""
-    from .kernels import Kernels
+    from sessionmig.runbook.kernels import Kernels
 
     chosen = list(steps) if steps else None
     with Kernels(os.getcwd()) as kernels:
         # The first step's kernel starts while the runbook's own modules load (papermill,
         # nbconvert, pandas: about a second), so the first step does not wait for both.
         kernels.start((chosen or list(P.DEFAULT_STEPS))[0])
-        from .orchestrate import run as orchestrate_run
+        from sessionmig.runbook.orchestrate import run as orchestrate_run
 
         return orchestrate_run(
             env,
@@ -160,7 +160,7 @@ def _check_target(
     """Before a single-step verb makes its run folder: a target that refuses the login or a
     malformed DSN is one line and exit 2, with nothing written. One that cannot be reached is
     left to the step when it may retry (migrate's ``max_retries``): its report says so."""
-    from .connect import connect
+    from sessionmig.postgres.connect import connect
 
     merged = resolve(env, overrides, [verb], project_dir=project_dir)
     name = merged.get("database_url_env", D.DATABASE_URL_ENV)
@@ -258,7 +258,7 @@ def snapshot(live: str | Path, out: str | Path) -> SnapshotResult:
 
     ``out`` must be a new file (written 0600). Returns the copy's path, sha256, sessions, the
     live file's journal mode and the time spent waiting for the app's locks."""
-    from .snapshot import snapshot as copy_live
+    from sessionmig.sqlite.snapshot import snapshot as copy_live
 
     return copy_live(live, out)
 
@@ -272,8 +272,8 @@ def catchup(
     ``overrides`` names ``live_sqlite_path`` and ``state_dir`` unless the environment file
     does. The same engine call as notebook ``07_catchup``; the result's ``exit_code`` is 0
     (the pass is proven), 1 (its proof found a difference) or 2."""
-    from .settings import settings
-    from .steps import catchup_step
+    from sessionmig.runbook.settings import settings
+    from sessionmig.runbook.steps import catchup_step
 
     merged = resolve(env, overrides, ["catchup"], project_dir=project_dir)
     return catchup_step(
@@ -301,23 +301,23 @@ class QueryResult:
 
     def text(self, fmt: str = "table") -> str:
         """The rows as ``table``, ``csv`` or ``json`` (one object a row; ``[]`` for none)."""
-        from .queries import to_text
+        from sessionmig.engines.queries import to_text
 
         return to_text(self.frame, fmt)
 
 
 def list_queries() -> list[str]:
     """The named analysis queries, one line each: name, what it answers, its parameters."""
-    from .queries import listing
+    from sessionmig.engines.queries import listing
 
     return listing()
 
 
 def query_kinds(name: str | None, env: str | None) -> dict[str, type]:
     """The types of query ``name``'s own whole-number parameters, for reading ``-p`` text
-    (:func:`sessionmig.params.parse_overrides`); refuses a missing name or environment and
+    (:func:`sessionmig.runbook.params.parse_overrides`); refuses a missing name or environment and
     an unknown query, before anything is read."""
-    from . import queries
+    from sessionmig.engines import queries
 
     if not name or not env:
         raise ParameterError("give a query name and --env (or --list to see the queries)")
@@ -339,8 +339,8 @@ def query(
     ``overrides`` holds runbook settings (``source_timezone``, ``as_of`` …) and the query's
     own parameters (``unit``, ``timezone`` …) together; session ids are masked unless
     ``show_ids``."""
-    from . import queries
-    from .settings import settings as make_settings
+    from sessionmig.engines import queries
+    from sessionmig.runbook.settings import settings as make_settings
 
     query_kinds(name, env)  # the same refusals, in the same order, as the command line's
     given_all = dict(overrides or {})
@@ -402,9 +402,9 @@ def _recorded(
     env: str, run_dir: Path, overrides: Overrides | None, project_dir: str | Path | None
 ) -> tuple[list[str], str]:
     """Check the manifest's digest against the one the run recorded in ``env``'s target."""
-    from . import embedded
-    from .connect import connect
-    from .manifest import check_recorded
+    from sessionmig.postgres import embedded
+    from sessionmig.postgres.connect import connect
+    from sessionmig.runbook.manifest import check_recorded
 
     name, schema = _target(env, overrides, project_dir)
     try:
@@ -438,8 +438,8 @@ def verify(
     With ``allowed_signers`` (ssh-keygen's format), ``manifest.json.sig`` is checked against
     those keys (``identity``: the signer to check). A folder without a manifest raises
     :class:`~sessionmig.errors.ParameterError`."""
-    from .manifest import check_signature
-    from .manifest import verify as rehash
+    from sessionmig.runbook.manifest import check_signature
+    from sessionmig.runbook.manifest import verify as rehash
 
     folder = Path(run_dir)
     result = rehash(folder)
@@ -481,9 +481,9 @@ def sign(run_dir: str | Path, key: str | Path) -> SignResult:
     """Sign a verified run's manifest.json with an SSH key (ssh-keygen -Y sign, as git does).
 
     A folder that does not verify is not signed: the result carries its problems (exit 1)."""
-    from .manifest import SIGNATURE_NAMESPACE
-    from .manifest import sign as ssh_sign
-    from .manifest import verify as rehash
+    from sessionmig.runbook.manifest import SIGNATURE_NAMESPACE
+    from sessionmig.runbook.manifest import sign as ssh_sign
+    from sessionmig.runbook.manifest import verify as rehash
 
     folder = Path(run_dir)
     result = rehash(folder)
@@ -518,7 +518,7 @@ def db(
 
     ``upgrade`` and ``current`` need ``env`` (whose target); ``history`` needs none. On the
     embedded server (``database_url_env: null``) the server is stopped again afterwards."""
-    from . import embedded, schema
+    from sessionmig.postgres import embedded, schema
 
     if action == "history":
         return DbResult(action, history=tuple(schema.db_history()))
@@ -565,8 +565,8 @@ def sample(
 
     Never overwrites a file, except, with ``replace``, a sample this function wrote earlier
     (a typo must never name the live store). ``as_of``, ``timezone`` and ``oddities`` default
-    to :mod:`sessionmig.sample`'s (all the oddities)."""
-    from .sample import DEFAULT_AS_OF, DEFAULT_ZONE, ODDITIES, generate, is_sample
+    to :mod:`sessionmig.sqlite.sample`'s (all the oddities)."""
+    from sessionmig.sqlite.sample import DEFAULT_AS_OF, DEFAULT_ZONE, ODDITIES, generate, is_sample
 
     path = Path(out)
     if path.exists() or path.is_symlink():
