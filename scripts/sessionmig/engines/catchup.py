@@ -56,6 +56,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 import psycopg
 from psycopg import sql
 
@@ -68,10 +69,11 @@ from sessionmig.postgres.load import lock_key, migration_lock
 from sessionmig.rules import merge as M
 from sessionmig.rules.jsonb import metadata_text
 from sessionmig.rules.mask import mask_id, redact
-from sessionmig.rules.transform import COLUMNS, Reject, Rules, normalise
+from sessionmig.rules.transform import COLUMNS, Reject, Rules, Session, normalise
 from sessionmig.rules.verdict import Verdict
 from sessionmig.sqlite.snapshot import SnapshotResult, private_dir, take
 from sessionmig.sqlite.source import Backup, in_background, open_backup, sha256_file, shaped
+from sessionmig.sqlite.wire import PLAIN, SURE_COLUMNS, RulesPath
 
 if TYPE_CHECKING:  # pandas is heavy; only the notebook's functions need it
     import pandas as pd
@@ -493,6 +495,78 @@ def _raw_rows(
             yield shaped(row, len(extra))
 
 
+_BY_ROWID = 500  # rowids bound in one statement (SQLite allows 999 on the oldest builds)
+_PG_EPOCH_UTC = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def _delta_rows(
+    backup: Backup, schema_name: str, rules: Rules, batch: int
+) -> Iterator[Session | Reject]:
+    """The delta's rows of one snapshot, each as :func:`normalise` makes it. The rows the rules
+    surely land as they are (:class:`wire.RulesPath`, the path inspect and the app check take)
+    are built a batch at a time; every other row is read raw and goes through ``normalise``.
+    Extra columns change what metadata holds: then every row takes the rules."""
+    extra = rules.extra_columns
+    if extra:
+        for raw in _raw_rows(backup, schema_name, extra, batch):
+            yield normalise(raw, rules)
+        return
+    path = RulesPath(rules, repeated_keys=False)  # a repeated key changes no row's text
+    cursor = backup.query(
+        f"SELECT rowid, {PLAIN}, {SURE_COLUMNS} FROM {schema_name}.sessions "
+        "WHERE session_id IN (SELECT sid FROM temp.sessionmig_delta)"
+    )
+    for chunk in backup.batches(cursor, batch):
+        checked = path.check(chunk)
+        yield from _sure_sessions(checked.sure, checked)
+        doubtful = checked.exact + [checked.rowids[i] for i in np.flatnonzero(~checked.sure)]
+        for raw in _raw_by_rowid(backup, schema_name, sorted(doubtful)):
+            yield normalise(raw, rules)
+
+
+def _sure_sessions(sure: np.ndarray, checked: Any) -> Iterator[Session]:
+    """The sessions of a checked batch's sure rows, as ``normalise`` makes them: their text as
+    UTF-8 (proved), their instants from ``timestamptz``'s microseconds, in UTC."""
+    pick = np.flatnonzero(sure).tolist()
+
+    def instants(micros: np.ndarray) -> list[datetime]:
+        at = micros[pick].tolist()
+        return [_PG_EPOCH_UTC + timedelta(microseconds=m) for m in at]
+
+    def text(value: bytes | None) -> str | None:
+        return None if value is None else value.decode("utf-8")
+
+    sids, uids, metas = checked.session_ids, checked.user_ids, checked.metadata
+    counts = checked.counts[pick].tolist()
+    yield from (
+        Session(sids[i].decode("utf-8"), text(uids[i]), text(metas[i]), c, e, la, n)
+        for i, c, e, la, n in zip(
+            pick,
+            instants(checked.created),
+            instants(checked.expires),
+            instants(checked.last),
+            counts,
+            strict=True,
+        )
+    )
+
+
+def _raw_by_rowid(backup: Backup, schema_name: str, rowids: list[int]) -> Iterator[tuple]:
+    """The raw rows (``normalise``'s form) of ``rowids`` in one snapshot."""
+    values = ", ".join(_quoted(c) for c in COLUMNS)
+    types = ", ".join(f"typeof({_quoted(c)})" for c in COLUMNS)
+    for start in range(0, len(rowids), _BY_ROWID):
+        some = rowids[start : start + _BY_ROWID]
+        cursor = backup.query(
+            f"SELECT rowid, {values}, {types} FROM {schema_name}.sessions "
+            f"WHERE rowid IN ({', '.join('?' * len(some))}) ORDER BY rowid",
+            tuple(some),
+        )
+        for chunk in backup.batches(cursor, _BY_ROWID):
+            for row in chunk:
+                yield shaped(row, 0)
+
+
 def _decoded(value: object) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
@@ -604,9 +678,8 @@ def diff(
         delta = Delta(live_rows=live_rows)
         refused: set[str] = set()
         fetched_live = 0
-        for raw in _raw_rows(base, "live", extra, batch_rows):
+        for row in _delta_rows(base, "live", rules, batch_rows):
             fetched_live += 1
-            row = normalise(raw, rules)
             if isinstance(row, Reject):
                 # Left exactly as PostgreSQL has it, and named: never read as a logout.
                 if row.session_id is not None:
@@ -614,8 +687,7 @@ def diff(
                 delta.rejected.append(mask_id(row.session_id))
             else:
                 delta.live[row[0]] = row
-        for raw in _raw_rows(base, "main", extra, batch_rows):
-            row = normalise(raw, rules)
+        for row in _delta_rows(base, "main", rules, batch_rows):
             if not isinstance(row, Reject):  # a base reject never landed: as if absent
                 delta.base[row[0]] = row
             elif row.session_id is not None:
@@ -677,13 +749,14 @@ _APPLY_COLUMNS = (
     *(f"l_{c}" for c in COLUMNS[1:]),
 )
 _EXPECTED_COLUMNS = ("session_id", "present", *COLUMNS[1:])
-# Metadata arrives as text (binary COPY: six times faster than text COPY, measured), and
-# becomes jsonb in one rewrite of the temporary table once it is there.
+# Binary COPY (six times faster than text COPY, measured). Metadata goes in jsonb's own binary
+# form (a version byte, then the text: the server parses it as it stores it), sent as bytea's
+# bytes, which binary COPY passes on untouched: no rewrite of the table to make it jsonb after.
 _ROW_TYPES = (
-    "user_id text, metadata text, created_at timestamptz, expires_at timestamptz, "
+    "user_id text, metadata jsonb, created_at timestamptz, expires_at timestamptz, "
     "last_activity timestamptz, request_count int4"
 )
-_ROW_COPY_TYPES = ["text", "text", "timestamptz", "timestamptz", "timestamptz", "int4"]
+_ROW_COPY_TYPES = ["text", "bytea", "timestamptz", "timestamptz", "timestamptz", "int4"]
 _APPLY_COPY_TYPES = ["text", "bool", "bool", "bool", *_ROW_COPY_TYPES, *_ROW_COPY_TYPES]
 _EXPECTED_COPY_TYPES = ["text", "bool", *_ROW_COPY_TYPES]
 
@@ -707,27 +780,26 @@ def _create_temp_tables(conn: psycopg.Connection) -> None:
 def _copy_rows(
     conn: psycopg.Connection, table: str, columns: tuple[str, ...], types: list[str], rows
 ) -> None:
-    """COPY ``rows`` into a temporary table, binary; then metadata as jsonb, the key, and the
-    statistics that let the joins with sessions look rows up by key."""
+    """COPY ``rows`` into a temporary table, binary (metadata as jsonb's binary form); then the
+    key, and the statistics that let the joins with sessions look rows up by key."""
     statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
         sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns))
     )
+    jsonb = [i for i, c in enumerate(columns) if c.endswith("metadata")]
     with conn.cursor() as cur, cur.copy(statement) as copy:
         copy.set_types(types)
         for row in rows:
+            if any(row[i] is not None for i in jsonb):
+                row = list(row)
+                for i in jsonb:
+                    if row[i] is not None:
+                        row[i] = b"\x01" + row[i].encode("utf-8")
             copy.write_row(row)
     name = sql.Identifier(table)
-    as_jsonb = [
-        sql.SQL("ALTER COLUMN {c} TYPE jsonb USING {c}::jsonb").format(c=sql.Identifier(c))
-        for c in columns
-        if c.endswith("metadata")
-    ]
-    conn.execute(
-        sql.SQL("ALTER TABLE {} {}, ADD PRIMARY KEY (session_id)").format(
-            name, sql.SQL(", ").join(as_jsonb)
-        )
-    )
-    conn.execute(sql.SQL("ANALYZE {}").format(name))
+    conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (session_id)").format(name))
+    # The key alone: the planner needs the row count and the keys' spread to look rows up by
+    # key; statistics of every column (two jsonb) cost more than the part's COPY itself.
+    conn.execute(sql.SQL("ANALYZE {} (session_id)").format(name))
 
 
 def _apply_rows(delta: Delta, ids: list[str]) -> Iterator[tuple]:
