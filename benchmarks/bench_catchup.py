@@ -81,9 +81,9 @@ DETAIL_HEADER = (
 # One pass as its own process: the notebook's function, its result as JSON on stdout.
 PASS_DRIVER = """
 import json, sys, yaml
-from sessionmig.engines import catchup; from sessionmig.runbook import steps
+from sessionmig.runbook import steps
 s = steps.settings(**yaml.safe_load(open(sys.argv[1])))
-r = catchup.catchup_step(s, sys.argv[2], sys.argv[3])
+r = steps.catchup_step(s, sys.argv[2], sys.argv[3])
 print(json.dumps({"verdict": r.verdict, "counts": r.counts, "seconds": r.seconds,
                   "snapshot_s": r.snapshot.seconds, "locked_s": r.locked_seconds,
                   "live_rows": r.live_rows}))
@@ -114,7 +114,7 @@ print(json.dumps({"verdict": "PASS", "locked_s": 0.0}))
 # to the file named by SESSIONMIG_TRACE_PHASES.
 TRACED_PASS_DRIVER = """
 import functools, json, os, sys, threading, time, yaml
-from sessionmig.engines import catchup
+from sessionmig.engines.catchup import apply, delta, passes, state
 from sessionmig.sqlite import snapshot, source
 from sessionmig.runbook import steps
 phases = []
@@ -128,19 +128,19 @@ def timed(module, name, label=None):
         finally:
             phases.append((label or name, began, time.monotonic()))
     setattr(module, name, wrapper)
-for module, name in [(catchup, "take"), (snapshot, "_copy"), (snapshot, "_finish"),
-                     (snapshot, "_fsync"), (catchup, "sha256_file"), (source, "hash_files"),
-                     (catchup, "diff"), (catchup, "_ended_in_live"), (catchup, "_apply"),
-                     (catchup, "_copy_rows"), (catchup, "_read_targets"),
-                     (catchup, "_lock_targets"), (catchup, "_replace_expected"),
-                     (catchup, "_apply_statements"), (catchup, "_prove"),
-                     (catchup, "_record_pass"), (catchup, "_transaction"),
-                     (catchup, "_keep_snapshot"), (catchup, "_prune"), (os, "fdatasync")]:
+# Each where the pass looks it up: a wrapper anywhere else would time nothing.
+for module, name in [(state, "take"), (snapshot, "_copy"), (snapshot, "_finish"),
+                     (snapshot, "_fsync"), (state, "sha256_file"), (source, "hash_files"),
+                     (state, "diff"), (delta, "_ended_in_live"), (apply, "_copy_rows"),
+                     (apply, "_read_targets"), (apply, "_lock_targets"),
+                     (apply, "_replace_expected"), (apply, "_apply_statements"),
+                     (apply, "_prove"), (passes, "_record_pass"), (passes, "_transaction"),
+                     (passes, "_keep_snapshot"), (passes, "_prune"), (os, "fdatasync")]:
     if hasattr(module, name):
         timed(module, name)
 s = steps.settings(**yaml.safe_load(open(sys.argv[1])))
 began = time.monotonic()
-r = catchup.catchup_step(s, sys.argv[2], sys.argv[3])
+r = steps.catchup_step(s, sys.argv[2], sys.argv[3])
 phases.append(("catchup", began, time.monotonic()))
 with open(os.environ["SESSIONMIG_TRACE_PHASES"], "w") as out:
     json.dump(phases, out)

@@ -24,6 +24,10 @@ from psycopg.types.json import Jsonb
 
 from sessionmig.engines import catchup
 from sessionmig.engines.catchup import BaseNotCurrent, catchup_tables
+from sessionmig.engines.catchup import apply as part_transaction
+from sessionmig.engines.catchup import delta as pass_delta
+from sessionmig.engines.catchup import passes as the_pass
+from sessionmig.engines.catchup import state as pass_files
 from sessionmig.errors import LockHeld, ParameterError, SourceError, TargetError
 from sessionmig.rules.mask import mask_id
 from sessionmig.runbook import steps
@@ -280,7 +284,7 @@ def test_the_app_waits_only_on_the_rows_a_pass_changes(
         asyncio.run(go())
 
     seen: dict = {}
-    prove = catchup._prove
+    prove = part_transaction._prove
 
     def prove_while_the_app_works(conn, schema, kinds, done, **given):
         free: dict = {}
@@ -293,7 +297,7 @@ def test_the_app_waits_only_on_the_rows_a_pass_changes(
         seen["committing_at"] = time.perf_counter()
         return prove(conn, schema, kinds, done, **given)
 
-    monkeypatch.setattr(catchup, "_prove", prove_while_the_app_works)
+    monkeypatch.setattr(part_transaction, "_prove", prove_while_the_app_works)
     result = m.run()
     seen["waiter"].join(60)
     assert not seen["waiter"].is_alive(), "the waiting validation never finished"
@@ -316,7 +320,7 @@ def test_the_app_is_not_kept_waiting_while_a_pass_merges(
     touched = m.ids[0]
     m.validate_on_old(touched)
     before = m.pg()
-    merge, seen = catchup.M.merge, {}
+    merge, seen = part_transaction.M.merge, {}
 
     def merge_while_the_app_validates(base, live, target):
         if not seen:
@@ -333,7 +337,7 @@ def test_the_app_is_not_kept_waiting_while_a_pass_merges(
             asyncio.run(go())
         return merge(base, live, target)
 
-    monkeypatch.setattr(catchup.M, "merge", merge_while_the_app_validates)
+    monkeypatch.setattr(part_transaction.M, "merge", merge_while_the_app_validates)
     result = m.run()
     assert seen == {"ok": True}, seen
     assert result.verdict == "PASS" and result.changed == 1 and result.remerged == 1
@@ -350,7 +354,7 @@ def test_a_logout_during_the_merge_ends_the_session_for_good(
     m = migrated
     touched = m.ids[1]
     m.validate_on_old(touched)
-    merge, seen = catchup.M.merge, {}
+    merge, seen = part_transaction.M.merge, {}
 
     def merge_while_the_app_logs_out(base, live, target):
         if not seen:
@@ -365,7 +369,7 @@ def test_a_logout_during_the_merge_ends_the_session_for_good(
             asyncio.run(go())
         return merge(base, live, target)
 
-    monkeypatch.setattr(catchup.M, "merge", merge_while_the_app_logs_out)
+    monkeypatch.setattr(part_transaction.M, "merge", merge_while_the_app_logs_out)
     result = m.run()
     assert seen == {"deleted": True}
     assert result.verdict == "PASS" and result.remerged == 1
@@ -391,7 +395,7 @@ def test_a_dba_default_of_repeatable_read_does_not_starve_the_pass(
                 "ALTER DATABASE {} SET default_transaction_isolation = 'repeatable read'"
             ).format(sql.Identifier(name))
         )
-    read, writes = catchup._read_targets, []
+    read, writes = part_transaction._read_targets, []
 
     def read_then_the_app_writes(conn, schema, only=None):
         found = read(conn, schema, only)
@@ -405,7 +409,7 @@ def test_a_dba_default_of_repeatable_read_does_not_starve_the_pass(
             asyncio.run(go())
         return found
 
-    monkeypatch.setattr(catchup, "_read_targets", read_then_the_app_writes)
+    monkeypatch.setattr(part_transaction, "_read_targets", read_then_the_app_writes)
     result = m.run()
     assert result.verdict == "PASS" and result.remerged == 1 and writes == [True]
     # migrated count + the old colour's validation + the new colour's, between read and lock
@@ -421,7 +425,7 @@ def test_a_session_ended_and_created_again_around_the_lock_is_merged_locked(
     m = migrated
     touched = m.ids[0]
     m.validate_on_old(touched)
-    lock, read = catchup._lock_targets, catchup._read_targets
+    lock, read = part_transaction._lock_targets, part_transaction._read_targets
     kept: dict = {}
     later: list[threading.Thread] = []
 
@@ -456,8 +460,8 @@ def test_a_session_ended_and_created_again_around_the_lock_is_merged_locked(
             kept["waited"] = thread.is_alive()
         return found
 
-    monkeypatch.setattr(catchup, "_lock_targets", logout_then_login_again)
-    monkeypatch.setattr(catchup, "_read_targets", then_a_validation)
+    monkeypatch.setattr(part_transaction, "_lock_targets", logout_then_login_again)
+    monkeypatch.setattr(part_transaction, "_read_targets", then_a_validation)
     result = m.run()
     for thread in later:
         thread.join(30)
@@ -476,16 +480,16 @@ def test_the_proof_catches_a_merge_that_disagrees_with_the_writes(
     touched = m.ids[0]
     m.validate_on_old(touched)
     before = m.pg()
-    merge = catchup.M.merge
+    merge = part_transaction.M.merge
 
     def inventing_requests(base, live, target):
         out = merge(base, live, target)
-        if out.kind == catchup.M.CHANGED and out.row is not None:
+        if out.kind == part_transaction.M.CHANGED and out.row is not None:
             row = (*out.row[:6], out.row[6] + 1000)
-            return catchup.M.Outcome(out.kind, row, out.conflicts)  # type: ignore[arg-type]
+            return part_transaction.M.Outcome(out.kind, row, out.conflicts)  # type: ignore[arg-type]
         return out
 
-    monkeypatch.setattr(catchup.M, "merge", inventing_requests)
+    monkeypatch.setattr(part_transaction.M, "merge", inventing_requests)
     result = m.run()
     assert result.verdict == "FAIL" and not result.committed
     assert any(mask_id(touched) in p and "request_count" in p for p in result.mismatches)
@@ -502,14 +506,14 @@ def test_a_pass_stopped_while_it_holds_the_app_s_rows_lets_them_go(
     touched = m.ids[3]
     m.validate_on_old(touched)
     before = m.pg()
-    monkeypatch.setattr(catchup, "IDLE_IN_TRANSACTION", "1s")
-    apply = catchup._apply_statements
+    monkeypatch.setattr(part_transaction, "IDLE_IN_TRANSACTION", "1s")
+    apply = part_transaction._apply_statements
 
     def stopped_under_the_locks(conn, schema):
         time.sleep(2.5)
         return apply(conn, schema)
 
-    monkeypatch.setattr(catchup, "_apply_statements", stopped_under_the_locks)
+    monkeypatch.setattr(part_transaction, "_apply_statements", stopped_under_the_locks)
     with pytest.raises(TargetError, match="nothing was committed"):
         m.run()
     with psycopg.connect(m.dsn, autocommit=True) as conn:
@@ -518,7 +522,7 @@ def test_a_pass_stopped_while_it_holds_the_app_s_rows_lets_them_go(
             "UPDATE public.sessions SET request_count = request_count + 1 WHERE session_id = %s",
             (touched,),
         )
-    monkeypatch.setattr(catchup, "_apply_statements", apply)
+    monkeypatch.setattr(part_transaction, "_apply_statements", apply)
     result = m.run()
     assert result.verdict == "PASS" and result.pass_number == 1
     assert m.pg()[touched][6] == before[touched][6] + 1 + 1
@@ -571,7 +575,7 @@ def test_a_pass_composes_with_concurrent_validations(
         await new.close()
 
     phases: dict[str, int] = {}
-    lock, prove = catchup._lock_targets, catchup._prove
+    lock, prove = part_transaction._lock_targets, part_transaction._prove
 
     def lock_after_the_app_moved(conn, schema):
         # Validations land between the pass's snapshot and its locks: the pass must build on
@@ -593,8 +597,8 @@ def test_a_pass_composes_with_concurrent_validations(
         phases["ok_at_commit"] = progress["ok"]
         return prove(conn, schema, kinds, done_ids, **given)
 
-    monkeypatch.setattr(catchup, "_lock_targets", lock_after_the_app_moved)
-    monkeypatch.setattr(catchup, "_prove", prove_while_the_app_waits)
+    monkeypatch.setattr(part_transaction, "_lock_targets", lock_after_the_app_moved)
+    monkeypatch.setattr(part_transaction, "_prove", prove_while_the_app_waits)
     app = threading.Thread(target=lambda: asyncio.run(new_colour()))
     app.start()
     result = m.run()
@@ -671,13 +675,13 @@ def test_a_pass_killed_before_its_commit_changes_nothing_and_the_rerun_applies_o
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-way")
 
-    record = catchup._record_pass
-    monkeypatch.setattr(catchup, "_record_pass", killed)
+    record = the_pass._record_pass
+    monkeypatch.setattr(the_pass, "_record_pass", killed)
     with pytest.raises(KeyboardInterrupt):
         m.run()
     assert m.pg() == before and catchup_runs(m.dsn) == []
     assert list(m.state.iterdir()) == []  # the uncommitted snapshot is no base: removed
-    monkeypatch.setattr(catchup, "_record_pass", record)
+    monkeypatch.setattr(the_pass, "_record_pass", record)
     result = m.run()
     assert (result.changed, result.ended, result.pass_number) == (1, 1, 1)
     assert m.pg()[a][6] == before[a][6] + 4 and m.ids[8] not in m.pg()
@@ -693,8 +697,9 @@ def test_a_pass_whose_process_is_killed_commits_nothing(migrated: Migrated) -> N
     before = m.pg()
     driver = (
         "import json, os, signal, sys\n"
-        "from sessionmig.engines import catchup\nfrom sessionmig.runbook import steps\n"
-        "catchup._record_pass = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from sessionmig.engines.catchup import passes as the_pass\n"
+        "from sessionmig.runbook import steps\n"
+        "the_pass._record_pass = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
         "s = steps.settings(**json.loads(sys.argv[1]))\n"
         "steps.catchup_step(s, sys.argv[2], sys.argv[3])\n"
     )
@@ -728,7 +733,7 @@ def test_the_proof_rolls_back_writes_that_differ_from_the_rules(
 
     m.validate_on_old(a)
     before = m.pg()
-    apply = catchup._apply_statements
+    apply = part_transaction._apply_statements
 
     def wrong_count(conn, schema):
         done = apply(conn, schema)
@@ -738,7 +743,7 @@ def test_the_proof_rolls_back_writes_that_differ_from_the_rules(
         )
         return done
 
-    monkeypatch.setattr(catchup, "_apply_statements", wrong_count)
+    monkeypatch.setattr(part_transaction, "_apply_statements", wrong_count)
     result = m.run()
     assert result.verdict == "FAIL" and not result.committed
     assert any(mask_id(a) in p and "request_count" in p for p in result.mismatches)
@@ -753,17 +758,17 @@ def test_the_proof_rolls_back_writes_that_differ_from_the_rules(
         )
         return done
 
-    monkeypatch.setattr(catchup, "_apply_statements", stray_write)
+    monkeypatch.setattr(part_transaction, "_apply_statements", stray_write)
     result = m.run()  # caught by PostgreSQL's count of the rows this transaction wrote
     assert result.verdict == "FAIL"
     assert any("something else was written" in p for p in result.mismatches)
     assert m.pg() == before and catchup_runs(m.dsn) == []
-    monkeypatch.setattr(catchup, "_COUNTS_TRUSTED", False)
+    monkeypatch.setattr(part_transaction, "_COUNTS_TRUSTED", False)
     result = m.run()  # and, without those counts, by the rows that carry its xmin
     assert result.verdict == "FAIL"
     assert "1 sessions outside the pass's set were written by it" in result.mismatches
     assert m.pg() == before and catchup_runs(m.dsn) == []
-    monkeypatch.setattr(catchup, "_apply_statements", apply)
+    monkeypatch.setattr(part_transaction, "_apply_statements", apply)
     assert m.run().verdict == "PASS" and m.pg()[a][6] == before[a][6] + 1
 
 
@@ -865,8 +870,16 @@ def test_the_sqlite_side_runs_at_background_priority_the_transaction_does_not(
 
         return wrapper
 
-    for name in ("take", "sha256_file", "diff", "_ended_in_live", "_transaction", "hash_files"):
-        module = source if name == "hash_files" else catchup
+    # Each where the pass looks it up.
+    where = {
+        "take": pass_files,
+        "sha256_file": pass_files,
+        "diff": pass_files,
+        "_ended_in_live": pass_delta,
+        "_transaction": the_pass,
+        "hash_files": source,
+    }
+    for name, module in where.items():
         monkeypatch.setattr(module, name, noted(name, getattr(module, name)))
     mine = priority()
     result = m.run()
@@ -899,13 +912,13 @@ def test_a_pass_failing_on_its_sqlite_side_leaves_nothing_and_the_rerun_applies_
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed while comparing the snapshots")
 
-    diff = catchup.diff
-    monkeypatch.setattr(catchup, "diff", killed)
+    diff = pass_files.diff
+    monkeypatch.setattr(pass_files, "diff", killed)
     with pytest.raises(KeyboardInterrupt):
         m.run()
     assert m.pg() == before and catchup_runs(m.dsn) == []
     assert list(m.state.iterdir()) == []  # the snapshot taken is no base: removed
-    monkeypatch.setattr(catchup, "diff", diff)
+    monkeypatch.setattr(pass_files, "diff", diff)
     result = m.run()
     assert (result.changed, result.pass_number) == (1, 1)
     assert m.pg()[a][6] == before[a][6] + 2
@@ -921,7 +934,7 @@ def test_a_migrated_backup_changed_while_the_pass_read_it_stops_the_pass_before_
     m.validate_on_old(m.ids[2])
     before, evidence = m.pg(), sha256_file(m.snap0)
     transactions: list[object] = []
-    diff, transaction = catchup.diff, catchup._transaction
+    diff, transaction = pass_files.diff, the_pass._transaction
 
     def diff_then_tamper(*args, **kwargs):
         delta = diff(*args, **kwargs)
@@ -933,8 +946,8 @@ def test_a_migrated_backup_changed_while_the_pass_read_it_stops_the_pass_before_
         transactions.append(args)
         return transaction(*args, **kwargs)
 
-    monkeypatch.setattr(catchup, "diff", diff_then_tamper)
-    monkeypatch.setattr(catchup, "_transaction", noted)
+    monkeypatch.setattr(pass_files, "diff", diff_then_tamper)
+    monkeypatch.setattr(the_pass, "_transaction", noted)
     with pytest.raises(SourceError, match="the backup changed while it was being read"):
         m.run()
     assert sha256_file(m.snap0) != evidence  # it did change …

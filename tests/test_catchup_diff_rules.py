@@ -13,7 +13,8 @@ from zoneinfo import ZoneInfo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sessionmig.engines.catchup import _canonical, diff
+from sessionmig.engines.catchup import diff
+from sessionmig.engines.catchup.delta import _canonical
 from sessionmig.rules.mask import mask_id
 from sessionmig.rules.transform import MAX_SESSION_ID_BYTES, Reject, Rules, normalise
 from sessionmig.sqlite.source import open_backup

@@ -35,8 +35,10 @@ from test_exactly_once import proxied as proxied  # the fixture
 from test_rollback_overlap import overlap as overlap  # the fixture
 from test_rollback_overlap import rollback_overlap
 
-from sessionmig.engines import catchup
-from sessionmig.engines.catchup import BaseNotCurrent, _next_part_rows
+from sessionmig.engines.catchup import BaseNotCurrent
+from sessionmig.engines.catchup import apply as part_transaction
+from sessionmig.engines.catchup import passes as the_pass
+from sessionmig.engines.catchup.passes import _next_part_rows
 from sessionmig.errors import ParameterError, SourceError, TransientTargetError
 
 pytestmark = pytest.mark.slow
@@ -47,9 +49,9 @@ UPDATES = r'UPDATE "[^"]+"\."sessions" AS s SET'  # two statements a part: chang
 
 @pytest.fixture(autouse=True)
 def small_parts(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(catchup, "FIRST_PART_ROWS", PART)
-    monkeypatch.setattr(catchup, "MIN_PART_ROWS", PART)
-    monkeypatch.setattr(catchup, "MAX_PART_ROWS", PART)
+    monkeypatch.setattr(the_pass, "FIRST_PART_ROWS", PART)
+    monkeypatch.setattr(the_pass, "MIN_PART_ROWS", PART)
+    monkeypatch.setattr(the_pass, "MAX_PART_ROWS", PART)
 
 
 def part_rows(dsn: str) -> list[dict]:
@@ -154,15 +156,16 @@ def test_a_pass_killed_between_two_parts_is_finished_by_the_same_command(
     busy(m, ledger)
     driver = (
         "import json, os, signal, sys\n"
-        "from sessionmig.engines import catchup\nfrom sessionmig.runbook import steps\n"
-        f"catchup.FIRST_PART_ROWS = catchup.MIN_PART_ROWS = catchup.MAX_PART_ROWS = {PART}\n"
-        "real, seen = catchup._record_part, []\n"
+        "from sessionmig.engines.catchup import passes as the_pass\n"
+        "from sessionmig.runbook import steps\n"
+        f"the_pass.FIRST_PART_ROWS = the_pass.MIN_PART_ROWS = the_pass.MAX_PART_ROWS = {PART}\n"
+        "real, seen = the_pass._record_part, []\n"
         "def record(*args, **kwargs):\n"
         "    seen.append(1)\n"
         "    if len(seen) == 3:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return real(*args, **kwargs)\n"
-        "catchup._record_part = record\n"
+        "the_pass._record_part = record\n"
         "s = steps.settings(**json.loads(sys.argv[1]))\n"
         "steps.catchup_step(s, sys.argv[2], sys.argv[3])\n"
     )
@@ -218,7 +221,7 @@ def _stop_in_part(
 ) -> None:
     """Run a pass whose connection is lost while part ``number`` records itself (the parts
     before it committed); afterwards the parts record themselves again."""
-    real, seen = catchup._record_part, []
+    real, seen = the_pass._record_part, []
 
     def lost_in_that_part(*args, **kwargs):
         seen.append(1)
@@ -226,10 +229,10 @@ def _stop_in_part(
             raise psycopg.OperationalError("the connection was lost")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(catchup, "_record_part", lost_in_that_part)
+    monkeypatch.setattr(the_pass, "_record_part", lost_in_that_part)
     with pytest.raises(TransientTargetError, match=f"stopped part-way: {said}"):
         run()
-    monkeypatch.setattr(catchup, "_record_part", real)
+    monkeypatch.setattr(the_pass, "_record_part", real)
 
 
 def _stop_after_two_parts(m: Migrated, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -291,7 +294,7 @@ def test_a_part_another_run_carried_meanwhile_stops_this_one(
     m = migrated
     ledger = Ledger(m)
     busy(m, ledger)
-    real, seen, after_one = catchup.commit_lock, [], {}
+    real, seen, after_one = part_transaction.commit_lock, [], {}
 
     def another_run_carries_one(conn, schema):
         seen.append(1)
@@ -309,7 +312,7 @@ def test_a_part_another_run_carried_meanwhile_stops_this_one(
                 )
         return real(conn, schema)
 
-    monkeypatch.setattr(catchup, "commit_lock", another_run_carries_one)
+    monkeypatch.setattr(part_transaction, "commit_lock", another_run_carries_one)
     with pytest.raises(BaseNotCurrent, match="stopped part-way: 1 of its parts"):
         m.run()
     assert passes(m.dsn) == [] and m.pg() == after_one  # part 2 wrote nothing
@@ -341,6 +344,6 @@ def test_each_part_is_sized_to_hold_its_locks_half_a_second(
     monkeypatch: pytest.MonkeyPatch, rows: int, locked_s: float, expected: int
 ) -> None:
     if expected != PART:
-        monkeypatch.setattr(catchup, "MIN_PART_ROWS", 500)
-        monkeypatch.setattr(catchup, "MAX_PART_ROWS", 100_000)
+        monkeypatch.setattr(the_pass, "MIN_PART_ROWS", 500)
+        monkeypatch.setattr(the_pass, "MAX_PART_ROWS", 100_000)
     assert _next_part_rows(rows, locked_s) == expected

@@ -28,8 +28,9 @@ from test_catchup import migrated as migrated  # the fixture
 from test_rollback_overlap import overlap as overlap  # the fixture
 from test_rollback_overlap import rollback_overlap
 
-from sessionmig.engines import catchup
 from sessionmig.engines.catchup import BaseNotCurrent, CatchupResult
+from sessionmig.engines.catchup import apply as part_transaction
+from sessionmig.engines.catchup import passes as the_pass
 from sessionmig.engines.overlap import MARKER_TABLE
 from sessionmig.errors import TransientTargetError
 from sessionmig.sqlite.source import sha256_file
@@ -153,21 +154,21 @@ def test_a_lost_commit_answer_with_the_target_unreachable_keeps_the_snapshot_and
     m, proxy = proxied
     ledger = Ledger(m)
     ledger.traffic(validate=[m.ids[5], m.ids[5]], logout=[m.ids[6]])
-    real = catchup._read_snapshots
+    real = the_pass._read_snapshots
 
     def then_unreachable(*args, **kwargs):
         result = real(*args, **kwargs)
         proxy.refuse(True)  # the pass's own connections are open; no new one gets through
         return result
 
-    monkeypatch.setattr(catchup, "_read_snapshots", then_unreachable)
+    monkeypatch.setattr(the_pass, "_read_snapshots", then_unreachable)
     proxy.arm(COMMIT, "after", application_name="sessionmig-catchup")
     with pytest.raises(TransientTargetError, match="whether catch-up pass 1 committed is unknown"):
         m.run()
     assert passes(m.dsn) == [1]  # it did commit
     kept = snapshots_in(m.state)
     assert len(kept) == 1  # the snapshot PostgreSQL recorded as the next base is still there
-    monkeypatch.setattr(catchup, "_read_snapshots", real)
+    monkeypatch.setattr(the_pass, "_read_snapshots", real)
     proxy.refuse(False)
     again = m.run()
     assert (again.pass_number, again.changed, again.ended) == (2, 0, 0)
@@ -189,7 +190,8 @@ def test_a_signal_while_the_commit_answer_is_in_flight_is_settled_by_the_target(
     ledger.traffic(validate=[m.ids[7], m.ids[7], m.ids[7]], create=1)
     driver = (
         "import json, sys\n"
-        "from sessionmig.engines import catchup\nfrom sessionmig.runbook import steps\n"
+        "from sessionmig.engines.catchup import passes as the_pass\n"
+        "from sessionmig.runbook import steps\n"
         "s = steps.settings(**json.loads(sys.argv[1]))\n"
         "try:\n"
         "    r = steps.catchup_step(s, sys.argv[2], sys.argv[3])\n"
@@ -241,7 +243,7 @@ def test_a_lost_lock_connection_never_applies_a_delta_twice(
     ledger = Ledger(m)
     ledger.traffic(validate=[m.ids[3], m.ids[3]], logout=[m.ids[8]], create=1)
     paused, go = threading.Event(), threading.Event()
-    real = catchup._create_temp_tables
+    real = part_transaction._create_temp_tables
 
     def pausing(conn):
         if threading.current_thread().name == "pass-A":
@@ -249,7 +251,7 @@ def test_a_lost_lock_connection_never_applies_a_delta_twice(
             assert go.wait(120)
         return real(conn)
 
-    monkeypatch.setattr(catchup, "_create_temp_tables", pausing)
+    monkeypatch.setattr(part_transaction, "_create_temp_tables", pausing)
     results: dict[str, object] = {}
 
     def run(name: str) -> None:

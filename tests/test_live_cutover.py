@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 from conftest import rows_of
 
-from sessionmig.engines import catchup
 from sessionmig.engines.catchup import CatchupResult
+from sessionmig.engines.catchup import passes as the_pass
 from sessionmig.rules.mask import mask_id
 from sessionmig.runbook import steps
 from sessionmig.runbook.steps import catchup_step
@@ -126,7 +126,7 @@ def test_live_cutover_loses_no_session_and_no_request(
 ) -> None:
     if part_rows:  # every pass crosses many commits while both colours write
         for name in ("FIRST_PART_ROWS", "MIN_PART_ROWS", "MAX_PART_ROWS"):
-            monkeypatch.setattr(catchup, name, part_rows)
+            monkeypatch.setattr(the_pass, name, part_rows)
     live = tmp_path / "app" / "sessions.db"
     live.parent.mkdir()
     asyncio.run(LegacySQLiteSessionManager(live).close())  # the app's schema

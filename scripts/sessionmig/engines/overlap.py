@@ -37,8 +37,8 @@ from psycopg import sql
 
 from sessionmig import defaults as D
 from sessionmig.engines.catchup import (
-    _SNAPSHOT_NAME,
     ROLLBACK_MARKER,
+    SNAPSHOT_NAME,
     chain_of,
     commit_lock,
     refuse_after_rollback,
@@ -303,7 +303,7 @@ def rollback_live(
         if chain.last_pass == 0:
             base_file = migrated
         else:
-            base_file = Path(state_dir) / _SNAPSHOT_NAME.format(sha256=chain.base_sha256)
+            base_file = Path(state_dir) / SNAPSHOT_NAME.format(sha256=chain.base_sha256)
         carried = _marker(live_path, chain.base_sha256, busy_timeout_s)
         if carried is not None and begun is None:
             raise BaseNotCurrentError(
