@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -176,3 +177,39 @@ def raw_rows(path: Path) -> dict[str, tuple]:
     finally:
         conn.close()
     return {r[0].decode("utf-8", "surrogateescape"): r[1:] for r in rows}
+
+
+def test_with_extra_columns_every_changed_row_takes_the_rules(tmp_path: Path) -> None:
+    """A store with a column the legacy schema lacks, carried into metadata: no row is built
+    in bulk (the extra value changes what metadata holds), each is what ``normalise`` makes."""
+    rules = replace(RULES, extra_columns=("theme",))
+    base, live = tmp_path / "base.db", tmp_path / "live.db"
+    with sqlite3.connect(base) as conn:
+        conn.execute(
+            SCHEMA.replace("request_count INTEGER DEFAULT 0", "request_count INTEGER, theme")
+        )
+        for i in range(6):
+            conn.execute(
+                "INSERT INTO sessions VALUES (?, 'u', '{\"k\": 1}', '2026-01-15 10:00:00', "
+                "'2026-01-16 10:00:00', '2026-01-15 11:00:00', 0, ?)",
+                (f"s{i}", "dark" if i % 2 else None),
+            )
+    conn.close()
+    live.write_bytes(base.read_bytes())
+    with sqlite3.connect(live) as conn:
+        conn.execute("UPDATE sessions SET theme = 'light' WHERE session_id = 's1'")  # extra only
+        conn.execute("UPDATE sessions SET request_count = 3 WHERE session_id = 's2'")
+        conn.execute("DELETE FROM sessions WHERE session_id = 's4'")
+    conn.close()
+    with open_backup(base) as backup:
+        delta = diff(backup, live, rules, batch_rows=2)
+    assert delta.ids == ["s1", "s2", "s4"]
+    with open_backup(live) as backup:
+        expected = {
+            row[0]: _canonical(row)
+            for batch in backup.rows(7, extra=("theme",))
+            for row in (normalise(raw, rules) for raw in batch)
+        }
+    assert _canonical(delta.live["s1"]) == expected["s1"]
+    assert '"light"' in delta.live["s1"][2]  # the extra value, carried into metadata
+    assert _canonical(delta.live["s2"]) == expected["s2"] and "s4" not in delta.live

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from sessionmig.rules.jsonb import metadata_text
 from sessionmig.rules.mask import mask_id
 from sessionmig.rules.transform import COLUMNS, Reject, Rules, Session, normalise
 from sessionmig.sqlite.source import Backup, in_background, shaped
-from sessionmig.sqlite.wire import PLAIN, SURE_COLUMNS, RulesPath
+from sessionmig.sqlite.wire import PLAIN, SURE_COLUMNS, RulesPath, Sure
 
 if TYPE_CHECKING:  # pandas is heavy; only the notebook's functions need it
     pass
@@ -77,17 +77,23 @@ def _same(column: str, declared: str, extra: bool) -> str:
     return f"(l.{c} IS b.{c} AND typeof(l.{c}) = typeof(b.{c}))"
 
 
+# The delta's rows of one snapshot: those whose key the comparison put in the temporary table.
+_IN_DELTA = "session_id IN (SELECT sid FROM temp.sessionmig_delta)"
+
+
+def _raw_select(schema_name: str, names: tuple[str, ...], where: str) -> str:
+    """SQL: ``rowid``, the values and the storage classes of ``names``, in the form
+    ``Backup.rows`` gives (``normalise``'s), of one snapshot's rows that match ``where``."""
+    values = ", ".join(_quoted(c) for c in names)
+    types = ", ".join(f"typeof({_quoted(c)})" for c in names)
+    return f"SELECT rowid, {values}, {types} FROM {schema_name}.sessions WHERE {where}"
+
+
 def _raw_rows(
     backup: Backup, schema_name: str, extra: tuple[str, ...], batch: int
 ) -> Iterator[tuple]:
     """The delta's rows of one snapshot, in the form ``Backup.rows`` gives (``normalise``'s)."""
-    names = (*COLUMNS, *extra)
-    values = ", ".join(_quoted(c) for c in names)
-    types = ", ".join(f"typeof({_quoted(c)})" for c in names)
-    cursor = backup.query(
-        f"SELECT rowid, {values}, {types} FROM {schema_name}.sessions "
-        "WHERE session_id IN (SELECT sid FROM temp.sessionmig_delta)"
-    )
+    cursor = backup.query(_raw_select(schema_name, (*COLUMNS, *extra), _IN_DELTA))
     for chunk in backup.batches(cursor, batch):
         for row in chunk:
             yield shaped(row, len(extra))
@@ -111,21 +117,20 @@ def _delta_rows(
         return
     path = RulesPath(rules, repeated_keys=False)  # a repeated key changes no row's text
     cursor = backup.query(
-        f"SELECT rowid, {PLAIN}, {SURE_COLUMNS} FROM {schema_name}.sessions "
-        "WHERE session_id IN (SELECT sid FROM temp.sessionmig_delta)"
+        f"SELECT rowid, {PLAIN}, {SURE_COLUMNS} FROM {schema_name}.sessions WHERE {_IN_DELTA}"
     )
     for chunk in backup.batches(cursor, batch):
         checked = path.check(chunk)
-        yield from _sure_sessions(checked.sure, checked)
+        yield from _sure_sessions(checked)
         doubtful = checked.exact + [checked.rowids[i] for i in np.flatnonzero(~checked.sure)]
         for raw in _raw_by_rowid(backup, schema_name, sorted(doubtful)):
             yield normalise(raw, rules)
 
 
-def _sure_sessions(sure: np.ndarray, checked: Any) -> Iterator[Session]:
+def _sure_sessions(checked: Sure) -> Iterator[Session]:
     """The sessions of a checked batch's sure rows, as ``normalise`` makes them: their text as
     UTF-8 (proved), their instants from ``timestamptz``'s microseconds, in UTC."""
-    pick = np.flatnonzero(sure).tolist()
+    pick = np.flatnonzero(checked.sure).tolist()
 
     def instants(micros: np.ndarray) -> list[datetime]:
         at = micros[pick].tolist()
@@ -151,15 +156,10 @@ def _sure_sessions(sure: np.ndarray, checked: Any) -> Iterator[Session]:
 
 def _raw_by_rowid(backup: Backup, schema_name: str, rowids: list[int]) -> Iterator[tuple]:
     """The raw rows (``normalise``'s form) of ``rowids`` in one snapshot."""
-    values = ", ".join(_quoted(c) for c in COLUMNS)
-    types = ", ".join(f"typeof({_quoted(c)})" for c in COLUMNS)
     for start in range(0, len(rowids), _BY_ROWID):
         some = rowids[start : start + _BY_ROWID]
-        cursor = backup.query(
-            f"SELECT rowid, {values}, {types} FROM {schema_name}.sessions "
-            f"WHERE rowid IN ({', '.join('?' * len(some))}) ORDER BY rowid",
-            tuple(some),
-        )
+        where = f"rowid IN ({', '.join('?' * len(some))}) ORDER BY rowid"
+        cursor = backup.query(_raw_select(schema_name, COLUMNS, where), tuple(some))
         for chunk in backup.batches(cursor, _BY_ROWID):
             for row in chunk:
                 yield shaped(row, 0)
